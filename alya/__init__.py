@@ -1,0 +1,57 @@
+"""alya: batch processing of millions of JSON rows on Prefect, PostgreSQL and Redis.
+
+Everything an application needs is importable from here; see README.md and the contract in the spec.
+"""
+
+from alya.client import JobManager
+from alya.errors import (
+    AlyaError,
+    BackendUnavailable,
+    BatchNotFound,
+    ConfigError,
+    InvalidInput,
+    InvalidState,
+    ProcessorNotFound,
+)
+from alya.migrate import migrate_database
+from alya.models import (
+    BatchDetails,
+    BatchDone,
+    BatchInput,
+    BatchJobResult,
+    BatchOutput,
+    BatchStatus,
+    BatchSummary,
+    ErrorMessage,
+    SlowQueryDone,
+    SlowQueryResult,
+)
+from alya.registry import BatchProcessor, Initializer, InitBlock, SlowQueryProcessor
+from alya.settings import JobManagerConfig
+
+__all__ = [
+    "AlyaError",
+    "BackendUnavailable",
+    "BatchDetails",
+    "BatchDone",
+    "BatchInput",
+    "BatchJobResult",
+    "BatchNotFound",
+    "BatchOutput",
+    "BatchProcessor",
+    "BatchStatus",
+    "BatchSummary",
+    "ConfigError",
+    "ErrorMessage",
+    "InitBlock",
+    "Initializer",
+    "InvalidInput",
+    "InvalidState",
+    "JobManager",
+    "JobManagerConfig",
+    "ProcessorNotFound",
+    "SlowQueryDone",
+    "SlowQueryProcessor",
+    "SlowQueryResult",
+    "migrate_database",
+]

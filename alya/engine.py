@@ -1,0 +1,312 @@
+"""The processing engine: claim a chunk, run the processor on each row, acknowledge the chunk, summarise
+finished batches. No Prefect here: the batch-type flows (``alya.batchflow``) wrap these calls in tasks.
+
+Per chunk there are exactly two statements on the hot path: one claim (FOR UPDATE SKIP LOCKED over the
+partial index of queued rows) and one acknowledgement (UPDATE ... FROM unnest(arrays)).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from alya.cache import summary_key
+from alya.errors import AlyaError, ProcessorNotFound
+from alya.logs import get_logger, status_change
+from alya.models import BatchJobResult, BatchStatus, ErrorMessage, SlowQueryResult
+from alya.outputs import normalise_blobrows
+from alya.store import json_text
+from alya.validate import file_name
+
+if TYPE_CHECKING:
+    from alya.client import JobManager
+    from alya.registry import Registration
+
+ABORT_CHECK_SEC = 1.0
+
+
+@dataclass
+class ChunkReport:
+    """What one chunk task did; small and JSON-friendly, because it crosses the Prefect task boundary."""
+
+    batch: str | None = None
+    nrows: int = 0
+    nsuccess: int = 0
+    nfailed: int = 0
+    nretry: int = 0
+    summarised: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "nrows": self.nrows, "nsuccess": self.nsuccess, "nfailed": self.nfailed,
+                "nretry": self.nretry, "summarised": self.summarised}
+
+
+@dataclass
+class Claimed:
+    batch: str
+    type: str
+    context: dict[str, Any]
+    rows: list[tuple[int, int, str, int]]  # rowid, line, input JSON, attempts
+
+
+class Engine:
+    """One per JobManager and process: owns the worker identity, its heartbeat and the init blocks."""
+
+    def __init__(self, jm: JobManager) -> None:
+        self.jm = jm
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stopping = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+        self._lock = threading.Lock()
+        self.log = get_logger().bind(worker=self.worker_id)
+
+    # ------------------------------------------------------------------ worker identity
+    def start(self) -> None:
+        """Register this worker (so its rows are not recovered from under it) and keep it alive."""
+        with self._lock:
+            if self._hb_thread is not None and self._hb_thread.is_alive():
+                return
+            self._beat()
+            self._hb_stop.clear()
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="alya-heartbeat", daemon=True)
+            self._hb_thread.start()
+
+    def shutdown(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=5)
+            self._hb_thread = None
+        try:
+            with self.jm.store.tx() as tx:
+                tx.run("forget_worker", id=self.worker_id)
+        except AlyaError as exc:
+            self.log.warning("forget_worker_failed", error=str(exc))
+        self.jm.initblocks.close_all()
+
+    def _beat(self) -> None:
+        with self.jm.store.tx() as tx:
+            tx.run("heartbeat", id=self.worker_id, host=socket.gethostname(), pid=os.getpid())
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.5, self.jm.config.recovery_sec / 4)
+        while not self._hb_stop.wait(interval):
+            try:
+                self._beat()
+            except Exception as exc:  # keep beating through outages
+                self.log.warning("heartbeat_failed", error=str(exc))
+
+    def types_with_work(self, types: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        with self.jm.store.tx() as tx:
+            open_types = {(a, o) for a, o in tx.all("queued_batch_types")}
+        return [t for t in types if t in open_types]
+
+    def open_work(self, types: list[tuple[str, str]]) -> bool:
+        with self.jm.store.tx() as tx:
+            return bool(tx.one("open_work_exists", types=[f"{a}/{o}" for a, o in types])[0])  # type: ignore[index]
+
+    # ------------------------------------------------------------------ one chunk
+    def process_chunk(self, app: str, op: str, prefer: str | None = None) -> ChunkReport:
+        """Claim up to ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) and process them."""
+        reg = self.jm.registry.processor(app, op)
+        self.start()
+        claimed = self._claim(app, op, prefer)
+        if claimed is None:
+            return ChunkReport()
+        report = ChunkReport(batch=claimed.batch)
+        log = self.log.bind(app=app, op=op, batch=claimed.batch)
+        try:
+            initblock = self.jm.initblocks.get(app)
+        except Exception as exc:
+            # Not the rows' fault: give them back untouched, to be tried again (here or elsewhere).
+            log.error("init_failed", error=repr(exc), rows=len(claimed.rows))
+            self._release(claimed, [r[0] for r in claimed.rows])
+            return report
+        results, unstarted = self._run_rows(reg, initblock, claimed, log)
+        if unstarted:
+            self._release(claimed, unstarted)
+        if results:
+            report.nrows = len(results["rowids"])
+            report.nsuccess = results["statuses"].count("success")
+            report.nfailed = results["statuses"].count("failed")
+            report.nretry = results["statuses"].count("queued")
+            with self.jm.store.tx() as tx:
+                tx.run("write_results", worker=self.worker_id, **results)
+                still_open = tx.one("has_open_rows", id=claimed.batch)[0]  # type: ignore[index]
+            log.info("chunk_done", rows=report.nrows, success=report.nsuccess, failed=report.nfailed,
+                     retry=report.nretry, first_line=claimed.rows[0][1], last_line=claimed.rows[-1][1])
+            if not still_open and self.summarise(claimed.batch):
+                report.summarised.append(claimed.batch)
+        return report
+
+    def _claim(self, app: str, op: str, prefer: str | None) -> Claimed | None:
+        n = self.jm.config.batchchunk_nrows
+        with self.jm.store.tx() as tx:
+            for batch, type_, context in tx.all("open_batches", app=app, op=op, prefer=prefer):
+                rows = tx.all("claim_rows", batch=batch, n=n, worker=self.worker_id)
+                if rows:
+                    moved = tx.one("batch_to_inprog", batch=batch)
+                    claimed = Claimed(str(batch), type_, context, sorted(rows, key=lambda r: r[1]))
+                    break
+            else:
+                return None
+        if moved is not None:
+            status_change(app, op, claimed.batch, "inprog", old="queued")
+            self.jm.cache.delete(summary_key(claimed.batch))
+        return claimed
+
+    def _run_rows(self, reg: Registration, initblock: Any, claimed: Claimed, log: Any
+                  ) -> tuple[dict[str, list[Any]], list[int]]:
+        cfg = self.jm.config
+        out: dict[str, list[Any]] = {k: [] for k in ("rowids", "attempts", "statuses", "res", "messages",
+                                                     "blobrows", "delays")}
+        is_query = claimed.type == "Q"
+        call = reg.processor.do_slow_query if is_query else reg.processor.do_batch_job
+        context = claimed.context
+        next_check = time.monotonic() + ABORT_CHECK_SEC
+        for i, (rowid, line, raw_input, attempts) in enumerate(claimed.rows):
+            if self.stopping.is_set():
+                return out, [r[0] for r in claimed.rows[i:]]
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + ABORT_CHECK_SEC
+                if self._aborted(claimed.batch):
+                    log.info("chunk_stopped_batch_aborted", unstarted=len(claimed.rows) - i)
+                    return out, []  # abort already marked these rows; nothing to give back
+            try:
+                value = orjson.loads(raw_input)
+                result = call(initblock, context, value) if is_query else call(initblock, context, line, value)
+                status, res, messages, blobs = _accept(result, is_query)
+                delay = 0.0
+            except Exception as exc:
+                status, res, blobs, delay = "queued", None, None, 0.0
+                messages = None
+                if attempts >= cfg.max_attempts:
+                    status = "failed"
+                    messages = json_text([ErrorMessage(msgid=0, errcode="processing_error",
+                                                       vals=[_describe(exc)]).to_dict()])
+                else:
+                    delay = cfg.retry_backoff_sec * (2 ** (attempts - 1))
+                log.warning("row_fault", line=line, attempt=attempts, new=status, error=_describe(exc),
+                            trace=traceback.format_exc(limit=3) if status == "failed" else None)
+            else:
+                if status == "failed":
+                    log.info("row_failed", line=line)
+            out["rowids"].append(rowid)
+            out["attempts"].append(attempts)
+            out["statuses"].append(status)
+            out["res"].append(res)
+            out["messages"].append(messages)
+            out["blobrows"].append(blobs)
+            out["delays"].append(delay)
+        return out, []
+
+    def _aborted(self, batch: str) -> bool:
+        with self.jm.store.tx() as tx:
+            row = tx.one("get_batch", id=batch)
+        return row is None or row[4] == "aborted"
+
+    def _release(self, claimed: Claimed, rowids: list[int]) -> None:
+        with self.jm.store.tx() as tx:
+            tx.run("release_rows", rowids=rowids, worker=self.worker_id)
+
+    # ------------------------------------------------------------------ summary
+    def summarise(self, batch_id: str) -> bool:
+        """Finish a batch whose rows are all final: counts, output files, status, cache, mark_done.
+
+        Exactly once: the batch row is locked and re-read (READ COMMITTED gives each statement a fresh
+        snapshot), so the first summariser sees it open and every later one sees it final. Files are
+        written while the lock is held and before the status changes: a failed upload rolls back and
+        leaves the batch for the next attempt."""
+        from alya.client import batch_record
+
+        jm = self.jm
+        with jm.store.tx() as tx:
+            row = tx.one("lock_open_batch", id=batch_id)
+            if row is None:
+                return False
+            rec = batch_record(row)
+            if tx.one("has_open_rows", id=batch_id)[0]:  # type: ignore[index]
+                return False
+            counts = {s: n for s, n in tx.all("row_counts", id=batch_id)}
+            nsuccess, nfailed, naborted = (counts.get(k, 0) for k in ("success", "failed", "aborted"))
+            status = BatchStatus.SUCCESS if nfailed == 0 and naborted == 0 else BatchStatus.FAILED
+            if rec["type"] == "Q":
+                q = tx.one("slowquery_row", id=batch_id)
+                outputfiles = (q[3] if q else None) or {}
+            else:
+                prefix = jm.objects.batch_prefix(rec["app"], rec["op"], batch_id)
+                outputfiles = jm.objects.write_files(prefix, (b for (b,) in tx.stream("batch_blobrows", id=batch_id)))
+            ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=nsuccess,  # type: ignore[misc]
+                            nfailed=nfailed, naborted=naborted, outputfiles=json_text(outputfiles))
+        status_change(rec["app"], rec["op"], batch_id, status.value, old=rec["status"], nsuccess=nsuccess,
+                      nfailed=nfailed, naborted=naborted, files=sorted(outputfiles))
+        jm._put_summary(batch_id, ver, status, rec["nrows"], counts, outputfiles)
+        self.notify(batch_id)
+        return True
+
+    def notify(self, batch_id: str) -> bool:
+        """Call mark_done once: the claim (notifiedat) is committed before the call, so no crash or race
+        can make it run twice. Only a process that has the processor claims it."""
+        from alya.client import batch_record, details_of
+
+        jm = self.jm
+        with jm.store.tx() as tx:
+            row = tx.one("get_batch", id=batch_id)
+        if row is None:
+            return False
+        rec = batch_record(row)
+        try:
+            reg = jm.registry.processor(rec["app"], rec["op"])
+        except ProcessorNotFound:
+            return False
+        with jm.store.tx() as tx:
+            if tx.one("claim_notify", id=batch_id) is None:
+                return False
+        log = self.log.bind(app=rec["app"], op=rec["op"], batch=batch_id)
+        try:
+            initblock = jm.initblocks.get(rec["app"])
+            reg.processor.mark_done(initblock, rec["context"], details_of(rec))
+            log.info("mark_done_called")
+        except Exception as exc:
+            log.error("mark_done_failed", error=_describe(exc))
+        return True
+
+
+def _accept(result: Any, is_query: bool) -> tuple[str, str | None, str | None, str | None]:
+    """Check a processor's answer; anything malformed raises, and is then treated as a fault."""
+    expected = SlowQueryResult if is_query else BatchJobResult
+    if not isinstance(result, expected):
+        raise TypeError(f"processor returned {type(result).__name__}, not {expected.__name__}")
+    status = BatchStatus(result.status)
+    if status not in (BatchStatus.SUCCESS, BatchStatus.FAILED):
+        raise ValueError(f"processor returned status {status.value!r}; only success/failed are allowed")
+    if result.result is not None and not isinstance(result.result, dict):
+        raise TypeError("result must be a dict or None")
+    messages = [m.to_dict() if isinstance(m, ErrorMessage) else ErrorMessage.from_dict(m).to_dict()
+                for m in result.messages or []]
+    if is_query:
+        files = {file_name(k): str(v) for k, v in (result.outputfiles or {}).items()}  # type: ignore[union-attr]
+        blobs = files or None
+    else:
+        blobs = normalise_blobrows(result.blobrows)  # type: ignore[union-attr]
+    res = None if result.result is None else json_text(result.result)
+    if res is not None and "\\u0000" in res:
+        raise ValueError("result contains a NUL character, which PostgreSQL cannot store")
+    return (
+        status.value,
+        res,
+        json_text(messages) if messages else None,
+        None if blobs is None else json_text(blobs),
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

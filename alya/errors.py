@@ -1,0 +1,37 @@
+"""Every error alya raises derives from :class:`AlyaError`, so callers can catch one base class.
+
+A call that raises leaves the stored state exactly as it was: validation happens before writing, and
+every write is one transaction that is rolled back on the way out.
+"""
+
+from __future__ import annotations
+
+
+class AlyaError(Exception):
+    """Base class of all alya errors."""
+
+
+class InvalidInput(AlyaError, ValueError):
+    """The caller passed something alya refuses: a bad app/op name, a context or input that is not a JSON
+    object, a line number out of range or repeated, no rows at all, or more rows than ALYA_BATCHROWMAX."""
+
+
+class BatchNotFound(AlyaError, LookupError):
+    """No batch (or slow query) has this id, or the id is not a UUID."""
+
+
+class InvalidState(AlyaError):
+    """The batch is in a state that does not allow the call: append to a batch that is no longer `wait`,
+    wait-off of a running batch, abort of a finished batch, slow-query calls on a batch id."""
+
+
+class ProcessorNotFound(AlyaError, LookupError):
+    """No processor (or initializer) is registered for this app/op in this process."""
+
+
+class BackendUnavailable(AlyaError, ConnectionError):
+    """PostgreSQL or the object store could not be reached; nothing was changed."""
+
+
+class ConfigError(AlyaError):
+    """The settings are inconsistent (unknown dispatch mode, missing database URL, ...)."""

@@ -1,0 +1,63 @@
+"""Recovery as one idempotent ``cleanup()``: run it as often as you like, from as many places as you like
+(every worker loop, the scheduled sweeper flow); each step changes only what is still wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from alya.errors import AlyaError
+from alya.logs import get_logger
+from alya.models import ErrorMessage
+from alya.store import json_text
+
+if TYPE_CHECKING:
+    from alya.client import JobManager
+
+
+@dataclass
+class CleanupReport:
+    requeued: int = 0
+    failed: int = 0
+    summarised: list[str] = field(default_factory=list)
+    notified: list[str] = field(default_factory=list)
+    dispatched: list[str] = field(default_factory=list)
+
+
+def cleanup(jm: JobManager, types: list[tuple[str, str]] | None = None, redispatch: bool = False) -> CleanupReport:
+    """1. rows of workers silent for ALYA_RECOVERY_SEC go back to the queue (or fail, out of attempts);
+    2. open batches whose rows are all final are summarised (their summary was missed);
+    3. mark_done is called for finished batches of ``types`` that were never notified;
+    4. with ``redispatch``, queued batches without a live flow run get one (the sweeper does this)."""
+    log = get_logger()
+    report = CleanupReport()
+    cfg = jm.config
+    fail_messages = json_text([ErrorMessage(msgid=0, errcode="processing_error",
+                                            vals=["worker lost while processing the row"]).to_dict()])
+    with jm.store.tx() as tx:
+        recovered = tx.all("recover_rows", sec=cfg.recovery_sec, max_attempts=cfg.max_attempts,
+                           fail_messages=fail_messages)
+        tx.run("forget_dead_workers", sec=cfg.recovery_sec)
+    for batch, line, status, _ in recovered:
+        if status == "failed":
+            report.failed += 1
+        else:
+            report.requeued += 1
+        log.warning("row_recovered", batch=str(batch), line=line, new=status)
+    with jm.store.tx() as tx:
+        missed = [str(b) for (b,) in tx.all("unsummarised_batches")]
+    for batch in missed:
+        try:
+            if jm.engine.summarise(batch):
+                report.summarised.append(batch)
+        except AlyaError as exc:
+            log.error("summary_failed", batch=batch, error=str(exc))
+    for app, op in types or []:
+        with jm.store.tx() as tx:
+            pending = [str(b) for (b,) in tx.all("unnotified_batches", app=app, op=op)]
+        for batch in pending:
+            if jm.engine.notify(batch):
+                report.notified.append(batch)
+    if redispatch and jm.dispatcher is not None:
+        report.dispatched = jm.dispatcher.redispatch_idle(jm)
+    return report

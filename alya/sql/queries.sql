@@ -1,0 +1,170 @@
+-- All of alya's SQL, run by name through alya.store. psycopg2 parameters: %(name)s.
+-- Hot paths (claim, write_results) are one statement per chunk, never one per row.
+
+-- name: insert_batch
+INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows)
+VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0);
+
+-- name: get_batch
+SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
+       nrows, nsuccess, nfailed, naborted, ver
+FROM batches WHERE id = %(id)s;
+
+-- name: lock_batch
+SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
+       nrows, nsuccess, nfailed, naborted, ver
+FROM batches WHERE id = %(id)s FOR UPDATE;
+
+-- name: set_nrows_status
+-- After rows were copied in: the new total, and `queued` unless the caller holds the batch in `wait`.
+UPDATE batches SET nrows = %(nrows)s, status = %(status)s,
+       ver = ver + CASE WHEN status::text = %(status)s THEN 0 ELSE 1 END
+WHERE id = %(id)s
+RETURNING ver;
+
+-- name: wait_off
+UPDATE batches SET status = 'queued', ver = ver + 1 WHERE id = %(id)s AND status = 'wait' RETURNING ver;
+
+-- name: row_counts
+SELECT status::text, count(*) FROM batchrows WHERE batch = %(id)s GROUP BY status;
+
+-- name: abort_rows
+UPDATE batchrows SET status = 'aborted', doneat = now()
+WHERE batch = %(id)s AND status IN ('queued', 'inprog');
+
+-- name: finish_batch
+-- The final status and counts; mark_done is not due for aborted batches (notifiedat set at once).
+UPDATE batches SET status = %(status)s, doneat = now(), nsuccess = %(nsuccess)s, nfailed = %(nfailed)s,
+       naborted = %(naborted)s, outputfiles = %(outputfiles)s::jsonb, ver = ver + 1,
+       notifiedat = CASE WHEN %(status)s = 'aborted' THEN now() END
+WHERE id = %(id)s
+RETURNING ver, doneat;
+
+-- name: batch_rows
+SELECT line, status::text, res, messages FROM batchrows WHERE batch = %(id)s ORDER BY line;
+
+-- name: batch_blobrows
+SELECT blobrows FROM batchrows WHERE batch = %(id)s AND blobrows IS NOT NULL ORDER BY line;
+
+-- name: slowquery_row
+SELECT status::text, res, messages, blobrows FROM batchrows WHERE batch = %(id)s AND line = 0;
+
+-- name: list_batches
+SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
+       nrows, nsuccess, nfailed, naborted, ver
+FROM batches
+WHERE app = %(app)s AND type = %(type)s AND (%(op)s::text IS NULL OR op = %(op)s)
+  AND reqat >= now() - make_interval(days => %(age_days)s)
+ORDER BY reqat DESC;
+
+-- name: open_batches
+-- Batches of one batch type that have rows to claim, oldest first; `prefer` goes first.
+SELECT id, type, context FROM batches
+WHERE app = %(app)s AND op = %(op)s AND status IN ('queued', 'inprog')
+ORDER BY (id = %(prefer)s) DESC, reqat
+LIMIT 100;
+
+-- name: claim_rows
+-- One chunk of one batch: queued rows in line order, skipping rows another worker is claiming.
+WITH picked AS (
+    SELECT rowid FROM batchrows
+    WHERE batch = %(batch)s AND status = 'queued' AND (notbefore IS NULL OR notbefore <= now())
+    ORDER BY line
+    LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batchrows r SET status = 'inprog', doneby = %(worker)s, attempts = r.attempts + 1
+FROM picked WHERE r.rowid = picked.rowid
+RETURNING r.rowid, r.line, r.input::text, r.attempts;
+
+-- name: batch_to_inprog
+UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND status = 'queued' RETURNING ver;
+
+-- name: write_results
+-- Acknowledge a chunk: only rows this worker still holds, at the attempt it claimed, are written, so a
+-- late answer from a worker whose rows were recovered (or aborted) changes nothing.
+UPDATE batchrows r
+SET status = v.status::batch_status,
+    res = v.res::jsonb,
+    messages = v.messages::jsonb,
+    blobrows = v.blobrows::jsonb,
+    doneat = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
+    doneby = CASE WHEN v.status = 'queued' THEN NULL ELSE r.doneby END,
+    notbefore = CASE WHEN v.status = 'queued' THEN now() + make_interval(secs => v.delay) END
+FROM unnest(%(rowids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
+            %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[])
+     AS v(rowid, attempts, status, res, messages, blobrows, delay)
+WHERE r.rowid = v.rowid AND r.status = 'inprog' AND r.doneby = %(worker)s AND r.attempts = v.attempts;
+
+-- name: release_rows
+-- Give claimed rows back untouched (shutdown, init failure): the attempt they cost is returned too.
+UPDATE batchrows SET status = 'queued', doneby = NULL, attempts = attempts - 1
+WHERE rowid = ANY(%(rowids)s::bigint[]) AND status = 'inprog' AND doneby = %(worker)s;
+
+-- name: has_open_rows
+SELECT EXISTS (SELECT 1 FROM batchrows WHERE batch = %(id)s AND status = 'queued')
+    OR EXISTS (SELECT 1 FROM batchrows WHERE batch = %(id)s AND status = 'inprog');
+
+-- name: lock_open_batch
+-- The summariser's lock: whoever gets it first finds the batch open, everyone after finds it final.
+SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
+       nrows, nsuccess, nfailed, naborted, ver
+FROM batches WHERE id = %(id)s AND status IN ('queued', 'inprog') FOR UPDATE;
+
+-- name: claim_notify
+UPDATE batches SET notifiedat = now() WHERE id = %(id)s AND notifiedat IS NULL RETURNING id;
+
+-- name: unnotified_batches
+SELECT id FROM batches
+WHERE app = %(app)s AND op = %(op)s AND notifiedat IS NULL AND status IN ('success', 'failed');
+
+-- name: unsummarised_batches
+-- Open batches whose rows are all final: their summary was missed (crash, failed upload).
+SELECT b.id FROM batches b
+WHERE b.status IN ('queued', 'inprog')
+  AND NOT EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.status = 'queued')
+  AND NOT EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.status = 'inprog');
+
+-- name: queued_batch_types
+SELECT DISTINCT app, op FROM batches WHERE status IN ('queued', 'inprog');
+
+-- name: open_work_exists
+-- Is any of these batch types' work queued or in progress (dead workers' rows count until recovered)?
+SELECT EXISTS (
+    SELECT 1 FROM batches
+    WHERE status IN ('queued', 'inprog') AND (app || '/' || op) = ANY(%(types)s::text[])
+);
+
+-- name: heartbeat
+INSERT INTO workers (id, host, pid) VALUES (%(id)s, %(host)s, %(pid)s)
+ON CONFLICT (id) DO UPDATE SET lastseen = now();
+
+-- name: forget_worker
+DELETE FROM workers WHERE id = %(id)s;
+
+-- name: recover_rows
+-- Rows held by a worker silent for recovery_sec go back to the queue; a row that has already used up
+-- its attempts (it may be what kills workers) fails instead.
+WITH dead AS (
+    SELECT r.rowid FROM batchrows r
+    WHERE r.status = 'inprog'
+      AND NOT EXISTS (SELECT 1 FROM workers w
+                      WHERE w.id = r.doneby AND w.lastseen > now() - make_interval(secs => %(sec)s))
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batchrows r
+SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed'::batch_status ELSE 'queued' END,
+    doneby = CASE WHEN r.attempts >= %(max_attempts)s THEN r.doneby END,
+    doneat = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
+    messages = CASE WHEN r.attempts >= %(max_attempts)s THEN %(fail_messages)s::jsonb ELSE r.messages END
+FROM dead WHERE r.rowid = dead.rowid
+RETURNING r.batch, r.line, r.status::text, r.doneby;
+
+-- name: forget_dead_workers
+DELETE FROM workers WHERE lastseen < now() - make_interval(secs => %(sec)s * 10);
+
+-- name: insert_row
+INSERT INTO batchrows (batch, line, input) VALUES (%(batch)s, %(line)s, %(input)s::jsonb);
+
+-- name: open_batches_all
+SELECT id, app, op FROM batches WHERE status IN ('queued', 'inprog') ORDER BY reqat LIMIT 1000;

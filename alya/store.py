@@ -1,0 +1,122 @@
+"""The only module that talks to PostgreSQL. Queries are SQL in ``sql/queries.sql``, run by name.
+
+psycopg2 is used directly (through SQLAlchemy's pool) because the hot paths need what an ORM hides:
+COPY from a stream, server-side cursors, and array parameters for one-statement-per-chunk updates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from importlib import resources
+from typing import IO, Any
+
+import orjson
+import psycopg2
+import psycopg2.extras
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
+
+from alya.errors import BackendUnavailable
+
+psycopg2.extras.register_default_jsonb(loads=orjson.loads, globally=True)
+psycopg2.extras.register_default_json(loads=orjson.loads, globally=True)
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
+
+
+@cache
+def queries() -> dict[str, str]:
+    text = resources.files("alya").joinpath("sql/queries.sql").read_text()
+    parts = _NAME.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+class Tx:
+    """One open transaction: run named queries on it."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.cur = conn.cursor()
+
+    def run(self, name: str, **params: Any) -> int:
+        self.cur.execute(queries()[name], params)
+        return int(self.cur.rowcount)
+
+    def one(self, name: str, **params: Any) -> tuple[Any, ...] | None:
+        self.cur.execute(queries()[name], params)
+        return self.cur.fetchone()  # type: ignore[no-any-return]
+
+    def all(self, name: str, **params: Any) -> list[tuple[Any, ...]]:
+        self.cur.execute(queries()[name], params)
+        return self.cur.fetchall()  # type: ignore[no-any-return]
+
+    def stream(self, name: str, itersize: int = 5000, **params: Any) -> Iterator[tuple[Any, ...]]:
+        """Rows from a server-side cursor, so a million-row result never sits in memory at once."""
+        with self.conn.cursor(name=f"alya_{name}") as cur:
+            cur.itersize = itersize
+            cur.execute(queries()[name], params)
+            yield from cur
+
+    def copy_in(self, sql: str, stream: IO[bytes]) -> None:
+        self.cur.copy_expert(sql, stream, size=1 << 18)
+
+
+class Store:
+    def __init__(self, database_url: str, pool_size: int = 4) -> None:
+        self.database_url = database_url
+        self.engine: Engine = create_engine(
+            sqlalchemy_url(database_url),
+            poolclass=QueuePool,
+            pool_size=pool_size,
+            max_overflow=8,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+        )
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        """A transaction: committed on success, rolled back on any exception."""
+        try:
+            conn = self.engine.raw_connection()
+        except Exception as exc:  # sqlalchemy wraps psycopg2.OperationalError
+            raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+        try:
+            tx = Tx(conn)
+            yield tx
+            conn.commit()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            _rollback(conn)
+            raise BackendUnavailable(f"PostgreSQL failed: {exc.__class__.__name__}: {exc}".strip()) from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _rollback(conn: Any) -> None:
+    try:
+        conn.rollback()
+    except Exception:
+        pass
+
+
+def sqlalchemy_url(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()

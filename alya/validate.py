@@ -1,0 +1,59 @@
+"""Validation of what callers hand in, done before anything is written."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import orjson
+
+from alya.errors import BatchNotFound, InvalidInput
+
+_APP = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_OP = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+_FILE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+MAX_LINE = 2**31 - 1
+
+
+def app_name(app: Any) -> str:
+    if not isinstance(app, str) or not _APP.match(app):
+        raise InvalidInput(f"app must match [a-z][a-z0-9_]* (at most 64 chars), got {app!r}")
+    return app
+
+
+def op_name(op: Any) -> str:
+    """Ops are accepted in any case and stored lower-case."""
+    if not isinstance(op, str) or not _OP.match(op.lower()):
+        raise InvalidInput(f"op must be an identifier of at most 64 chars, got {op!r}")
+    return op.lower()
+
+
+def json_object(value: Any, what: str) -> dict[str, Any]:
+    """A dict, or the JSON text of an object; anything else is refused."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    try:
+        orjson.dumps(value)
+    except TypeError as exc:
+        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+    return value
+
+
+def batch_id(value: Any) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except (ValueError, TypeError):
+        raise BatchNotFound(f"not a batch id: {value!r}") from None
+
+
+def file_name(name: Any) -> str:
+    """Output file names become object keys: keep them to a safe alphabet."""
+    if not isinstance(name, str) or not _FILE.match(name) or ".." in name:
+        raise InvalidInput(f"unsafe output file name: {name!r}")
+    return name
