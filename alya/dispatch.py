@@ -2,7 +2,16 @@
 queued, cancel them on abort, and find queued batches that no live flow run serves (for the sweeper).
 
 Dispatch is an optimisation over polling, never the source of truth: a failed dispatch leaves the batch
-queued in PostgreSQL, and the sweeper dispatches it on its next run.
+queued in PostgreSQL (and says so in the log), and the sweeper dispatches it on its next run.
+
+A flow run is created with the Prefect client (never ``run_deployment`` from inside a flow, so it is never
+a subflow of the caller, and nothing waits for it: ``timeout=0`` semantics). Its idempotency key is
+deterministic per dispatch event, so a retried call never makes a second run:
+
+- ``alya:{batch}:release``: the batch became queued (submit, append with wait=False, wait-off; a batch
+  becomes queued exactly once);
+- ``alya:{batch}:continue:{flow_run}``: a run that used its task budget hands over to a fresh one;
+- ``alya:{batch}:sweep:{minute}``: the sweeper's re-dispatch of a batch with no live flow run.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from alya.batchflow import flow_name
@@ -20,124 +30,190 @@ if TYPE_CHECKING:
     from alya.client import JobManager
 
 ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
+API_TIMEOUT_SEC = 10.0  # one Prefect API call; submit must never hang on a sick Prefect server
+PAGE = 200
 
 
 def batch_tag(batch_id: str) -> str:
     return f"alya-batch:{batch_id}"
 
 
+def run_tags(app: str, op: str, batch_id: str) -> list[str]:
+    return ["alya", f"alya-app:{app}", f"alya-op:{op}", batch_tag(batch_id)]
+
+
+def run_name(app: str, op: str, batch_id: str) -> str:
+    return f"{app}-{op}-{batch_id}"
+
+
+def _state_type(run: Any) -> str | None:
+    return None if run.state is None else str(run.state.type.value)
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
 class Dispatcher:
     def __init__(self, config: JobManagerConfig) -> None:
         self.config = config
         self._deployments: dict[str, uuid.UUID] = {}
+        self._lock = threading.Lock()
 
     def deployment_name(self, app: str, op: str) -> str:
-        name = flow_name(app, op)
-        return f"{name}/{self.config.deployment_name}"
+        return f"{flow_name(app, op)}/{self.config.deployment_name}"
 
     def _client(self) -> Any:
         from prefect.client.orchestration import get_client
 
-        return get_client(sync_client=True)
+        return get_client(httpx_settings={"timeout": API_TIMEOUT_SEC}, sync_client=True)
 
+    def _deployment_id(self, client: Any, name: str, refresh: bool = False) -> uuid.UUID:
+        with self._lock:
+            dep_id = None if refresh else self._deployments.get(name)
+        if dep_id is None:
+            dep_id = client.read_deployment_by_name(name).id
+            with self._lock:
+                self._deployments[name] = dep_id
+        return dep_id
+
+    # ------------------------------------------------------------------ dispatch
     def start_batch(self, app: str, op: str, batch_id: str, key: str | None = None) -> str | None:
-        """Create a flow run (Scheduled for now) of the batch type's deployment; returns its id."""
+        """Create a flow run (Scheduled now) of the batch type's deployment and return its id, without
+        waiting for it. ``None`` when it could not be created: the batch stays queued for the sweeper."""
+        from prefect.exceptions import ObjectNotFound
         from prefect.states import Scheduled
 
         log = get_logger().bind(app=app, op=op, batch=batch_id)
         name = self.deployment_name(app, op)
+        key = key or f"alya:{batch_id}:release"
         try:
             with self._client() as client:
-                dep_id = self._deployments.get(name)
-                if dep_id is None:
-                    dep_id = self._deployments[name] = client.read_deployment_by_name(name).id
-                run = client.create_flow_run_from_deployment(
-                    dep_id,
-                    parameters={"batch_id": batch_id},
-                    state=Scheduled(),
-                    name=f"{app}-{op}-{batch_id}",
-                    tags=["alya", f"alya-app:{app}", f"alya-op:{op}", batch_tag(batch_id)],
-                    idempotency_key=key or f"alya:{batch_id}:{uuid.uuid4().hex}",
-                )
+                for attempt in (0, 1):
+                    dep_id = self._deployment_id(client, name, refresh=attempt > 0)
+                    try:
+                        run = client.create_flow_run_from_deployment(
+                            dep_id,
+                            parameters={"batch_id": batch_id},
+                            state=Scheduled(),
+                            name=run_name(app, op, batch_id),
+                            tags=run_tags(app, op, batch_id),
+                            idempotency_key=key,
+                        )
+                        break
+                    except ObjectNotFound:
+                        if attempt:  # the deployment was deleted (and maybe re-created): look it up again
+                            raise
         except Exception as exc:
-            log.warning("dispatch_failed", deployment=name, error=f"{type(exc).__name__}: {exc}"[:300],
-                        note="the batch stays queued; the sweeper will dispatch it")
+            hint = ("no such deployment: serve it (python -m flows.serve) or prefect deploy"
+                    if type(exc).__name__ == "ObjectNotFound" else "Prefect API unreachable or failing")
+            log.warning("dispatch_failed", deployment=name, error=_err(exc), reason=hint,
+                        note="the batch is stored and stays queued; the sweeper will dispatch it")
             return None
-        log.info("dispatched", deployment=name, flow_run=str(run.id))
+        log.info("dispatched", deployment=name, flow_run=str(run.id), flow_run_name=run.name, key=key)
         return str(run.id)
 
     def continue_batch_type(self, app: str, op: str, batch_id: str | None) -> None:
         """A flow run that used its task budget hands the rest of the work to a fresh run."""
-        if batch_id:
-            self.start_batch(app, op, batch_id)
+        if not batch_id:
+            return
+        try:
+            from prefect.runtime import flow_run
 
+            current = flow_run.id or uuid.uuid4().hex
+        except Exception:
+            current = uuid.uuid4().hex
+        self.start_batch(app, op, batch_id, key=f"alya:{batch_id}:continue:{current}")
+
+    # ------------------------------------------------------------------ flow runs of batches
     def active_runs(self, batch_id: str | None = None) -> list[Any]:
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+        """Flow runs not yet finished, of one batch, or (None) of every alya batch."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            FlowRunFilterTags,
+        )
 
         tags = [batch_tag(batch_id)] if batch_id else ["alya"]
+        flt = FlowRunFilter(tags=FlowRunFilterTags(all_=tags),
+                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)))  # type: ignore[arg-type]
+        runs: list[Any] = []
         with self._client() as client:
-            return list(client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=tags),
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)),
-                ),
-                limit=200,
-            ))
+            while True:
+                page = list(client.read_flow_runs(flow_run_filter=flt, limit=PAGE, offset=len(runs)))
+                runs.extend(page)
+                if len(page) < PAGE:
+                    return runs
 
     def cancel_batch(self, batch_id: str) -> int:
-        """Move the batch's live flow runs to Cancelling (Scheduled ones straight to Cancelled); runs still
-        Cancelling after ``cancel_timeout_sec`` are forced Cancelled. Workers also stop on their own: they
-        check the batch status in the database, so cancellation is a courtesy, not the mechanism."""
+        """Move the batch's live flow runs to Cancelling (Scheduled ones straight to Cancelled, as nothing
+        runs them yet); runs still Cancelling after ``cancel_timeout_sec`` are forced Cancelled (here, and by
+        the sweeper should this process be gone by then). Workers stop on their own anyway: they see the
+        batch aborted in the database, so cancellation only frees Prefect's slots and shows the truth.
+        Returns how many runs were touched; never raises (the abort itself is already committed)."""
         from prefect.states import Cancelled, Cancelling
 
         log = get_logger().bind(batch=batch_id)
+        waiting: list[Any] = []
+        touched = 0
         try:
             runs = self.active_runs(batch_id)
             with self._client() as client:
                 for run in runs:
-                    scheduled = run.state is not None and run.state.type.value == "SCHEDULED"
-                    client.set_flow_run_state(run.id, Cancelled() if scheduled else Cancelling(), force=True)
-                    log.info("flow_run_cancelling", flow_run=str(run.id), scheduled=scheduled)
+                    kind = _state_type(run)
+                    if kind == "SCHEDULED":
+                        client.set_flow_run_state(run.id, Cancelled(message="batch aborted"), force=True)
+                    elif kind != "CANCELLING":  # already cancelling: keep its clock running
+                        client.set_flow_run_state(run.id, Cancelling(message="batch aborted"), force=True)
+                    if kind != "SCHEDULED":
+                        waiting.append(run.id)
+                    touched += 1
+                    log.info("flow_run_cancel", flow_run=str(run.id), was=kind,
+                             now="CANCELLED" if kind == "SCHEDULED" else "CANCELLING")
         except Exception as exc:
-            log.warning("cancel_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-            return 0
-        pending = [r.id for r in runs if not (r.state is not None and r.state.type.value == "SCHEDULED")]
-        if pending and self.config.cancel_timeout_sec >= 0:
-            threading.Thread(target=self._force_cancelled, args=(pending,), daemon=True).start()
-        return len(runs)
+            log.warning("cancel_failed", error=_err(exc),
+                        note="batch aborted anyway: its runs stop by themselves; sweeper forces stuck ones")
+        if waiting:
+            threading.Thread(target=self._force_later, args=(waiting,), name="alya-force-cancel",
+                             daemon=True).start()
+        return touched
 
-    def _force_cancelled(self, run_ids: list[Any]) -> None:
+    def _force_later(self, run_ids: list[Any]) -> None:
         time.sleep(self.config.cancel_timeout_sec)
         self.force_stuck_cancelling(run_ids)
 
     def force_stuck_cancelling(self, run_ids: list[Any] | None = None) -> int:
-        """Cancelling runs that nobody finished (a process worker with a Pending run) become Cancelled."""
+        """Runs left in Cancelling (a process worker with a Pending run never finishes them) become
+        Cancelled: the given runs, or (None) every alya run Cancelling for over ``cancel_timeout_sec``."""
         from prefect.states import Cancelled
 
         forced = 0
         try:
+            if run_ids is None:
+                runs = [r for r in self.active_runs() if _state_type(r) == "CANCELLING"
+                        and _age_sec(r.state.timestamp) >= self.config.cancel_timeout_sec]
             with self._client() as client:
-                if run_ids is None:
-                    runs = [r for r in self.active_runs() if r.state and r.state.type.value == "CANCELLING"
-                            and _age_sec(r.state.timestamp) > self.config.cancel_timeout_sec]
-                else:
+                if run_ids is not None:
                     runs = [client.read_flow_run(i) for i in run_ids]
                 for run in runs:
-                    if run.state is not None and run.state.type.value == "CANCELLING":
-                        client.set_flow_run_state(run.id, Cancelled(message="forced by alya"), force=True)
+                    if _state_type(run) == "CANCELLING":
+                        why = f"forced by alya after {self.config.cancel_timeout_sec:g}s in Cancelling"
+                        client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
+                        get_logger().warning("flow_run_forced_cancelled", flow_run=str(run.id))
                         forced += 1
         except Exception as exc:
-            get_logger().warning("force_cancel_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            get_logger().warning("force_cancel_failed", error=_err(exc))
         return forced
 
     def redispatch_idle(self, jm: JobManager) -> list[str]:
-        """Queued/in-progress batches whose type has no live flow run get one (idempotent per minute)."""
+        """Queued/in-progress batches with no live flow run get one (at most one per batch and minute)."""
         try:
-            live = {(r.tags and next((t for t in r.tags if t.startswith("alya-batch:")), None)) for r in self.active_runs()}
+            live_batches = {t.split(":", 1)[1] for r in self.active_runs() for t in (r.tags or [])
+                            if t.startswith("alya-batch:")}
         except Exception as exc:
-            get_logger().warning("sweeper_prefect_unreachable", error=f"{type(exc).__name__}: {exc}"[:300])
+            get_logger().warning("sweeper_prefect_unreachable", error=_err(exc))
             return []
-        live_batches = {t.split(":", 1)[1] for t in live if t}
         with jm.store.tx() as tx:
             open_batches = tx.all("open_batches_all")
         minute = int(time.time() // 60)
@@ -151,6 +227,6 @@ class Dispatcher:
 
 
 def _age_sec(ts: Any) -> float:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return (datetime.now(timezone.utc) - ts).total_seconds() if ts else 0.0
+    return (datetime.now(UTC) - ts).total_seconds() if ts else 0.0

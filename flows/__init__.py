@@ -1,0 +1,3 @@
+"""Example apps on alya, ported from Alya's examples.
+
+Deploy them with prefect.yaml or ``python -m flows.serve``."""

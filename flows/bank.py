@@ -1,0 +1,256 @@
+"""Example batch type ``bank/txn`` (ported from Alya's bank example): deposits and withdrawals on accounts.
+
+Each row is ``{"account": "acct-0001", "kind": "deposit" | "withdraw", "amount": 125, "txn": "<id>"}``
+(amounts in cents, ``txn`` optional). The processor applies it in one database transaction on the table
+``bank_accounts`` (created if missing, in the alya database); a withdrawal that would take the balance
+below zero fails with an ``ErrorMessage(errcode="insufficient_funds")``. A row carrying a ``txn`` id is
+applied at most once even if a worker dies after its commit and the row is run again: the outcome is
+recorded in ``bank_txns`` in the same transaction and replayed.
+Every row writes one line to the output file ``ledger.csv``.
+
+``make_transactions`` generates N transactions whose outcome does not depend on the order rows are
+processed in (opening balances cover every ordinary withdrawal; deliberate overdrafts exceed anything an
+account can ever hold), and ``expected_balances`` computes the final balances from the input.
+
+Run the demo: ``python -m flows.bank 100000 --batches 10`` (needs ALYA_DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager
+from alya.batchflow import make_batch_flow
+from flows.common import DbBlock, LoggingDone, example_jobmanager
+
+APP, OP = "bank", "txn"
+OVERDRAFT = 10**12  # more than any account here can hold: such a withdrawal always fails
+
+SCHEMA = """
+SELECT pg_advisory_xact_lock(hashtext('alya_example_bank_schema'));
+CREATE TABLE IF NOT EXISTS bank_accounts (
+    account text PRIMARY KEY,
+    balance bigint NOT NULL CHECK (balance >= 0)
+);
+CREATE TABLE IF NOT EXISTS bank_txns (
+    txn text PRIMARY KEY,
+    account text NOT NULL,
+    ok boolean NOT NULL,
+    balance bigint NOT NULL
+);
+"""
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the example's tables if missing (serialised: concurrent CREATE IF NOT EXISTS can collide)."""
+    with engine.begin() as conn:
+        for stmt in filter(str.strip, SCHEMA.split(";")):
+            conn.execute(text(stmt))
+
+
+class BankInitializer:
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def init(self, app: str) -> DbBlock:
+        block = DbBlock(self.database_url)
+        ensure_schema(block.engine)
+        return block
+
+
+def _invalid(field: str, value: Any, errcode: str = "invalid") -> BatchJobResult:
+    return BatchJobResult(status=BatchStatus.FAILED,
+                          messages=[ErrorMessage(msgid=1, errcode=errcode, field=field, vals=[str(value)])])
+
+
+def _csv_line(*values: Any) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(values)
+    return buf.getvalue()
+
+
+class BankTxnProcessor(LoggingDone):
+    def do_batch_job(self, initblock: DbBlock, context: dict[str, Any], line: int,
+                     input: dict[str, Any]) -> BatchJobResult:
+        account, kind = input.get("account"), input.get("kind")
+        amount, txn = input.get("amount"), input.get("txn")
+        if not isinstance(account, str) or not account or len(account) > 64:
+            return _invalid("account", account)
+        if kind not in ("deposit", "withdraw"):
+            return _invalid("kind", kind)
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+            return _invalid("amount", amount)
+        if txn is not None and not isinstance(txn, str):
+            return _invalid("txn", txn)
+        with initblock.engine.begin() as conn:
+            replay = None
+            if txn is not None:
+                fresh = conn.execute(text("INSERT INTO bank_txns (txn, account, ok, balance) "
+                                          "VALUES (:txn, :account, false, 0) ON CONFLICT (txn) DO NOTHING "
+                                          "RETURNING txn"), {"txn": txn, "account": account}).first()
+                if fresh is None:  # applied before (a worker died after committing): report the same outcome
+                    replay = conn.execute(text("SELECT ok, balance FROM bank_txns WHERE txn = :txn"),
+                                          {"txn": txn}).one()
+            if replay is not None:
+                ok, balance = bool(replay[0]), int(replay[1])
+            elif kind == "deposit":
+                balance = conn.execute(text(
+                    "INSERT INTO bank_accounts (account, balance) VALUES (:account, :amount) "
+                    "ON CONFLICT (account) DO UPDATE SET balance = bank_accounts.balance + excluded.balance "
+                    "RETURNING balance"), {"account": account, "amount": amount}).scalar_one()
+                ok = True
+            else:
+                after = conn.execute(text(
+                    "UPDATE bank_accounts SET balance = balance - :amount "
+                    "WHERE account = :account AND balance >= :amount RETURNING balance"),
+                    {"account": account, "amount": amount}).scalar()
+                ok = after is not None
+                if after is not None:
+                    balance = int(after)
+                else:
+                    found = conn.execute(text("SELECT balance FROM bank_accounts WHERE account = :account"),
+                                         {"account": account}).scalar()
+                    balance = int(found or 0)
+            if txn is not None and replay is None:
+                conn.execute(text("UPDATE bank_txns SET ok = :ok, balance = :balance WHERE txn = :txn"),
+                             {"ok": ok, "balance": balance, "txn": txn})
+        ledger = {"ledger.csv": _csv_line(line, txn or "", account, kind, amount, "ok" if ok else "rejected",
+                                          balance)}
+        if not ok:
+            return BatchJobResult(
+                status=BatchStatus.FAILED,
+                messages=[ErrorMessage(msgid=2, errcode="insufficient_funds", field="amount",
+                                       vals=[str(amount), str(balance)])],
+                blobrows=ledger,
+            )
+        return BatchJobResult(status=BatchStatus.SUCCESS, result={"account": account, "balance": balance},
+                              blobrows=ledger)
+
+
+def register(jm: JobManager) -> None:
+    jm.register_initializer(APP, BankInitializer(jm.store.database_url))
+    jm.register_batch_processor(APP, OP, BankTxnProcessor())
+
+
+# ---------------------------------------------------------------------------- input and expected output
+def make_transactions(n: int, naccounts: int = 20, seed: int | None = None,
+                      overdraft_every: int = 97) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """``n`` transactions on ``naccounts`` accounts, and the opening balances they need.
+
+    Opening balances equal each account's ordinary withdrawals, so no ordinary withdrawal can fail in any
+    processing order; every ``overdraft_every``-th transaction withdraws more than an account can ever
+    hold, so it fails in every order. The final balances are thus fixed by the input alone."""
+    rng = random.Random(seed)
+    accounts = [f"acct-{i:04d}" for i in range(naccounts)]
+    opening = dict.fromkeys(accounts, 0)
+    txns: list[dict[str, Any]] = []
+    for i in range(1, n + 1):
+        account = rng.choice(accounts)
+        if overdraft_every and i % overdraft_every == 0:
+            kind, amount = "withdraw", OVERDRAFT
+        else:
+            kind, amount = rng.choice(("deposit", "withdraw")), rng.randint(1, 10_000)
+            if kind == "withdraw":
+                opening[account] += amount
+        txns.append({"account": account, "kind": kind, "amount": amount, "txn": str(uuid.uuid4())})
+    return txns, opening
+
+
+def expected_balances(txns: Iterable[dict[str, Any]], opening: dict[str, int]) -> tuple[dict[str, int], int]:
+    """The final balances computed from the input (applied in order, refusing overdrafts), and how many
+    transactions are refused."""
+    balances = dict(opening)
+    refused = 0
+    for t in txns:
+        bal = balances.get(t["account"], 0)
+        if t["kind"] == "deposit":
+            balances[t["account"]] = bal + t["amount"]
+        elif bal >= t["amount"]:
+            balances[t["account"]] = bal - t["amount"]
+        else:
+            refused += 1
+    return balances, refused
+
+
+def open_accounts(database_url: str, opening: dict[str, int]) -> None:
+    """Create the tables if missing and set the opening balances."""
+    block = DbBlock(database_url)
+    try:
+        ensure_schema(block.engine)
+        with block.engine.begin() as conn:
+            conn.execute(text("INSERT INTO bank_accounts (account, balance) VALUES (:a, :b) "
+                              "ON CONFLICT (account) DO UPDATE SET balance = excluded.balance"),
+                         [{"a": a, "b": b} for a, b in opening.items()])
+    finally:
+        block.close()
+
+
+def read_balances(database_url: str, accounts: Iterable[str]) -> dict[str, int]:
+    block = DbBlock(database_url)
+    try:
+        with block.engine.connect() as conn:
+            rows = conn.execute(text("SELECT account, balance FROM bank_accounts WHERE account = ANY(:a)"),
+                                {"a": list(accounts)}).all()
+        return {a: int(b) for a, b in rows}
+    finally:
+        block.close()
+
+
+def submit_transactions(jm: JobManager, txns: list[dict[str, Any]], nbatches: int,
+                        context: dict[str, Any] | None = None) -> list[str]:
+    """Split the transactions into ``nbatches`` batches (line numbers restart at 1) and submit them."""
+    from alya import BatchInput
+
+    size = -(-len(txns) // max(1, nbatches))
+    ids = []
+    for start in range(0, len(txns), size):
+        part = txns[start:start + size]
+        ids.append(jm.batch_submit(APP, OP, context or {"user": "demo"},
+                                   [BatchInput(i, t) for i, t in enumerate(part, 1)]))
+    return ids
+
+
+# ---------------------------------------------------------------------------- the deployable flow
+jm = example_jobmanager()
+register(jm)
+bank_txn_flow = make_batch_flow(jm, APP, OP)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Demo: generate, submit, process in this process (unless ALYA_DISPATCH=prefect), check balances."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("n", type=int, nargs="?", default=10_000)
+    parser.add_argument("--batches", type=int, default=10)
+    parser.add_argument("--accounts", type=int, default=50)
+    args = parser.parse_args(argv)
+    txns, opening = make_transactions(args.n, args.accounts)
+    open_accounts(jm.store.database_url, opening)
+    t0 = time.monotonic()
+    ids = submit_transactions(jm, txns, args.batches)
+    if jm.dispatcher is None:
+        jm.run(stop_when_idle=True)
+    while not all(jm.batch_status(b).status.is_final for b in ids):
+        time.sleep(0.5)
+    elapsed = time.monotonic() - t0
+    expected, refused = expected_balances(txns, opening)
+    actual = read_balances(jm.store.database_url, expected)
+    nfailed = sum(jm.batch_status(b).nfailed for b in ids)
+    ok = actual == expected and nfailed == refused
+    print(f"{args.n} txns in {len(ids)} batches: {elapsed:.1f}s ({args.n / elapsed:.0f} rows/s); "
+          f"refused {nfailed} (expected {refused}); balances {'match' if ok else 'DIFFER'}")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Serve every example batch type and the sweeper from one process: ``python -m flows.serve``.
+
+Deployments are named as the Dispatcher expects them, ``{flow}/alya`` (``alya-bank-txn/alya``, ...); the
+sweeper ``alya-sweeper/alya`` runs every minute. Each flow run executes in a subprocess of this one, with
+this process's environment (set ALYA_DATABASE_URL, ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH and
+PREFECT_API_URL before starting it). Stop with Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+from flows.common import deployment_of
+
+
+def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
+    """The RunnerDeployments of the example batch types and the sweeper."""
+    from flows import bank, mail, report, sweeper
+
+    deployments = []
+    for module, attr, app, op in ((bank, "bank_txn_flow", bank.APP, bank.OP),
+                                  (mail, "mail_send_flow", mail.APP, mail.OP),
+                                  (report, "report_summary_flow", report.APP, report.OP)):
+        deployments.append(deployment_of(getattr(module, attr), module.__file__ or "", attr,
+                                         tags=["alya", f"alya-app:{app}", f"alya-op:{op}"]))
+    schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=sweeper_interval_sec)} \
+        if sweeper_interval_sec else {}
+    deployments.append(deployment_of(sweeper.sweeper_flow, sweeper.__file__ or "", "sweeper_flow",
+                                     tags=["alya", "alya-sweeper"], **schedule))
+    return deployments
+
+
+def serve_all(extra: Iterable[Any] = (), limit: int | None = 4, poll_sec: float = 1.0,
+              sweeper_interval_sec: float = 60) -> None:
+    """Serve the examples, the sweeper and ``extra`` deployments until stopped."""
+    from prefect import serve
+
+    serve(*example_deployments(sweeper_interval_sec), *extra, limit=limit, query_seconds=poll_sec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the alya example deployments and the sweeper.")
+    parser.add_argument("--limit", type=int, default=4, help="flow runs at once (each is a process)")
+    parser.add_argument("--poll-sec", type=float, default=1.0, help="how often to look for new flow runs")
+    parser.add_argument("--sweeper-interval-sec", type=float, default=60,
+                        help="sweeper schedule; 0 deploys it without a schedule")
+    args = parser.parse_args(argv)
+    serve_all(limit=args.limit, poll_sec=args.poll_sec, sweeper_interval_sec=args.sweeper_interval_sec)
+
+
+if __name__ == "__main__":
+    main()
