@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from alya.errors import AlyaError
 from alya.logs import get_logger
 
 if TYPE_CHECKING:
@@ -35,7 +36,18 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
 
     @task(name=f"{name}-chunk", cache_policy=NO_CACHE, persist_result=False, retries=0)
     def process_chunk(prefer: str | None) -> dict[str, Any]:
-        return engine.process_chunk(app, op, prefer).as_dict()
+        # Claims chunks (one statement each) back to back for up to task_seconds: Prefect's fixed cost
+        # per task run is then small next to the work, whatever the chunk size the processor needs.
+        deadline = time.monotonic() + cfg.task_seconds
+        total = engine.process_chunk(app, op, prefer).as_dict()
+        while total["nrows"] and time.monotonic() < deadline and not engine.stopping.is_set():
+            more = engine.process_chunk(app, op, prefer).as_dict()
+            if not more["nrows"]:
+                break
+            for k in ("nrows", "nsuccess", "nfailed", "nretry"):
+                total[k] += more[k]
+            total["summarised"].extend(more["summarised"])
+        return total
 
     @flow(
         name=name,
@@ -120,13 +132,44 @@ class _Progress:
 
 def run_worker(jm: JobManager, stop_when_idle: bool = False) -> None:
     """The in-process worker behind ``jm.run``: runs the batch-type flows of the processors registered on
-    ``jm`` whenever their work is queued, and the idempotent cleanup every few seconds."""
+    ``jm`` whenever their work is queued, and the idempotent cleanup every few seconds.
+
+    Flows run on a helper thread, so the main thread keeps alya's SIGTERM handler: Prefect only installs
+    its own (which crashes the flow run mid-chunk) when a flow runs on the main thread."""
+    engine = jm.engine
+    engine.stopping.clear()
+    if threading.current_thread() is not threading.main_thread():
+        _worker_loop(jm, stop_when_idle)
+        return
+    restore = _install_sigterm(engine)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _worker_loop(jm, stop_when_idle)
+        except BaseException as exc:  # re-raised on the caller's thread
+            errors.append(exc)
+
+    loop = threading.Thread(target=target, name="alya-worker", daemon=True)
+    loop.start()
+    try:
+        while loop.is_alive():
+            loop.join(0.2)
+    except KeyboardInterrupt:
+        engine.stopping.set()
+        loop.join()
+        raise
+    finally:
+        restore()
+    if errors:
+        raise errors[0]
+
+
+def _worker_loop(jm: JobManager, stop_when_idle: bool) -> None:
     from alya.recovery import cleanup
 
     engine = jm.engine
     log = get_logger().bind(worker=engine.worker_id)
-    engine.stopping.clear()
-    restore = _install_sigterm(engine)
     flows: dict[tuple[str, str], Flow[..., dict[str, Any]]] = {}
     engine.start()
     log.info("worker_started", types=[f"{r.app}/{r.op}" for r in jm.registry.batch_types()])
@@ -134,11 +177,17 @@ def run_worker(jm: JobManager, stop_when_idle: bool = False) -> None:
     try:
         while not engine.stopping.is_set():
             types = [(r.app, r.op) for r in jm.registry.batch_types()]
-            if time.monotonic() >= next_cleanup:
-                cleanup(jm, types=types)
-                next_cleanup = time.monotonic() + max(1.0, jm.config.recovery_sec / 4)
+            try:
+                if time.monotonic() >= next_cleanup:
+                    cleanup(jm, types=types)
+                    next_cleanup = time.monotonic() + max(1.0, jm.config.recovery_sec / 4)
+                todo = engine.types_with_work(types)
+            except AlyaError as exc:  # an outage: log, back off, try again
+                log.error("worker_loop_failed", error=str(exc))
+                engine.stopping.wait(max(1.0, jm.config.poll_sec))
+                continue
             worked = False
-            for app, op in jm.engine.types_with_work(types):
+            for app, op in todo:
                 fl = flows.get((app, op)) or flows.setdefault((app, op), make_batch_flow(jm, app, op))
                 try:
                     result = fl(batch_id=None)
@@ -147,12 +196,11 @@ def run_worker(jm: JobManager, stop_when_idle: bool = False) -> None:
                     engine.stopping.wait(max(1.0, jm.config.poll_sec))
                     continue
                 worked = worked or bool(result["nrows"] or result["summarised"])
-            if stop_when_idle and not worked and not jm.engine.open_work(types):
+            if stop_when_idle and not worked and not engine.open_work(types):
                 break
             if not worked:
                 engine.stopping.wait(jm.config.poll_sec)
     finally:
-        restore()
         engine.shutdown()
         log.info("worker_stopped")
 

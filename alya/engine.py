@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from alya.registry import Registration
 
 ABORT_CHECK_SEC = 1.0
+WRITE_TRIES = 4
 
 
 @dataclass
@@ -54,7 +55,8 @@ class Claimed:
     batch: str
     type: str
     context: dict[str, Any]
-    rows: list[tuple[int, int, str, int]]  # rowid, line, input JSON, attempts
+    rows: list[tuple[int, str, int]]  # line, input JSON, attempts (ordered by line)
+    worker: str  # the identity the rows were claimed under (and are written back as)
 
 
 class Engine:
@@ -62,7 +64,7 @@ class Engine:
 
     def __init__(self, jm: JobManager) -> None:
         self.jm = jm
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker_id = _new_worker_id()
         self.stopping = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
@@ -118,7 +120,9 @@ class Engine:
         """Claim up to ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) and process them."""
         reg = self.jm.registry.processor(app, op)
         self.start()
-        claimed = self._claim(app, op, prefer)
+        if self.stopping.is_set():
+            return ChunkReport()
+        claimed = self._claim(app, op, reg.type, prefer)
         if claimed is None:
             return ChunkReport()
         report = ChunkReport(batch=claimed.batch)
@@ -127,34 +131,69 @@ class Engine:
             initblock = self.jm.initblocks.get(app)
         except Exception as exc:
             # Not the rows' fault: give them back untouched, to be tried again (here or elsewhere).
-            log.error("init_failed", error=repr(exc), rows=len(claimed.rows))
+            log.error("init_failed", error=_describe(exc), rows=len(claimed.rows))
             self._release(claimed, [r[0] for r in claimed.rows])
             return report
-        results, unstarted = self._run_rows(reg, initblock, claimed, log)
+        try:
+            results, unstarted = self._run_rows(reg, initblock, claimed, log)
+        except BaseException:
+            # Not a row fault (those are caught per row): an interrupt or a bug. Nothing was written yet.
+            self._release(claimed, [r[0] for r in claimed.rows], quiet=True)
+            raise
         if unstarted:
             self._release(claimed, unstarted)
-        if results:
-            report.nrows = len(results["rowids"])
+        if results["lines"]:
+            report.nrows = len(results["lines"])
             report.nsuccess = results["statuses"].count("success")
             report.nfailed = results["statuses"].count("failed")
             report.nretry = results["statuses"].count("queued")
-            with self.jm.store.tx() as tx:
-                tx.run("write_results", worker=self.worker_id, **results)
-                still_open = tx.one("has_open_rows", id=claimed.batch)[0]  # type: ignore[index]
+            self._write(claimed, results, log)
             log.info("chunk_done", rows=report.nrows, success=report.nsuccess, failed=report.nfailed,
-                     retry=report.nretry, first_line=claimed.rows[0][1], last_line=claimed.rows[-1][1])
-            if not still_open and self.summarise(claimed.batch):
-                report.summarised.append(claimed.batch)
+                     retry=report.nretry, first_line=claimed.rows[0][0], last_line=claimed.rows[-1][0])
+        # Checked after our own commit, never inside it: two workers committing the last rows of a batch
+        # at once would each see the other's rows still inprog in their own transaction, and neither
+        # would summarise. After the commit, whoever commits last is sure to see every row final.
+        if report.nrows and self._all_final(claimed.batch):
+            try:
+                if self.summarise(claimed.batch):
+                    report.summarised.append(claimed.batch)
+            except AlyaError as exc:  # a failed upload: the batch stays open; cleanup() tries again
+                log.error("summary_failed", error=str(exc))
         return report
 
-    def _claim(self, app: str, op: str, prefer: str | None) -> Claimed | None:
-        n = self.jm.config.batchchunk_nrows
+    def _all_final(self, batch: str) -> bool:
         with self.jm.store.tx() as tx:
-            for batch, type_, context in tx.all("open_batches", app=app, op=op, prefer=prefer):
-                rows = tx.all("claim_rows", batch=batch, n=n, worker=self.worker_id)
+            return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
+
+    def _write(self, claimed: Claimed, results: dict[str, list[Any]], log: Any) -> None:
+        """The chunk's one write-back statement. Idempotent (only rows still held at the claimed attempt
+        change), so it is simply repeated through a short outage. If it cannot be written, the rows are
+        given back; if even that fails, this worker drops its identity, and recovery requeues the rows
+        as it does for a dead worker (they must never stay inprog under a live heartbeat)."""
+        delay = 0.2
+        for attempt in range(1, WRITE_TRIES + 1):
+            try:
+                with self.jm.store.tx() as tx:
+                    tx.run("write_results", batch=claimed.batch, worker=claimed.worker, **results)
+                return
+            except Exception as exc:
+                log.warning("write_failed", attempt=attempt, error=_describe(exc))
+                if attempt == WRITE_TRIES:
+                    if not self._release(claimed, results["lines"], quiet=True):
+                        self._retire_identity(claimed.worker)
+                    raise
+                time.sleep(delay)
+                delay *= 2
+
+    def _claim(self, app: str, op: str, type_: str, prefer: str | None) -> Claimed | None:
+        n = self.jm.config.batchchunk_nrows
+        worker = self.worker_id
+        with self.jm.store.tx() as tx:
+            for batch, context in tx.all("open_batches", app=app, op=op, type=type_, prefer=prefer):
+                rows = tx.all("claim_rows", batch=batch, n=n, worker=worker)
                 if rows:
                     moved = tx.one("batch_to_inprog", batch=batch)
-                    claimed = Claimed(str(batch), type_, context, sorted(rows, key=lambda r: r[1]))
+                    claimed = Claimed(str(batch), type_, context, sorted(rows), worker)
                     break
             else:
                 return None
@@ -166,13 +205,13 @@ class Engine:
     def _run_rows(self, reg: Registration, initblock: Any, claimed: Claimed, log: Any
                   ) -> tuple[dict[str, list[Any]], list[int]]:
         cfg = self.jm.config
-        out: dict[str, list[Any]] = {k: [] for k in ("rowids", "attempts", "statuses", "res", "messages",
+        out: dict[str, list[Any]] = {k: [] for k in ("lines", "attempts", "statuses", "res", "messages",
                                                      "blobrows", "delays")}
         is_query = claimed.type == "Q"
         call = reg.processor.do_slow_query if is_query else reg.processor.do_batch_job
         context = claimed.context
         next_check = time.monotonic() + ABORT_CHECK_SEC
-        for i, (rowid, line, raw_input, attempts) in enumerate(claimed.rows):
+        for i, (line, raw_input, attempts) in enumerate(claimed.rows):
             if self.stopping.is_set():
                 return out, [r[0] for r in claimed.rows[i:]]
             if time.monotonic() >= next_check:
@@ -199,7 +238,7 @@ class Engine:
             else:
                 if status == "failed":
                     log.info("row_failed", line=line)
-            out["rowids"].append(rowid)
+            out["lines"].append(line)
             out["attempts"].append(attempts)
             out["statuses"].append(status)
             out["res"].append(res)
@@ -213,9 +252,31 @@ class Engine:
             row = tx.one("get_batch", id=batch)
         return row is None or row[4] == "aborted"
 
-    def _release(self, claimed: Claimed, rowids: list[int]) -> None:
-        with self.jm.store.tx() as tx:
-            tx.run("release_rows", rowids=rowids, worker=self.worker_id)
+    def _release(self, claimed: Claimed, lines: list[int], quiet: bool = False) -> bool:
+        """Give claimed rows back to the queue, their attempt restored (they were not tried)."""
+        try:
+            with self.jm.store.tx() as tx:
+                tx.run("release_rows", batch=claimed.batch, lines=lines, worker=claimed.worker)
+            return True
+        except Exception as exc:
+            if not quiet:
+                raise
+            self.log.error("release_failed", batch=claimed.batch, rows=len(lines), error=_describe(exc))
+            return False
+
+    def _retire_identity(self, worker: str) -> None:
+        """Stop vouching for rows held as ``worker``: a new identity is used from now on and the old one
+        ages out of ``workers``, so recovery requeues whatever it still holds after ALYA_RECOVERY_SEC."""
+        with self._lock:
+            if self.worker_id != worker:
+                return
+            self.worker_id = _new_worker_id()
+            self.log = get_logger().bind(worker=self.worker_id)
+        self.log.error("worker_identity_retired", old=worker)
+        try:
+            self._beat()
+        except Exception:
+            pass  # the heartbeat thread keeps trying
 
     # ------------------------------------------------------------------ summary
     def summarise(self, batch_id: str) -> bool:
@@ -267,12 +328,18 @@ class Engine:
             reg = jm.registry.processor(rec["app"], rec["op"])
         except ProcessorNotFound:
             return False
-        with jm.store.tx() as tx:
-            if tx.one("claim_notify", id=batch_id) is None:
-                return False
+        if reg.type != rec["type"]:
+            return False
         log = self.log.bind(app=rec["app"], op=rec["op"], batch=batch_id)
         try:
             initblock = jm.initblocks.get(rec["app"])
+        except Exception as exc:  # not claimed: cleanup() tries again once init works
+            log.error("mark_done_init_failed", error=_describe(exc))
+            return False
+        with jm.store.tx() as tx:
+            if tx.one("claim_notify", id=batch_id) is None:
+                return False
+        try:
             reg.processor.mark_done(initblock, rec["context"], details_of(rec))
             log.info("mark_done_called")
         except Exception as exc:
@@ -297,15 +364,18 @@ def _accept(result: Any, is_query: bool) -> tuple[str, str | None, str | None, s
         blobs = files or None
     else:
         blobs = normalise_blobrows(result.blobrows)  # type: ignore[union-attr]
-    res = None if result.result is None else json_text(result.result)
-    if res is not None and "\\u0000" in res:
-        raise ValueError("result contains a NUL character, which PostgreSQL cannot store")
-    return (
-        status.value,
-        res,
+    texts = (
+        None if result.result is None else json_text(result.result),
         json_text(messages) if messages else None,
         None if blobs is None else json_text(blobs),
     )
+    if any(t is not None and "\\u0000" in t for t in texts):
+        raise ValueError("result, messages or blob rows contain a NUL character, which PostgreSQL cannot store")
+    return (status.value, *texts)
+
+
+def _new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ class JobManagerConfig(BaseSettings):
     dispatch: Literal["none", "prefect"] = "none"
     recovery_sec: int = Field(60, ge=1, description="silence after which a worker's rows are requeued")
     worker_threads: int = Field(2, ge=1, le=32, description="task-runner threads per flow run")
+    task_seconds: float = Field(2.0, gt=0, description="a chunk task keeps claiming chunks this long")
     flow_max_tasks: int = Field(100, ge=1, le=1000, description="chunk tasks per flow run (Prefect limit)")
     deployment_name: str = "alya"
     cancel_timeout_sec: float = Field(30.0, ge=0, description="Cancelling runs are forced Cancelled after")

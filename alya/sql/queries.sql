@@ -59,23 +59,27 @@ ORDER BY reqat DESC;
 
 -- name: open_batches
 -- Batches of one batch type that have rows to claim, oldest first; `prefer` goes first.
-SELECT id, type, context FROM batches
-WHERE app = %(app)s AND op = %(op)s AND status IN ('queued', 'inprog')
+-- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
+SELECT id, context FROM batches
+WHERE app = %(app)s AND op = %(op)s AND type = %(type)s AND status IN ('queued', 'inprog')
 ORDER BY (id = %(prefer)s) DESC, reqat
 LIMIT 100;
 
 -- name: claim_rows
 -- One chunk of one batch: queued rows in line order, skipping rows another worker is claiming.
+-- synchronous_commit off: a claim lost in a server crash only leaves its rows queued (the late
+-- write-back is then refused), so waiting for the WAL flush buys nothing here.
+SET LOCAL synchronous_commit = off;
 WITH picked AS (
-    SELECT rowid FROM batchrows
+    SELECT line FROM batchrows
     WHERE batch = %(batch)s AND status = 'queued' AND (notbefore IS NULL OR notbefore <= now())
     ORDER BY line
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE batchrows r SET status = 'inprog', doneby = %(worker)s, attempts = r.attempts + 1
-FROM picked WHERE r.rowid = picked.rowid
-RETURNING r.rowid, r.line, r.input::text, r.attempts;
+FROM picked WHERE r.batch = %(batch)s AND r.line = picked.line
+RETURNING r.line, r.input::text, r.attempts;
 
 -- name: batch_to_inprog
 UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND status = 'queued' RETURNING ver;
@@ -83,6 +87,9 @@ UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND sta
 -- name: write_results
 -- Acknowledge a chunk: only rows this worker still holds, at the attempt it claimed, are written, so a
 -- late answer from a worker whose rows were recovered (or aborted) changes nothing.
+-- synchronous_commit off: a result lost in a server crash leaves its rows inprog, and recovery
+-- requeues them (processing is at-least-once; counts come from row statuses, so nothing counts twice).
+SET LOCAL synchronous_commit = off;
 UPDATE batchrows r
 SET status = v.status::batch_status,
     res = v.res::jsonb,
@@ -91,15 +98,15 @@ SET status = v.status::batch_status,
     doneat = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
     doneby = CASE WHEN v.status = 'queued' THEN NULL ELSE r.doneby END,
     notbefore = CASE WHEN v.status = 'queued' THEN now() + make_interval(secs => v.delay) END
-FROM unnest(%(rowids)s::bigint[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
+FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
             %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[])
-     AS v(rowid, attempts, status, res, messages, blobrows, delay)
-WHERE r.rowid = v.rowid AND r.status = 'inprog' AND r.doneby = %(worker)s AND r.attempts = v.attempts;
+     AS v(line, attempts, status, res, messages, blobrows, delay)
+WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.doneby = %(worker)s AND r.attempts = v.attempts;
 
 -- name: release_rows
 -- Give claimed rows back untouched (shutdown, init failure): the attempt they cost is returned too.
 UPDATE batchrows SET status = 'queued', doneby = NULL, attempts = attempts - 1
-WHERE rowid = ANY(%(rowids)s::bigint[]) AND status = 'inprog' AND doneby = %(worker)s;
+WHERE batch = %(batch)s AND line = ANY(%(lines)s::int[]) AND status = 'inprog' AND doneby = %(worker)s;
 
 -- name: has_open_rows
 SELECT EXISTS (SELECT 1 FROM batchrows WHERE batch = %(id)s AND status = 'queued')
@@ -146,7 +153,7 @@ DELETE FROM workers WHERE id = %(id)s;
 -- Rows held by a worker silent for recovery_sec go back to the queue; a row that has already used up
 -- its attempts (it may be what kills workers) fails instead.
 WITH dead AS (
-    SELECT r.rowid FROM batchrows r
+    SELECT r.batch, r.line FROM batchrows r
     WHERE r.status = 'inprog'
       AND NOT EXISTS (SELECT 1 FROM workers w
                       WHERE w.id = r.doneby AND w.lastseen > now() - make_interval(secs => %(sec)s))
@@ -157,7 +164,7 @@ SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed'::batch_statu
     doneby = CASE WHEN r.attempts >= %(max_attempts)s THEN r.doneby END,
     doneat = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
     messages = CASE WHEN r.attempts >= %(max_attempts)s THEN %(fail_messages)s::jsonb ELSE r.messages END
-FROM dead WHERE r.rowid = dead.rowid
+FROM dead WHERE r.batch = dead.batch AND r.line = dead.line
 RETURNING r.batch, r.line, r.status::text, r.doneby;
 
 -- name: forget_dead_workers

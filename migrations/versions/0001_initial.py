@@ -53,10 +53,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "batchrows",
-        sa.Column("rowid", sa.BigInteger, sa.Identity(always=False), primary_key=True),
         sa.Column("batch", postgresql.UUID(as_uuid=False), sa.ForeignKey("batches.id", ondelete="CASCADE"),
-                  nullable=False),
-        sa.Column("line", sa.Integer, nullable=False),
+                  primary_key=True),
+        sa.Column("line", sa.Integer, primary_key=True),
         sa.Column("input", postgresql.JSONB, nullable=False),
         sa.Column("status", status, nullable=False, server_default=sa.text("'queued'")),
         sa.Column("reqat", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")),
@@ -67,7 +66,6 @@ def upgrade() -> None:
         sa.Column("doneby", sa.Text),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("notbefore", sa.DateTime(timezone=True)),
-        sa.UniqueConstraint("batch", "line", name="batchrows_batch_line"),
         sa.CheckConstraint("line >= 0", name="batchrows_line_nonneg"),
     )
     op.create_index("batchrows_queued", "batchrows", ["batch", "line"],
