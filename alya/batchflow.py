@@ -51,7 +51,7 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
 
     @flow(
         name=name,
-        task_runner=ThreadPoolTaskRunner(max_workers=cfg.worker_threads),
+        task_runner=ThreadPoolTaskRunner(max_workers=cfg.worker_threads),  # type: ignore[arg-type]
         persist_result=False,
         validate_parameters=False,
         log_prints=False,
@@ -61,7 +61,8 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
         used its task budget; then, if work is left, hand over to a fresh flow run."""
         engine.start()
         progress = _Progress(jm, batch_id)
-        total = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0, "summarised": []}
+        total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
+                                 "summarised": []}
         wave = cfg.worker_threads * 2
         while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
             n = min(wave, cfg.flow_max_tasks - total["tasks"])

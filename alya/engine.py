@@ -7,6 +7,7 @@ partial index of queued rows) and one acknowledgement (UPDATE ... FROM unnest(ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -273,10 +274,8 @@ class Engine:
             self.worker_id = _new_worker_id()
             self.log = get_logger().bind(worker=self.worker_id)
         self.log.error("worker_identity_retired", old=worker)
-        try:
+        with contextlib.suppress(Exception):  # the heartbeat thread keeps trying
             self._beat()
-        except Exception:
-            pass  # the heartbeat thread keeps trying
 
     # ------------------------------------------------------------------ summary
     def summarise(self, batch_id: str) -> bool:

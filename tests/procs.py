@@ -1,0 +1,148 @@
+"""Test processors and initializers, importable by test subprocesses too (tests/worker_main.py).
+
+``Proc`` decides what to do from each row's input, so one registered processor covers every row
+semantic:
+  {"mode": "ok"}                 success, result {"line": .., "x": ..}, blob rows from input["blobs"]
+  {"mode": "fail"}               business failure with a message
+  {"mode": "raise"}              raises every time (a fault)
+  {"mode": "raise_once"}         raises on the first call for this (batch line), then succeeds
+  {"mode": "bad_type"}           returns a dict instead of a BatchJobResult
+  {"mode": "queued"/"inprog"}    returns a status other than success/failed
+  "sleep": seconds               sleeps before answering
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from alya import BatchDetails, BatchJobResult, BatchStatus, ErrorMessage, SlowQueryResult
+
+
+@dataclass
+class Block:
+    n: int
+    alive: bool = True
+    closed: bool = False
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Init:
+    """Counts init() calls; the first ``fail_first`` calls raise; ``broken`` makes every call raise."""
+
+    fail_first: int = 0
+    broken: bool = False
+    calls: int = 0
+    blocks: list[Block] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def init(self, app: str) -> Block:
+        with self.lock:
+            self.calls += 1
+            if self.broken or self.calls <= self.fail_first:
+                raise ConnectionError(f"init of {app} failed (call {self.calls})")
+            block = Block(self.calls)
+            self.blocks.append(block)
+            return block
+
+
+class Proc:
+    """A batch processor driven by the row's input; records every call and every mark_done."""
+
+    def __init__(self, hook: Any = None) -> None:
+        self.lock = threading.Lock()
+        self.calls: Counter[int] = Counter()  # line -> number of calls
+        self.blocks_seen: set[int] = set()
+        self.done: list[BatchDetails] = []
+        self.hook = hook  # called as hook(line, input) before answering
+
+    def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:
+        with self.lock:
+            self.calls[line] += 1
+            ncalls = self.calls[line]
+            if initblock is not None:
+                self.blocks_seen.add(initblock.n)
+        if self.hook is not None:
+            self.hook(line, input)
+        if input.get("sleep"):
+            time.sleep(float(input["sleep"]))
+        mode = input.get("mode", "ok")
+        if mode == "raise" or (mode == "raise_once" and ncalls == 1):
+            raise RuntimeError(f"boom at line {line}")
+        if mode == "bad_type":
+            return {"status": "success"}
+        if mode in ("queued", "inprog"):
+            return BatchJobResult(BatchStatus(mode))
+        if mode == "fail":
+            return BatchJobResult(BatchStatus.FAILED, {"line": line},
+                                  [ErrorMessage(7, "bad_value", "x", [str(input.get("x"))])])
+        return BatchJobResult(BatchStatus.SUCCESS, {"line": line, "x": input.get("x"), "ctx": context},
+                              blobrows=input.get("blobs") or {})
+
+    def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None:
+        with self.lock:
+            self.done.append(details)
+
+
+class QueryProc:
+    def __init__(self) -> None:
+        self.done: list[BatchDetails] = []
+
+    def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> SlowQueryResult:
+        if input.get("mode") == "raise":
+            raise RuntimeError("query boom")
+        if input.get("mode") == "fail":
+            return SlowQueryResult(BatchStatus.FAILED, None, [ErrorMessage(1, "bad_input", "q")])
+        return SlowQueryResult(BatchStatus.SUCCESS, {"answer": input.get("q"), "who": context.get("user")},
+                               [ErrorMessage(2, "note")], {"report.csv": "s3://bucket/some/report.csv"})
+
+    def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None:
+        self.done.append(details)
+
+
+class FastProc:
+    """A no-op processor (benchmarks, the 200k-row batch): one blob row per row when the input asks."""
+
+    def __init__(self) -> None:
+        self.done: list[BatchDetails] = []
+
+    def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:
+        return BatchJobResult(BatchStatus.SUCCESS, None, blobrows=input.get("blobs") or {})
+
+    def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None:
+        self.done.append(details)
+
+
+def rows(n: int, start: int = 1, **input: Any) -> list[tuple[int, dict[str, Any]]]:
+    return [(line, {"x": line, **input}) for line in range(start, start + n)]
+
+
+def drain(jm: Any, app: str, op: str, limit: int = 10_000) -> int:
+    """Process chunks of (app, op) with the engine directly (no Prefect) until none is left to claim;
+    returns the number of rows written."""
+    done = 0
+    for _ in range(limit):
+        rep = jm.engine.process_chunk(app, op)
+        if rep.batch is None:
+            return done
+        done += rep.nrows
+    raise AssertionError("drain did not finish")
+
+
+def wait_until(pred: Any, timeout: float = 30.0, every: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

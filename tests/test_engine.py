@@ -1,0 +1,429 @@
+"""Row semantics, init blocks, summaries and mark_done, driven through the engine (one chunk at a time) on
+real PostgreSQL and Redis; a few go through jm.run and the Prefect flows."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from alya import BatchStatus, JobManager
+from tests.conftest import make_config
+from tests.procs import Init, Proc, QueryProc, drain, rows
+
+
+def row_state(jm: JobManager, batch: str) -> dict[int, tuple[str, int, str | None]]:
+    with jm.store.tx() as tx:
+        tx.cur.execute("SELECT line, status::text, attempts, doneby FROM batchrows WHERE batch = %s", (batch,))
+        return {line: (st, att, by) for line, st, att, by in tx.cur.fetchall()}
+
+
+def batch_row(jm: JobManager, batch: str) -> dict[str, Any]:
+    with jm.store.tx() as tx:
+        tx.cur.execute("SELECT status::text, nsuccess, nfailed, naborted, notifiedat IS NOT NULL, outputfiles "
+                       "FROM batches WHERE id = %s", (batch,))
+        st, ns, nf, na, notified, files = tx.cur.fetchone()
+    return {"status": st, "nsuccess": ns, "nfailed": nf, "naborted": na, "notified": notified, "files": files}
+
+
+def manager(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> JobManager:
+    return JobManager(database_url=database_url, redis_url=redis_url, object_store_url=store_url,
+                      config=make_config(**cfg))
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def test_success_and_failed_rows_are_stored(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "Mixed", proc)
+    data = rows(5) + [(6, {"x": 6, "mode": "fail"})]
+    bid = jm.batch_submit("eng", "mixed", {"user": "u1"}, data)
+    assert drain(jm, "eng", "mixed") == 6
+    done = jm.batch_done(bid)
+    assert done.status is BatchStatus.FAILED
+    assert (done.nsuccess, done.nfailed, done.naborted) == (5, 1, 0)
+    assert [r.line for r in done.rows or []] == [1, 2, 3, 4, 5, 6]
+    ok = done.rows[0]  # type: ignore[index]
+    assert ok.status is BatchStatus.SUCCESS and ok.res == {"line": 1, "x": 1, "ctx": {"user": "u1"}}
+    assert ok.messages == []
+    bad = done.rows[5]  # type: ignore[index]
+    assert bad.status is BatchStatus.FAILED and bad.res == {"line": 6}
+    assert [(m.msgid, m.errcode, m.field, m.vals) for m in bad.messages] == [(7, "bad_value", "x", ["6"])]
+    assert len(proc.done) == 1 and proc.done[0].status is BatchStatus.FAILED
+    s = jm.batch_status(bid)
+    assert (s.status, s.nrows, s.nsuccess, s.nfailed, s.nqueued, s.ninprog) == (BatchStatus.FAILED, 6, 5, 1, 0, 0)
+
+
+def test_all_success_is_success_and_mark_done_once(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "ok", proc)
+    bid = jm.batch_submit("eng", "ok", {"c": 1}, rows(250))  # 3 chunks of 100
+    drain(jm, "eng", "ok")
+    assert jm.batch_status(bid).status is BatchStatus.SUCCESS
+    assert len(proc.done) == 1
+    d = proc.done[0]
+    assert (d.id, d.app, d.op, d.type, d.status, d.nrows, d.nsuccess, d.nfailed, d.naborted) == (
+        bid, "eng", "ok", "B", BatchStatus.SUCCESS, 250, 250, 0, 0)
+    assert d.context == {"c": 1} and d.doneat is not None
+    # summarising or notifying again changes nothing
+    assert jm.engine.summarise(bid) is False
+    assert jm.engine.notify(bid) is False
+    from alya.recovery import cleanup
+
+    cleanup(jm, types=[("eng", "ok")])
+    assert len(proc.done) == 1
+    assert sum(proc.calls.values()) == 250 and set(proc.calls.values()) == {1}
+
+
+@pytest.mark.parametrize("mode", ["raise", "bad_type", "queued", "inprog"])
+def test_faults_are_retried_then_failed(jm: JobManager, mode: str) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "fault", proc)
+    bid = jm.batch_submit("eng", "fault", {}, [(1, {"mode": mode}), (2, {"x": 2})])
+    drain(jm, "eng", "fault")
+    assert proc.calls[1] == jm.config.max_attempts == 3
+    assert proc.calls[2] == 1
+    done = jm.batch_done(bid)
+    assert done.status is BatchStatus.FAILED and (done.nsuccess, done.nfailed) == (1, 1)
+    row = done.rows[0]  # type: ignore[index]
+    assert row.status is BatchStatus.FAILED and row.res is None
+    assert len(row.messages) == 1 and row.messages[0].errcode == "processing_error"
+    assert row_state(jm, bid)[1][1] == 3
+
+
+def test_max_attempts_is_configurable(database_url: str, redis_url: str, file_store_url: str) -> None:
+    jm = manager(database_url, redis_url, file_store_url, max_attempts=1)
+    try:
+        proc = Proc()
+        jm.register_batch_processor("eng", "once", proc)
+        bid = jm.batch_submit("eng", "once", {}, [(1, {"mode": "raise"})])
+        drain(jm, "eng", "once")
+        assert proc.calls[1] == 1
+        assert jm.batch_done(bid).rows[0].messages[0].errcode == "processing_error"  # type: ignore[index]
+    finally:
+        jm.close()
+
+
+def test_raise_once_then_success(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "flaky", proc)
+    bid = jm.batch_submit("eng", "flaky", {}, [(1, {"mode": "raise_once"}), (2, {"x": 2})])
+    drain(jm, "eng", "flaky")
+    done = jm.batch_done(bid)
+    assert done.status is BatchStatus.SUCCESS and done.nsuccess == 2
+    assert proc.calls[1] == 2 and done.rows[0].messages == []  # type: ignore[index]
+    assert row_state(jm, bid)[1][1] == 2
+
+
+def test_retry_waits_for_backoff(database_url: str, redis_url: str, file_store_url: str) -> None:
+    jm = manager(database_url, redis_url, file_store_url, retry_backoff_sec=30.0)
+    try:
+        proc = Proc()
+        jm.register_batch_processor("eng", "slowretry", proc)
+        bid = jm.batch_submit("eng", "slowretry", {}, [(1, {"mode": "raise_once"})])
+        drain(jm, "eng", "slowretry")
+        assert proc.calls[1] == 1  # not retried before notbefore
+        assert row_state(jm, bid)[1][0] == "queued"
+        with jm.store.tx() as tx:
+            tx.cur.execute("SELECT notbefore > now() + interval '20 seconds' FROM batchrows WHERE batch = %s", (bid,))
+            assert tx.cur.fetchone()[0]
+            tx.cur.execute("UPDATE batchrows SET notbefore = now() WHERE batch = %s", (bid,))
+        drain(jm, "eng", "slowretry")
+        assert jm.batch_status(bid).status is BatchStatus.SUCCESS
+    finally:
+        jm.close()
+
+
+def test_unsafe_and_malformed_blobrows_are_faults(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "unsafe", proc)
+    bad = [{"../x": "a"}, {"a/b": "a"}, {"..": "a"}, {"": "a"}, {"ok": 5}]
+    data = [(i + 1, {"blobs": b}) for i, b in enumerate(bad)] + [(9, {"blobs": {"ok.txt": " fine "}})]
+    bid = jm.batch_submit("eng", "unsafe", {}, data)
+    drain(jm, "eng", "unsafe")
+    done = jm.batch_done(bid)
+    assert [(r.line, r.status.value) for r in done.rows or []] == [
+        (1, "failed"), (2, "failed"), (3, "failed"), (4, "failed"), (5, "failed"), (9, "success")]
+    assert all(r.messages[0].errcode == "processing_error" for r in (done.rows or [])[:5])
+    assert all(proc.calls[i] == 3 for i in range(1, 6))
+    assert set(done.outputfiles) == {"ok.txt"}
+
+
+def test_nul_in_result_is_a_row_fault_not_a_chunk_failure(jm: JobManager) -> None:
+    """PostgreSQL cannot store NUL in jsonb: such a row must fail alone, not sink the chunk's write."""
+    class NulProc(Proc):
+        def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:
+            from alya import BatchJobResult, ErrorMessage
+
+            if line == 2:
+                return BatchJobResult(BatchStatus.FAILED, None, [ErrorMessage(1, "bad", None, ["a\x00b"])])
+            if line == 3:
+                return BatchJobResult(BatchStatus.SUCCESS, None, blobrows={"f.txt": "a\x00b"})
+            return super().do_batch_job(initblock, context, line, input)
+
+    proc = NulProc()
+    jm.register_batch_processor("eng", "nul", proc)
+    bid = jm.batch_submit("eng", "nul", {}, rows(4))
+    drain(jm, "eng", "nul")
+    done = jm.batch_done(bid)
+    assert done.status is BatchStatus.FAILED
+    assert [r.status.value for r in done.rows or []] == ["success", "failed", "failed", "success"]
+    assert done.rows[1].messages[0].errcode == "processing_error"  # type: ignore[index]
+
+
+def test_row_inprog_with_doneby_and_batch_inprog_while_processing(jm: JobManager) -> None:
+    seen: list[Any] = []
+    bid_box: list[str] = []
+
+    def hook(line: int, input: dict[str, Any]) -> None:
+        if line == 2:
+            seen.append((row_state(jm, bid_box[0]), batch_row(jm, bid_box[0])["status"]))
+
+    jm.register_batch_processor("eng", "watch", Proc(hook))
+    bid = jm.batch_submit("eng", "watch", {}, rows(3))
+    bid_box.append(bid)
+    assert batch_row(jm, bid)["status"] == "queued"
+    drain(jm, "eng", "watch")
+    (states, bstatus), = seen
+    assert bstatus == "inprog"
+    assert states[1][0] == "inprog" and states[2][0] == "inprog" and states[3][0] == "inprog"
+    assert all(st[2] == jm.engine.worker_id for st in states.values())
+    assert all(st[1] == 1 for st in states.values())
+    after = row_state(jm, bid)
+    assert all(st == ("success", 1, jm.engine.worker_id) for st in after.values())
+
+
+# ------------------------------------------------------------------------------------------ init blocks
+def test_init_block_created_once_and_reused(database_url: str, redis_url: str, file_store_url: str) -> None:
+    jm = manager(database_url, redis_url, file_store_url, batchchunk_nrows=10)
+    try:
+        init, proc = Init(), Proc()
+        jm.register_initializer("eng", init)
+        jm.register_batch_processor("eng", "a", proc)
+        jm.register_batch_processor("eng", "b", proc)
+        b1 = jm.batch_submit("eng", "a", {}, rows(55))
+        b2 = jm.batch_submit("eng", "b", {}, rows(25))
+        drain(jm, "eng", "a")
+        drain(jm, "eng", "b")
+        assert init.calls == 1 and proc.blocks_seen == {1}
+        assert jm.batch_status(b1).status is BatchStatus.SUCCESS and jm.batch_status(b2).status is BatchStatus.SUCCESS
+        # dead block: closed and re-created before the next chunk
+        init.blocks[0].alive = False
+        b3 = jm.batch_submit("eng", "a", {}, rows(5))
+        drain(jm, "eng", "a")
+        assert init.calls == 2 and init.blocks[0].closed and not init.blocks[1].closed
+        assert proc.blocks_seen == {1, 2}
+        assert jm.batch_status(b3).status is BatchStatus.SUCCESS
+        jm.engine.shutdown()
+        assert init.blocks[1].closed  # closed at shutdown
+    finally:
+        jm.close()
+
+
+def test_init_failure_requeues_rows_without_spending_attempts(jm: JobManager) -> None:
+    init, proc = Init(fail_first=2), Proc()
+    jm.register_initializer("eng", init)
+    jm.register_batch_processor("eng", "initfail", proc)
+    bid = jm.batch_submit("eng", "initfail", {}, rows(150))
+    rep = jm.engine.process_chunk("eng", "initfail")
+    assert rep.batch == bid and rep.nrows == 0
+    st = row_state(jm, bid)
+    assert all(v == ("queued", 0, None) for v in st.values())
+    assert sum(proc.calls.values()) == 0
+    rep = jm.engine.process_chunk("eng", "initfail")  # second init failure
+    assert all(v[0] == "queued" and v[1] == 0 for v in row_state(jm, bid).values())
+    drain(jm, "eng", "initfail")  # init works now
+    assert init.calls == 3
+    done = jm.batch_done(bid)
+    assert done.status is BatchStatus.SUCCESS and done.nsuccess == 150
+    assert all(v[1] == 1 for v in row_state(jm, bid).values())
+    assert len(proc.done) == 1
+
+
+def test_init_broken_leaves_rows_queued_not_failed(jm: JobManager) -> None:
+    init, proc = Init(broken=True), Proc()
+    jm.register_initializer("eng", init)
+    jm.register_batch_processor("eng", "broken", proc)
+    bid = jm.batch_submit("eng", "broken", {}, rows(20))
+    for _ in range(5):
+        jm.engine.process_chunk("eng", "broken")
+    s = jm.batch_status(bid)
+    assert s.nqueued == 20 and s.nfailed == 0 and not s.status.is_final
+    assert all(v == ("queued", 0, None) for v in row_state(jm, bid).values())
+    # mark_done is never lost to a failing init: once init works the batch completes and is notified
+    init.broken = False
+    drain(jm, "eng", "broken")
+    assert jm.batch_status(bid).status is BatchStatus.SUCCESS and len(proc.done) == 1
+
+
+def test_mark_done_waits_for_a_working_init(jm: JobManager) -> None:
+    from alya.recovery import cleanup
+
+    init, proc = Init(), Proc()
+    jm.register_initializer("eng", init)
+    jm.register_batch_processor("eng", "notify", proc)
+    bid = jm.batch_submit("eng", "notify", {}, rows(3))
+    original = jm.engine.notify
+    jm.engine.notify = lambda b: False  # type: ignore[method-assign]  # simulate a crash before notifying
+    drain(jm, "eng", "notify")
+    jm.engine.notify = original  # type: ignore[method-assign]
+    assert batch_row(jm, bid)["status"] == "success" and not batch_row(jm, bid)["notified"]
+    init.blocks[0].alive = False
+    init.broken = True
+    cleanup(jm, types=[("eng", "notify")])
+    assert proc.done == [] and not batch_row(jm, bid)["notified"]
+    init.broken = False
+    rep = cleanup(jm, types=[("eng", "notify")])
+    assert rep.notified == [bid] and len(proc.done) == 1
+    cleanup(jm, types=[("eng", "notify")])
+    assert len(proc.done) == 1
+
+
+def test_mark_done_errors_are_not_fatal(jm: JobManager) -> None:
+    class Bad(Proc):
+        def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:
+            super().mark_done(initblock, context, details)
+            raise RuntimeError("mark_done broke")
+
+    proc = Bad()
+    jm.register_batch_processor("eng", "badmark", proc)
+    bid = jm.batch_submit("eng", "badmark", {}, rows(3))
+    drain(jm, "eng", "badmark")
+    assert jm.batch_status(bid).status is BatchStatus.SUCCESS and len(proc.done) == 1
+    from alya.recovery import cleanup
+
+    cleanup(jm, types=[("eng", "badmark")])
+    assert len(proc.done) == 1
+
+
+def test_no_processor_leaves_rows_queued(database_url: str, redis_url: str, file_store_url: str) -> None:
+    from alya.recovery import cleanup
+
+    jm = manager(database_url, redis_url, file_store_url)
+    try:
+        proc = Proc()
+        jm.register_batch_processor("eng", "served", proc)
+        orphan = jm.batch_submit("eng", "unserved", {}, rows(5))
+        served = jm.batch_submit("eng", "served", {}, rows(5))
+        drain(jm, "eng", "served")
+        cleanup(jm, types=[("eng", "served")])
+        assert jm.batch_status(served).status is BatchStatus.SUCCESS
+        s = jm.batch_status(orphan)
+        assert s.status is BatchStatus.QUEUED and s.nqueued == 5 and s.nfailed == 0
+        with pytest.raises(Exception, match="no processor"):
+            jm.engine.process_chunk("eng", "unserved")
+        assert all(v == ("queued", 0, None) for v in row_state(jm, orphan).values())
+        # a slow query of a batch type registered as B is not this worker's either
+        q = jm.slowquery_submit("eng", "served", {}, {"q": 1})
+        drain(jm, "eng", "served")
+        assert jm.batch_status(q).status is BatchStatus.QUEUED
+        assert row_state(jm, q)[0] == ("queued", 0, None)
+    finally:
+        jm.close()
+
+
+# ------------------------------------------------------------------------------------------ slow queries
+def test_slow_query_result_messages_and_outputfiles(jm: JobManager) -> None:
+    qp = QueryProc()
+    jm.register_slowquery_processor("eng", "Report", qp)
+    req = jm.slowquery_submit("eng", "report", {"user": "ann"}, {"q": "sales"})
+    bad = jm.slowquery_submit("eng", "report", {}, {"mode": "fail"})
+    boom = jm.slowquery_submit("eng", "report", {}, {"mode": "raise"})
+    drain(jm, "eng", "report")
+    sq = jm.slowquery_done(req)
+    assert sq.status is BatchStatus.SUCCESS
+    assert sq.result == {"answer": "sales", "who": "ann"}
+    assert [(m.msgid, m.errcode) for m in sq.messages] == [(2, "note")]
+    assert sq.outputfiles == {"report.csv": "s3://bucket/some/report.csv"}
+    sq = jm.slowquery_done(bad)
+    assert sq.status is BatchStatus.FAILED and sq.messages[0].errcode == "bad_input" and sq.outputfiles == {}
+    sq = jm.slowquery_done(boom)
+    assert sq.status is BatchStatus.FAILED and sq.messages[0].errcode == "processing_error"
+    assert sorted(d.id for d in qp.done) == sorted([req, bad, boom])
+    assert all(d.type == "Q" for d in qp.done)
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def test_concurrent_summarise_exactly_once(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "race", proc)
+    bid = jm.batch_submit("eng", "race", {}, rows(30, blobs={"o.txt": "x"}))
+    # process the rows without summarising: write results as the engine would, then race summarise()
+    original = jm.engine.summarise
+    jm.engine.summarise = lambda b: False  # type: ignore[method-assign]
+    drain(jm, "eng", "race")
+    jm.engine.summarise = original  # type: ignore[method-assign]
+    assert batch_row(jm, bid)["status"] == "inprog"
+    barrier = threading.Barrier(12)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            barrier.wait()
+            results.append(jm.engine.summarise(bid))
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results.count(True) == 1 and len(results) == 12
+    assert len(proc.done) == 1
+    b = batch_row(jm, bid)
+    assert (b["status"], b["nsuccess"]) == ("success", 30)
+
+
+def test_summary_counts_equal_row_statuses(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "count", proc)
+    data = [(i, {"mode": "fail" if i % 7 == 0 else ("raise" if i % 31 == 0 else "ok")}) for i in range(1, 301)]
+    bid = jm.batch_submit("eng", "count", {}, data)
+    drain(jm, "eng", "count")
+    with jm.store.tx() as tx:
+        tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
+        actual = dict(tx.cur.fetchall())
+    s = jm.batch_status(bid)
+    assert (s.nsuccess, s.nfailed, s.naborted) == (actual.get("success", 0), actual["failed"], 0)
+    assert s.nsuccess + s.nfailed == 300 and s.status is BatchStatus.FAILED
+    b = batch_row(jm, bid)
+    assert (b["nsuccess"], b["nfailed"]) == (s.nsuccess, s.nfailed)
+
+
+def test_wait_batch_is_not_processed_until_wait_off(jm: JobManager) -> None:
+    proc = Proc()
+    jm.register_batch_processor("eng", "held", proc)
+    bid = jm.batch_submit("eng", "held", {}, rows(5), wait=True)
+    assert drain(jm, "eng", "held") == 0
+    assert jm.batch_status(bid).status is BatchStatus.WAIT
+    jm.batch_append(bid, rows(5, start=6), wait=True)
+    jm.wait_off(bid)
+    drain(jm, "eng", "held")
+    s = jm.batch_status(bid)
+    assert s.status is BatchStatus.SUCCESS and s.nsuccess == 10
+
+
+# ------------------------------------------------------------------------------------------ jm.run (Prefect)
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_until_idle_several_types(database_url: str, redis_url: str, file_store_url: str) -> None:
+    jm = manager(database_url, redis_url, file_store_url, batchchunk_nrows=50)
+    try:
+        init, p1, p2, qp = Init(), Proc(), Proc(), QueryProc()
+        jm.register_initializer("runa", init)
+        jm.register_batch_processor("runa", "one", p1)
+        jm.register_batch_processor("runa", "two", p2)
+        jm.register_slowquery_processor("runa", "ask", qp)
+        ids = [jm.batch_submit("runa", "one", {}, rows(120)), jm.batch_submit("runa", "one", {}, rows(40)),
+               jm.batch_submit("runa", "two", {}, rows(70) + [(71, {"mode": "fail"})])]
+        q = jm.slowquery_submit("runa", "ask", {"user": "z"}, {"q": 1})
+        jm.run(stop_when_idle=True)
+        assert [jm.batch_status(b).status for b in ids] == [BatchStatus.SUCCESS, BatchStatus.SUCCESS,
+                                                           BatchStatus.FAILED]
+        assert jm.slowquery_done(q).result == {"answer": 1, "who": "z"}
+        assert len(p1.done) == 2 and len(p2.done) == 1 and len(qp.done) == 1
+        assert init.calls == 1 and init.blocks[0].closed  # one block for the app, closed when run returns
+    finally:
+        jm.close()
