@@ -77,6 +77,35 @@ def _csv_line(*values: Any) -> str:
     return buf.getvalue()
 
 
+# One statement per transaction (plus the commit): the account change and the record of the transaction.
+# A transaction already recorded changes nothing (NOT EXISTS), and its recorded outcome is replayed; two
+# runs of one transaction at the same moment collide on the primary key of bank_txns, and the loser's
+# whole statement is undone (the row is then retried by alya and replays the winner's outcome).
+_APPLY = {
+    "deposit": """
+        WITH a AS (
+            INSERT INTO bank_accounts (account, balance)
+            SELECT :account, :amount WHERE NOT EXISTS (SELECT 1 FROM bank_txns WHERE txn = :txn)
+            ON CONFLICT (account) DO UPDATE SET balance = bank_accounts.balance + excluded.balance
+            RETURNING balance)
+        INSERT INTO bank_txns (txn, account, ok, balance)
+        SELECT :txn, :account, true, balance FROM a
+        RETURNING ok, balance""",
+    "withdraw": """
+        WITH a AS (
+            UPDATE bank_accounts SET balance = balance - :amount
+            WHERE account = :account AND balance >= :amount
+              AND NOT EXISTS (SELECT 1 FROM bank_txns WHERE txn = :txn)
+            RETURNING balance)
+        INSERT INTO bank_txns (txn, account, ok, balance)
+        SELECT :txn, :account, EXISTS (SELECT 1 FROM a),
+               coalesce((SELECT balance FROM a),
+                        (SELECT balance FROM bank_accounts WHERE account = :account), 0)
+        WHERE NOT EXISTS (SELECT 1 FROM bank_txns WHERE txn = :txn)
+        RETURNING ok, balance""",
+}
+
+
 class BankTxnProcessor(LoggingDone):
     def do_batch_job(self, initblock: DbBlock, context: dict[str, Any], line: int,
                      input: dict[str, Any]) -> BatchJobResult:
@@ -90,38 +119,12 @@ class BankTxnProcessor(LoggingDone):
             return _invalid("amount", amount)
         if txn is not None and not isinstance(txn, str):
             return _invalid("txn", txn)
+        params = {"account": account, "amount": amount, "txn": txn or f"anon-{uuid.uuid4()}"}
         with initblock.engine.begin() as conn:
-            replay = None
-            if txn is not None:
-                fresh = conn.execute(text("INSERT INTO bank_txns (txn, account, ok, balance) "
-                                          "VALUES (:txn, :account, false, 0) ON CONFLICT (txn) DO NOTHING "
-                                          "RETURNING txn"), {"txn": txn, "account": account}).first()
-                if fresh is None:  # applied before (a worker died after committing): report the same outcome
-                    replay = conn.execute(text("SELECT ok, balance FROM bank_txns WHERE txn = :txn"),
-                                          {"txn": txn}).one()
-            if replay is not None:
-                ok, balance = bool(replay[0]), int(replay[1])
-            elif kind == "deposit":
-                balance = conn.execute(text(
-                    "INSERT INTO bank_accounts (account, balance) VALUES (:account, :amount) "
-                    "ON CONFLICT (account) DO UPDATE SET balance = bank_accounts.balance + excluded.balance "
-                    "RETURNING balance"), {"account": account, "amount": amount}).scalar_one()
-                ok = True
-            else:
-                after = conn.execute(text(
-                    "UPDATE bank_accounts SET balance = balance - :amount "
-                    "WHERE account = :account AND balance >= :amount RETURNING balance"),
-                    {"account": account, "amount": amount}).scalar()
-                ok = after is not None
-                if after is not None:
-                    balance = int(after)
-                else:
-                    found = conn.execute(text("SELECT balance FROM bank_accounts WHERE account = :account"),
-                                         {"account": account}).scalar()
-                    balance = int(found or 0)
-            if txn is not None and replay is None:
-                conn.execute(text("UPDATE bank_txns SET ok = :ok, balance = :balance WHERE txn = :txn"),
-                             {"ok": ok, "balance": balance, "txn": txn})
+            outcome = conn.execute(text(_APPLY[kind]), params).first()
+            if outcome is None:  # applied before (a worker died after committing): the same outcome again
+                outcome = conn.execute(text("SELECT ok, balance FROM bank_txns WHERE txn = :txn"), params).one()
+        ok, balance = bool(outcome[0]), int(outcome[1])
         ledger = {"ledger.csv": _csv_line(line, txn or "", account, kind, amount, "ok" if ok else "rejected",
                                           balance)}
         if not ok:

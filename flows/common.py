@@ -28,8 +28,8 @@ class DbBlock:
     """An init block: a small connection pool on the alya database, shared by the rows of one process."""
 
     def __init__(self, database_url: str) -> None:
-        self.engine: Engine = create_engine(sqlalchemy_url(database_url), pool_size=4, max_overflow=4,
-                                            pool_pre_ping=True)
+        # No pre-ping per checkout: alya calls is_alive() once per chunk, and a dead pool is then replaced.
+        self.engine: Engine = create_engine(sqlalchemy_url(database_url), pool_size=4, max_overflow=4)
         self._closed = False
 
     def is_alive(self) -> bool:
