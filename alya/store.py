@@ -73,7 +73,10 @@ class Store:
             poolclass=QueuePool,
             pool_size=pool_size,
             max_overflow=8,
-            pool_pre_ping=True,
+            # No pre-ping: it costs a round trip per transaction on the hot path. A dead pooled
+            # connection fails its statement with OperationalError instead; that is BackendUnavailable
+            # and the pool drops it (callers on the hot path retry).
+            pool_pre_ping=False,
             pool_recycle=1800,
         )
 

@@ -17,8 +17,8 @@ FROM batches WHERE id = %(id)s FOR UPDATE;
 
 -- name: set_nrows_status
 -- After rows were copied in: the new total, and `queued` unless the caller holds the batch in `wait`.
-UPDATE batches SET nrows = %(nrows)s, status = %(status)s,
-       ver = ver + CASE WHEN status::text = %(status)s THEN 0 ELSE 1 END
+-- The version moves on every append too, so a reader's stale nrows cannot replace the new one in Redis.
+UPDATE batches SET nrows = %(nrows)s, status = %(status)s, ver = ver + 1
 WHERE id = %(id)s
 RETURNING ver;
 
@@ -109,8 +109,10 @@ UPDATE batchrows SET status = 'queued', doneby = NULL, attempts = attempts - 1
 WHERE batch = %(batch)s AND line = ANY(%(lines)s::int[]) AND status = 'inprog' AND doneby = %(worker)s;
 
 -- name: has_open_rows
-SELECT EXISTS (SELECT 1 FROM batchrows WHERE batch = %(id)s AND status = 'queued')
-    OR EXISTS (SELECT 1 FROM batchrows WHERE batch = %(id)s AND status = 'inprog');
+-- Written as ordered LIMIT 1 look-ups so that the planner walks the partial indexes: as a plain EXISTS
+-- it may pick a sequential scan (it expects queued rows everywhere), O(table) once per chunk.
+SELECT (SELECT line FROM batchrows WHERE batch = %(id)s AND status = 'queued' ORDER BY line LIMIT 1) IS NOT NULL
+    OR (SELECT line FROM batchrows WHERE batch = %(id)s AND status = 'inprog' LIMIT 1) IS NOT NULL;
 
 -- name: lock_open_batch
 -- The summariser's lock: whoever gets it first finds the batch open, everyone after finds it final.
@@ -129,8 +131,8 @@ WHERE app = %(app)s AND op = %(op)s AND notifiedat IS NULL AND status IN ('succe
 -- Open batches whose rows are all final: their summary was missed (crash, failed upload).
 SELECT b.id FROM batches b
 WHERE b.status IN ('queued', 'inprog')
-  AND NOT EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.status = 'queued')
-  AND NOT EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.status = 'inprog');
+  AND (SELECT line FROM batchrows r WHERE r.batch = b.id AND r.status = 'queued' ORDER BY line LIMIT 1) IS NULL
+  AND (SELECT line FROM batchrows r WHERE r.batch = b.id AND r.status = 'inprog' LIMIT 1) IS NULL;
 
 -- name: queued_batch_types
 SELECT DISTINCT app, op FROM batches WHERE status IN ('queued', 'inprog');
