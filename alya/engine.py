@@ -303,7 +303,11 @@ class Engine:
                 outputfiles = (q[3] if q else None) or {}
             else:
                 prefix = jm.objects.batch_prefix(rec["app"], rec["op"], batch_id)
-                outputfiles = jm.objects.write_files(prefix, (b for (b,) in tx.stream("batch_blobrows", id=batch_id)))
+                blobrows = tx.stream("batch_blobrows", id=batch_id)
+                try:
+                    outputfiles = jm.objects.write_files(prefix, (b for (b,) in blobrows))
+                finally:
+                    blobrows.close()  # the server-side cursor, while its transaction is still open
             ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=nsuccess,  # type: ignore[misc]
                             nfailed=nfailed, naborted=naborted, outputfiles=json_text(outputfiles))
         status_change(rec["app"], rec["op"], batch_id, status.value, old=rec["status"], nsuccess=nsuccess,

@@ -14,6 +14,8 @@ import fsspec
 from alya.errors import BackendUnavailable, InvalidInput
 from alya.validate import file_name
 
+WRITE_BLOCK = 5 * 2**20
+
 
 def normalise_blobrows(blobrows: Any) -> dict[str, str] | None:
     """What the processor returned, reduced to what will be written: names checked, values stripped
@@ -45,7 +47,8 @@ class ObjectStore:
         path = self.root + url[len(self.url):]
         if self._local:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        return self.fs.open(path, "wb")
+        # 5 MiB parts (S3's minimum): s3fs would otherwise buffer 50 MiB per open file before uploading
+        return self.fs.open(path, "wb", block_size=WRITE_BLOCK)
 
     def batch_prefix(self, app: str, op: str, batch_id: str) -> str:
         return f"{self.url}/{app}/{op}/{batch_id}"
@@ -60,6 +63,8 @@ class ObjectStore:
         try:
             for row in blobrows:
                 for name, text in row.items():
+                    if not text:
+                        continue
                     fh = handles.get(name)
                     if fh is None:
                         urls[name] = f"{prefix}/{name}"
@@ -84,6 +89,9 @@ def _discard(fh: Any) -> None:
     try:
         if hasattr(fh, "discard"):
             fh.discard()
+            # discard() leaves the file "open" with no buffer: without this, its __del__ would try to
+            # upload it again and fail noisily at garbage collection
+            fh.closed = True
         else:
             fh.close()
     except Exception:
