@@ -67,6 +67,7 @@ class Engine:
         self.jm = jm
         self.worker_id = _new_worker_id()
         self.stopping = threading.Event()
+        self._claim_hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
         self._lock = threading.Lock()
@@ -191,8 +192,14 @@ class Engine:
         worker = self.worker_id
         with self.jm.store.tx() as tx:
             for batch, context in tx.all("open_batches", app=app, op=op, type=type_, prefer=prefer):
-                rows = tx.all("claim_rows", batch=batch, n=n, worker=worker)
+                after = self._claim_hint.get(batch, 0)
+                rows = tx.all("claim_rows", batch=batch, n=n, worker=worker, after=after)
+                if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
+                    rows += tx.all("claim_rows", batch=batch, n=n - len(rows), worker=worker, after=0)
                 if rows:
+                    if len(self._claim_hint) > 1000:
+                        self._claim_hint.clear()
+                    self._claim_hint[batch] = max(r[0] for r in rows)
                     moved = tx.one("batch_to_inprog", batch=batch)
                     claimed = Claimed(str(batch), type_, context, sorted(rows), worker)
                     break

@@ -66,13 +66,18 @@ ORDER BY (id = %(prefer)s) DESC, reqat
 LIMIT 100;
 
 -- name: claim_rows
--- One chunk of one batch: queued rows in line order, skipping rows another worker is claiming.
+-- One chunk of one batch: queued rows in line order from `after` (the worker's last claim, so that the
+-- scan does not wade through index entries of rows already done), skipping rows others are claiming.
+-- enable_sort off: a new batch is never in the planner's statistics, so it guesses "few rows" and would
+-- sort every queued row of the batch per claim; an ordered walk of the partial index is what we want.
 -- synchronous_commit off: a claim lost in a server crash only leaves its rows queued (the late
 -- write-back is then refused), so waiting for the WAL flush buys nothing here.
 SET LOCAL synchronous_commit = off;
+SET LOCAL enable_sort = off;
 WITH picked AS (
     SELECT line FROM batchrows
-    WHERE batch = %(batch)s AND status = 'queued' AND (notbefore IS NULL OR notbefore <= now())
+    WHERE batch = %(batch)s AND status = 'queued' AND line >= %(after)s
+      AND (notbefore IS NULL OR notbefore <= now())
     ORDER BY line
     LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
