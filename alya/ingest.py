@@ -15,7 +15,7 @@ import orjson
 
 from alya.errors import InvalidInput
 from alya.models import BatchInput
-from alya.validate import MAX_LINE
+from alya.validate import MAX_LINE, has_nul
 
 COPY_ROWS = "COPY batchrows (batch, line, input) FROM STDIN"
 
@@ -23,10 +23,10 @@ COPY_ROWS = "COPY batchrows (batch, line, input) FROM STDIN"
 def iter_rows(rows: Any) -> Iterator[tuple[Any, Any]]:
     """(line, input) pairs from BatchInputs, (line, input) tuples, or a DataFrame with those columns."""
     try:
-        import pandas as pd
+        from pandas import DataFrame
     except ImportError:  # pragma: no cover
-        pd = None
-    if pd is not None and isinstance(rows, pd.DataFrame):
+        DataFrame = None  # type: ignore[assignment,misc]  # noqa: N806
+    if DataFrame is not None and isinstance(rows, DataFrame):
         missing = {"line", "input"} - set(rows.columns)
         if missing:
             raise InvalidInput(f"DataFrame lacks column(s) {sorted(missing)}")
@@ -55,7 +55,7 @@ def encode_input(value: Any, line: int) -> bytes:
         data = orjson.dumps(value)
     except (orjson.JSONDecodeError, TypeError) as exc:
         raise InvalidInput(f"line {line}: input is not a JSON object: {exc}") from None
-    if b"\\u0000" in data:
+    if has_nul(data):
         raise InvalidInput(f"line {line}: input contains a NUL character, which PostgreSQL cannot store")
     return data.replace(b"\\", b"\\\\") if b"\\" in data else data
 
@@ -73,7 +73,10 @@ def check_line(line: Any, min_line: int) -> int:
 
 
 class CopyStream(io.RawIOBase):
-    """A file-like object for ``copy_expert`` that encodes rows lazily, counting them as it goes."""
+    """A file-like object for ``copy_expert`` that encodes rows lazily, counting them as it goes.
+
+    psycopg2 turns an exception raised by ``read`` into a ``QueryCanceled`` database error (and the
+    COPY is abandoned); the original is kept in ``error`` so that the caller can raise it instead."""
 
     def __init__(self, batch: str, pairs: Iterator[tuple[Any, Any]], max_rows: int, min_line: int = 1):
         self._prefix = batch.encode() + b"\t"
@@ -82,6 +85,7 @@ class CopyStream(io.RawIOBase):
         self._min_line = min_line
         self._buf = b""
         self.count = 0
+        self.error: BaseException | None = None
 
     def readable(self) -> bool:
         return True
@@ -102,10 +106,14 @@ class CopyStream(io.RawIOBase):
                 break
         self._buf = b"".join(parts)
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
         want = size if size and size > 0 else 1 << 18
         if len(self._buf) < want:
-            self._fill(want)
+            try:
+                self._fill(want)
+            except BaseException as exc:
+                self.error = exc
+                raise
         out, self._buf = self._buf[:want], self._buf[want:]
         return out
 

@@ -10,21 +10,30 @@ import orjson
 
 from alya.errors import BatchNotFound, InvalidInput
 
-_APP = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_OP = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
-_FILE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+# Always used with fullmatch: ``$`` alone would let a trailing newline through ("app\n").
+_APP = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_OP = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+_FILE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 MAX_LINE = 2**31 - 1
+MAX_AGE_DAYS = 1_000_000
+# orjson writes a NUL character as \u0000; a literal backslash before "u0000" is written as \\u0000.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def has_nul(data: bytes) -> bool:
+    """Whether JSON text written by orjson holds a NUL character (jsonb cannot store one)."""
+    return b"\\u0000" in data and _NUL_ESCAPE.search(data) is not None
 
 
 def app_name(app: Any) -> str:
-    if not isinstance(app, str) or not _APP.match(app):
+    if not isinstance(app, str) or not _APP.fullmatch(app):
         raise InvalidInput(f"app must match [a-z][a-z0-9_]* (at most 64 chars), got {app!r}")
     return app
 
 
 def op_name(op: Any) -> str:
     """Ops are accepted in any case and stored lower-case."""
-    if not isinstance(op, str) or not _OP.match(op.lower()):
+    if not isinstance(op, str) or not _OP.fullmatch(op.lower()):
         raise InvalidInput(f"op must be an identifier of at most 64 chars, got {op!r}")
     return op.lower()
 
@@ -39,10 +48,19 @@ def json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
     try:
-        orjson.dumps(value)
+        data = orjson.dumps(value)
     except TypeError as exc:
         raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+    if has_nul(data):
+        raise InvalidInput(f"{what} contains a NUL character, which PostgreSQL cannot store")
     return value
+
+
+def age_days(value: Any) -> int:
+    """A list window in whole days; anything beyond MAX_AGE_DAYS (2,700 years) means "everything"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"age_days must be a non-negative integer, got {value!r}")
+    return min(value, MAX_AGE_DAYS)
 
 
 def batch_id(value: Any) -> str:
@@ -54,6 +72,6 @@ def batch_id(value: Any) -> str:
 
 def file_name(name: Any) -> str:
     """Output file names become object keys: keep them to a safe alphabet."""
-    if not isinstance(name, str) or not _FILE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _FILE.fullmatch(name) or ".." in name:
         raise InvalidInput(f"unsafe output file name: {name!r}")
     return name
