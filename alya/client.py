@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from contextlib import closing
 from typing import TYPE_CHECKING, Any, Union
 
 import psycopg2
@@ -30,7 +31,7 @@ from alya.models import (
     messages_from_json,
 )
 from alya.outputs import ObjectStore
-from alya.registry import BatchProcessor, Initializer, InitBlocks, Registry, SlowQueryProcessor
+from alya.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
 from alya.settings import Backends, JobManagerConfig, default_object_store_url, redact_url
 from alya.store import Store, Tx, json_text
 
@@ -72,7 +73,9 @@ class JobManager:
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         env = Backends()
-        self.config = config or JobManagerConfig()
+        self.config = config or JobManagerConfig()  # type: ignore[call-arg]  # fields come from ALYA_* too
+        if self.config.dispatch not in ("none", "prefect"):
+            raise ConfigError(f"unknown ALYA_DISPATCH {self.config.dispatch!r}")
         database_url = database_url or env.database_url
         if not database_url:
             from alya.embedded import embedded_database_url
@@ -86,8 +89,6 @@ class JobManager:
         self.initblocks = InitBlocks(self.registry)
         self._dispatcher: Dispatcher | None = None
         self._engine: Engine | None = None
-        if self.config.dispatch not in ("none", "prefect"):
-            raise ConfigError(f"unknown ALYA_DISPATCH {self.config.dispatch!r}")
         get_logger().debug("jobmanager", database=redact_url(database_url), dispatch=self.config.dispatch)
 
     @classmethod
@@ -141,7 +142,7 @@ class JobManager:
         with self._writing(), self.store.tx() as tx:
             rec = self._locked(tx, batch_id)
             if rec["type"] != "B" or rec["status"] != BatchStatus.WAIT.value:
-                raise InvalidState(f"batch {batch_id} is {rec['status']}: rows can be appended only while wait")
+                raise InvalidState(f"batch {batch_id} is {rec['status']}: rows are appended only while wait")
             n = self._copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec["nrows"])
             total = rec["nrows"] + n
             status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
@@ -185,9 +186,14 @@ class JobManager:
 
     def batch_abort(self, batch_id: str) -> BatchSummary:
         """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""
+        return self._abort(batch_id, None)
+
+    def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
         batch_id = validate.batch_id(batch_id)
         with self.store.tx() as tx:
             rec = self._locked(tx, batch_id)
+            if type_ is not None and rec["type"] != type_:
+                raise InvalidState(f"{batch_id} is a batch, not a slow query")
             status = BatchStatus(rec["status"])
             if status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
                 raise InvalidState(f"batch {batch_id} already ended {status.value}")
@@ -196,10 +202,11 @@ class JobManager:
             n_aborted_now = tx.run("abort_rows", id=batch_id)
             counts = _counts(tx, batch_id)
             ver, _ = tx.one(  # type: ignore[misc]
-                "finish_batch", id=batch_id, status="aborted", nsuccess=counts["success"],
-                nfailed=counts["failed"], naborted=counts["aborted"], outputfiles="{}",
+                "finish_batch", id=batch_id, status="aborted", nsuccess=counts.get("success", 0),
+                nfailed=counts.get("failed", 0), naborted=counts.get("aborted", 0), outputfiles="{}",
             )
-        status_change(rec["app"], rec["op"], batch_id, "aborted", old=status.value, rows_aborted=n_aborted_now)
+        status_change(rec["app"], rec["op"], batch_id, "aborted", old=status.value,
+                      rows_aborted=n_aborted_now)
         summary = self._put_summary(batch_id, ver, BatchStatus.ABORTED, rec["nrows"], counts, {})
         self._cancel(batch_id)
         return _summary_of(summary)
@@ -208,13 +215,14 @@ class JobManager:
         return self._list(app, op, age_days, "B")
 
     # ------------------------------------------------------------------ slow queries
-    def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str, input: dict[str, Any] | str) -> str:
+    def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,
+                         input: dict[str, Any] | str) -> str:
         """A batch of exactly one row (line 0, type Q)."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
         data = json_text(validate.json_object(input, "input"))
         req_id = str(uuid.uuid4())
-        with self.store.tx() as tx:
+        with self._writing(), self.store.tx() as tx:
             tx.run("insert_batch", id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
                    inputfile=None, status="queued")
             tx.run("insert_row", batch=req_id, line=0, input=data)
@@ -239,7 +247,7 @@ class JobManager:
                              outputfiles=s["outputfiles"])
 
     def slowquery_abort(self, req_id: str) -> None:
-        self.batch_abort(req_id)
+        self._abort(req_id, "Q")
 
     def slowquery_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
         return self._list(app, op, age_days, "Q")
@@ -261,7 +269,14 @@ class JobManager:
     # ------------------------------------------------------------------ internals
     def _copy_rows(self, tx: Tx, batch_id: str, pairs: Any, max_rows: int) -> int:
         stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
-        tx.copy_in(COPY_ROWS, stream)
+        try:
+            tx.copy_in(COPY_ROWS, stream)
+        except psycopg2.Error:
+            # A bad row (or the caller's own iterable raising) abandons the COPY; psycopg2 reports that as
+            # QueryCanceled. Raise what really happened; the transaction is rolled back on the way out.
+            if stream.error is not None:
+                raise stream.error from None
+            raise
         if stream.count == 0:
             raise InvalidInput("a batch needs at least one row")
         return stream.count
@@ -278,8 +293,7 @@ class JobManager:
     def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:
         app = validate.app_name(app)
         op = validate.op_name(op) if op is not None else None
-        if not isinstance(age_days, int) or age_days < 0:
-            raise InvalidInput("age_days must be a non-negative integer")
+        age_days = validate.age_days(age_days)
         with self.store.tx() as tx:
             rows = tx.all("list_batches", app=app, op=op, type=type_, age_days=age_days)
         return [details_of(batch_record(r)) for r in rows]
@@ -295,7 +309,7 @@ class JobManager:
             rec = batch_record(row)
             summary = self._summary_from_record(tx, rec)
         self.cache.put(summary_key(batch_id), summary, rec["ver"], BatchStatus(rec["status"]).is_final)
-        return summary
+        return {**summary, "ver": rec["ver"]}
 
     def _summary_from_record(self, tx: Tx, rec: dict[str, Any]) -> dict[str, Any]:
         status = BatchStatus(rec["status"])
@@ -320,11 +334,13 @@ class JobManager:
             cached = self.cache.get(done_key(batch_id))
             if cached is not None:
                 return [_output(r) for r in cached["rows"]]
-        with self.store.tx() as tx:
-            raw = list(tx.stream("batch_rows", id=batch_id))
-        if small:
+            with self.store.tx() as tx:
+                raw = tx.all("batch_rows", id=batch_id)
             self.cache.put(done_key(batch_id), {"rows": raw}, summary.get("ver", 0), final=True)
-        return [_output(r) for r in raw]
+            return [_output(r) for r in raw]
+        # Large: rows go from a server-side cursor straight into the result, never held twice.
+        with self.store.tx() as tx, closing(tx.stream("batch_rows", id=batch_id)) as cursor:
+            return [_output(r) for r in cursor]
 
     @property
     def engine(self) -> Engine:
@@ -371,7 +387,8 @@ def _counts(tx: Tx, batch_id: str) -> dict[str, int]:
     return {status: n for status, n in tx.all("row_counts", id=batch_id)}
 
 
-def _summary(status: BatchStatus, nrows: int, counts: dict[str, int], outputfiles: dict[str, str]) -> dict[str, Any]:
+def _summary(status: BatchStatus, nrows: int, counts: dict[str, int],
+             outputfiles: dict[str, str]) -> dict[str, Any]:
     return {
         "status": status.value, "outputfiles": outputfiles, "nrows": nrows,
         "nsuccess": counts.get("success", 0), "nfailed": counts.get("failed", 0),
@@ -382,8 +399,9 @@ def _summary(status: BatchStatus, nrows: int, counts: dict[str, int], outputfile
 
 def _summary_of(s: dict[str, Any]) -> BatchSummary:
     return BatchSummary(
-        status=BatchStatus(s["status"]), outputfiles=s["outputfiles"], nrows=s["nrows"], nsuccess=s["nsuccess"],
-        nfailed=s["nfailed"], naborted=s["naborted"], nqueued=s["nqueued"], ninprog=s["ninprog"],
+        status=BatchStatus(s["status"]), outputfiles=s["outputfiles"], nrows=s["nrows"],
+        nsuccess=s["nsuccess"], nfailed=s["nfailed"], naborted=s["naborted"], nqueued=s["nqueued"],
+        ninprog=s["ninprog"],
     )
 
 

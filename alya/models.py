@@ -12,7 +12,7 @@ from typing import Any
 from alya.errors import InvalidInput
 
 
-class BatchStatus(str, enum.Enum):
+class BatchStatus(enum.StrEnum):
     """The one status enum, for batches and for rows (rows never take `wait`)."""
 
     WAIT = "wait"
@@ -25,9 +25,6 @@ class BatchStatus(str, enum.Enum):
     @property
     def is_final(self) -> bool:
         return self in _FINAL
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _FINAL = frozenset({BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED})

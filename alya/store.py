@@ -7,11 +7,11 @@ COPY from a stream, server-side cursors, and array parameters for one-statement-
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager, suppress
 from functools import cache
 from importlib import resources
-from typing import IO, Any
+from typing import Any, Protocol
 
 import orjson
 import psycopg2
@@ -35,6 +35,10 @@ def queries() -> dict[str, str]:
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
+class Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
 class Tx:
     """One open transaction: run named queries on it."""
 
@@ -54,14 +58,15 @@ class Tx:
         self.cur.execute(queries()[name], params)
         return self.cur.fetchall()  # type: ignore[no-any-return]
 
-    def stream(self, name: str, itersize: int = 5000, **params: Any) -> Iterator[tuple[Any, ...]]:
-        """Rows from a server-side cursor, so a million-row result never sits in memory at once."""
+    def stream(self, name: str, itersize: int = 5000, **params: Any) -> Generator[tuple[Any, ...], None, None]:
+        """Rows from a server-side cursor, so a million-row result never sits in memory at once.
+        Consume it fully or ``close()`` it while the transaction is open."""
         with self.conn.cursor(name=f"alya_{name}") as cur:
             cur.itersize = itersize
             cur.execute(queries()[name], params)
             yield from cur
 
-    def copy_in(self, sql: str, stream: IO[bytes]) -> None:
+    def copy_in(self, sql: str, stream: Readable) -> None:
         self.cur.copy_expert(sql, stream, size=1 << 18)
 
 
@@ -98,20 +103,16 @@ class Store:
             _rollback(conn)
             raise
         finally:
-            try:
+            with suppress(Exception):
                 conn.close()
-            except Exception:
-                pass
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
 def _rollback(conn: Any) -> None:
-    try:
+    with suppress(Exception):
         conn.rollback()
-    except Exception:
-        pass
 
 
 def sqlalchemy_url(url: str) -> str:
