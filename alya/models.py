@@ -33,7 +33,7 @@ _FINAL = frozenset({BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED
 @dataclass(frozen=True, slots=True)
 class BatchInput:
     line: int
-    input: dict[str, Any] | str
+    input: dict[str, Any] | str | bytes  # an object, or its JSON text
 
 
 @dataclass(frozen=True, slots=True)
