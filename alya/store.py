@@ -7,7 +7,7 @@ COPY from a stream, server-side cursors, and array parameters for one-statement-
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from functools import cache
 from importlib import resources
@@ -40,44 +40,73 @@ class Readable(Protocol):
 
 
 class Tx:
-    """One open transaction: run named queries on it."""
+    """One open transaction: run named queries on it.
 
-    def __init__(self, conn: Any) -> None:
+    Pooled connections are not pinged (a round trip per transaction). Instead, when the *first* statement
+    of a transaction finds its connection dead (server restart, idle timeout, failover), nothing has
+    happened in the transaction yet: the connection is dropped from the pool and the statement is run
+    on the next one (after a restart every pooled connection is dead; each fails at once)."""
+
+    def __init__(self, conn: Any, reconnect: Callable[[], Any] | None = None, max_reconnects: int = 0) -> None:
         self.conn = conn
         self.cur = conn.cursor()
+        self._reconnect = reconnect
+        self._max_reconnects = max_reconnects
+
+    def _execute(self, name: str, params: dict[str, Any]) -> None:
+        sql = queries()[name]
+        if self._reconnect is None:
+            self.cur.execute(sql, params)
+            return
+        reconnect, self._reconnect = self._reconnect, None
+        for attempt in range(self._max_reconnects + 1):
+            try:
+                self.cur.execute(sql, params)
+                return
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                # A live connection means a real error (timeout, cancel); so does running out of tries.
+                if not self.conn.closed or attempt == self._max_reconnects:
+                    raise
+                with suppress(Exception):
+                    self.conn.invalidate()  # never back into the pool
+                self.conn = reconnect()
+                self.cur = self.conn.cursor()
 
     def run(self, name: str, **params: Any) -> int:
-        self.cur.execute(queries()[name], params)
+        self._execute(name, params)
         return int(self.cur.rowcount)
 
     def one(self, name: str, **params: Any) -> tuple[Any, ...] | None:
-        self.cur.execute(queries()[name], params)
+        self._execute(name, params)
         return self.cur.fetchone()  # type: ignore[no-any-return]
 
     def all(self, name: str, **params: Any) -> list[tuple[Any, ...]]:
-        self.cur.execute(queries()[name], params)
+        self._execute(name, params)
         return self.cur.fetchall()  # type: ignore[no-any-return]
 
     def stream(self, name: str, itersize: int = 5000, **params: Any) -> Generator[tuple[Any, ...], None, None]:
         """Rows from a server-side cursor, so a million-row result never sits in memory at once.
         Consume it fully or ``close()`` it while the transaction is open."""
+        self._reconnect = None
         with self.conn.cursor(name=f"alya_{name}") as cur:
             cur.itersize = itersize
             cur.execute(queries()[name], params)
             yield from cur
 
     def copy_in(self, sql: str, stream: Readable) -> None:
+        self._reconnect = None
         self.cur.copy_expert(sql, stream, size=1 << 18)
 
 
 class Store:
     def __init__(self, database_url: str, pool_size: int = 4) -> None:
         self.database_url = database_url
+        self._capacity = pool_size + 8
         self.engine: Engine = create_engine(
             sqlalchemy_url(database_url),
             poolclass=QueuePool,
             pool_size=pool_size,
-            max_overflow=8,
+            max_overflow=self._capacity - pool_size,
             # No pre-ping: it costs a round trip per transaction on the hot path. A dead pooled
             # connection fails its statement with OperationalError instead; that is BackendUnavailable
             # and the pool drops it (callers on the hot path retry).
@@ -85,26 +114,31 @@ class Store:
             pool_recycle=1800,
         )
 
+    def _connect(self) -> Any:
+        try:
+            return self.engine.raw_connection()
+        except Exception as exc:  # sqlalchemy wraps psycopg2.OperationalError
+            raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+
     @contextmanager
     def tx(self) -> Iterator[Tx]:
         """A transaction: committed on success, rolled back on any exception."""
+        tx = Tx(self._connect(), reconnect=self._connect, max_reconnects=self._capacity + 1)
         try:
-            conn = self.engine.raw_connection()
-        except Exception as exc:  # sqlalchemy wraps psycopg2.OperationalError
-            raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
-        try:
-            tx = Tx(conn)
             yield tx
-            conn.commit()
+            tx.conn.commit()
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            _rollback(conn)
+            _rollback(tx.conn)
+            if tx.conn.closed:
+                with suppress(Exception):
+                    tx.conn.invalidate()  # a dead connection must not go back into the pool
             raise BackendUnavailable(f"PostgreSQL failed: {exc.__class__.__name__}: {exc}".strip()) from exc
         except BaseException:
-            _rollback(conn)
+            _rollback(tx.conn)
             raise
         finally:
             with suppress(Exception):
-                conn.close()
+                tx.conn.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -581,6 +581,20 @@ def test_database_unreachable_is_backend_unavailable(redis_url: str, file_store_
         jm.close()
 
 
+def test_dead_pooled_connections_are_replaced(jm: JobManager, database_url: str) -> None:
+    """A server restart or idle timeout kills pooled connections; the next calls must not fail for it."""
+    bid = jm.batch_submit(APP, "op", {}, rows(2))
+    held = [jm.store.engine.raw_connection() for _ in range(3)]  # fill the pool with several connections
+    for c in held:
+        c.close()
+    killed = sql(database_url, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")[0][0]
+    assert killed >= 3
+    for _ in range(4):
+        assert [d.id for d in jm.batch_list(APP)] == [bid]
+    assert jm.batch_abort(bid).status is S.ABORTED
+
+
 # ---------------------------------------------------------------------------------------------- setup & registry
 def test_from_env(monkeypatch: pytest.MonkeyPatch, database_url: str, redis_url: str, file_store_url: str) -> None:
     monkeypatch.setenv("ALYA_DATABASE_URL", database_url)
