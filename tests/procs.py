@@ -146,3 +146,41 @@ def wait_until(pred: Any, timeout: float = 30.0, every: float = 0.1, what: str =
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def spawn_worker(database_url: str, store_url: str, app: str, ops: str, log: str, *args: str,
+                 out: Any = None) -> Any:
+    """Start tests/worker_main.py in its own process, talking to this session's Prefect test server (no
+    ephemeral server of its own: that would take 5-16 s to start per process). ``out``: a file path for
+    the worker's stdout and stderr (its JSON log lines)."""
+    import os
+    import subprocess
+    import sys
+
+    import prefect.settings
+
+    from tests import services
+
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "ALYA_TEST_REDIS": services.REDIS_URL,
+        "PYTHONPATH": os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    })
+    cmd = [sys.executable, "-m", "tests.worker_main", database_url, store_url, app, ops, log, *args]
+    if out is None:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out, "wb") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def read_log(path: str) -> list[list[str]]:
+    try:
+        with open(path) as fh:
+            return [line.split() for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+ROOT = str(__import__("pathlib").Path(__file__).resolve().parent.parent)

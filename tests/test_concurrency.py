@@ -105,3 +105,61 @@ def test_two_workers_finish_together_repeatedly(database_url: str, redis_url: st
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_several_worker_processes_on_several_batches(database_url: str, redis_url: str, file_store_url: str,
+                                                     tmp_path: Any) -> None:
+    """Three worker processes (jm.run until idle) on five batches of two batch types: every row is
+    processed exactly once, every summary equals the rows' actual statuses, one mark_done per batch, and
+    the output files hold every line in order."""
+    import fsspec
+
+    from tests.procs import read_log, spawn_worker
+
+    log = str(tmp_path / "rows.log")
+    jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                    config=make_config())
+    sizes = {"a1": ("alpha", 400), "a2": ("alpha", 150), "a3": ("alpha", 60), "b1": ("beta", 300),
+             "b2": ("beta", 90)}
+    ids: dict[str, str] = {}
+    for tag, (op, n) in sizes.items():
+        data = [(line, {"mode": "fail"} if line % 13 == 0 else {}) for line in range(1, n + 1)]
+        ids[tag] = jm.batch_submit("multi", op, {"tag": tag}, data)
+    workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.005",
+                            "--chunk", "15", "--idle", out=str(tmp_path / f"worker{i}.out")) for i in range(3)]
+    try:
+        codes = [w.wait(240) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert codes == [0, 0, 0]
+    entries = read_log(log)
+    ends = [(r[1], int(r[2])) for r in entries if r[0] == "end"]
+    pids = {r[3] for r in entries if r[0] == "end"}
+    assert len(ends) == len(set(ends)) == sum(n for _, n in sizes.values())  # each row exactly once
+    assert len(pids) >= 2  # the work was actually shared
+    dones = [r for r in entries if r[0] == "done"]
+    assert sorted(r[1] for r in dones) == sorted(ids.values())  # one mark_done per batch
+    try:
+        for tag, bid in ids.items():
+            n = sizes[tag][1]
+            with jm.store.tx() as tx:
+                tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
+                actual = dict(tx.cur.fetchall())
+                tx.cur.execute("SELECT status::text, nsuccess, nfailed, naborted FROM batches WHERE id = %s",
+                               (bid,))
+                stored = tx.cur.fetchone()
+            nfail = n // 13
+            assert actual == {"success": n - nfail, "failed": nfail}
+            assert stored == ("failed", n - nfail, nfail, 0)
+            s = jm.batch_status(bid)
+            assert (s.status, s.nsuccess, s.nfailed, s.nqueued, s.ninprog) == (BatchStatus.FAILED, n - nfail, nfail,
+                                                                               0, 0)
+            done = next(r for r in dones if r[1] == bid)
+            assert done[3:] == ["failed", str(n - nfail), str(nfail), "0"]
+            with fsspec.open(s.outputfiles["out.txt"], "rt") as fh:
+                assert fh.read() == "".join(f"{line}\n" for line in range(1, n + 1) if line % 13)
+    finally:
+        jm.close()

@@ -1,0 +1,180 @@
+"""jm.run workers: SIGTERM, abort while running, stop_when_idle."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alya import BatchStatus, JobManager
+from tests.conftest import make_config
+from tests.procs import Proc, drain, read_log, rows, spawn_worker, wait_until
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def manager(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> JobManager:
+    return JobManager(database_url=database_url, redis_url=redis_url, object_store_url=store_url,
+                      config=make_config(**cfg))
+
+
+def states(jm: JobManager, batch: str) -> dict[int, tuple[Any, ...]]:
+    with jm.store.tx() as tx:
+        tx.cur.execute("SELECT line, status::text, attempts, doneby FROM batchrows WHERE batch = %s", (batch,))
+        return {r[0]: tuple(r[1:]) for r in tx.cur.fetchall()}
+
+
+def test_sigterm_finishes_the_row_releases_the_rest_and_exits_0(jm: JobManager, database_url: str,
+                                                                 file_store_url: str, tmp_path: Path) -> None:
+    log = str(tmp_path / "rows.log")
+    jm.register_batch_processor("wrk", "term", Proc())
+    bid = jm.batch_submit("wrk", "term", {"tag": "t"}, rows(120))
+    worker = spawn_worker(database_url, file_store_url, "wrk", "term", log, "--sleep", "0.3", "--chunk", "30",
+                          out=str(tmp_path / "worker.out"))
+    try:
+        # a row is running, more of its chunk are waiting
+        wait_until(lambda: sum(1 for r in read_log(log) if r[0] == "end") >= 3, timeout=60, every=0.05,
+                   what="the worker to have finished a few rows")
+        held = {line for line, s in states(jm, bid).items() if s[0] == "inprog"}
+        worker.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert worker.wait(30) == 0
+        took = time.monotonic() - t0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    entries = read_log(log)
+    started = [int(r[2]) for r in entries if r[0] == "start"]
+    ended = [int(r[2]) for r in entries if r[0] == "end"]
+    assert sorted(started) == sorted(ended)  # every row it started, it finished
+    st = states(jm, bid)
+    assert not any(s[0] == "inprog" for s in st.values())  # nothing left held
+    for line in ended:
+        assert st[line][:2] == ("success", 1)
+    released = held - set(ended)
+    assert len(released) >= 20  # most of its claimed chunk(s) had not started
+    assert all(st[line] == ("queued", 0, None) for line in st if line not in set(ended))  # attempts restored
+    assert took < 10
+    with jm.store.tx() as tx:
+        tx.cur.execute("SELECT count(*) FROM workers")
+        assert tx.cur.fetchone()[0] == 0  # it said goodbye
+    drain(jm, "wrk", "term")
+    s = jm.batch_status(bid)
+    assert (s.status, s.nsuccess) == (BatchStatus.SUCCESS, 120)
+
+
+def test_abort_while_running(database_url: str, redis_url: str, file_store_url: str) -> None:
+    jm = manager(database_url, redis_url, file_store_url, batchchunk_nrows=20)
+    calls: list[float] = []
+    lock = threading.Lock()
+
+    def hook(line: int, input: dict[str, Any]) -> None:
+        with lock:
+            calls.append(time.monotonic())
+
+    proc = Proc(hook)
+    jm.register_batch_processor("wrk", "abort", proc)
+    data = [(n, {"x": n, "sleep": 0.02, **({"mode": "fail"} if n % 10 == 0 else {})}) for n in range(1, 1001)]
+    bid = jm.batch_submit("wrk", "abort", {}, data)
+    runner = threading.Thread(target=jm.run, kwargs={"stop_when_idle": True})
+    try:
+        runner.start()
+        wait_until(lambda: sum(1 for s in states(jm, bid).values() if s[0] in ("success", "failed")) >= 60,
+                   timeout=60, every=0.05, what="some rows done")
+        summary = jm.batch_abort(bid)
+        t_abort = time.monotonic()
+        at_abort = states(jm, bid)
+        assert summary.status is BatchStatus.ABORTED
+        assert summary.nsuccess + summary.nfailed + summary.naborted == 1000
+        assert summary.naborted == sum(1 for s in at_abort.values() if s[0] == "aborted") > 0
+        runner.join(30)
+        assert not runner.is_alive(), "jm.run(stop_when_idle=True) did not return after the abort"
+        t_stopped = time.monotonic()
+    finally:
+        if runner.is_alive():
+            jm.engine.stopping.set()
+            runner.join(30)
+    after = states(jm, bid)
+    assert after == at_abort  # no chunk in flight turned an aborted row into anything else
+    assert not any(s[0] in ("queued", "inprog") for s in after.values())
+    last_call = max(calls)
+    assert last_call - t_abort < 3.0, f"processor still called {last_call - t_abort:.1f}s after the abort"
+    assert t_stopped - t_abort < 15
+    s = jm.batch_status(bid)
+    assert (s.status, s.nsuccess, s.nfailed, s.naborted) == (BatchStatus.ABORTED, summary.nsuccess,
+                                                              summary.nfailed, summary.naborted)
+    assert s.nsuccess + s.nfailed + s.naborted == s.nrows == 1000
+    d = jm.batch_done(bid)
+    assert d.rows is not None and len(d.rows) == 1000
+    assert sum(1 for r in d.rows if r.status is BatchStatus.ABORTED) == s.naborted
+    assert proc.done == []  # mark_done is for batches that ran to the end
+    jm.close()
+
+
+def test_abort_races_the_write_back(jm: JobManager) -> None:
+    """A chunk is past its last abort check when the batch is aborted: its write-back finds the rows
+    aborted and leaves them so; counts stay whole; no summary, no mark_done."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def hook(line: int, input: dict[str, Any]) -> None:
+        if line == 5:
+            entered.set()
+            assert gate.wait(30)
+
+    proc = Proc(hook)
+    jm.register_batch_processor("wrk", "race", proc)
+    bid = jm.batch_submit("wrk", "race", {}, rows(5) + [(6, {"mode": "raise"})])
+    rep: list[Any] = []
+    t = threading.Thread(target=lambda: rep.append(jm.engine.process_chunk("wrk", "race")))
+    t.start()
+    assert entered.wait(30)
+    summary = jm.batch_abort(bid)
+    gate.set()
+    t.join(30)
+    assert summary.naborted == 6
+    assert all(s[0] == "aborted" for s in states(jm, bid).values())
+    s = jm.batch_status(bid)
+    assert (s.status, s.nsuccess, s.nfailed, s.naborted) == (BatchStatus.ABORTED, 0, 0, 6)
+    assert rep and rep[0].summarised == [] and proc.done == []
+    assert jm.engine.summarise(bid) is False
+
+
+def test_run_returns_when_idle_with_nothing_to_do(jm: JobManager) -> None:
+    jm.register_batch_processor("wrk", "idle", Proc())
+    t0 = time.monotonic()
+    jm.run(stop_when_idle=True)
+    assert time.monotonic() - t0 < 10
+
+
+def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis_url: str,
+                                                        file_store_url: str) -> None:
+    """stop_when_idle counts rows in progress elsewhere as work: it returns only once they are done."""
+    a = manager(database_url, redis_url, file_store_url)
+    b = manager(database_url, redis_url, file_store_url)
+    try:
+        pa, pb = Proc(), Proc()
+        a.register_batch_processor("wrk", "held", pa)
+        b.register_batch_processor("wrk", "held", pb)
+        bid = a.batch_submit("wrk", "held", {}, rows(10))
+        b.engine.start()
+        claimed = b.engine._claim("wrk", "held", "B", None)
+        assert claimed is not None
+        returned = threading.Event()
+        t = threading.Thread(target=lambda: (a.run(stop_when_idle=True), returned.set()))
+        t.start()
+        time.sleep(2.0)
+        assert not returned.is_set()
+        results, _ = b.engine._run_rows(b.registry.processor("wrk", "held"), None, claimed, b.engine.log)
+        b.engine._write(claimed, results, b.engine.log)
+        assert b.engine._all_final(bid) and b.engine.summarise(bid)
+        t.join(20)
+        assert returned.is_set()
+        assert a.batch_status(bid).status is BatchStatus.SUCCESS
+        assert len(pb.done) == 1 and pa.done == []
+    finally:
+        a.close()
+        b.close()
