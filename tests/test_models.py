@@ -1,0 +1,224 @@
+"""Value types, errors, validation and the COPY encoder: the pieces of the contract that need no server."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+import pytest
+
+import alya
+from alya import (
+    AlyaError,
+    BackendUnavailable,
+    BatchDetails,
+    BatchDone,
+    BatchInput,
+    BatchJobResult,
+    BatchNotFound,
+    BatchOutput,
+    BatchStatus,
+    BatchSummary,
+    ConfigError,
+    ErrorMessage,
+    InvalidInput,
+    InvalidState,
+    JobManager,
+    ProcessorNotFound,
+    SlowQueryDone,
+    SlowQueryResult,
+    validate,
+)
+from alya.ingest import CopyStream, check_line, encode_input, iter_rows
+from alya.models import messages_from_json, require_status
+
+
+# ---------------------------------------------------------------------------------------------- contract surface
+def test_everything_in_the_contract_is_exported() -> None:
+    for name in ("JobManager", "JobManagerConfig", "BatchStatus", "BatchInput", "ErrorMessage", "BatchJobResult",
+                 "SlowQueryResult", "BatchOutput", "BatchDone", "BatchSummary", "SlowQueryDone", "BatchDetails",
+                 "Initializer", "InitBlock", "BatchProcessor", "SlowQueryProcessor", "AlyaError", "InvalidInput",
+                 "BatchNotFound", "InvalidState", "ProcessorNotFound", "BackendUnavailable", "migrate_database"):
+        assert hasattr(alya, name), name
+        assert name in alya.__all__, name
+    for method in ("from_env", "register_initializer", "register_batch_processor", "register_slowquery_processor",
+                   "batch_submit", "batch_append", "wait_off", "batch_done", "batch_status", "batch_abort",
+                   "batch_list", "slowquery_submit", "slowquery_done", "slowquery_abort", "slowquery_list", "run"):
+        assert callable(getattr(JobManager, method)), method
+
+
+@pytest.mark.parametrize("cls", [InvalidInput, BatchNotFound, InvalidState, ProcessorNotFound, BackendUnavailable,
+                                 ConfigError])
+def test_every_error_is_an_alya_error(cls: type[Exception]) -> None:
+    assert issubclass(cls, AlyaError)
+    with pytest.raises(AlyaError):
+        raise cls("x")
+
+
+def test_field_names_match_the_contract() -> None:
+    def names(cls: Any) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    assert names(BatchInput) == ["line", "input"]
+    assert names(ErrorMessage) == ["msgid", "errcode", "field", "vals"]
+    assert names(BatchJobResult) == ["status", "result", "messages", "blobrows"]
+    assert names(SlowQueryResult) == ["status", "result", "messages", "outputfiles"]
+    assert names(BatchOutput) == ["line", "status", "res", "messages"]
+    assert names(BatchDone) == ["status", "rows", "outputfiles", "nsuccess", "nfailed", "naborted"]
+    assert names(BatchSummary) == ["status", "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "nqueued",
+                                   "ninprog"]
+    assert names(SlowQueryDone) == ["status", "result", "messages", "outputfiles"]
+    assert names(BatchDetails) == ["id", "app", "op", "type", "status", "context", "inputfile", "reqat", "doneat",
+                                   "outputfiles", "nrows", "nsuccess", "nfailed", "naborted"]
+
+
+# ---------------------------------------------------------------------------------------------- values
+def test_batch_status() -> None:
+    assert [s.value for s in BatchStatus] == ["wait", "queued", "inprog", "success", "failed", "aborted"]
+    assert {s for s in BatchStatus if s.is_final} == {BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED}
+    assert BatchStatus("success") is BatchStatus.SUCCESS
+    assert BatchStatus.SUCCESS == "success" and str(BatchStatus.INPROG) == "inprog" and f"{BatchStatus.WAIT}" == "wait"
+    assert orjson.dumps({"s": BatchStatus.FAILED}) == b'{"s":"failed"}'
+    assert require_status("failed") is BatchStatus.FAILED
+    with pytest.raises(InvalidInput):
+        require_status("done")
+
+
+def test_error_message_serialisation_omits_absent_keys() -> None:
+    assert ErrorMessage(1, "bad").to_dict() == {"msgid": 1, "errcode": "bad"}
+    full = ErrorMessage(2, "range", field="amount", vals=["1", "10"])
+    assert full.to_dict() == {"msgid": 2, "errcode": "range", "field": "amount", "vals": ["1", "10"]}
+    assert ErrorMessage.from_dict(full.to_dict()) == full
+    assert messages_from_json(None) == [] and messages_from_json([{"msgid": 3, "errcode": "x"}]) == [
+        ErrorMessage(3, "x")]
+
+
+def test_values_are_frozen_and_defaults_are_not_shared() -> None:
+    a, b = BatchJobResult(BatchStatus.SUCCESS), BatchJobResult(BatchStatus.SUCCESS)
+    assert a.messages == [] and a.blobrows == {} and a.result is None
+    assert a.messages is not b.messages and a.blobrows is not b.blobrows
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.status = BatchStatus.FAILED  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BatchInput(1, {}).line = 2  # type: ignore[misc]
+    assert SlowQueryResult(BatchStatus.FAILED).outputfiles == {}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("app", ["a", "bank", "a_1", "x" * 64, "app2_v3"])
+def test_good_apps(app: str) -> None:
+    assert validate.app_name(app) == app
+
+
+@pytest.mark.parametrize("app", ["", "A", "Bank", "1x", "_a", "a-b", "a.b", "a b", "x" * 65, "ok\n", "\nok", "ok\r",
+                                 "ök", None, 1, b"bank"])
+def test_bad_apps(app: Any) -> None:
+    with pytest.raises(InvalidInput):
+        validate.app_name(app)
+
+
+def test_ops_are_lower_cased() -> None:
+    assert validate.op_name("SendMail") == "sendmail"
+    assert validate.op_name("v1.import-csv") == "v1.import-csv"
+    for bad in ("", "1op", "op\n", "a b", "x" * 65, None, "op/x"):
+        with pytest.raises(InvalidInput):
+            validate.op_name(bad)
+
+
+def test_json_object() -> None:
+    assert validate.json_object({"a": [1]}, "context") == {"a": [1]}
+    assert validate.json_object('{"a": 1}', "context") == {"a": 1}
+    assert validate.json_object(b'{"a": 1}', "context") == {"a": 1}
+    assert validate.json_object({"a": "\\u0000"}, "context") == {"a": "\\u0000"}  # text, not a NUL
+    bads: tuple[Any, ...] = ("[1]", "1", "null", "{", [], None, 1.5, {1: 2}, {"a": {1, 2}}, {"a": "\x00"},
+                             '{"a": "\\u0000"}')
+    for bad in bads:
+        with pytest.raises(InvalidInput):
+            validate.json_object(bad, "context")
+
+
+def test_has_nul() -> None:
+    for value, expected in [("a\x00", True), ("\\u0000", False), ("\\\x00", True), ("\\\\u0000", False),
+                            ("\x00\\u0000", True), ("plain", False), ("\\\\\\u0000", False)]:
+        assert validate.has_nul(orjson.dumps({"k": value})) is expected, repr(value)
+        assert validate.has_nul(orjson.dumps({value: 1})) is expected, repr(value)
+
+
+def test_batch_ids_are_normalised_or_not_found() -> None:
+    u = "3FA85F64-5717-4562-B3FC-2C963F66AFA6"
+    assert validate.batch_id(u) == u.lower()
+    assert validate.batch_id("{" + u + "}") == u.lower()
+    for bad in ("", "x", None, 5, "3fa85f64-5717-4562-b3fc"):
+        with pytest.raises(BatchNotFound):
+            validate.batch_id(bad)
+
+
+def test_file_names() -> None:
+    assert validate.file_name("report_1.csv") == "report_1.csv"
+    for bad in ("", "../x", "a/b", "a..b", "x\n", "ä", None, "a" * 201):
+        with pytest.raises(InvalidInput):
+            validate.file_name(bad)
+
+
+def test_age_days() -> None:
+    assert validate.age_days(0) == 0 and validate.age_days(7) == 7
+    assert validate.age_days(10**15) == validate.MAX_AGE_DAYS
+    for bad in (-1, True, 1.5, "7", None):
+        with pytest.raises(InvalidInput):
+            validate.age_days(bad)
+
+
+# ---------------------------------------------------------------------------------------------- COPY encoding
+def test_encode_input_escapes_for_copy_text_format() -> None:
+    assert encode_input({"a": 1}, 1) == b'{"a":1}'
+    assert encode_input('{"a": "x\\ty"}', 1) == b'{"a":"x\\\\ty"}'  # JSON escape, backslash doubled for COPY
+    assert b"\t" not in encode_input({"t": "\t", "n": "\n"}, 1)
+    assert b"\n" not in encode_input({"t": "\t", "n": "\n"}, 1)
+    for bad in ([1], "[1]", "x", None, {"a": "\x00"}, {1: 1}):
+        with pytest.raises(InvalidInput):
+            encode_input(bad, 1)
+
+
+def test_check_line() -> None:
+    assert check_line(1, 1) == 1 and check_line(2**31 - 1, 1) == 2**31 - 1 and check_line(0, 0) == 0
+    for bad in (0, -5, 2**31, True, 1.0, "1", None):
+        with pytest.raises(InvalidInput):
+            check_line(bad, 1)
+
+
+def test_copy_stream_is_lazy_counted_and_bounded() -> None:
+    pulled = 0
+
+    def gen(n: int) -> Any:
+        nonlocal pulled
+        for i in range(1, n + 1):
+            pulled += 1
+            yield BatchInput(i, {"i": i})
+
+    stream = CopyStream("b", iter_rows(gen(100_000)), max_rows=10**6)
+    first = stream.read(1024)
+    assert first.startswith(b'b\t1\t{"i":1}\n')
+    assert pulled < 1000  # only what one read needs
+    total = len(first)
+    while chunk := stream.read(1 << 16):
+        total += len(chunk)
+    assert stream.count == 100_000 and stream.error is None
+
+    over = CopyStream("b", iter_rows(gen(11)), max_rows=10)
+    with pytest.raises(InvalidInput):
+        while over.read(1 << 16):
+            pass
+    assert isinstance(over.error, InvalidInput)
+
+
+def test_iter_rows_shapes() -> None:
+    import pandas as pd
+
+    assert list(iter_rows([BatchInput(1, {"a": 1}), (2, "{}")])) == [(1, {"a": 1}), (2, "{}")]
+    assert list(iter_rows(pd.DataFrame({"line": [3], "input": [{"b": 2}]}))) == [(3, {"b": 2})]
+    for bad in (None, "rows", {"line": 1}, 5):
+        with pytest.raises(InvalidInput):
+            iter_rows(bad)
+    with pytest.raises(InvalidInput):
+        list(iter_rows([[1, {}]]))
