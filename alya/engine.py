@@ -108,14 +108,26 @@ class Engine:
             except Exception as exc:  # keep beating through outages
                 self.log.warning("heartbeat_failed", error=str(exc))
 
+    def _kinds(self, types: list[tuple[str, str]]) -> dict[tuple[str, str, str], tuple[str, str]]:
+        """(app, op, kind) of each served type: B for batch processors, Q for slow-query processors."""
+        out = {}
+        for app, op in types:
+            try:
+                out[(app, op, self.jm.registry.processor(app, op).type)] = (app, op)
+            except ProcessorNotFound:
+                continue
+        return out
+
     def types_with_work(self, types: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        kinds = self._kinds(types)
         with self.jm.store.tx() as tx:
-            open_types = {(a, o) for a, o in tx.all("queued_batch_types")}
-        return [t for t in types if t in open_types]
+            open_types = {(a, o, t) for a, o, t in tx.all("queued_batch_types")}
+        return [t for k, t in kinds.items() if k in open_types]
 
     def open_work(self, types: list[tuple[str, str]]) -> bool:
+        keys = ["/".join(k) for k in self._kinds(types)]
         with self.jm.store.tx() as tx:
-            return bool(tx.one("open_work_exists", types=[f"{a}/{o}" for a, o in types])[0])  # type: ignore[index]
+            return bool(tx.one("open_work_exists", types=keys)[0])  # type: ignore[index]
 
     # ------------------------------------------------------------------ one chunk
     def process_chunk(self, app: str, op: str, prefer: str | None = None) -> ChunkReport:

@@ -419,7 +419,10 @@ def test_run_until_idle_several_types(database_url: str, redis_url: str, file_st
         ids = [jm.batch_submit("runa", "one", {}, rows(120)), jm.batch_submit("runa", "one", {}, rows(40)),
                jm.batch_submit("runa", "two", {}, rows(70) + [(71, {"mode": "fail"})])]
         q = jm.slowquery_submit("runa", "ask", {"user": "z"}, {"q": 1})
+        # not this worker's: a slow query of a type it serves as a batch type, and an unserved op
+        foreign = [jm.slowquery_submit("runa", "one", {}, {"q": 2}), jm.batch_submit("runa", "three", {}, rows(3))]
         jm.run(stop_when_idle=True)
+        assert [jm.batch_status(b).status for b in foreign] == [BatchStatus.QUEUED, BatchStatus.QUEUED]
         assert [jm.batch_status(b).status for b in ids] == [BatchStatus.SUCCESS, BatchStatus.SUCCESS,
                                                            BatchStatus.FAILED]
         assert jm.slowquery_done(q).result == {"answer": 1, "who": "z"}

@@ -140,13 +140,14 @@ WHERE b.status IN ('queued', 'inprog')
   AND (SELECT line FROM batchrows r WHERE r.batch = b.id AND r.status = 'inprog' LIMIT 1) IS NULL;
 
 -- name: queued_batch_types
-SELECT DISTINCT app, op FROM batches WHERE status IN ('queued', 'inprog');
+SELECT DISTINCT app, op, type FROM batches WHERE status IN ('queued', 'inprog');
 
 -- name: open_work_exists
 -- Is any of these batch types' work queued or in progress (dead workers' rows count until recovered)?
+-- A type is app/op/kind: a slow query of an (app, op) served here as a batch type is not our work.
 SELECT EXISTS (
     SELECT 1 FROM batches
-    WHERE status IN ('queued', 'inprog') AND (app || '/' || op) = ANY(%(types)s::text[])
+    WHERE status IN ('queued', 'inprog') AND (app || '/' || op || '/' || type) = ANY(%(types)s::text[])
 );
 
 -- name: heartbeat
