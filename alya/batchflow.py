@@ -40,12 +40,15 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
         # per task run is then small next to the work, whatever the chunk size the processor needs.
         deadline = time.monotonic() + cfg.task_seconds
         total = engine.process_chunk(app, op, prefer).as_dict()
+        total["nprefer"] = total["nrows"] if prefer and total["batch"] == prefer else 0
         while total["nrows"] and time.monotonic() < deadline and not engine.stopping.is_set():
             more = engine.process_chunk(app, op, prefer).as_dict()
             if not more["nrows"]:
                 break
             for k in ("nrows", "nsuccess", "nfailed", "nretry"):
                 total[k] += more[k]
+            if prefer and more["batch"] == prefer:
+                total["nprefer"] += more["nrows"]
             total["summarised"].extend(more["summarised"])
         return total
 
@@ -61,18 +64,18 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
         used its task budget; then, if work is left, hand over to a fresh flow run."""
         engine.start()
         progress = _Progress(jm, batch_id)
-        total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
-                                 "summarised": []}
+        total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "nprefer": 0,
+                                 "tasks": 0, "summarised": []}
         wave = cfg.worker_threads * 2
         while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
             n = min(wave, cfg.flow_max_tasks - total["tasks"])
             reports = [f.result() for f in process_chunk.map([batch_id] * n)]
             total["tasks"] += n
             for r in reports:
-                for k in ("nrows", "nsuccess", "nfailed", "nretry"):
+                for k in ("nrows", "nsuccess", "nfailed", "nretry", "nprefer"):
                     total[k] += r[k]
                 total["summarised"].extend(r["summarised"])
-            progress.update(total["nrows"])
+            progress.update(total["nprefer"])  # rows of its own batch that this run has done
             if any(r["nrows"] == 0 for r in reports):
                 break  # nothing left to claim right now
         else:
@@ -104,12 +107,16 @@ class _Progress:
                 get_logger().debug("progress_artifact_failed", error=str(exc))
 
     def update(self, done: int) -> None:
-        if self.artifact_id is None or not self.nrows:
+        if self.nrows:
+            self._set(min(100.0, 100.0 * done / self.nrows))
+
+    def _set(self, percent: float) -> None:
+        if self.artifact_id is None:
             return
         try:
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.artifact_id, min(100.0, 100.0 * done / self.nrows))
+            update_progress_artifact(self.artifact_id, percent)
         except Exception as exc:
             get_logger().debug("progress_artifact_failed", error=str(exc))
 
@@ -123,6 +130,8 @@ class _Progress:
             table = []
             for bid in ids:
                 s = self.jm.batch_status(bid)
+                if bid == self.batch_id and s.status.is_final:
+                    self._set(100.0)  # other runs may have done part of it
                 table.append({"batch": bid, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
                               "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued,
                               "ninprog": s.ninprog, "outputfiles": ", ".join(s.outputfiles.values())})

@@ -178,3 +178,37 @@ def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis
     finally:
         a.close()
         b.close()
+
+
+def test_batch_flow_run_artifacts_and_task_budget(database_url: str, redis_url: str, file_store_url: str) -> None:
+    """A flow run for one batch (as a deployment would start it): bounded task runs, a progress artifact
+    at 100 % and a summary table naming the batch and its output file."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    from alya.batchflow import make_batch_flow
+
+    jm = manager(database_url, redis_url, file_store_url, batchchunk_nrows=10, flow_max_tasks=6,
+                 task_seconds=0.2)
+    try:
+        jm.register_batch_processor("wrk", "flow", Proc())
+        bid = jm.batch_submit("wrk", "flow", {}, [(n, {"x": n, "blobs": {"f.txt": str(n)}}) for n in range(1, 301)])
+        fl = make_batch_flow(jm, "wrk", "flow")
+        state = fl(batch_id=bid, return_state=True)
+        result = state.result()
+        assert result["tasks"] <= 6 and result["nrows"] > 0
+        while jm.batch_status(bid).status is not BatchStatus.SUCCESS:  # budget used: a fresh run goes on
+            result = fl(batch_id=bid)
+            assert result["tasks"] <= 6
+        run_id = state.state_details.flow_run_id
+        with get_client(sync_client=True) as client:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            assert 0 < len(tasks) <= 6
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"alya-progress-{bid}", "alya-summary"])))
+        progress = [a for a in arts if a.key == f"alya-progress-{bid}"]
+        assert progress and max(float(a.data) for a in progress) == 100.0  # type: ignore[arg-type]
+        tables = [a for a in arts if a.key == "alya-summary" and bid in str(a.data)]
+        assert tables and any("success" in str(a.data) and "f.txt" in str(a.data) for a in tables)
+    finally:
+        jm.close()
