@@ -21,7 +21,6 @@ import orjson
 import redis
 
 from alya.logs import get_logger
-from alya.settings import redact_url
 
 _PUT = """
 local cur = redis.call('GET', KEYS[1])
@@ -55,7 +54,7 @@ class StatusCache:
         self.ttl = ttl_sec
         self.final_ttl = ttl_sec * 100
         self.cooldown_sec = cooldown_sec
-        self._url = url
+        self._where: str | None = None  # host:port/db for logs; never the URL (it may hold a password)
         self._redis: redis.Redis | None = None
         self._put: Any = None
         self._lock = threading.Lock()
@@ -65,6 +64,8 @@ class StatusCache:
         if url:
             self._redis = redis.Redis.from_url(url, socket_timeout=timeout_sec, socket_connect_timeout=timeout_sec)
             self._put = self._redis.register_script(_PUT)
+            kw = self._redis.connection_pool.connection_kwargs
+            self._where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
 
     @property
     def enabled(self) -> bool:
@@ -136,7 +137,7 @@ class StatusCache:
             with self._lock:
                 for k in keys:
                     self._stale.pop(k, None)
-            get_logger().info("redis_recovered", url=redact_url(self._url), invalidated=len(keys))
+            get_logger().info("redis_recovered", redis=self._where, invalidated=len(keys))
         return True
 
     def _delete(self, keys: tuple[str, ...]) -> None:
@@ -159,10 +160,10 @@ class StatusCache:
                 was_up = time.monotonic() >= self._down_until
                 self._down_until = time.monotonic() + self.cooldown_sec
             if was_up:
-                get_logger().warning("redis_unavailable", op=what, url=redact_url(self._url), error=str(exc),
+                get_logger().warning("redis_unavailable", op=what, redis=self._where, error=str(exc),
                                      retry_in_sec=self.cooldown_sec)
         else:
-            get_logger().warning("redis_error", op=what, url=redact_url(self._url), error=str(exc))
+            get_logger().warning("redis_error", op=what, redis=self._where, error=str(exc))
 
     def _remember(self, keys: tuple[str, ...]) -> None:
         if not keys:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import psycopg2
 import psycopg2.errorcodes
+from sqlalchemy.engine import make_url
 
 from alya import validate
 from alya.cache import StatusCache, done_key, summary_key
@@ -32,8 +33,8 @@ from alya.models import (
 )
 from alya.outputs import ObjectStore
 from alya.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
-from alya.settings import Backends, JobManagerConfig, default_object_store_url, redact_url
-from alya.store import Store, Tx, json_text
+from alya.settings import Backends, JobManagerConfig, default_object_store_url
+from alya.store import Store, Tx, json_text, sqlalchemy_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -89,7 +90,7 @@ class JobManager:
         self.initblocks = InitBlocks(self.registry)
         self._dispatcher: Dispatcher | None = None
         self._engine: Engine | None = None
-        get_logger().debug("jobmanager", database=redact_url(database_url), dispatch=self.config.dispatch)
+        get_logger().debug("jobmanager", database=_where(database_url), dispatch=self.config.dispatch)
 
     @classmethod
     def from_env(cls) -> JobManager:
@@ -362,12 +363,20 @@ class JobManager:
         return self._dispatcher
 
     def _dispatch(self, app: str, op: str, batch_id: str) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.start_batch(app, op, batch_id)
+        # After the commit: the call has succeeded, so nothing here may raise. A batch whose flow run
+        # could not be created stays queued for the sweeper.
+        try:
+            if self.dispatcher is not None:
+                self.dispatcher.start_batch(app, op, batch_id)
+        except Exception as exc:
+            get_logger().warning("dispatch_failed", app=app, op=op, batch=batch_id, error=f"{type(exc).__name__}")
 
     def _cancel(self, batch_id: str) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.cancel_batch(batch_id)
+        try:
+            if self.dispatcher is not None:
+                self.dispatcher.cancel_batch(batch_id)
+        except Exception as exc:
+            get_logger().warning("cancel_failed", batch=batch_id, error=f"{type(exc).__name__}")
 
 
 class _TranslateDbErrors:
@@ -381,6 +390,15 @@ class _TranslateDbErrors:
             raise InvalidInput("line numbers must be unique within a batch") from exc
         if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
             raise InvalidInput(f"rows refused by the database: {str(exc).splitlines()[0]}") from exc
+
+
+def _where(database_url: str) -> str:
+    """host:port/database of a URL, for logs: never the URL itself (it may hold a password)."""
+    try:
+        u = make_url(sqlalchemy_url(database_url))
+    except Exception:
+        return "?"
+    return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database}"
 
 
 def _counts(tx: Tx, batch_id: str) -> dict[str, int]:

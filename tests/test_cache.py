@@ -386,6 +386,15 @@ def test_breaker_reopens_and_invalidates_what_it_could_not_write(redis_url: str,
         r.delete(k1, k2)
 
 
+def test_logs_never_show_the_redis_password() -> None:
+    with structlog.testing.capture_logs() as logs:
+        cache = StatusCache("redis://:s3cret@127.0.0.1:1/0", ttl_sec=60)
+        assert cache.get(summary_key("00000000-0000-4000-8000-000000000001")) is None
+        cache.close()
+    assert [e["event"] for e in logs] == ["redis_unavailable"]
+    assert "s3cret" not in repr(logs) and logs[0]["redis"] == "127.0.0.1:1/0"
+
+
 def test_no_redis_configured(database_url: str, file_store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ALYA_REDIS_URL", raising=False)
     jm = JobManager(database_url=database_url, object_store_url=file_store_url, config=make_config())

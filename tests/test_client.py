@@ -570,15 +570,17 @@ def test_ids_are_accepted_in_any_uuid_spelling(jm: JobManager) -> None:
 
 
 def test_database_unreachable_is_backend_unavailable(redis_url: str, file_store_url: str) -> None:
-    jm = JobManager(database_url="postgresql://postgres@127.0.0.1:1/none", redis_url=redis_url,
-                    object_store_url=file_store_url, config=make_config())
-    try:
-        with pytest.raises(BackendUnavailable):
-            jm.batch_submit(APP, "op", {}, rows(1))
-        with pytest.raises(BackendUnavailable):
-            jm.batch_status("3fa85f64-5717-4562-b3fc-2c963f66afa6")
-    finally:
-        jm.close()
+    with structlog.testing.capture_logs() as logs:
+        jm = JobManager(database_url="postgresql://postgres:s3cret@127.0.0.1:1/none", redis_url=redis_url,
+                        object_store_url=file_store_url, config=make_config())
+        try:
+            with pytest.raises(BackendUnavailable) as e1:
+                jm.batch_submit(APP, "op", {}, rows(1))
+            with pytest.raises(BackendUnavailable) as e2:
+                jm.batch_status("3fa85f64-5717-4562-b3fc-2c963f66afa6")
+        finally:
+            jm.close()
+    assert "s3cret" not in f"{e1.value} {e2.value} {logs!r}"
 
 
 def test_dead_pooled_connections_are_replaced(jm: JobManager, database_url: str) -> None:
