@@ -376,6 +376,29 @@ def test_abort_partly_processed_batch_counts_add_up(jm: JobManager, database_url
     assert done.rows is not None and len(done.rows) == 250
 
 
+def test_abort_during_processing_wins_over_the_late_results(jm: JobManager, database_url: str) -> None:
+    """A chunk in progress when the batch is aborted: its rows are aborted, and the worker's answers for
+    them, arriving after, change nothing."""
+    holder: dict[str, str] = {}
+
+    class AbortMidway(Proc):
+        def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]
+                         ) -> BatchJobResult:
+            if line == 150:
+                holder["summary"] = str(jm.batch_abort(holder["bid"]).naborted)
+            return super().do_batch_job(initblock, context, line, input)
+
+    jm.register_batch_processor(APP, "midway", AbortMidway())
+    holder["bid"] = bid = jm.batch_submit(APP, "midway", {}, rows(250))
+    run_chunks(jm, APP, "midway")
+    assert holder["summary"] == "150"  # the whole second chunk (inprog) and the third (queued)
+    done = jm.batch_done(bid)
+    assert (done.status, done.nsuccess, done.nfailed, done.naborted) == (S.ABORTED, 100, 0, 150)
+    assert done.rows is not None
+    assert {r.status for r in done.rows[:100]} == {S.SUCCESS} and {r.status for r in done.rows[100:]} == {S.ABORTED}
+    assert sql(database_url, "SELECT count(*) FROM batchrows WHERE batch = %s AND res IS NOT NULL", bid) == [(100,)]
+
+
 def test_abort_refused_for_finished_batches(jm: JobManager, database_url: str) -> None:
     ok = finished(jm, "fa", [1, 2])
     bad = finished(jm, "fb", [1, 2], fail={1})
@@ -383,6 +406,50 @@ def test_abort_refused_for_finished_batches(jm: JobManager, database_url: str) -
         refused(database_url, InvalidState, partial(jm.batch_abort, bid), jm=jm, batch_id=bid)
     refused(database_url, BatchNotFound, lambda: jm.batch_abort("6f1c1b1e-0000-4000-8000-000000000000"))
     refused(database_url, BatchNotFound, lambda: jm.batch_abort("x"))
+
+
+def test_concurrent_aborts_and_appends_serialise(database_url: str, redis_url: str, file_store_url: str) -> None:
+    jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                    config=make_config(batchrowmax=50))
+    try:
+        bid = jm.batch_submit(APP, "conc", {}, rows(10), wait=True)
+        results: list[Any] = []
+        start = threading.Barrier(8)
+
+        def append(k: int) -> None:
+            start.wait()
+            try:
+                results.append(jm.batch_append(bid, rows(10, start=100 * (k + 1)), wait=True))
+            except AlyaError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=append, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = sorted(r for r in results if isinstance(r, int))
+        assert ok == [20, 30, 40, 50]  # the batch lock serialises appends; the limit holds across them
+        assert all(isinstance(r, InvalidInput) for r in results if not isinstance(r, int))
+        assert sql(database_url, "SELECT nrows, (SELECT count(*) FROM batchrows WHERE batch = %s) FROM batches "
+                                 "WHERE id = %s", bid, bid) == [(50, 50)]
+
+        summaries: list[Any] = []
+
+        def abort() -> None:
+            start.wait()
+            summaries.append(jm.batch_abort(bid))
+
+        threads = [threading.Thread(target=abort) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(summaries) == 8
+        assert all((s.status, s.naborted, s.nrows) == (S.ABORTED, 50, 50) for s in summaries)
+        assert sql(database_url, "SELECT status::text, naborted FROM batches WHERE id = %s", bid) == [("aborted", 50)]
+    finally:
+        jm.close()
 
 
 # ---------------------------------------------------------------------------------------------- lists
