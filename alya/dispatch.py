@@ -16,6 +16,7 @@ deterministic per dispatch event, so a retried call never makes a second run:
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 import uuid
@@ -174,8 +175,9 @@ class Dispatcher:
         except Exception as exc:
             log.warning("cancel_failed", error=_err(exc),
                         note="batch aborted anyway: its runs stop by themselves; sweeper forces stuck ones")
-        if waiting:
-            threading.Thread(target=self._force_later, args=(waiting,), name="alya-force-cancel",
+        if waiting:  # the thread sees the caller's Prefect settings (a temporary_settings context, say)
+            ctx = contextvars.copy_context()
+            threading.Thread(target=ctx.run, args=(self._force_later, waiting), name="alya-force-cancel",
                              daemon=True).start()
         return touched
 
