@@ -276,7 +276,9 @@ class Engine:
         """Give claimed rows back to the queue, their attempt restored (they were not tried)."""
         try:
             with self.jm.store.tx() as tx:
-                tx.run("release_rows", batch=claimed.batch, lines=lines, worker=claimed.worker)
+                attempts = {line: n for line, _, n in claimed.rows}
+                tx.run("release_rows", batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
+                       worker=claimed.worker)
             return True
         except Exception as exc:
             if not quiet:

@@ -300,3 +300,23 @@ def test_cleanup_is_idempotent(jm: JobManager) -> None:
         rep = cleanup(jm, types=[("rec", "idem")])
         assert (rep.requeued, rep.failed, rep.summarised, rep.notified) == (0, 0, [], [])
     assert len(proc.done) == 1
+
+
+def test_stale_release_leaves_a_newer_claim_alone(jm: JobManager) -> None:
+    """Rows recovered and claimed again by the same worker: giving back the old claim (shutdown, init
+    failure) must not requeue the rows that the newer claim is processing."""
+    jm.register_batch_processor("rec", "rel", Proc())
+    bid = jm.batch_submit("rec", "rel", {}, rows(4))
+    eng = jm.engine
+    eng.start()
+    old = eng._claim("rec", "rel", "B", None)
+    assert old is not None
+    with jm.store.tx() as tx:
+        tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
+    eng._claim_hint.clear()
+    newer = eng._claim("rec", "rel", "B", None)
+    assert newer is not None
+    assert eng._release(old, [r[0] for r in old.rows])
+    assert all(s[:3] == ("inprog", 2, eng.worker_id) for s in states(jm, bid).values())
+    assert eng._release(newer, [r[0] for r in newer.rows])
+    assert all(s[:3] == ("queued", 1, None) for s in states(jm, bid).values())

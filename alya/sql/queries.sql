@@ -110,8 +110,12 @@ WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.done
 
 -- name: release_rows
 -- Give claimed rows back untouched (shutdown, init failure): the attempt they cost is returned too.
-UPDATE batchrows SET status = 'queued', doneby = NULL, attempts = attempts - 1
-WHERE batch = %(batch)s AND line = ANY(%(lines)s::int[]) AND status = 'inprog' AND doneby = %(worker)s;
+-- Like write_results, only rows still held at the claimed attempt: a row recovered and claimed again
+-- meanwhile (even by this same worker) belongs to that newer claim.
+UPDATE batchrows r SET status = 'queued', doneby = NULL, attempts = r.attempts - 1
+FROM unnest(%(lines)s::int[], %(attempts)s::int[]) AS v(line, attempts)
+WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.doneby = %(worker)s
+  AND r.attempts = v.attempts;
 
 -- name: has_open_rows
 -- Written as ordered LIMIT 1 look-ups so that the planner walks the partial indexes: as a plain EXISTS
