@@ -33,12 +33,41 @@ def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
     return deployments
 
 
+def take_over(deployments: Iterable[Any]) -> list[str]:
+    """Delete deployments of the same names that belong to a work pool (made by ``prefect deploy``).
+
+    Serving upserts a deployment by name, but the Prefect server (3.9) then keeps the pool deployment's
+    empty ``path`` and the served runs fail to load their flow ("storage at None"); a served deployment
+    must be created afresh. Flow runs of the deleted deployments are kept."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from alya.logs import get_logger
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for dep in deployments:
+            name = f"{dep.flow_name}/{dep.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                get_logger().warning("served_deployment_replaces_pool_deployment", deployment=name,
+                                     work_pool=existing.work_pool_name)
+                client.delete_deployment(existing.id)
+                taken.append(name)
+    return taken
+
+
 def serve_all(extra: Iterable[Any] = (), limit: int | None = 4, poll_sec: float = 1.0,
               sweeper_interval_sec: float = 60) -> None:
     """Serve the examples, the sweeper and ``extra`` deployments until stopped."""
     from prefect import serve
 
-    serve(*example_deployments(sweeper_interval_sec), *extra, limit=limit, query_seconds=poll_sec)
+    deployments = [*example_deployments(sweeper_interval_sec), *extra]
+    take_over(deployments)
+    serve(*deployments, limit=limit, query_seconds=poll_sec)
 
 
 def main(argv: list[str] | None = None) -> None:

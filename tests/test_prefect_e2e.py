@@ -272,6 +272,18 @@ def test_served_batches_are_dispatched_and_complete(s: dict[str, Any]) -> None:
     assert {"progress", "table"} <= kinds, kinds
 
 
+def test_dispatch_to_final_latency_of_small_batches(s: dict[str, Any]) -> None:
+    jm: JobManager = s["jm"]
+    times = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        bid = jm.batch_submit("mail", "send", {}, [BatchInput(1, {"to": "a@example.org"})])
+        wait_for("one-row batch final", lambda b=bid: final_status(jm, b), 60, s["serve"], every=0.05)  # type: ignore[misc]
+        times.append(time.monotonic() - t0)
+    print("submit -> final, one-row batches, served: " + ", ".join(f"{t:.1f}s" for t in times))
+    assert min(times) < 30
+
+
 def test_abort_running_batch_cancels_its_flow_run(s: dict[str, Any]) -> None:
     jm: JobManager = s["jm"]
     bid = jm.batch_submit("e2e", "slow", {}, [BatchInput(i, {"sleep": 0.5}) for i in range(1, 61)])
