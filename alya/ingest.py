@@ -33,7 +33,15 @@ def iter_rows(rows: Any) -> Iterator[tuple[Any, Any]]:
         return zip(rows["line"].tolist(), rows["input"], strict=True)
     if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, Iterable):
         raise InvalidInput("rows must be an iterable of BatchInput or a DataFrame (line, input)")
-    return (_pair(r) for r in rows)
+    return _pairs(rows)
+
+
+def _pairs(rows: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    for row in rows:
+        if type(row) is BatchInput:  # the common case, without a call or an isinstance walk
+            yield row.line, row.input
+        else:
+            yield _pair(row)
 
 
 def _pair(row: Any) -> tuple[Any, Any]:
@@ -91,20 +99,39 @@ class CopyStream(io.RawIOBase):
         return True
 
     def _fill(self, want: int) -> None:
+        """Encode rows until ``want`` bytes are buffered. The hot loop of a submit: plain ints and dicts
+        take an inlined fast path; anything else goes through the general (validating) functions."""
         parts = [self._buf]
         size = len(self._buf)
-        prefix, min_line, max_rows = self._prefix, self._min_line, self._max
-        for line, value in self._pairs:
-            n = check_line(line, min_line)
-            self.count += 1
-            if self.count > max_rows:
-                raise InvalidInput(f"too many rows: a batch holds at most {max_rows}")
-            part = b"%s%d\t%s\n" % (prefix, n, encode_input(value, n))
-            parts.append(part)
-            size += len(part)
-            if size >= want:
-                break
-        self._buf = b"".join(parts)
+        prefix, min_line, max_rows, dumps = self._prefix, self._min_line, self._max, orjson.dumps
+        count = self.count
+        try:
+            for line, value in self._pairs:
+                if type(line) is not int or line < min_line or line > MAX_LINE:  # bool is not int here
+                    line = check_line(line, min_line)
+                count += 1
+                if count > max_rows:
+                    raise InvalidInput(f"too many rows: a batch holds at most {max_rows}")
+                if type(value) is dict:
+                    try:
+                        data = dumps(value)
+                    except TypeError as exc:
+                        raise InvalidInput(f"line {line}: input is not a JSON object: {exc}") from None
+                    if b"\\" in data:
+                        if b"\\u0000" in data and has_nul(data):
+                            raise InvalidInput(f"line {line}: input contains a NUL character, which PostgreSQL "
+                                               "cannot store")
+                        data = data.replace(b"\\", b"\\\\")
+                else:
+                    data = encode_input(value, line)
+                part = b"%s%d\t%s\n" % (prefix, line, data)
+                parts.append(part)
+                size += len(part)
+                if size >= want:
+                    break
+        finally:
+            self.count = count
+            self._buf = b"".join(parts)
 
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
         want = size if size and size > 0 else 1 << 18
