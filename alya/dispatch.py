@@ -219,13 +219,35 @@ class Dispatcher:
         with jm.store.tx() as tx:
             open_batches = tx.all("open_batches_all")
         minute = int(time.time() // 60)
-        started = []
+        started: list[str] = []
+        deployed: set[str] = set()  # each type's deployment is looked up once per sweep, not once per batch
+        undeployed: dict[str, int] = {}
         for batch, app, op in open_batches:
             if str(batch) in live_batches:
                 continue
+            name = self.deployment_name(app, op)
+            if name in undeployed or (name not in deployed and not self._deployed(name)):
+                undeployed[name] = undeployed.get(name, 0) + 1
+                continue
+            deployed.add(name)
             if self.start_batch(app, op, str(batch), key=f"alya:{batch}:sweep:{minute}"):
                 started.append(str(batch))
+        for name, n in undeployed.items():
+            get_logger().warning("sweeper_no_deployment", deployment=name, open_batches=n,
+                                 note="serve or deploy it, or run jm.run workers for this batch type")
         return started
+
+    def _deployed(self, name: str) -> bool:
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            with self._client() as client:
+                self._deployment_id(client, name, refresh=True)
+            return True
+        except ObjectNotFound:
+            return False
+        except Exception:
+            return True  # let start_batch try, and log what went wrong
 
 
 def _age_sec(ts: Any) -> float:

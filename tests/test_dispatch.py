@@ -200,6 +200,14 @@ def test_missing_deployment_is_logged_and_batch_kept(djm: JobManager, prefect_ha
     (failed,) = [e for e in logs if e["event"] == "dispatch_failed"]
     assert failed["deployment"] == "alya-nodeploy-x/alya" and "no such deployment" in failed["reason"]
     assert djm.batch_status(bid).status is BatchStatus.QUEUED and runs_of(bid) == []
+    # the sweeper looks the missing deployment up once, and says so once, however many batches wait for it
+    djm.batch_submit("nodeploy", "x", {}, rows(2))
+    with capture_logs() as logs:
+        report = cleanup(djm, types=[("nodeploy", "x")], redispatch=True)
+    assert report.dispatched == []
+    (missing,) = [e for e in logs if e["event"] == "sweeper_no_deployment"]
+    assert missing["deployment"] == "alya-nodeploy-x/alya" and missing["open_batches"] == 2
+    assert not [e for e in logs if e["event"] == "dispatch_failed"]
 
 
 def test_abort_with_prefect_down_still_aborts(djm: JobManager, deployment_id: uuid.UUID) -> None:
