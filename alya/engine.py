@@ -121,7 +121,7 @@ class Engine:
     def types_with_work(self, types: list[tuple[str, str]]) -> list[tuple[str, str]]:
         kinds = self._kinds(types)
         with self.jm.store.tx() as tx:
-            open_types = {(a, o, t) for a, o, t in tx.all("queued_batch_types")}
+            open_types = {(a, o, t) for a, o, t in tx.all("claimable_batch_types")}
         return [t for k, t in kinds.items() if k in open_types]
 
     def open_work(self, types: list[tuple[str, str]]) -> bool:

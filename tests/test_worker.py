@@ -166,7 +166,7 @@ def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis
         returned = threading.Event()
         t = threading.Thread(target=lambda: (a.run(stop_when_idle=True), returned.set()))
         t.start()
-        time.sleep(2.0)
+        time.sleep(3.0)
         assert not returned.is_set()
         results, _ = b.engine._run_rows(b.registry.processor("wrk", "held"), None, claimed, b.engine.log)
         b.engine._write(claimed, results, b.engine.log)
@@ -175,6 +175,13 @@ def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis
         assert returned.is_set()
         assert a.batch_status(bid).status is BatchStatus.SUCCESS
         assert len(pb.done) == 1 and pa.done == []
+        # while it waited there was nothing to claim: no empty flow runs every poll
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["alya-wrk-held"])))
+        assert len(runs) <= 2, f"{len(runs)} flow runs while waiting"
     finally:
         a.close()
         b.close()

@@ -143,8 +143,13 @@ WHERE b.status IN ('queued', 'inprog')
   AND (SELECT line FROM batchrows r WHERE r.batch = b.id AND r.status = 'queued' ORDER BY line LIMIT 1) IS NULL
   AND (SELECT line FROM batchrows r WHERE r.batch = b.id AND r.status = 'inprog' LIMIT 1) IS NULL;
 
--- name: queued_batch_types
-SELECT DISTINCT app, op, type FROM batches WHERE status IN ('queued', 'inprog');
+-- name: claimable_batch_types
+-- Types with a row to claim now: an open batch whose rows are all held by other workers or waiting for
+-- their retry backoff gives a worker nothing to do (an empty flow run per poll, otherwise).
+SELECT DISTINCT b.app, b.op, b.type FROM batches b
+WHERE b.status IN ('queued', 'inprog')
+  AND EXISTS (SELECT 1 FROM batchrows r
+              WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()));
 
 -- name: open_work_exists
 -- Is any of these batch types' work queued or in progress (dead workers' rows count until recovered)?
