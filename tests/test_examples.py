@@ -60,6 +60,7 @@ def test_importing_examples_needs_no_database(examples: dict[str, ModuleType]) -
         ("bank", "txn"), ("mail", "send"), ("report", "summary")}
 
 
+@pytest.mark.slow
 def test_bank_transactions_move_balances_exactly(ejm: JobManager, examples: dict[str, ModuleType]) -> None:
     bank = examples["bank"]
     txns, opening = bank.make_transactions(10_000, naccounts=25, seed=7)
