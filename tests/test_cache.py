@@ -8,6 +8,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -128,7 +129,7 @@ def test_ttl_non_final_and_final(database_url: str, redis_url: str, file_store_u
 
 # ---------------------------------------------------------------------------------------------- versioned put
 def test_stale_write_never_replaces_a_newer_or_final_value(jm: JobManager, r: redis.Redis) -> None:
-    key = summary_key("00000000-0000-4000-8000-00000000cafe")
+    key = summary_key(str(uuid.uuid4()))
     r.delete(key)
     c = jm.cache
     assert c.put(key, {"status": "queued"}, ver=2, final=False)
@@ -154,7 +155,7 @@ def test_stale_reader_cannot_undo_a_finished_batch(jm: JobManager, r: redis.Redi
 
 
 def test_concurrent_writers_end_on_the_final_value(jm: JobManager, r: redis.Redis) -> None:
-    key = summary_key("00000000-0000-4000-8000-0000000beef0")
+    key = summary_key(str(uuid.uuid4()))
     r.delete(key)
     writes = [(v, v == 50) for v in range(1, 51)] * 4
     random.Random(7).shuffle(writes)
@@ -358,8 +359,8 @@ def test_breaker_reopens_and_invalidates_what_it_could_not_write(redis_url: str,
     relay = FlakyRedis((target.get("host", "127.0.0.1"), target.get("port", 6379)))
     db = target.get("db", 0)
     cache = StatusCache(f"redis://127.0.0.1:{relay.port}/{db}", ttl_sec=60, cooldown_sec=1.0)
-    k1 = summary_key("00000000-0000-4000-8000-0000000f1a70")
-    k2 = summary_key("00000000-0000-4000-8000-0000000f1a71")
+    k1 = summary_key(str(uuid.uuid4()))
+    k2 = summary_key(str(uuid.uuid4()))
     r.delete(k1, k2)
     try:
         assert cache.put(k1, {"status": "queued"}, ver=1, final=False)
