@@ -267,9 +267,11 @@ def test_served_batches_are_dispatched_and_complete(s: dict[str, Any]) -> None:
 
     with client() as c:
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[runs_of(ids[0])[0].id])))
-    kinds = {a.type for a in arts}
-    assert {"progress", "table"} <= kinds, kinds
+            flow_run_id=ArtifactFilterFlowRunId(any_=[runs_of(mail_id)[0].id])))
+    by_type = {a.type: a for a in arts}
+    assert {"progress", "table"} <= set(by_type), by_type
+    assert float(by_type["progress"].data) == 100.0  # type: ignore[arg-type]
+    assert mail_id in str(by_type["table"].data) and "failed" in str(by_type["table"].data)
 
 
 def test_dispatch_to_final_latency_of_small_batches(s: dict[str, Any]) -> None:
