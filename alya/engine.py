@@ -202,8 +202,14 @@ class Engine:
     def _claim(self, app: str, op: str, type_: str, prefer: str | None) -> Claimed | None:
         n = self.jm.config.batchchunk_nrows
         worker = self.worker_id
+        moved: list[str] = []
+        claimed = None
         with self.jm.store.tx() as tx:
-            for batch, context in tx.all("open_batches", app=app, op=op, type=type_, prefer=prefer):
+            for batch, status, context in tx.all("open_batches", app=app, op=op, type=type_, prefer=prefer):
+                if status == "queued" and tx.one("batch_to_inprog", batch=batch) is not None:
+                    # The batch row is locked before its rows, the order abort takes them in: rows first
+                    # would deadlock with an abort arriving during the claim (and fail one of the two).
+                    moved.append(str(batch))
                 after = self._claim_hint.get(batch, 0)
                 rows = tx.all("claim_rows", batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
@@ -212,14 +218,11 @@ class Engine:
                     if len(self._claim_hint) > 1000:
                         self._claim_hint.clear()
                     self._claim_hint[batch] = max(r[0] for r in rows)
-                    moved = tx.one("batch_to_inprog", batch=batch)
                     claimed = Claimed(str(batch), type_, context, sorted(rows), worker)
                     break
-            else:
-                return None
-        if moved is not None:
-            status_change(app, op, claimed.batch, "inprog", old="queued")
-            self.jm.cache.delete(summary_key(claimed.batch))
+        for batch in moved:
+            status_change(app, op, batch, "inprog", old="queued")
+            self.jm.cache.delete(summary_key(batch))
         return claimed
 
     def _run_rows(self, reg: Registration, initblock: Any, claimed: Claimed, log: Any

@@ -4,6 +4,7 @@ worker processes (jm.run) on several batches."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -163,3 +164,47 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
                 assert fh.read() == "".join(f"{line}\n" for line in range(1, n + 1) if line % 13)
     finally:
         jm.close()
+
+
+def test_abort_racing_the_first_claim_does_not_deadlock(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An abort that arrives while a worker is claiming the first chunk of a queued batch: both lock the
+    batch and its rows, and must do so in the same order, or PostgreSQL kills one of them (the user's
+    abort failing with a deadlock)."""
+    proc = Proc()
+    jm.register_batch_processor("conc", "dead", proc)
+    bid = jm.batch_submit("conc", "dead", {}, rows(30))
+    claimed_rows, go = threading.Event(), threading.Event()
+    real_all = Tx.all
+
+    def all_(self: Tx, name: str, **params: Any) -> list[Any]:
+        out = real_all(self, name, **params)
+        if name == "claim_rows" and not claimed_rows.is_set():
+            claimed_rows.set()
+            go.wait(10)  # the abort starts while this claim's transaction is open
+        return out
+
+    monkeypatch.setattr(Tx, "all", all_)
+    errors: list[BaseException] = []
+    reports: list[Any] = []
+
+    def work() -> None:
+        try:
+            reports.append(jm.engine.process_chunk("conc", "dead"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=work)
+    t.start()
+    assert claimed_rows.wait(10)
+    aborted: list[Any] = []
+    a = threading.Thread(target=lambda: aborted.append(jm.batch_abort(bid)))
+    a.start()
+    time.sleep(0.5)  # the abort is now waiting on a lock the claim holds
+    go.set()
+    t.join(30)
+    a.join(30)
+    assert not errors, errors
+    assert aborted and aborted[0].status is BatchStatus.ABORTED and aborted[0].naborted == 30
+    s = jm.batch_status(bid)
+    assert (s.status, s.nsuccess, s.naborted) == (BatchStatus.ABORTED, 0, 30)
+    assert proc.done == []

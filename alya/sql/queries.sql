@@ -60,7 +60,7 @@ ORDER BY reqat DESC;
 -- name: open_batches
 -- Batches of one batch type that have rows to claim, oldest first; `prefer` goes first.
 -- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
-SELECT id, context FROM batches
+SELECT id, status::text, context FROM batches
 WHERE app = %(app)s AND op = %(op)s AND type = %(type)s AND status IN ('queued', 'inprog')
 ORDER BY (id = %(prefer)s) DESC, reqat
 LIMIT 100;
