@@ -26,7 +26,7 @@ from alya.models import (
     SlowQueryDone,
     SlowQueryResult,
 )
-from alya.registry import BatchProcessor, Initializer, InitBlock, SlowQueryProcessor
+from alya.registry import BatchProcessor, InitBlock, Initializer, SlowQueryProcessor
 from alya.settings import JobManagerConfig
 
 __all__ = [

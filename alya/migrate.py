@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -17,6 +18,11 @@ def alembic_config(database_url: str) -> Config:
     return cfg
 
 
+_lock = threading.Lock()  # Alembic keeps its running context in module globals: one upgrade per process
+
+
 def migrate_database(database_url: str, revision: str = "head") -> None:
-    """Bring the database to ``revision`` (default: the newest). Safe to run from many processes at once."""
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the database to ``revision`` (default: the newest). Safe from many processes and threads at
+    once (processes serialise on an advisory lock in ``migrations/env.py``)."""
+    with _lock:
+        command.upgrade(alembic_config(database_url), revision)

@@ -6,6 +6,7 @@ maps are guarded by a lock; lookups copy nothing and take the lock only briefly.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -28,7 +29,9 @@ class Initializer(Protocol):
 
 @runtime_checkable
 class BatchProcessor(Protocol):
-    def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> BatchJobResult: ...
+    def do_batch_job(
+        self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]
+    ) -> BatchJobResult: ...
     def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None: ...
 
 
@@ -118,7 +121,5 @@ class InitBlocks:
 
 
 def _close(block: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a block that fails to close is dropped all the same
         block.close()
-    except Exception:
-        pass

@@ -6,7 +6,6 @@ Prefect's per-task cost (5-10 ms) is small next to the rows' own work.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -50,11 +49,3 @@ DEFAULT_DATA_DIR = Path(".alya-data")
 
 def default_object_store_url() -> str:
     return (DEFAULT_DATA_DIR / "objects").resolve().as_uri()
-
-
-_PASSWORD_IN_URL = re.compile(r"(//[^:/@]+:)[^@]*@")
-
-
-def redact_url(url: str | None) -> str | None:
-    """Hide the password of a URL so that it can be logged."""
-    return None if url is None else _PASSWORD_IN_URL.sub(r"\1***@", url)
