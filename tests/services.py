@@ -81,7 +81,7 @@ def seaweed_s3() -> Iterator[dict[str, str]]:
         f"-webdav.port={ports['webdav']}", "-master.telemetry=false", f"-bucket={S3_BUCKET}",
     ]
     (workdir / "data").mkdir()
-    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - handed to weed, closed below  # noqa: SIM115 - handed to weed, closed below
+    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - handed to weed, closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     try:
