@@ -208,3 +208,55 @@ def test_abort_racing_the_first_claim_does_not_deadlock(jm: JobManager, monkeypa
     s = jm.batch_status(bid)
     assert (s.status, s.nsuccess, s.naborted) == (BatchStatus.ABORTED, 0, 30)
     assert proc.done == []
+
+
+def test_aborts_during_busy_write_backs(database_url: str, redis_url: str, file_store_url: str) -> None:
+    """Aborts landing among concurrent chunk write-backs: neither side ever fails (no deadlock: both lock
+    the batch before its rows), and the counts always add up."""
+    import random
+
+    from tests.procs import FastProc
+
+    managers = [JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                           config=make_config(batchchunk_nrows=150)) for _ in range(3)]
+    try:
+        for m in managers:
+            m.register_batch_processor("conc", "busy", FastProc())
+        client, workers = managers[0], managers[1:]
+        rnd = random.Random(7)
+        errors: list[BaseException] = []
+        for _ in range(12):
+            bid = client.batch_submit("conc", "busy", {}, [(n, {}) for n in range(2000, 0, -1)])
+            stop = threading.Event()
+
+            def work(m: JobManager, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    try:
+                        if m.engine.process_chunk("conc", "busy").batch is None:
+                            return
+                    except BaseException as exc:
+                        errors.append(exc)
+                        return
+
+            threads = [threading.Thread(target=work, args=(m,)) for m in workers]
+            for t in threads:
+                t.start()
+            time.sleep(rnd.uniform(0.02, 0.3))
+            try:
+                s = client.batch_abort(bid)
+            except Exception as exc:
+                if "already ended" not in str(exc):
+                    errors.append(exc)
+                s = client.batch_status(bid)
+            stop.set()
+            for t in threads:
+                t.join(30)
+            assert not errors, errors
+            assert s.nsuccess + s.nfailed + s.naborted == 2000
+            with client.store.tx() as tx:
+                tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
+                actual = dict(tx.cur.fetchall())
+            assert actual.get("success", 0) == s.nsuccess and actual.get("aborted", 0) == s.naborted
+    finally:
+        for m in managers:
+            m.close()

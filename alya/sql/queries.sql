@@ -94,7 +94,10 @@ UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND sta
 -- late answer from a worker whose rows were recovered (or aborted) changes nothing.
 -- synchronous_commit off: a result lost in a server crash leaves its rows inprog, and recovery
 -- requeues them (processing is at-least-once; counts come from row statuses, so nothing counts twice).
+-- The batch row is key-share locked first (writers share it; abort's FOR UPDATE waits for them, and they
+-- for it): abort locks the batch and then the rows, and rows locked in two different orders deadlock.
 SET LOCAL synchronous_commit = off;
+SELECT 1 FROM batches WHERE id = %(batch)s FOR KEY SHARE;
 UPDATE batchrows r
 SET status = v.status::batch_status,
     res = v.res::jsonb,
@@ -111,7 +114,8 @@ WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.done
 -- name: release_rows
 -- Give claimed rows back untouched (shutdown, init failure): the attempt they cost is returned too.
 -- Like write_results, only rows still held at the claimed attempt: a row recovered and claimed again
--- meanwhile (even by this same worker) belongs to that newer claim.
+-- meanwhile (even by this same worker) belongs to that newer claim. Batch first, as in write_results.
+SELECT 1 FROM batches WHERE id = %(batch)s FOR KEY SHARE;
 UPDATE batchrows r SET status = 'queued', doneby = NULL, attempts = r.attempts - 1
 FROM unnest(%(lines)s::int[], %(attempts)s::int[]) AS v(line, attempts)
 WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.doneby = %(worker)s
