@@ -81,8 +81,9 @@ class JobManager:
         if not database_url:
             from alya.embedded import embedded_database_url
 
-            database_url = embedded_database_url()
-        self.store = Store(database_url)
+            self.store = Store(embedded_database_url)  # started on first use, not here
+        else:
+            self.store = Store(database_url)
         self.cache = StatusCache(redis_url or env.redis_url, self.config.batchstatus_cachedur_sec)
         self.objects = ObjectStore(object_store_url or env.object_store_url or default_object_store_url(),
                                    storage_options)
@@ -90,7 +91,8 @@ class JobManager:
         self.initblocks = InitBlocks(self.registry)
         self._dispatcher: Dispatcher | None = None
         self._engine: Engine | None = None
-        get_logger().debug("jobmanager", database=_where(database_url), dispatch=self.config.dispatch)
+        get_logger().debug("jobmanager", database=_where(database_url) if database_url else "embedded",
+                           dispatch=self.config.dispatch)
 
     @classmethod
     def from_env(cls) -> JobManager:

@@ -7,6 +7,7 @@ COPY from a stream, server-side cursors, and array parameters for one-statement-
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from functools import cache
@@ -99,20 +100,44 @@ class Tx:
 
 
 class Store:
-    def __init__(self, database_url: str, pool_size: int = 4) -> None:
-        self.database_url = database_url
+    """A connection pool on one database. The URL may be a callable (the embedded default), resolved on
+    first use: constructing a JobManager, e.g. when Prefect imports a flow module, touches nothing."""
+
+    def __init__(self, database_url: str | Callable[[], str], pool_size: int = 4) -> None:
+        self._url_source = database_url
+        self._url: str | None = database_url if isinstance(database_url, str) else None
+        self._pool_size = pool_size
         self._capacity = pool_size + 8
-        self.engine: Engine = create_engine(
-            sqlalchemy_url(database_url),
-            poolclass=QueuePool,
-            pool_size=pool_size,
-            max_overflow=self._capacity - pool_size,
-            # No pre-ping: it costs a round trip per transaction on the hot path. A dead pooled
-            # connection fails its statement with OperationalError instead; that is BackendUnavailable
-            # and the pool drops it (callers on the hot path retry).
-            pool_pre_ping=False,
-            pool_recycle=1800,
-        )
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def database_url(self) -> str:
+        if self._url is None:
+            with self._lock:
+                if self._url is None:
+                    assert callable(self._url_source)
+                    self._url = self._url_source()
+        return self._url
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            url = self.database_url
+            with self._lock:
+                if self._engine is None:
+                    self._engine = create_engine(
+                        sqlalchemy_url(url),
+                        poolclass=QueuePool,
+                        pool_size=self._pool_size,
+                        max_overflow=self._capacity - self._pool_size,
+                        # No pre-ping: it costs a round trip per transaction on the hot path. A dead pooled
+                        # connection fails its statement with OperationalError instead; that is
+                        # BackendUnavailable and the pool drops it (callers on the hot path retry).
+                        pool_pre_ping=False,
+                        pool_recycle=1800,
+                    )
+        return self._engine
 
     def _connect(self) -> Any:
         try:
@@ -141,7 +166,8 @@ class Store:
                 tx.conn.close()
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        if self._engine is not None:
+            self._engine.dispose()
 
 
 def _rollback(conn: Any) -> None:

@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 
 from alya import JobManager, JobManagerConfig
+
+# Test Prefect servers must not try to send telemetry (no network here; it only adds noise).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from tests import services
 
 
