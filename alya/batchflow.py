@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from alya.client import JobManager
 
 
+RETRY_WAIT_MAX_SEC = 60.0
+
+
 def flow_name(app: str, op: str) -> str:
     return f"alya-{app}-{op}".replace("_", "-").replace(".", "-")
 
@@ -35,20 +38,17 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
     engine = jm.engine
 
     @task(name=f"{name}-chunk", cache_policy=NO_CACHE, persist_result=False, retries=0)
-    def process_chunk(prefer: str | None) -> dict[str, Any]:
+    def process_chunk(only: str | None) -> dict[str, Any]:
         # Claims chunks (one statement each) back to back for up to task_seconds: Prefect's fixed cost
         # per task run is then small next to the work, whatever the chunk size the processor needs.
         deadline = time.monotonic() + cfg.task_seconds
-        total = engine.process_chunk(app, op, prefer).as_dict()
-        total["nprefer"] = total["nrows"] if prefer and total["batch"] == prefer else 0
+        total = engine.process_chunk(app, op, only).as_dict()
         while total["nrows"] and time.monotonic() < deadline and not engine.stopping.is_set():
-            more = engine.process_chunk(app, op, prefer).as_dict()
+            more = engine.process_chunk(app, op, only).as_dict()
             if not more["nrows"]:
                 break
             for k in ("nrows", "nsuccess", "nfailed", "nretry"):
                 total[k] += more[k]
-            if prefer and more["batch"] == prefer:
-                total["nprefer"] += more["nrows"]
             total["summarised"].extend(more["summarised"])
         return total
 
@@ -60,24 +60,31 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
         log_prints=False,
     )
     def batch_flow(batch_id: str | None = None) -> dict[str, Any]:
-        """Process queued chunks of this batch type (``batch_id`` first) until none is left or the run has
-        used its task budget; then, if work is left, hand over to a fresh flow run."""
+        """Process queued chunks of batch ``batch_id`` (a dispatched run), or of any batch of this type
+        (``jm.run``), until none is left or the run has used its task budget; then, if work is left,
+        hand over to a fresh flow run."""
         engine.start()
         progress = _Progress(jm, batch_id)
-        total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "nprefer": 0,
-                                 "tasks": 0, "summarised": []}
+        total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
+                                 "summarised": []}
         wave = cfg.worker_threads * 2
         while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
             n = min(wave, cfg.flow_max_tasks - total["tasks"])
             reports = [f.result() for f in process_chunk.map([batch_id] * n)]
             total["tasks"] += n
             for r in reports:
-                for k in ("nrows", "nsuccess", "nfailed", "nretry", "nprefer"):
+                for k in ("nrows", "nsuccess", "nfailed", "nretry"):
                     total[k] += r[k]
                 total["summarised"].extend(r["summarised"])
-            progress.update(total["nprefer"])  # rows of its own batch that this run has done
+            progress.update(total["nrows"] if batch_id else 0)
             if any(r["nrows"] == 0 for r in reports):
-                break  # nothing left to claim right now
+                # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
+                # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
+                # batches that have no live run.
+                wait = engine.next_claimable_in(batch_id) if batch_id else None
+                if wait is None or wait > RETRY_WAIT_MAX_SEC:
+                    break
+                engine.stopping.wait(wait + 0.05)
         else:
             if jm.dispatcher is not None and not engine.stopping.is_set():
                 jm.dispatcher.continue_batch_type(app, op, batch_id)

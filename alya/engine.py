@@ -129,14 +129,21 @@ class Engine:
         with self.jm.store.tx() as tx:
             return bool(tx.one("open_work_exists", types=keys)[0])  # type: ignore[index]
 
+    def next_claimable_in(self, batch_id: str) -> float | None:
+        """Seconds until a queued row of the batch may be claimed (0: now); None when none is queued."""
+        with self.jm.store.tx() as tx:
+            row = tx.one("next_claimable_in", id=batch_id)
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
     # ------------------------------------------------------------------ one chunk
-    def process_chunk(self, app: str, op: str, prefer: str | None = None) -> ChunkReport:
-        """Claim up to ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) and process them."""
+    def process_chunk(self, app: str, op: str, only: str | None = None) -> ChunkReport:
+        """Claim up to ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) (of batch ``only`` if
+        given) and process them."""
         reg = self.jm.registry.processor(app, op)
         self.start()
         if self.stopping.is_set():
             return ChunkReport()
-        claimed = self._claim(app, op, reg.type, prefer)
+        claimed = self._claim(app, op, reg.type, only)
         if claimed is None:
             return ChunkReport()
         report = ChunkReport(batch=claimed.batch)
@@ -199,13 +206,13 @@ class Engine:
                 time.sleep(delay)
                 delay *= 2
 
-    def _claim(self, app: str, op: str, type_: str, prefer: str | None) -> Claimed | None:
+    def _claim(self, app: str, op: str, type_: str, only: str | None) -> Claimed | None:
         n = self.jm.config.batchchunk_nrows
         worker = self.worker_id
         moved: list[str] = []
         claimed = None
         with self.jm.store.tx() as tx:
-            for batch, status, context in tx.all("open_batches", app=app, op=op, type=type_, prefer=prefer):
+            for batch, status, context in tx.all("open_batches", app=app, op=op, type=type_, only=only):
                 if status == "queued" and tx.one("batch_to_inprog", batch=batch) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).

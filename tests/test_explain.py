@@ -143,7 +143,7 @@ def test_batch_look_ups_use_the_primary_key(loaded: dict[str, Any], name: str) -
 
 
 def test_open_batches_uses_the_open_index(loaded: dict[str, Any]) -> None:
-    nodes = explain(loaded["conn"], "open_batches", app="app3", op="op3", type="B", prefer=None)
+    nodes = explain(loaded["conn"], "open_batches", app="app3", op="op3", type="B", only=None)
     assert "batches_open" in indexes(nodes)
     assert "batches" not in seq_scans(nodes)
 

@@ -58,11 +58,13 @@ WHERE app = %(app)s AND type = %(type)s AND (%(op)s::text IS NULL OR op = %(op)s
 ORDER BY reqat DESC;
 
 -- name: open_batches
--- Batches of one batch type that have rows to claim, oldest first; `prefer` goes first.
+-- Batches of one batch type that have rows to claim, oldest first; `only` (a dispatched flow run's
+-- batch) restricts to that batch, so that cancelling one batch's run never interrupts another batch.
 -- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
 SELECT id, status::text, context FROM batches
 WHERE app = %(app)s AND op = %(op)s AND type = %(type)s AND status IN ('queued', 'inprog')
-ORDER BY (id = %(prefer)s) DESC, reqat
+  AND (%(only)s::uuid IS NULL OR id = %(only)s::uuid)
+ORDER BY reqat
 LIMIT 100;
 
 -- name: claim_rows
@@ -196,3 +198,8 @@ INSERT INTO batchrows (batch, line, input) VALUES (%(batch)s, %(line)s, %(input)
 
 -- name: open_batches_all
 SELECT id, app, op FROM batches WHERE status IN ('queued', 'inprog') ORDER BY reqat LIMIT 1000;
+
+-- name: next_claimable_in
+-- Seconds until the batch's first queued row may be claimed (rows wait out a retry delay); NULL: none.
+SELECT extract(epoch FROM min(coalesce(notbefore, now())) - now())::float8
+FROM batchrows WHERE batch = %(id)s AND status = 'queued';
