@@ -90,7 +90,9 @@ class StatusCache:
             value = orjson.loads(raw)  # type: ignore[arg-type]
         except orjson.JSONDecodeError:
             return None  # not ours or damaged: a miss, and the next put replaces it
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict) or value.get("stale"):
+            return None
+        return value
 
     def put(self, key: str, value: dict[str, Any], ver: int, final: bool) -> bool:
         """Store ``value`` unless a newer version (or a final value) is cached. The stored value gains
@@ -104,6 +106,11 @@ class StatusCache:
         except redis.RedisError as exc:
             self._failed("put", exc, key)
             return False
+
+    def invalidate(self, key: str, ver: int) -> bool:
+        """Make the next read a miss, as a delete would, but leave version ``ver`` behind: a reader that
+        read PostgreSQL before this change (an older version) can then not put its value back."""
+        return self.put(key, {"stale": True}, ver, final=False)
 
     def delete(self, *keys: str) -> None:
         if not keys or not self._ready(*keys):

@@ -209,14 +209,14 @@ class Engine:
     def _claim(self, app: str, op: str, type_: str, only: str | None) -> Claimed | None:
         n = self.jm.config.batchchunk_nrows
         worker = self.worker_id
-        moved: list[str] = []
+        moved: list[tuple[str, int]] = []
         claimed = None
         with self.jm.store.tx() as tx:
             for batch, status, context in tx.all("open_batches", app=app, op=op, type=type_, only=only):
-                if status == "queued" and tx.one("batch_to_inprog", batch=batch) is not None:
+                if status == "queued" and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
-                    moved.append(str(batch))
+                    moved.append((str(batch), int(bumped[0])))
                 after = self._claim_hint.get(batch, 0)
                 rows = tx.all("claim_rows", batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
@@ -227,9 +227,9 @@ class Engine:
                     self._claim_hint[batch] = max(r[0] for r in rows)
                     claimed = Claimed(str(batch), type_, context, sorted(rows), worker)
                     break
-        for batch in moved:
+        for batch, ver in moved:
             status_change(app, op, batch, "inprog", old="queued")
-            self.jm.cache.delete(summary_key(batch))
+            self.jm.cache.invalidate(summary_key(batch), ver)
         return claimed
 
     def _run_rows(self, reg: Registration, initblock: Any, claimed: Claimed, log: Any
