@@ -168,9 +168,11 @@ class Engine:
             report.nsuccess = results["statuses"].count("success")
             report.nfailed = results["statuses"].count("failed")
             report.nretry = results["statuses"].count("queued")
-            self._write(claimed, results, log)
+            written = self._write(claimed, results, log)
             log.info("chunk_done", rows=report.nrows, success=report.nsuccess, failed=report.nfailed,
                      retry=report.nretry, first_line=claimed.rows[0][0], last_line=claimed.rows[-1][0])
+            if written < report.nrows:  # recovered from under us, or aborted: those answers are dropped
+                log.warning("results_discarded", rows=report.nrows - written, written=written)
         # Checked after our own commit, never inside it: two workers committing the last rows of a batch
         # at once would each see the other's rows still inprog in their own transaction, and neither
         # would summarise. After the commit, whoever commits last is sure to see every row final.
@@ -186,7 +188,7 @@ class Engine:
         with self.jm.store.tx() as tx:
             return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
 
-    def _write(self, claimed: Claimed, results: dict[str, list[Any]], log: Any) -> None:
+    def _write(self, claimed: Claimed, results: dict[str, list[Any]], log: Any) -> int:
         """The chunk's one write-back statement. Idempotent (only rows still held at the claimed attempt
         change), so it is simply repeated through a short outage. If it cannot be written, the rows are
         given back; if even that fails, this worker drops its identity, and recovery requeues the rows
@@ -195,8 +197,7 @@ class Engine:
         for attempt in range(1, WRITE_TRIES + 1):
             try:
                 with self.jm.store.tx() as tx:
-                    tx.run("write_results", batch=claimed.batch, worker=claimed.worker, **results)
-                return
+                    return tx.run("write_results", batch=claimed.batch, worker=claimed.worker, **results)
             except Exception as exc:
                 log.warning("write_failed", attempt=attempt, error=_describe(exc))
                 if attempt == WRITE_TRIES:
@@ -205,6 +206,7 @@ class Engine:
                     raise
                 time.sleep(delay)
                 delay *= 2
+        raise AssertionError("unreachable")
 
     def _claim(self, app: str, op: str, type_: str, only: str | None) -> Claimed | None:
         n = self.jm.config.batchchunk_nrows

@@ -38,12 +38,18 @@ def cleanup(jm: JobManager, types: list[tuple[str, str]] | None = None, redispat
         recovered = tx.all("recover_rows", sec=cfg.recovery_sec, max_attempts=cfg.max_attempts,
                            fail_messages=fail_messages)
         tx.run("forget_dead_workers", sec=cfg.recovery_sec)
-    for batch, line, status, _ in recovered:
+    # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
+    lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
+    for batch, line, status, worker in recovered:
         if status == "failed":
             report.failed += 1
         else:
             report.requeued += 1
-        log.warning("row_recovered", batch=str(batch), line=line, new=status)
+        lost.setdefault((str(batch), worker), {}).setdefault(status, []).append(line)
+    for (batch, worker), by_status in lost.items():
+        for status, lines in by_status.items():
+            log.warning("rows_recovered", batch=batch, dead_worker=worker, new=status, rows=len(lines),
+                        first_line=min(lines), last_line=max(lines))
     with jm.store.tx() as tx:
         missed = [str(b) for (b,) in tx.all("unsummarised_batches")]
     for batch in missed:

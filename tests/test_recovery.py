@@ -194,17 +194,17 @@ def test_late_write_while_another_worker_holds_the_rows(jm: JobManager, database
             tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
         again = other.engine._claim("rec", "held", "B", None)
         assert again is not None and len(again.rows) == 4
-        eng._write(old, results, eng.log)
+        assert eng._write(old, results, eng.log) == 0
         assert all(s[:3] == ("inprog", 2, other.engine.worker_id) for s in states(jm, bid).values())
         # and the same worker re-claiming at a newer attempt: the old attempt's answer is refused too
         with jm.store.tx() as tx:
             tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
         newer = eng._claim("rec", "held", "B", None)
         assert newer is not None
-        eng._write(old, results, eng.log)
+        assert eng._write(old, results, eng.log) == 0
         assert all(s[:3] == ("inprog", 3, eng.worker_id) for s in states(jm, bid).values())
         newer_results, _ = eng._run_rows(reg, None, newer, eng.log)
-        eng._write(newer, newer_results, eng.log)
+        assert eng._write(newer, newer_results, eng.log) == 4
         assert all(s[:2] == ("success", 3) for s in states(jm, bid).values())
     finally:
         other.close()
@@ -219,7 +219,7 @@ def test_late_write_after_abort_changes_nothing(jm: JobManager) -> None:
     results, _ = eng._run_rows(jm.registry.processor("rec", "abortlate"), None, claimed, eng.log)
     aborted = jm.batch_abort(bid)
     assert aborted.naborted == 6
-    eng._write(claimed, results, eng.log)
+    assert eng._write(claimed, results, eng.log) == 0
     assert all(s[0] == "aborted" for s in states(jm, bid).values())
     s = jm.batch_status(bid)
     assert (s.status, s.nsuccess, s.naborted) == (BatchStatus.ABORTED, 0, 6)

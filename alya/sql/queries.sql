@@ -176,7 +176,7 @@ DELETE FROM workers WHERE id = %(id)s;
 -- Rows held by a worker silent for recovery_sec go back to the queue; a row that has already used up
 -- its attempts (it may be what kills workers) fails instead.
 WITH dead AS (
-    SELECT r.batch, r.line FROM batchrows r
+    SELECT r.batch, r.line, r.doneby AS worker FROM batchrows r
     WHERE r.status = 'inprog'
       AND NOT EXISTS (SELECT 1 FROM workers w
                       WHERE w.id = r.doneby AND w.lastseen > now() - make_interval(secs => %(sec)s))
@@ -188,7 +188,7 @@ SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed'::batch_statu
     doneat = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
     messages = CASE WHEN r.attempts >= %(max_attempts)s THEN %(fail_messages)s::jsonb ELSE r.messages END
 FROM dead WHERE r.batch = dead.batch AND r.line = dead.line
-RETURNING r.batch, r.line, r.status::text, r.doneby;
+RETURNING r.batch, r.line, r.status::text, dead.worker;
 
 -- name: forget_dead_workers
 DELETE FROM workers WHERE lastseen < now() - make_interval(secs => %(sec)s * 10);
