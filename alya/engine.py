@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 ABORT_CHECK_SEC = 1.0
 WRITE_TRIES = 4
+INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per failure
+INIT_RETRY_MAX_SEC = 30.0
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Engine:
         self.jm = jm
         self.worker_id = _new_worker_id()
         self.stopping = threading.Event()
+        self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
         self._claim_hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
@@ -119,7 +122,10 @@ class Engine:
         return out
 
     def types_with_work(self, types: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        kinds = self._kinds(types)
+        """Types with a row to claim now, less those of apps whose init() is waiting to be retried."""
+        now = time.monotonic()
+        waiting = {app for app, (n, at) in list(self._init_failures.items()) if n and now < at}
+        kinds = self._kinds([t for t in types if t[0] not in waiting])
         with self.jm.store.tx() as tx:
             open_types = {(a, o, t) for a, o, t in tx.all("claimable_batch_types")}
         return [t for k, t in kinds.items() if k in open_types]
@@ -143,18 +149,16 @@ class Engine:
         self.start()
         if self.stopping.is_set():
             return ChunkReport()
+        # The init block before the claim: while the app's init() fails, its rows stay queued, untouched
+        # (not claimed and given back at every poll), and init() is retried with a growing delay.
+        ok, initblock = self._initblock(app)
+        if not ok:
+            return ChunkReport()
         claimed = self._claim(app, op, reg.type, only)
         if claimed is None:
             return ChunkReport()
         report = ChunkReport(batch=claimed.batch)
         log = self.log.bind(app=app, op=op, batch=claimed.batch)
-        try:
-            initblock = self.jm.initblocks.get(app)
-        except Exception as exc:
-            # Not the rows' fault: give them back untouched, to be tried again (here or elsewhere).
-            log.error("init_failed", error=_describe(exc), rows=len(claimed.rows))
-            self._release(claimed, [r[0] for r in claimed.rows])
-            return report
         try:
             results, unstarted = self._run_rows(reg, initblock, claimed, log)
         except BaseException:
@@ -183,6 +187,22 @@ class Engine:
             except AlyaError as exc:  # a failed upload: the batch stays open; cleanup() tries again
                 log.error("summary_failed", error=str(exc))
         return report
+
+    def _initblock(self, app: str) -> tuple[bool, Any]:
+        """The app's init block, or (False, None) while init() fails (and during its retry delay)."""
+        failures, retry_at = self._init_failures.get(app, (0, 0.0))
+        if failures and time.monotonic() < retry_at:
+            return False, None
+        try:
+            block = self.jm.initblocks.get(app)
+        except Exception as exc:
+            failures += 1
+            delay = min(INIT_RETRY_MAX_SEC, INIT_RETRY_SEC * 2 ** (failures - 1))
+            self._init_failures[app] = (failures, time.monotonic() + delay)
+            self.log.error("init_failed", app=app, error=_describe(exc), failures=failures, retry_in=delay)
+            return False, None
+        self._init_failures.pop(app, None)
+        return True, block
 
     def _all_final(self, batch: str) -> bool:
         with self.jm.store.tx() as tx:

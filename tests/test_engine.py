@@ -4,6 +4,7 @@ real PostgreSQL and Redis; a few go through jm.run and the Prefect flows."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -220,18 +221,20 @@ def test_init_block_created_once_and_reused(database_url: str, redis_url: str, f
         jm.close()
 
 
-def test_init_failure_requeues_rows_without_spending_attempts(jm: JobManager) -> None:
+def test_init_failure_leaves_rows_queued_without_spending_attempts(jm: JobManager,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import alya.engine
+
+    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.0)
     init, proc = Init(fail_first=2), Proc()
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "initfail", proc)
     bid = jm.batch_submit("eng", "initfail", {}, rows(150))
-    rep = jm.engine.process_chunk("eng", "initfail")
-    assert rep.batch == bid and rep.nrows == 0
-    st = row_state(jm, bid)
-    assert all(v == ("queued", 0, None) for v in st.values())
+    for n in (1, 2):
+        rep = jm.engine.process_chunk("eng", "initfail")
+        assert rep.nrows == 0 and init.calls == n
+        assert all(v == ("queued", 0, None) for v in row_state(jm, bid).values())
     assert sum(proc.calls.values()) == 0
-    rep = jm.engine.process_chunk("eng", "initfail")  # second init failure
-    assert all(v[0] == "queued" and v[1] == 0 for v in row_state(jm, bid).values())
     drain(jm, "eng", "initfail")  # init works now
     assert init.calls == 3
     done = jm.batch_done(bid)
@@ -240,7 +243,34 @@ def test_init_failure_requeues_rows_without_spending_attempts(jm: JobManager) ->
     assert len(proc.done) == 1
 
 
-def test_init_broken_leaves_rows_queued_not_failed(jm: JobManager) -> None:
+def test_init_failure_is_retried_with_a_growing_delay(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    import alya.engine
+
+    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.3)
+    init = Init(broken=True)
+    jm.register_initializer("eng", init)
+    jm.register_batch_processor("eng", "backoff", Proc())
+    jm.batch_submit("eng", "backoff", {}, rows(5))
+    jm.engine.process_chunk("eng", "backoff")
+    jm.engine.process_chunk("eng", "backoff")  # within the delay: init() is not called again
+    assert init.calls == 1
+    assert jm.engine.types_with_work([("eng", "backoff")]) == []  # no flow run for it meanwhile either
+    time.sleep(0.35)
+    assert jm.engine.types_with_work([("eng", "backoff")]) == [("eng", "backoff")]
+    jm.engine.process_chunk("eng", "backoff")
+    assert init.calls == 2
+    time.sleep(0.35)  # the second delay is twice the first
+    jm.engine.process_chunk("eng", "backoff")
+    assert init.calls == 2
+    time.sleep(0.3)
+    init.broken = False
+    assert drain(jm, "eng", "backoff") == 5 and init.calls == 3
+
+
+def test_init_broken_leaves_rows_queued_not_failed(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    import alya.engine
+
+    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.0)
     init, proc = Init(broken=True), Proc()
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "broken", proc)
