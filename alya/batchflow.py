@@ -82,6 +82,8 @@ def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, An
                 # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
                 # batches that have no live run.
                 wait = engine.next_claimable_in(batch_id) if batch_id else None
+                if wait is not None:  # and an init() that failed is retried after its own delay
+                    wait = max(wait, engine.init_retry_in(app))
                 if wait is None or wait > RETRY_WAIT_MAX_SEC:
                     break
                 engine.stopping.wait(wait + 0.05)

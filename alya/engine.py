@@ -188,6 +188,11 @@ class Engine:
                 log.error("summary_failed", error=str(exc))
         return report
 
+    def init_retry_in(self, app: str) -> float:
+        """Seconds until the app's failed init() is tried again (0: not waiting)."""
+        failures, retry_at = self._init_failures.get(app, (0, 0.0))
+        return max(0.0, retry_at - time.monotonic()) if failures else 0.0
+
     def _initblock(self, app: str) -> tuple[bool, Any]:
         """The app's init block, or (False, None) while init() fails (and during its retry delay)."""
         failures, retry_at = self._init_failures.get(app, (0, 0.0))

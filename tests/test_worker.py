@@ -222,3 +222,26 @@ def test_batch_flow_run_artifacts_and_task_budget(database_url: str, redis_url: 
         assert tables and any("success" in str(a.data) and "f.txt" in str(a.data) for a in tables)
     finally:
         jm.close()
+
+
+def test_dispatched_flow_run_waits_out_a_failing_init(database_url: str, redis_url: str, file_store_url: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow run for one batch whose app's init() fails at first: it waits for the init retry instead of
+    spinning through its task budget, and finishes the batch once init() works."""
+    import alya.engine
+    from alya.batchflow import make_batch_flow
+    from tests.procs import Init
+
+    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.3)
+    jm = manager(database_url, redis_url, file_store_url)
+    try:
+        init = Init(fail_first=2)
+        jm.register_initializer("wrk", init)
+        jm.register_batch_processor("wrk", "initwait", Proc())
+        bid = jm.batch_submit("wrk", "initwait", {}, rows(50))
+        result = make_batch_flow(jm, "wrk", "initwait")(batch_id=bid)
+        assert jm.batch_status(bid).status is BatchStatus.SUCCESS
+        assert init.calls == 3
+        assert result["tasks"] <= 20, result
+    finally:
+        jm.close()
