@@ -1,8 +1,12 @@
 """The processing engine: claim a chunk, run the processor on each row, acknowledge the chunk, summarise
 finished batches. No Prefect here: the batch-type flows (``alya.batchflow``) wrap these calls in tasks.
 
-Per chunk there are exactly two statements on the hot path: one claim (FOR UPDATE SKIP LOCKED over the
-partial index of queued rows) and one acknowledgement (UPDATE ... FROM unnest(arrays)).
+Per chunk, never per row: one claim (FOR UPDATE SKIP LOCKED over the partial index of queued rows, in
+the transaction that lists the open batches), one acknowledgement (UPDATE ... FROM unnest(arrays)), and
+after its commit one indexed look-up whether the batch has open rows left (then it is summarised).
+
+Lock order everywhere: the batch row before its rows (claim of a queued batch, write-back, release,
+abort, summary), so that no two of them can deadlock.
 """
 
 from __future__ import annotations
