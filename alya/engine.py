@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from alya.registry import Registration
 
 ABORT_CHECK_SEC = 1.0
+PROGRESS_REFRESH_SEC = 5.0
 WRITE_TRIES = 4
 INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per failure
 INIT_RETRY_MAX_SEC = 30.0
@@ -64,6 +65,7 @@ class Claimed:
     context: dict[str, Any]
     rows: list[tuple[int, str, int]]  # line, input JSON, attempts (ordered by line)
     worker: str  # the identity the rows were claimed under (and are written back as)
+    ver: int = 0  # the batch's status version when claimed (for cache invalidation)
 
 
 class Engine:
@@ -74,6 +76,7 @@ class Engine:
         self.worker_id = _new_worker_id()
         self.stopping = threading.Event()
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
+        self._progress_at: dict[str, float] = {}  # batch -> when this worker last refreshed its counts
         self._claim_hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
@@ -181,6 +184,7 @@ class Engine:
                      retry=report.nretry, first_line=claimed.rows[0][0], last_line=claimed.rows[-1][0])
             if written < report.nrows:  # recovered from under us, or aborted: those answers are dropped
                 log.warning("results_discarded", rows=report.nrows - written, written=written)
+            self._refresh_progress(claimed)
         # Checked after our own commit, never inside it: two workers committing the last rows of a batch
         # at once would each see the other's rows still inprog in their own transaction, and neither
         # would summarise. After the commit, whoever commits last is sure to see every row final.
@@ -213,6 +217,16 @@ class Engine:
         self._init_failures.pop(app, None)
         return True, block
 
+    def _refresh_progress(self, claimed: Claimed) -> None:
+        """Let pollers see progress: at most every PROGRESS_REFRESH_SEC per batch and worker, the cached
+        counts are invalidated (one Redis call), so the next batch_status recounts from PostgreSQL."""
+        now = time.monotonic()
+        if now - self._progress_at.get(claimed.batch, 0.0) >= PROGRESS_REFRESH_SEC:
+            if len(self._progress_at) > 1000:
+                self._progress_at.clear()
+            self._progress_at[claimed.batch] = now
+            self.jm.cache.invalidate(summary_key(claimed.batch), claimed.ver)
+
     def _all_final(self, batch: str) -> bool:
         with self.jm.store.tx() as tx:
             return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
@@ -243,11 +257,12 @@ class Engine:
         moved: list[tuple[str, int]] = []
         claimed = None
         with self.jm.store.tx() as tx:
-            for batch, status, context in tx.all("open_batches", app=app, op=op, type=type_, only=only):
+            for batch, status, context, ver in tx.all("open_batches", app=app, op=op, type=type_, only=only):
                 if status == "queued" and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
-                    moved.append((str(batch), int(bumped[0])))
+                    ver = int(bumped[0])
+                    moved.append((str(batch), ver))
                 after = self._claim_hint.get(batch, 0)
                 rows = tx.all("claim_rows", batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
@@ -256,7 +271,7 @@ class Engine:
                     if len(self._claim_hint) > 1000:
                         self._claim_hint.clear()
                     self._claim_hint[batch] = max(r[0] for r in rows)
-                    claimed = Claimed(str(batch), type_, context, sorted(rows), worker)
+                    claimed = Claimed(str(batch), type_, context, sorted(rows), worker, ver)
                     break
         for batch, ver in moved:
             status_change(app, op, batch, "inprog", old="queued")

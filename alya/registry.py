@@ -69,7 +69,12 @@ class Registry:
             raise InvalidInput(f"a {'batch' if type_ == 'B' else 'slow-query'} processor needs {method} and mark_done")
         reg = Registration(app, op, type_, processor)
         with self._lock:
-            self._processors[(app, op)] = reg
+            old = self._processors.get((app, op))
+            if old is not None and old.type != type_:
+                # One (app, op) is one batch type and one Prefect flow: it cannot be both kinds.
+                raise InvalidInput(f"{app}/{op} is already registered as a "
+                                   f"{'batch' if old.type == 'B' else 'slow-query'} processor")
+            self._processors[(app, op)] = reg  # the same kind again replaces the processor
         return reg
 
     def processor(self, app: str, op: str) -> Registration:

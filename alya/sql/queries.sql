@@ -61,7 +61,7 @@ ORDER BY reqat DESC;
 -- Batches of one batch type that have rows to claim, oldest first; `only` (a dispatched flow run's
 -- batch) restricts to that batch, so that cancelling one batch's run never interrupts another batch.
 -- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
-SELECT id, status::text, context FROM batches
+SELECT id, status::text, context, ver FROM batches
 WHERE app = %(app)s AND op = %(op)s AND type = %(type)s AND status IN ('queued', 'inprog')
   AND (%(only)s::uuid IS NULL OR id = %(only)s::uuid)
 ORDER BY reqat
