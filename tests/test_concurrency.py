@@ -3,6 +3,7 @@ worker processes (jm.run) on several batches."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ import pytest
 from alya import BatchStatus, JobManager
 from alya.store import Tx
 from tests.conftest import make_config
-from tests.procs import Proc, rows
+from tests.procs import Proc, rows, wait_until
 
 
 def two_managers(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> tuple[JobManager, JobManager]:
@@ -111,7 +112,7 @@ def test_two_workers_finish_together_repeatedly(database_url: str, redis_url: st
 @pytest.mark.usefixtures("prefect_harness")
 def test_several_worker_processes_on_several_batches(database_url: str, redis_url: str, file_store_url: str,
                                                      tmp_path: Any) -> None:
-    """Three worker processes (jm.run until idle) on five batches of two batch types: every row is
+    """Three worker processes (jm.run, stopped by SIGTERM at the end) on five batches of two batch types: every row is
     processed exactly once, every summary equals the rows' actual statuses, one mark_done per batch, and
     the output files hold every line in order."""
     import fsspec
@@ -126,11 +127,25 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
     ids: dict[str, str] = {}
     for tag, (op, n) in sizes.items():
         data = [(line, {"mode": "fail"} if line % 13 == 0 else {}) for line in range(1, n + 1)]
-        ids[tag] = jm.batch_submit("multi", op, {"tag": tag}, data)
+        ids[tag] = jm.batch_submit("multi", op, {"tag": tag}, data, wait=True)
+    # Held in `wait` until all three workers are up: they start at different speeds (Prefect's import
+    # alone takes seconds on a loaded machine), and the first one up would otherwise do everything.
     workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.005",
-                            "--chunk", "15", "--idle", out=str(tmp_path / f"worker{i}.out")) for i in range(3)]
+                            "--chunk", "15", out=str(tmp_path / f"worker{i}.out")) for i in range(3)]
     try:
-        codes = [w.wait(240) for w in workers]
+        def registered() -> bool:
+            with jm.store.tx() as tx:
+                tx.cur.execute("SELECT count(*) FROM workers")
+                return int(tx.cur.fetchone()[0]) >= 3
+
+        wait_until(registered, timeout=180, what="three workers registered")
+        for bid in ids.values():
+            jm.wait_off(bid)
+        wait_until(lambda: all(jm.batch_status(b).status.is_final for b in ids.values()), timeout=240,
+                   what="every batch final")
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        codes = [w.wait(60) for w in workers]
     finally:
         for w in workers:
             if w.poll() is None:
