@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -29,6 +30,17 @@ def admin_exec(sql: str) -> None:
     try:
         with conn.cursor() as cur:
             cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement on its own connection (a test looking behind the library's back)."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else []
     finally:
         conn.close()
 

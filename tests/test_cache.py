@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import orjson
-import psycopg2
 import pytest
 import redis
 import structlog.testing
@@ -22,19 +21,12 @@ from redis.crc import key_slot
 from alya import BatchInput, BatchJobResult, BatchStatus, JobManager
 from alya.cache import StatusCache, done_key, summary_key
 from tests.conftest import make_config
+from tests.services import sql
 
 APP = "cachetest"
 S = BatchStatus
 
 
-def sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def rows(n: int, start: int = 1) -> list[BatchInput]:

@@ -14,7 +14,6 @@ from functools import partial
 from typing import Any, cast
 
 import pandas as pd
-import psycopg2
 import pytest
 import redis
 import structlog.testing
@@ -40,20 +39,13 @@ from alya import (
 from alya.cache import summary_key
 from tests import services
 from tests.conftest import make_config
+from tests.services import sql
 
 APP = "client"
 S = BatchStatus
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 def db_state(database_url: str) -> tuple[Any, ...]:
