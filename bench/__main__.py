@@ -81,7 +81,10 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
             jm.wait_off(bid)
         while not all(jm.batch_status(b).status.is_final for b in batch_ids):
             time.sleep(0.05)
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        peaks = [_peak_rss_mib(p.pid) for p in procs]
+        print(f"worker peak RSS (MiB): {', '.join(f'{m:.0f}' for m in peaks)}")
+        return elapsed
     finally:
         for p in procs:
             p.terminate()
@@ -89,6 +92,17 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
             p.wait(60)
         conn.close()
         jm.close()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 @app.command()
