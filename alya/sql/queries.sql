@@ -129,6 +129,10 @@ WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.done
 SELECT (SELECT line FROM batchrows WHERE batch = %(id)s AND status = 'queued' ORDER BY line LIMIT 1) IS NOT NULL
     OR (SELECT line FROM batchrows WHERE batch = %(id)s AND status = 'inprog' LIMIT 1) IS NOT NULL;
 
+-- name: queued_after
+-- A queued row past `after`, if any: an index probe that starts where this worker's chunk ended.
+SELECT line FROM batchrows WHERE batch = %(id)s AND status = 'queued' AND line > %(after)s ORDER BY line LIMIT 1;
+
 -- name: lock_open_batch
 -- The summariser's lock: whoever gets it first finds the batch open, everyone after finds it final.
 SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
