@@ -121,6 +121,13 @@ def test_has_open_rows_uses_the_partial_indexes(loaded: dict[str, Any]) -> None:
         assert "batchrows" not in seq_scans(nodes)
 
 
+def test_queued_after_probes_the_queued_index(loaded: dict[str, Any]) -> None:
+    for batch in (loaded["half"], str(uuid.uuid4())):
+        nodes = explain(loaded["conn"], "queued_after", id=batch, after=10)
+        assert "batchrows_queued" in indexes(nodes), batch
+        assert "batchrows" not in seq_scans(nodes)
+
+
 @pytest.mark.parametrize("name", ["row_counts", "batch_rows", "abort_rows", "slowquery_row", "batch_blobrows"])
 def test_per_batch_row_queries_use_an_index(loaded: dict[str, Any], name: str) -> None:
     nodes = explain(loaded["conn"], name, id=loaded["half"])
