@@ -318,7 +318,9 @@ class Engine:
                             trace=traceback.format_exc(limit=3) if status == "failed" else None)
             else:
                 if status == "failed":
-                    log.info("row_failed", line=line)
+                    log.info("row_status", line=line, old="inprog", new="failed")
+                else:  # per-row success at debug: at 20k rows/s an info line per row would be the load
+                    log.debug("row_status", line=line, old="inprog", new=status)
             out["lines"].append(line)
             out["attempts"].append(attempts)
             out["statuses"].append(status)
