@@ -95,6 +95,9 @@ class Engine:
             self._hb_thread.start()
 
     def shutdown(self) -> None:
+        """Stop: a ``jm.run`` loop on another thread ends after its current row (giving back the rest of
+        its chunk), then this worker leaves the ``workers`` table and closes its init blocks."""
+        self.stopping.set()
         self._hb_stop.set()
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=5)
@@ -227,12 +230,12 @@ class Engine:
             self._progress_at[claimed.batch] = now
             self.jm.cache.invalidate(summary_key(claimed.batch), claimed.ver)
 
-    def _all_final(self, batch: str, after: int) -> bool:
+    def _all_final(self, batch: str, after: int | None = None) -> bool:
         """Whether every row of the batch is final. Queued rows past this chunk answer "no" cheaply, which
         is the usual case; only near the end of a batch is the full check (both partial indexes from the
         start, past the index entries of rows already done) worth its cost."""
         with self.jm.store.tx() as tx:
-            if tx.one("queued_after", id=batch, after=after) is not None:
+            if after is not None and tx.one("queued_after", id=batch, after=after) is not None:
                 return False
             return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
 

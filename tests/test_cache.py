@@ -158,7 +158,7 @@ def test_concurrent_writers_end_on_the_final_value(jm: JobManager, r: redis.Redi
         for ver, final in part:
             jm.cache.put(key, {"status": "success" if final else "inprog"}, ver=ver, final=final)
 
-    threads = [threading.Thread(target=writer, args=(writes[i::8],)) for i in range(8)]
+    threads = [threading.Thread(daemon=True, target=writer, args=(writes[i::8],)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -301,7 +301,7 @@ class FlakyRedis:
         self.port = self.srv.getsockname()[1]
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(daemon=True, target=self._accept).start()
 
     def _accept(self) -> None:
         while True:
@@ -316,7 +316,7 @@ class FlakyRedis:
             with self.lock:
                 self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(daemon=True, target=self._pump, args=(a, b)).start()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:

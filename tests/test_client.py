@@ -415,7 +415,7 @@ def test_concurrent_aborts_and_appends_serialise(database_url: str, redis_url: s
             except AlyaError as exc:
                 results.append(exc)
 
-        threads = [threading.Thread(target=append, args=(k,)) for k in range(8)]
+        threads = [threading.Thread(daemon=True, target=append, args=(k,)) for k in range(8)]
         for t in threads:
             t.start()
         for t in threads:
@@ -432,7 +432,7 @@ def test_concurrent_aborts_and_appends_serialise(database_url: str, redis_url: s
             start.wait()
             summaries.append(jm.batch_abort(bid))
 
-        threads = [threading.Thread(target=abort) for _ in range(8)]
+        threads = [threading.Thread(daemon=True, target=abort) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
@@ -694,7 +694,7 @@ def test_registration(jm: JobManager) -> None:
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=register, args=(k,)) for k in range(8)]
+    threads = [threading.Thread(daemon=True, target=register, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -35,7 +35,7 @@ def run_both(a: JobManager, b: JobManager, op: str) -> list[Any]:
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
-    threads = [threading.Thread(target=go, args=(jm,)) for jm in (a, b)]
+    threads = [threading.Thread(daemon=True, target=go, args=(jm,)) for jm in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
@@ -208,11 +208,11 @@ def test_abort_racing_the_first_claim_does_not_deadlock(jm: JobManager, monkeypa
         except BaseException as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=work)
+    t = threading.Thread(daemon=True, target=work)
     t.start()
     assert claimed_rows.wait(10)
     aborted: list[Any] = []
-    a = threading.Thread(target=lambda: aborted.append(jm.batch_abort(bid)))
+    a = threading.Thread(daemon=True, target=lambda: aborted.append(jm.batch_abort(bid)))
     a.start()
     time.sleep(0.5)  # the abort is now waiting on a lock the claim holds
     go.set()
@@ -253,7 +253,7 @@ def test_aborts_during_busy_write_backs(database_url: str, redis_url: str, file_
                         errors.append(exc)
                         return
 
-            threads = [threading.Thread(target=work, args=(m,)) for m in workers]
+            threads = [threading.Thread(daemon=True, target=work, args=(m,)) for m in workers]
             for t in threads:
                 t.start()
             time.sleep(rnd.uniform(0.02, 0.3))

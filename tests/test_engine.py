@@ -395,7 +395,7 @@ def test_concurrent_summarise_exactly_once(jm: JobManager) -> None:
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
-    threads = [threading.Thread(target=go) for _ in range(12)]
+    threads = [threading.Thread(daemon=True, target=go) for _ in range(12)]
     for t in threads:
         t.start()
     for t in threads:

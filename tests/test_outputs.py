@@ -76,7 +76,7 @@ def test_files_in_line_order_across_chunks_and_workers(where: str, request: pyte
         # submitted out of order, processed by two workers in interleaved chunks
         data = [(n, blob_input(n)) for n in reversed(lines)]
         bid = a.batch_submit("out", "files", {}, data)
-        threads = [threading.Thread(target=drain, args=(jm, "out", "files")) for jm in (a, b)]
+        threads = [threading.Thread(daemon=True, target=drain, args=(jm, "out", "files")) for jm in (a, b)]
         for t in threads:
             t.start()
         for t in threads:
@@ -218,7 +218,7 @@ class _RssSampler:
         self.peak = 0
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(daemon=True, target=self._run)
 
     def rss(self) -> int:
         with open("/proc/self/statm") as fh:

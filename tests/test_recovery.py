@@ -150,7 +150,7 @@ def test_late_write_from_a_dead_worker_changes_nothing(database_url: str, redis_
         b.register_batch_processor("rec", "late", pb)
         bid = a.batch_submit("rec", "late", {}, [(n, {"x": n}) for n in range(1, 6)])
         reports: list[Any] = []
-        ta = threading.Thread(target=lambda: reports.append(a.engine.process_chunk("rec", "late")))
+        ta = threading.Thread(daemon=True, target=lambda: reports.append(a.engine.process_chunk("rec", "late")))
         ta.start()
         assert entered.wait(30)
         a_id = a.engine.worker_id

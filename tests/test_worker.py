@@ -81,7 +81,7 @@ def test_abort_while_running(database_url: str, redis_url: str, file_store_url: 
     jm.register_batch_processor("wrk", "abort", proc)
     data = [(n, {"x": n, "sleep": 0.02, **({"mode": "fail"} if n % 10 == 0 else {})}) for n in range(1, 1001)]
     bid = jm.batch_submit("wrk", "abort", {}, data)
-    runner = threading.Thread(target=jm.run, kwargs={"stop_when_idle": True})
+    runner = threading.Thread(daemon=True, target=jm.run, kwargs={"stop_when_idle": True})
     try:
         runner.start()
         wait_until(lambda: sum(1 for s in states(jm, bid).values() if s[0] in ("success", "failed")) >= 60,
@@ -132,7 +132,7 @@ def test_abort_races_the_write_back(jm: JobManager) -> None:
     jm.register_batch_processor("wrk", "race", proc)
     bid = jm.batch_submit("wrk", "race", {}, rows(5) + [(6, {"mode": "raise"})])
     rep: list[Any] = []
-    t = threading.Thread(target=lambda: rep.append(jm.engine.process_chunk("wrk", "race")))
+    t = threading.Thread(daemon=True, target=lambda: rep.append(jm.engine.process_chunk("wrk", "race")))
     t.start()
     assert entered.wait(30)
     summary = jm.batch_abort(bid)
@@ -167,7 +167,7 @@ def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis
         claimed = b.engine._claim("wrk", "held", "B", None)
         assert claimed is not None
         returned = threading.Event()
-        t = threading.Thread(target=lambda: (a.run(stop_when_idle=True), returned.set()))
+        t = threading.Thread(daemon=True, target=lambda: (a.run(stop_when_idle=True), returned.set()))
         t.start()
         time.sleep(3.0)
         assert not returned.is_set()
