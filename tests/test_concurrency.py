@@ -129,8 +129,9 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
         data = [(line, {"mode": "fail"} if line % 13 == 0 else {}) for line in range(1, n + 1)]
         ids[tag] = jm.batch_submit("multi", op, {"tag": tag}, data, wait=True)
     # Held in `wait` until all three workers are up: they start at different speeds (Prefect's import
-    # alone takes seconds on a loaded machine), and the first one up would otherwise do everything.
-    workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.005",
+    # alone takes seconds on a loaded machine), and the first one up would otherwise do everything;
+    # 20 ms per row (20 s of work in all) outlasts the first flow run's start-up in each worker.
+    workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.02",
                             "--chunk", "15", out=str(tmp_path / f"worker{i}.out")) for i in range(3)]
     try:
         def registered() -> bool:
@@ -155,6 +156,7 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
     ends = [(r[1], int(r[2])) for r in entries if r[0] == "end"]
     pids = {r[3] for r in entries if r[0] == "end"}
     assert len(ends) == len(set(ends)) == sum(n for _, n in sizes.values())  # each row exactly once
+    print("rows per worker:", Counter(r[3] for r in entries if r[0] == "end"))
     assert len(pids) >= 2  # the work was actually shared
     dones = [r for r in entries if r[0] == "done"]
     assert sorted(r[1] for r in dones) == sorted(ids.values())  # one mark_done per batch
