@@ -3,12 +3,14 @@
 Everything an application needs is importable from here; see README.md and the contract in the spec.
 """
 
+from alya.batchflow import batch_flow
 from alya.client import JobManager
 from alya.errors import (
     AlyaError,
     BackendUnavailable,
     BatchNotFound,
     ConfigError,
+    DatabaseNotMigrated,
     InvalidInput,
     InvalidState,
     ProcessorNotFound,
@@ -42,6 +44,7 @@ __all__ = [
     "BatchStatus",
     "BatchSummary",
     "ConfigError",
+    "DatabaseNotMigrated",
     "ErrorMessage",
     "InitBlock",
     "Initializer",
@@ -53,5 +56,6 @@ __all__ = [
     "SlowQueryDone",
     "SlowQueryProcessor",
     "SlowQueryResult",
+    "batch_flow",
     "migrate_database",
 ]

@@ -1,8 +1,18 @@
-"""Each batch type (app, op) is one Prefect flow whose mapped tasks each process one chunk of rows.
+"""Each batch type (app, op) is one Prefect flow; its mapped tasks run the engine's claim loop.
 
-Prefect only ever sees chunks: a flow run maps at most ``flow_max_tasks`` chunk tasks (the Prefect
-server drops events past ~1,000 task runs per flow run) in waves sized to a bounded thread pool. Tasks take
-and return only small values; the database connections stay inside the task.
+A batch-type flow is a plain module-level ``@flow`` where Prefect needs to import it (a deployment's
+entrypoint), declared with :func:`batch_flow` and calling :func:`run_batch`::
+
+    @alya.batch_flow("bank", "txn")
+    def bank_txn_flow(batch_id: str | None = None) -> dict:
+        return jm.process_batches("bank", "txn", batch_id)
+
+``jm.run`` builds the same flow in-process (:func:`make_batch_flow`) for the types registered on it.
+
+Prefect only ever sees tasks that each claim and process chunks for up to ``task_seconds``: a flow run
+maps at most ``flow_max_tasks`` of them (the Prefect server drops events past ~1,000 task runs per flow
+run) in waves sized to a bounded thread pool. Tasks take and return only small values; the database
+connections stay inside the engine.
 """
 
 from __future__ import annotations
@@ -10,107 +20,121 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, cast
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from alya import names
+from alya.dispatch import Dispatcher
+from alya.engine import Engine
 from alya.errors import AlyaError
 from alya.logs import get_logger
-
-if TYPE_CHECKING:
-    from alya.client import JobManager
-
+from alya.recovery import cleanup
+from alya.settings import JobManagerConfig
 
 RETRY_WAIT_MAX_SEC = 60.0
 
 
-def flow_name(app: str, op: str) -> str:
-    return f"alya-{app}-{op}".replace("_", "-").replace(".", "-")
-
-
-def make_batch_flow(jm: JobManager, app: str, op: str) -> Flow[..., dict[str, Any]]:
-    """The Prefect flow of one batch type, bound to the processors registered on ``jm``."""
-    name = flow_name(app, op)
-    cfg = jm.config
-    engine = jm.engine
-
-    @task(name=f"{name}-chunk", cache_policy=NO_CACHE, persist_result=False, retries=0)
-    def process_chunk(only: str | None) -> dict[str, Any]:
-        # Claims chunks (one statement each) back to back for up to task_seconds: Prefect's fixed cost
-        # per task run is then small next to the work, whatever the chunk size the processor needs.
-        deadline = time.monotonic() + cfg.task_seconds
-        total = engine.process_chunk(app, op, only).as_dict()
-        while total["nrows"] and time.monotonic() < deadline and not engine.stopping.is_set():
-            more = engine.process_chunk(app, op, only).as_dict()
-            if not more["nrows"]:
-                break
-            for k in ("nrows", "nsuccess", "nfailed", "nretry"):
-                total[k] += more[k]
-            total["summarised"].extend(more["summarised"])
-        return total
-
-    @flow(
-        name=name,
+def batch_flow(app: str, op: str,
+               config: JobManagerConfig | None = None) -> Callable[[Callable[..., Any]], Flow[..., Any]]:
+    """The ``@flow`` decorator of batch type (app, op): its name (``alya-{app}-{op}``), a task runner
+    bounded to ``ALYA_WORKER_THREADS`` (never Prefect's default), no result persistence."""
+    cfg = config or JobManagerConfig()  # type: ignore[call-arg]  # the fields come from ALYA_* too
+    return flow(  # type: ignore[no-any-return]
+        name=names.flow_name(app, op),
         task_runner=ThreadPoolTaskRunner(max_workers=cfg.worker_threads),  # type: ignore[arg-type]
         persist_result=False,
         validate_parameters=False,
         log_prints=False,
     )
-    def batch_flow(batch_id: str | None = None) -> dict[str, Any]:
-        """Process queued chunks of batch ``batch_id`` (a dispatched run), or of any batch of this type
-        (``jm.run``), until none is left or the run has used its task budget; then, if work is left,
-        hand over to a fresh flow run."""
-        engine.start()
-        progress = _Progress(jm, batch_id)
-        total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
-                                 "summarised": []}
-        wave = cfg.worker_threads * 2
-        while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
-            n = min(wave, cfg.flow_max_tasks - total["tasks"])
-            reports = [f.result() for f in process_chunk.map([batch_id] * n)]
-            total["tasks"] += n
-            for r in reports:
-                for k in ("nrows", "nsuccess", "nfailed", "nretry"):
-                    total[k] += r[k]
-                total["summarised"].extend(r["summarised"])
-            progress.update(total["nrows"] if batch_id else 0)
-            if any(r["nrows"] == 0 for r in reports):
-                # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
-                # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
-                # batches that have no live run.
-                wait = engine.next_claimable_in(batch_id) if batch_id else None
-                if wait is not None:  # and an init() that failed is retried after its own delay
-                    wait = max(wait, engine.init_retry_in(app))
-                if wait is None or wait > RETRY_WAIT_MAX_SEC:
-                    break
-                engine.stopping.wait(wait + 0.05)
-        else:
-            if jm.dispatcher is not None and not engine.stopping.is_set():
-                jm.dispatcher.continue_batch_type(app, op, batch_id)
-        progress.finish(total["summarised"])
-        return total
 
-    return batch_flow
+
+@task(name="alya-chunks", cache_policy=NO_CACHE, persist_result=False, retries=0)
+def process_chunks(engine: Engine, app: str, op: str, only: str | None) -> dict[str, Any]:
+    """Claims chunks (one statement each) back to back for up to ``task_seconds``: Prefect's fixed cost per
+    task run is then small next to the work, whatever the chunk size the processor needs."""
+    deadline = time.monotonic() + engine.svc.config.task_seconds
+    total = engine.process_chunk(app, op, only).as_dict()
+    while total["nrows"] and time.monotonic() < deadline and not engine.stopping.is_set():
+        more = engine.process_chunk(app, op, only).as_dict()
+        if not more["nrows"]:
+            break
+        for k in ("nrows", "nsuccess", "nfailed", "nretry"):
+            total[k] += more[k]
+        total["summarised"].extend(more["summarised"])
+    return total
+
+
+def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
+              dispatcher: Dispatcher | None = None) -> dict[str, Any]:
+    """The body of a batch-type flow run: process queued chunks of batch ``batch_id`` (a dispatched run),
+    or of any batch of this type (``jm.run``), until none is left or the run has used its task budget;
+    then, if work is left, hand over to a fresh flow run."""
+    cfg = engine.svc.config
+    engine.start()
+    progress = _Progress(engine, batch_id)
+    chunk_task = process_chunks.with_options(name=f"{names.flow_name(app, op)}-chunks")
+    total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
+                             "summarised": []}
+    wave = cfg.worker_threads * 2
+    while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
+        n = min(wave, cfg.flow_max_tasks - total["tasks"])
+        futures = chunk_task.map(unmapped(engine), unmapped(app), unmapped(op), [batch_id] * n)
+        reports = [f.result() for f in futures]
+        total["tasks"] += n
+        for r in reports:
+            for k in ("nrows", "nsuccess", "nfailed", "nretry"):
+                total[k] += r[k]
+            total["summarised"].extend(r["summarised"])
+        progress.update(total["nrows"] if batch_id else 0)
+        if any(r["nrows"] == 0 for r in reports):
+            # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
+            # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
+            # batches that have no live run.
+            wait = engine.next_claimable_in(batch_id) if batch_id else None
+            if wait is not None:  # and an init() that failed is retried after its own delay
+                wait = max(wait, engine.init_retry_in(app))
+            if wait is None or wait > RETRY_WAIT_MAX_SEC:
+                break
+            engine.stopping.wait(wait + 0.05)
+    else:
+        if dispatcher is not None and batch_id and not engine.stopping.is_set():
+            dispatcher.continue_batch(app, op, batch_id)
+    progress.finish(total["summarised"])
+    return total
+
+
+def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | None = None) -> Flow[..., Any]:
+    """The flow of one batch type, built in-process (``jm.run``, tests). Deployed flows are module-level
+    functions decorated with :func:`batch_flow` instead, so that Prefect can import them."""
+
+    def batch_type_flow(batch_id: str | None = None) -> dict[str, Any]:
+        return run_batch(engine, app, op, batch_id, dispatcher)
+
+    batch_type_flow.__doc__ = f"Batch type {app}/{op}: process its queued rows."
+    return batch_flow(app, op, engine.svc.config)(batch_type_flow)
 
 
 class _Progress:
     """A progress artifact kept up to date per wave, and a summary table at the end (Prefect UI)."""
 
-    def __init__(self, jm: JobManager, batch_id: str | None) -> None:
-        self.jm = jm
+    def __init__(self, engine: Engine, batch_id: str | None) -> None:
+        self.summaries = engine.svc.summaries
         self.batch_id = batch_id
         self.nrows = 0
         self.artifact_id: Any = None
         if batch_id:
             try:
-                self.nrows = jm.batch_status(batch_id).nrows
+                self.nrows = self.summaries.read(batch_id).value.nrows
                 from prefect.artifacts import create_progress_artifact
 
                 self.artifact_id = create_progress_artifact(
-                    progress=0.0, key=f"alya-progress-{batch_id}", description=f"rows done of batch {batch_id}"
+                    progress=0.0, key=names.progress_artifact_key(batch_id),
+                    description=f"rows done of batch {batch_id}"
                 )
             except Exception as exc:
                 get_logger().debug("progress_artifact_failed", error=str(exc))
@@ -138,34 +162,35 @@ class _Progress:
 
             table = []
             for bid in ids:
-                s = self.jm.batch_status(bid)
+                s = self.summaries.read(bid).value
                 if bid == self.batch_id and s.status.is_final:
                     self._set(100.0)  # other runs may have done part of it
                 table.append({"batch": bid, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
                               "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued,
                               "ninprog": s.ninprog, "outputfiles": ", ".join(s.outputfiles.values())})
-            create_table_artifact(table=table, key="alya-summary", description="batches touched by this run")
+            key = names.summary_artifact_key(self.batch_id) if self.batch_id else None
+            create_table_artifact(table=table, key=key, description="batches touched by this run")
         except Exception as exc:
             get_logger().debug("summary_artifact_failed", error=str(exc))
 
 
-def run_worker(jm: JobManager, stop_when_idle: bool = False) -> None:
-    """The in-process worker behind ``jm.run``: runs the batch-type flows of the processors registered on
-    ``jm`` whenever their work is queued, and the idempotent cleanup every few seconds.
+def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_when_idle: bool = False,
+               dispatcher: Dispatcher | None = None) -> None:
+    """The in-process worker behind ``jm.run``: runs the flows of the batch types ``types()`` returns
+    whenever their work is queued, and the idempotent cleanup every few seconds.
 
     Flows run on a helper thread, so the main thread keeps alya's SIGTERM handler: Prefect only installs
     its own (which crashes the flow run mid-chunk) when a flow runs on the main thread."""
-    engine = jm.engine
     engine.stopping.clear()
     if threading.current_thread() is not threading.main_thread():
-        _worker_loop(jm, stop_when_idle)
+        _worker_loop(engine, types, stop_when_idle, dispatcher)
         return
     restore = _install_sigterm(engine)
     errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            _worker_loop(jm, stop_when_idle)
+            _worker_loop(engine, types, stop_when_idle, dispatcher)
         except BaseException as exc:  # re-raised on the caller's thread
             errors.append(exc)
 
@@ -184,47 +209,47 @@ def run_worker(jm: JobManager, stop_when_idle: bool = False) -> None:
         raise errors[0]
 
 
-def _worker_loop(jm: JobManager, stop_when_idle: bool) -> None:
-    from alya.recovery import cleanup
-
-    engine = jm.engine
+def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], stop_when_idle: bool,
+                 dispatcher: Dispatcher | None) -> None:
+    cfg = engine.svc.config
     log = get_logger().bind(worker=engine.worker_id)
-    flows: dict[tuple[str, str], Flow[..., dict[str, Any]]] = {}
+    flows: dict[tuple[str, str], Flow[..., Any]] = {}
     engine.start()
-    log.info("worker_started", types=[f"{r.app}/{r.op}" for r in jm.registry.batch_types()])
+    log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
     next_cleanup = 0.0
     try:
         while not engine.stopping.is_set():
-            types = [(r.app, r.op) for r in jm.registry.batch_types()]
+            types = types_of()
             try:
                 if time.monotonic() >= next_cleanup:
-                    cleanup(jm, types=types)
-                    next_cleanup = time.monotonic() + max(1.0, jm.config.recovery_sec / 4)
+                    cleanup(engine, types=types)
+                    next_cleanup = time.monotonic() + max(1.0, cfg.recovery_sec / 4)
                 todo = engine.types_with_work(types)
             except AlyaError as exc:  # an outage: log, back off, try again
                 log.error("worker_loop_failed", error=str(exc))
-                engine.stopping.wait(max(1.0, jm.config.poll_sec))
+                engine.stopping.wait(max(1.0, cfg.poll_sec))
                 continue
             worked = False
             for app, op in todo:
-                fl = flows.get((app, op)) or flows.setdefault((app, op), make_batch_flow(jm, app, op))
+                if (app, op) not in flows:
+                    flows[(app, op)] = make_batch_flow(engine, app, op, dispatcher)
                 try:
-                    result = fl(batch_id=None)
+                    result = cast(dict[str, Any], flows[(app, op)](batch_id=None))
                 except Exception as exc:  # an outage: log, back off, try again
                     log.error("flow_failed", app=app, op=op, error=f"{type(exc).__name__}: {exc}")
-                    engine.stopping.wait(max(1.0, jm.config.poll_sec))
+                    engine.stopping.wait(max(1.0, cfg.poll_sec))
                     continue
                 worked = worked or bool(result["nrows"] or result["summarised"])
             if stop_when_idle and not worked and not engine.open_work(types):
                 break
             if not worked:
-                engine.stopping.wait(jm.config.poll_sec)
+                engine.stopping.wait(cfg.poll_sec)
     finally:
         engine.shutdown()
         log.info("worker_stopped")
 
 
-def _install_sigterm(engine: Any) -> Any:
+def _install_sigterm(engine: Engine) -> Callable[[], Any]:
     """SIGTERM: finish the current row, give back the rest of the chunk, exit the loop."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None

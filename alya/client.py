@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from contextlib import closing
 from typing import TYPE_CHECKING, Any, Union
 
-import psycopg2
-import psycopg2.errorcodes
 from sqlalchemy.engine import make_url
 
 from alya import validate
-from alya.cache import StatusCache, done_key, summary_key
-from alya.errors import BatchNotFound, ConfigError, InvalidInput, InvalidState
+from alya.batchflow import make_batch_flow, run_batch, run_worker
+from alya.cache import StatusCache
+from alya.dispatch import Dispatcher
+from alya.engine import Engine
+from alya.errors import BatchNotFound, InvalidInput, InvalidState
 from alya.ingest import COPY_ROWS, CopyStream, iter_rows
 from alya.logs import get_logger, status_change
 from alya.models import (
@@ -32,37 +32,25 @@ from alya.models import (
     messages_from_json,
 )
 from alya.outputs import ObjectStore
+from alya.records import BatchRecord, Counts, SlowQueryRow
+from alya.recovery import CleanupReport, cleanup
 from alya.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
+from alya.services import Services
 from alya.settings import Backends, JobManagerConfig, default_object_store_url
 from alya.store import Store, Tx, json_text, sqlalchemy_url
+from alya.summary import Summaries, record_summary, row_counts
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from alya.dispatch import Dispatcher
-    from alya.engine import Engine
+    from prefect.flows import Flow
 
 Rows = Union[Iterable[BatchInput], Iterable[tuple[int, Any]], "pd.DataFrame"]
 
-_BATCH_COLS = ("id", "app", "op", "type", "status", "context", "inputfile", "reqat", "doneat", "outputfiles",
-               "nrows", "nsuccess", "nfailed", "naborted", "ver")
-
-
-def batch_record(row: tuple[Any, ...]) -> dict[str, Any]:
-    return dict(zip(_BATCH_COLS, row, strict=True))
-
-
-def details_of(rec: dict[str, Any]) -> BatchDetails:
-    return BatchDetails(
-        id=str(rec["id"]), app=rec["app"], op=rec["op"], type=rec["type"], status=BatchStatus(rec["status"]),
-        context=rec["context"], inputfile=rec["inputfile"], reqat=rec["reqat"], doneat=rec["doneat"],
-        outputfiles=rec["outputfiles"] or {}, nrows=rec["nrows"], nsuccess=rec["nsuccess"],
-        nfailed=rec["nfailed"], naborted=rec["naborted"],
-    )
-
 
 class JobManager:
-    """The application's handle on alya. Thread-safe; create one per process and share it."""
+    """The application's handle on alya: the contract's API, and the wiring of the layers below it
+    (store, cache, object store, summaries, engine, dispatcher), which it builds and delegates to.
+    Thread-safe; create one per process and share it."""
 
     def __init__(
         self,
@@ -74,23 +62,27 @@ class JobManager:
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         env = Backends()
-        self.config = config or JobManagerConfig()  # type: ignore[call-arg]  # fields come from ALYA_* too
-        if self.config.dispatch not in ("none", "prefect"):
-            raise ConfigError(f"unknown ALYA_DISPATCH {self.config.dispatch!r}")
+        self.config = config or JobManagerConfig()  # type: ignore[call-arg]  # the fields come from ALYA_* too
         database_url = database_url or env.database_url
         if not database_url:
             from alya.embedded import embedded_database_url
 
-            self.store = Store(embedded_database_url)  # started on first use, not here
+            store = Store(embedded_database_url)  # started on first use, not here
         else:
-            self.store = Store(database_url)
-        self.cache = StatusCache(redis_url or env.redis_url, self.config.batchstatus_cachedur_sec)
-        self.objects = ObjectStore(object_store_url or env.object_store_url or default_object_store_url(),
-                                   storage_options)
-        self.registry = Registry()
-        self.initblocks = InitBlocks(self.registry)
-        self._dispatcher: Dispatcher | None = None
+            store = Store(database_url)
+        cache = StatusCache(redis_url or env.redis_url, self.config.batchstatus_cachedur_sec)
+        objects = ObjectStore(object_store_url or env.object_store_url or default_object_store_url(),
+                              storage_options)
+        registry = Registry()
+        self.services = Services(
+            config=self.config, store=store, cache=cache, objects=objects,
+            summaries=Summaries(store, cache, self.config.done_cache_rows),
+            registry=registry, initblocks=InitBlocks(registry),
+        )
+        self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
+            else None
         self._engine: Engine | None = None
+        self._flows: dict[tuple[str, str], Flow[..., Any]] = {}
         get_logger().debug("jobmanager", database=_where(database_url) if database_url else "embedded",
                            dispatch=self.config.dispatch)
 
@@ -98,6 +90,34 @@ class JobManager:
     def from_env(cls) -> JobManager:
         """Everything from ALYA_* variables, with embedded defaults for what is unset."""
         return cls()
+
+    # The backends, for applications and tests that look behind the API (e.g. the store's database URL).
+    @property
+    def store(self) -> Store:
+        return self.services.store
+
+    @property
+    def cache(self) -> StatusCache:
+        return self.services.cache
+
+    @property
+    def objects(self) -> ObjectStore:
+        return self.services.objects
+
+    @property
+    def registry(self) -> Registry:
+        return self.services.registry
+
+    @property
+    def initblocks(self) -> InitBlocks:
+        return self.services.initblocks
+
+    @property
+    def engine(self) -> Engine:
+        """The processing side of this JobManager (created on first use: clients never need it)."""
+        if self._engine is None:
+            self._engine = Engine(self.services)
+        return self._engine
 
     # ------------------------------------------------------------------ registration
     def register_initializer(self, app: str, initializer: Initializer) -> None:
@@ -127,92 +147,64 @@ class JobManager:
         pairs = iter_rows(rows)
         batch_id = str(uuid.uuid4())
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
-        with self._writing(), self.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.run("insert_batch", id=batch_id, app=app, op=op, type="B", context=json_text(ctx),
                    inputfile=inputfile, status=status.value)
-            n = self._copy_rows(tx, batch_id, pairs, self.config.batchrowmax)
+            n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax)
             ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
         status_change(app, op, batch_id, status.value, nrows=n)
-        self._cache_summary(batch_id, ver, status, n, nqueued=n)
-        if not wait:
-            self._dispatch(app, op, batch_id)
+        self._queued(app, op, batch_id, ver, status, n)
         return batch_id
 
     def batch_append(self, batch_id: str, rows: Rows, wait: bool = False) -> int:
         """Add rows to a batch held in `wait`; `wait=False` then releases it. Returns the total rows."""
         batch_id = validate.batch_id(batch_id)
         pairs = iter_rows(rows)
-        with self._writing(), self.store.tx() as tx:
-            rec = self._locked(tx, batch_id)
-            if rec["type"] != "B" or rec["status"] != BatchStatus.WAIT.value:
-                raise InvalidState(f"batch {batch_id} is {rec['status']}: rows are appended only while wait")
-            n = self._copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec["nrows"])
-            total = rec["nrows"] + n
+        with self.store.tx() as tx:
+            rec = _locked(tx, batch_id)
+            if rec.type != "B" or rec.status is not BatchStatus.WAIT:
+                raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
+            n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec.nrows)
+            total = rec.nrows + n
             status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
             ver = tx.one("set_nrows_status", id=batch_id, nrows=total, status=status.value)[0]  # type: ignore[index]
         if not wait:
-            status_change(rec["app"], rec["op"], batch_id, status.value, old="wait", nrows=total)
-        self._cache_summary(batch_id, ver, status, total, nqueued=total)
-        if not wait:
-            self._dispatch(rec["app"], rec["op"], batch_id)
+            status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
+        self._queued(rec.app, rec.op, batch_id, ver, status, total)
         return int(total)
 
     def wait_off(self, batch_id: str) -> int:
         """Release a batch held in `wait` to the workers; already queued is a no-op."""
         batch_id = validate.batch_id(batch_id)
         with self.store.tx() as tx:
-            rec = self._locked(tx, batch_id)
-            if rec["status"] == BatchStatus.QUEUED.value:
-                return int(rec["nrows"])
-            if rec["status"] != BatchStatus.WAIT.value:
-                raise InvalidState(f"batch {batch_id} is {rec['status']}: only a wait batch can be released")
+            rec = _locked(tx, batch_id)
+            if rec.status is BatchStatus.QUEUED:
+                return rec.nrows
+            if rec.status is not BatchStatus.WAIT:
+                raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
             ver = tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
-        status_change(rec["app"], rec["op"], batch_id, "queued", old="wait", nrows=rec["nrows"])
-        self._cache_summary(batch_id, ver, BatchStatus.QUEUED, rec["nrows"], nqueued=rec["nrows"])
-        self._dispatch(rec["app"], rec["op"], batch_id)
-        return int(rec["nrows"])
+        status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
+        self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
+        return rec.nrows
 
     def batch_status(self, batch_id: str) -> BatchSummary:
         """Counts and status, from Redis when cached, else from PostgreSQL (and then cached)."""
-        return _summary_of(self._summary_dict(validate.batch_id(batch_id)))
+        return self.services.summaries.read(validate.batch_id(batch_id)).value
 
     def batch_done(self, batch_id: str) -> BatchDone:
         """The status, and once final every row ordered by line."""
         batch_id = validate.batch_id(batch_id)
-        s = self._summary_dict(batch_id)
-        status = BatchStatus(s["status"])
+        summary = self.services.summaries.read(batch_id)
+        s = summary.value
         rows: list[BatchOutput] | None = None
-        if status.is_final:
-            rows = self._final_rows(batch_id, s)
-        return BatchDone(status=status, rows=rows, outputfiles=s["outputfiles"], nsuccess=s["nsuccess"],
-                         nfailed=s["nfailed"], naborted=s["naborted"])
+        if s.status.is_final:
+            rows = self.services.summaries.final_rows(batch_id, summary)
+        return BatchDone(status=s.status, rows=rows, outputfiles=s.outputfiles, nsuccess=s.nsuccess,
+                         nfailed=s.nfailed, naborted=s.naborted)
 
     def batch_abort(self, batch_id: str) -> BatchSummary:
         """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""
         return self._abort(batch_id, None)
-
-    def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
-        batch_id = validate.batch_id(batch_id)
-        with self.store.tx() as tx:
-            rec = self._locked(tx, batch_id)
-            if type_ is not None and rec["type"] != type_:
-                raise InvalidState(f"{batch_id} is a batch, not a slow query")
-            status = BatchStatus(rec["status"])
-            if status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
-                raise InvalidState(f"batch {batch_id} already ended {status.value}")
-            if status is BatchStatus.ABORTED:
-                return _summary_of(self._summary_from_record(tx, rec))
-            n_aborted_now = tx.run("abort_rows", id=batch_id)
-            counts = _counts(tx, batch_id)
-            ver, _ = tx.one(  # type: ignore[misc]
-                "finish_batch", id=batch_id, status="aborted", nsuccess=counts.get("success", 0),
-                nfailed=counts.get("failed", 0), naborted=counts.get("aborted", 0), outputfiles="{}",
-            )
-        status_change(rec["app"], rec["op"], batch_id, "aborted", old=status.value,
-                      rows_aborted=n_aborted_now)
-        summary = self._put_summary(batch_id, ver, BatchStatus.ABORTED, rec["nrows"], counts, {})
-        self._cancel(batch_id)
-        return _summary_of(summary)
 
     def batch_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
         return self._list(app, op, age_days, "B")
@@ -225,29 +217,26 @@ class JobManager:
         ctx = validate.json_object(context, "context")
         data = json_text(validate.json_object(input, "input"))
         req_id = str(uuid.uuid4())
-        with self._writing(), self.store.tx() as tx:
+        with self.store.tx() as tx:
             tx.run("insert_batch", id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
                    inputfile=None, status="queued")
             tx.run("insert_row", batch=req_id, line=0, input=data)
             ver = tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
         status_change(app, op, req_id, "queued", type="Q")
-        self._cache_summary(req_id, ver, BatchStatus.QUEUED, 1, nqueued=1)
-        self._dispatch(app, op, req_id)
+        self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
         return req_id
 
     def slowquery_done(self, req_id: str) -> SlowQueryDone:
         req_id = validate.batch_id(req_id)
-        s = self._summary_dict(req_id)
-        status = BatchStatus(s["status"])
-        if not status.is_final:
-            return SlowQueryDone(status=status, result=None, messages=[], outputfiles={})
+        s = self.services.summaries.read(req_id).value
+        if not s.status.is_final:
+            return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
         with self.store.tx() as tx:
-            row = tx.one("slowquery_row", id=req_id)
+            row: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=req_id)
         if row is None:
             raise InvalidState(f"{req_id} is not a slow query")
-        _, res, messages, _ = row
-        return SlowQueryDone(status=status, result=res, messages=messages_from_json(messages),
-                             outputfiles=s["outputfiles"])
+        return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
+                             outputfiles=s.outputfiles)
 
     def slowquery_abort(self, req_id: str) -> None:
         self._abort(req_id, "Q")
@@ -258,9 +247,27 @@ class JobManager:
     # ------------------------------------------------------------------ workers
     def run(self, stop_when_idle: bool = False) -> None:
         """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked)."""
-        from alya.batchflow import run_worker
+        run_worker(self.engine, self._types, stop_when_idle=stop_when_idle, dispatcher=self.dispatcher)
 
-        run_worker(self, stop_when_idle=stop_when_idle)
+    def process_batches(self, app: str, op: str, batch_id: str | None = None) -> dict[str, Any]:
+        """The body of a batch-type flow (see ``alya.batch_flow``): process queued rows of batch
+        ``batch_id``, or of every batch of (app, op) when None, with the processors registered here."""
+        return run_batch(self.engine, validate.app_name(app), validate.op_name(op), batch_id, self.dispatcher)
+
+    def flow(self, app: str, op: str) -> Flow[..., Any]:
+        """The Prefect flow of batch type (app, op), built in-process for the processors registered here."""
+        key = (validate.app_name(app), validate.op_name(op))
+        if key not in self._flows:
+            self._flows[key] = make_batch_flow(self.engine, key[0], key[1], self.dispatcher)
+        return self._flows[key]
+
+    def cleanup(self, redispatch: bool = False) -> CleanupReport:
+        """One idempotent recovery pass (see ``alya.recovery.cleanup``); with ``redispatch`` and
+        ALYA_DISPATCH=prefect, queued batches that no live flow run serves get one (the sweeper's job)."""
+        report = cleanup(self.engine, types=self._types())
+        if redispatch and self.dispatcher is not None:
+            report.dispatched = self.dispatcher.redispatch_idle()
+        return report
 
     def close(self) -> None:
         if self._engine is not None:
@@ -270,128 +277,66 @@ class JobManager:
         self.store.dispose()
 
     # ------------------------------------------------------------------ internals
-    def _copy_rows(self, tx: Tx, batch_id: str, pairs: Any, max_rows: int) -> int:
-        stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
-        try:
-            tx.copy_in(COPY_ROWS, stream)
-        except psycopg2.Error:
-            # A bad row (or the caller's own iterable raising) abandons the COPY; psycopg2 reports that as
-            # QueryCanceled. Raise what really happened; the transaction is rolled back on the way out.
-            if stream.error is not None:
-                raise stream.error from None
-            raise
-        if stream.count == 0:
-            raise InvalidInput("a batch needs at least one row")
-        return stream.count
+    def _types(self) -> list[tuple[str, str]]:
+        return [(r.app, r.op) for r in self.registry.batch_types()]
 
-    def _writing(self) -> _TranslateDbErrors:
-        return _TranslateDbErrors()
+    def _queued(self, app: str, op: str, batch_id: str, ver: int, status: BatchStatus, nrows: int) -> None:
+        """After a commit that stored or released rows: cache the summary, and if the rows are now
+        queued, dispatch a flow run. Nothing here may raise: the call has already succeeded."""
+        self.services.summaries.put_new(batch_id, ver, status, nrows, Counts(queued=nrows))
+        if status is BatchStatus.QUEUED and self.dispatcher is not None:
+            try:
+                self.dispatcher.start_batch(app, op, batch_id)
+            except Exception as exc:  # a batch whose flow run could not be created stays queued for the sweeper
+                get_logger().warning("dispatch_failed", app=app, op=op, batch=batch_id,
+                                     error=f"{type(exc).__name__}")
 
-    def _locked(self, tx: Tx, batch_id: str) -> dict[str, Any]:
-        row = tx.one("lock_batch", id=batch_id)
-        if row is None:
-            raise BatchNotFound(f"no batch {batch_id}")
-        return batch_record(row)
+    def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
+        batch_id = validate.batch_id(batch_id)
+        with self.store.tx() as tx:
+            rec = _locked(tx, batch_id)
+            if type_ is not None and rec.type != type_:
+                raise InvalidState(f"{batch_id} is a batch, not a slow query")
+            if rec.status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
+                raise InvalidState(f"batch {batch_id} already ended {rec.status.value}")
+            if rec.status is BatchStatus.ABORTED:
+                return record_summary(tx, rec).value
+            n_aborted_now = tx.run("abort_rows", id=batch_id)
+            counts = row_counts(tx, batch_id)
+            ver, _ = tx.one(  # type: ignore[misc]
+                "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
+                nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}",
+            )
+        status_change(rec.app, rec.op, batch_id, "aborted", old=rec.status.value, rows_aborted=n_aborted_now)
+        summary = self.services.summaries.put_new(batch_id, ver, BatchStatus.ABORTED, rec.nrows, counts)
+        if self.dispatcher is not None:
+            self.dispatcher.cancel_batch(batch_id)  # never raises: the abort is committed
+        return summary.value
 
     def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:
         app = validate.app_name(app)
         op = validate.op_name(op) if op is not None else None
         age_days = validate.age_days(age_days)
         with self.store.tx() as tx:
-            rows = tx.all("list_batches", app=app, op=op, type=type_, age_days=age_days)
-        return [details_of(batch_record(r)) for r in rows]
-
-    def _summary_dict(self, batch_id: str) -> dict[str, Any]:
-        cached = self.cache.get(summary_key(batch_id))
-        if cached is not None:
-            return cached
-        with self.store.tx() as tx:
-            row = tx.one("get_batch", id=batch_id)
-            if row is None:
-                raise BatchNotFound(f"no batch {batch_id}")
-            rec = batch_record(row)
-            summary = self._summary_from_record(tx, rec)
-        self.cache.put(summary_key(batch_id), summary, rec["ver"], BatchStatus(rec["status"]).is_final)
-        return {**summary, "ver": rec["ver"]}
-
-    def _summary_from_record(self, tx: Tx, rec: dict[str, Any]) -> dict[str, Any]:
-        status = BatchStatus(rec["status"])
-        if status.is_final:
-            counts = {"success": rec["nsuccess"], "failed": rec["nfailed"], "aborted": rec["naborted"]}
-        else:
-            counts = _counts(tx, str(rec["id"]))
-        return _summary(status, rec["nrows"], counts, rec["outputfiles"] or {})
-
-    def _cache_summary(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, nqueued: int) -> None:
-        self._put_summary(batch_id, ver, status, nrows, {"queued": nqueued}, {})
-
-    def _put_summary(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: dict[str, int],
-                     outputfiles: dict[str, str]) -> dict[str, Any]:
-        summary = _summary(status, nrows, counts, outputfiles)
-        self.cache.put(summary_key(batch_id), summary, ver, status.is_final)
-        return summary
-
-    def _final_rows(self, batch_id: str, summary: dict[str, Any]) -> list[BatchOutput]:
-        small = summary["nrows"] <= self.config.done_cache_rows
-        if small:
-            cached = self.cache.get(done_key(batch_id))
-            if cached is not None:
-                return [_output(r) for r in cached["rows"]]
-            with self.store.tx() as tx:
-                raw = tx.all("batch_rows", id=batch_id)
-            self.cache.put(done_key(batch_id), {"rows": raw}, summary.get("ver", 0), final=True)
-            return [_output(r) for r in raw]
-        # Large: rows go from a server-side cursor straight into the result, never held twice.
-        with self.store.tx() as tx, closing(tx.stream("batch_rows", id=batch_id)) as cursor:
-            return [_output(r) for r in cursor]
-
-    @property
-    def engine(self) -> Engine:
-        """The processing side of this JobManager (created on first use: clients never need it)."""
-        if self._engine is None:
-            from alya.engine import Engine
-
-            self._engine = Engine(self)
-        return self._engine
-
-    @property
-    def dispatcher(self) -> Dispatcher | None:
-        if self.config.dispatch != "prefect":
-            return None
-        if self._dispatcher is None:
-            from alya.dispatch import Dispatcher
-
-            self._dispatcher = Dispatcher(self.config)
-        return self._dispatcher
-
-    def _dispatch(self, app: str, op: str, batch_id: str) -> None:
-        # After the commit: the call has succeeded, so nothing here may raise. A batch whose flow run
-        # could not be created stays queued for the sweeper.
-        try:
-            if self.dispatcher is not None:
-                self.dispatcher.start_batch(app, op, batch_id)
-        except Exception as exc:
-            get_logger().warning("dispatch_failed", app=app, op=op, batch=batch_id, error=f"{type(exc).__name__}")
-
-    def _cancel(self, batch_id: str) -> None:
-        try:
-            if self.dispatcher is not None:
-                self.dispatcher.cancel_batch(batch_id)
-        except Exception as exc:
-            get_logger().warning("cancel_failed", batch=batch_id, error=f"{type(exc).__name__}")
+            recs: list[BatchRecord] = tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_,
+                                                 age_days=age_days)
+        return [r.details() for r in recs]
 
 
-class _TranslateDbErrors:
-    """Turn the database's refusals of bad rows into InvalidInput (the transaction is already undone)."""
+def _copy_rows(tx: Tx, batch_id: str, pairs: Any, max_rows: int) -> int:
+    stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
+    tx.copy_in(COPY_ROWS, stream)
+    n = stream.count
+    if n == 0:
+        raise InvalidInput("a batch needs at least one row")
+    return n
 
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, psycopg2.errors.UniqueViolation):
-            raise InvalidInput("line numbers must be unique within a batch") from exc
-        if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
-            raise InvalidInput(f"rows refused by the database: {str(exc).splitlines()[0]}") from exc
+def _locked(tx: Tx, batch_id: str) -> BatchRecord:
+    rec: BatchRecord | None = tx.record(BatchRecord, "lock_batch", id=batch_id)
+    if rec is None:
+        raise BatchNotFound(f"no batch {batch_id}")
+    return rec
 
 
 def _where(database_url: str) -> str:
@@ -401,30 +346,3 @@ def _where(database_url: str) -> str:
     except Exception:
         return "?"
     return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database}"
-
-
-def _counts(tx: Tx, batch_id: str) -> dict[str, int]:
-    return {status: n for status, n in tx.all("row_counts", id=batch_id)}
-
-
-def _summary(status: BatchStatus, nrows: int, counts: dict[str, int],
-             outputfiles: dict[str, str]) -> dict[str, Any]:
-    return {
-        "status": status.value, "outputfiles": outputfiles, "nrows": nrows,
-        "nsuccess": counts.get("success", 0), "nfailed": counts.get("failed", 0),
-        "naborted": counts.get("aborted", 0), "nqueued": counts.get("queued", 0),
-        "ninprog": counts.get("inprog", 0),
-    }
-
-
-def _summary_of(s: dict[str, Any]) -> BatchSummary:
-    return BatchSummary(
-        status=BatchStatus(s["status"]), outputfiles=s["outputfiles"], nrows=s["nrows"],
-        nsuccess=s["nsuccess"], nfailed=s["nfailed"], naborted=s["naborted"], nqueued=s["nqueued"],
-        ninprog=s["ninprog"],
-    )
-
-
-def _output(r: Any) -> BatchOutput:
-    line, status, res, messages = r
-    return BatchOutput(line=line, status=BatchStatus(status), res=res, messages=messages_from_json(messages))

@@ -4,9 +4,12 @@ queued, cancel them on abort, and find queued batches that no live flow run serv
 Dispatch is an optimisation over polling, never the source of truth: a failed dispatch leaves the batch
 queued in PostgreSQL (and says so in the log), and the sweeper dispatches it on its next run.
 
-A flow run is created with the Prefect client (never ``run_deployment`` from inside a flow, so it is never
-a subflow of the caller, and nothing waits for it: ``timeout=0`` semantics). Its idempotency key is
-deterministic per dispatch event, so a retried call never makes a second run:
+A flow run is created with the Prefect client, not ``run_deployment(..., timeout=0, as_subflow=False)``:
+that does the same two calls, but through a client with Prefect's default 60 s request timeout and a
+deployment look-up per call, where a submit must never hang on a sick Prefect server (``API_TIMEOUT_SEC``)
+and the deployment id is cached. The run is never a subflow of the caller, and nothing waits for it. Its
+idempotency key (``alya.names.dispatch_key``) is deterministic per dispatch event, so a retried call never
+makes a second run:
 
 - ``alya:{batch}:release``: the batch became queued (submit, append with wait=False, wait-off; a batch
   becomes queued exactly once);
@@ -21,30 +24,16 @@ import threading
 import time
 import uuid
 from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from alya.batchflow import flow_name
+from alya import names
 from alya.logs import get_logger
 from alya.settings import JobManagerConfig
-
-if TYPE_CHECKING:
-    from alya.client import JobManager
+from alya.store import Store
 
 ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 API_TIMEOUT_SEC = 10.0  # one Prefect API call; submit must never hang on a sick Prefect server
 PAGE = 200
-
-
-def batch_tag(batch_id: str) -> str:
-    return f"alya-batch:{batch_id}"
-
-
-def run_tags(app: str, op: str, batch_id: str) -> list[str]:
-    return ["alya", f"alya-app:{app}", f"alya-op:{op}", batch_tag(batch_id)]
-
-
-def run_name(app: str, op: str, batch_id: str) -> str:
-    return f"{app}-{op}-{batch_id}"
 
 
 def _state_type(run: Any) -> str | None:
@@ -56,13 +45,17 @@ def _err(exc: BaseException) -> str:
 
 
 class Dispatcher:
-    def __init__(self, config: JobManagerConfig) -> None:
+    """Flow runs of batch types: created when work is queued, cancelled on abort, re-created by the sweeper
+    for queued batches that no live run serves."""
+
+    def __init__(self, config: JobManagerConfig, store: Store) -> None:
         self.config = config
+        self.store = store
         self._deployments: dict[str, uuid.UUID] = {}
         self._lock = threading.Lock()
 
     def deployment_name(self, app: str, op: str) -> str:
-        return f"{flow_name(app, op)}/{self.config.deployment_name}"
+        return names.deployment_name(app, op, self.config.deployment_name)
 
     def _client(self) -> Any:
         from prefect.client.orchestration import get_client
@@ -87,7 +80,7 @@ class Dispatcher:
 
         log = get_logger().bind(app=app, op=op, batch=batch_id)
         name = self.deployment_name(app, op)
-        key = key or f"alya:{batch_id}:release"
+        key = key or names.dispatch_key(batch_id, "release")
         try:
             with self._client() as client:
                 for attempt in (0, 1):
@@ -97,8 +90,8 @@ class Dispatcher:
                             dep_id,
                             parameters={"batch_id": batch_id},
                             state=Scheduled(),
-                            name=run_name(app, op, batch_id),
-                            tags=run_tags(app, op, batch_id),
+                            name=names.run_name(app, op, batch_id),
+                            tags=names.run_tags(app, op, batch_id),
                             idempotency_key=key,
                         )
                         break
@@ -114,8 +107,8 @@ class Dispatcher:
         log.info("dispatched", deployment=name, flow_run=str(run.id), flow_run_name=run.name, key=key)
         return str(run.id)
 
-    def continue_batch_type(self, app: str, op: str, batch_id: str | None) -> None:
-        """A flow run that used its task budget hands the rest of the work to a fresh run."""
+    def continue_batch(self, app: str, op: str, batch_id: str | None) -> None:
+        """A flow run of one batch that used its task budget hands the rest of that batch to a fresh run."""
         if not batch_id:
             return
         try:
@@ -124,7 +117,7 @@ class Dispatcher:
             current = flow_run.id or uuid.uuid4().hex
         except Exception:
             current = uuid.uuid4().hex
-        self.start_batch(app, op, batch_id, key=f"alya:{batch_id}:continue:{current}")
+        self.start_batch(app, op, batch_id, key=names.dispatch_key(batch_id, f"continue:{current}"))
 
     # ------------------------------------------------------------------ flow runs of batches
     def active_runs(self, batch_id: str | None = None) -> list[Any]:
@@ -136,7 +129,7 @@ class Dispatcher:
             FlowRunFilterTags,
         )
 
-        tags = [batch_tag(batch_id)] if batch_id else ["alya"]
+        tags = [names.batch_tag(batch_id)] if batch_id else [names.TAG]
         flt = FlowRunFilter(tags=FlowRunFilterTags(all_=tags),
                             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)))  # type: ignore[arg-type]
         runs: list[Any] = []
@@ -208,15 +201,15 @@ class Dispatcher:
             get_logger().warning("force_cancel_failed", error=_err(exc))
         return forced
 
-    def redispatch_idle(self, jm: JobManager) -> list[str]:
+    def redispatch_idle(self) -> list[str]:
         """Queued/in-progress batches with no live flow run get one (at most one per batch and minute)."""
         try:
-            live_batches = {t.split(":", 1)[1] for r in self.active_runs() for t in (r.tags or [])
-                            if t.startswith("alya-batch:")}
+            live_batches = {b for r in self.active_runs() for t in (r.tags or [])
+                            if (b := names.batch_of_tag(t)) is not None}
         except Exception as exc:
             get_logger().warning("sweeper_prefect_unreachable", error=_err(exc))
             return []
-        with jm.store.tx() as tx:
+        with self.store.tx() as tx:
             open_batches = tx.all("open_batches_all")
         minute = int(time.time() // 60)
         started: list[str] = []
@@ -230,7 +223,7 @@ class Dispatcher:
                 undeployed[name] = undeployed.get(name, 0) + 1
                 continue
             deployed.add(name)
-            if self.start_batch(app, op, str(batch), key=f"alya:{batch}:sweep:{minute}"):
+            if self.start_batch(app, op, str(batch), key=names.dispatch_key(str(batch), f"sweep:{minute}")):
                 started.append(str(batch))
         for name, n in undeployed.items():
             get_logger().warning("sweeper_no_deployment", deployment=name, open_batches=n,

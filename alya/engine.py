@@ -1,5 +1,6 @@
 """The processing engine: claim a chunk, run the processor on each row, acknowledge the chunk, summarise
-finished batches. No Prefect here: the batch-type flows (``alya.batchflow``) wrap these calls in tasks.
+finished batches, call mark_done. No Prefect here: the batch-type flows (``alya.batchflow``) wrap these
+calls in tasks.
 
 Per chunk, never per row: one claim (FOR UPDATE SKIP LOCKED over the partial index of queued rows, in
 the transaction that lists the open batches), one acknowledgement (UPDATE ... FROM unnest(arrays)), and
@@ -19,21 +20,20 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from alya.cache import summary_key
 from alya.errors import AlyaError, ProcessorNotFound
 from alya.logs import get_logger, status_change
 from alya.models import BatchJobResult, BatchStatus, ErrorMessage, SlowQueryResult
+from alya.names import batch_prefix
 from alya.outputs import normalise_blobrows
+from alya.records import BatchRecord, ClaimedRow, Counts, OpenBatch, SlowQueryRow
+from alya.registry import Registration
+from alya.services import Services
 from alya.store import json_text
 from alya.validate import file_name
-
-if TYPE_CHECKING:
-    from alya.client import JobManager
-    from alya.registry import Registration
 
 ABORT_CHECK_SEC = 1.0
 PROGRESS_REFRESH_SEC = 5.0
@@ -63,16 +63,17 @@ class Claimed:
     batch: str
     type: str
     context: dict[str, Any]
-    rows: list[tuple[int, str, int]]  # line, input JSON, attempts (ordered by line)
+    rows: list[ClaimedRow]  # ordered by line
     worker: str  # the identity the rows were claimed under (and are written back as)
     ver: int = 0  # the batch's status version when claimed (for cache invalidation)
 
 
 class Engine:
-    """One per JobManager and process: owns the worker identity, its heartbeat and the init blocks."""
+    """One per JobManager and process: the worker identity and its heartbeat, the claim, the processor
+    calls, the write-back, the summary and mark_done. The init blocks are the registry's (``InitBlocks``)."""
 
-    def __init__(self, jm: JobManager) -> None:
-        self.jm = jm
+    def __init__(self, services: Services) -> None:
+        self.svc = services
         self.worker_id = _new_worker_id()
         self.stopping = threading.Event()
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
@@ -103,18 +104,18 @@ class Engine:
             self._hb_thread.join(timeout=5)
             self._hb_thread = None
         try:
-            with self.jm.store.tx() as tx:
+            with self.svc.store.tx() as tx:
                 tx.run("forget_worker", id=self.worker_id)
         except AlyaError as exc:
             self.log.warning("forget_worker_failed", error=str(exc))
-        self.jm.initblocks.close_all()
+        self.svc.initblocks.close_all()
 
     def _beat(self) -> None:
-        with self.jm.store.tx() as tx:
+        with self.svc.store.tx() as tx:
             tx.run("heartbeat", id=self.worker_id, host=socket.gethostname(), pid=os.getpid())
 
     def _heartbeat_loop(self) -> None:
-        interval = max(0.5, self.jm.config.recovery_sec / 4)
+        interval = max(0.5, self.svc.config.recovery_sec / 4)
         while not self._hb_stop.wait(interval):
             try:
                 self._beat()
@@ -126,7 +127,7 @@ class Engine:
         out = {}
         for app, op in types:
             try:
-                out[(app, op, self.jm.registry.processor(app, op).type)] = (app, op)
+                out[(app, op, self.svc.registry.processor(app, op).type)] = (app, op)
             except ProcessorNotFound:
                 continue
         return out
@@ -136,18 +137,18 @@ class Engine:
         now = time.monotonic()
         waiting = {app for app, (n, at) in list(self._init_failures.items()) if n and now < at}
         kinds = self._kinds([t for t in types if t[0] not in waiting])
-        with self.jm.store.tx() as tx:
+        with self.svc.store.tx() as tx:
             open_types = {(a, o, t) for a, o, t in tx.all("claimable_batch_types")}
         return [t for k, t in kinds.items() if k in open_types]
 
     def open_work(self, types: list[tuple[str, str]]) -> bool:
         keys = ["/".join(k) for k in self._kinds(types)]
-        with self.jm.store.tx() as tx:
+        with self.svc.store.tx() as tx:
             return bool(tx.one("open_work_exists", types=keys)[0])  # type: ignore[index]
 
     def next_claimable_in(self, batch_id: str) -> float | None:
         """Seconds until a queued row of the batch may be claimed (0: now); None when none is queued."""
-        with self.jm.store.tx() as tx:
+        with self.svc.store.tx() as tx:
             row = tx.one("next_claimable_in", id=batch_id)
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
@@ -155,7 +156,7 @@ class Engine:
     def process_chunk(self, app: str, op: str, only: str | None = None) -> ChunkReport:
         """Claim up to ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) (of batch ``only`` if
         given) and process them."""
-        reg = self.jm.registry.processor(app, op)
+        reg = self.svc.registry.processor(app, op)
         self.start()
         if self.stopping.is_set():
             return ChunkReport()
@@ -173,7 +174,7 @@ class Engine:
             results, unstarted = self._run_rows(reg, initblock, claimed, log)
         except BaseException:
             # Not a row fault (those are caught per row): an interrupt or a bug. Nothing was written yet.
-            self._release(claimed, [r[0] for r in claimed.rows], quiet=True)
+            self._release(claimed, [r.line for r in claimed.rows], quiet=True)
             raise
         if unstarted:
             self._release(claimed, unstarted)
@@ -184,14 +185,14 @@ class Engine:
             report.nretry = results["statuses"].count("queued")
             written = self._write(claimed, results, log)
             log.info("chunk_done", rows=report.nrows, success=report.nsuccess, failed=report.nfailed,
-                     retry=report.nretry, first_line=claimed.rows[0][0], last_line=claimed.rows[-1][0])
+                     retry=report.nretry, first_line=claimed.rows[0].line, last_line=claimed.rows[-1].line)
             if written < report.nrows:  # recovered from under us, or aborted: those answers are dropped
                 log.warning("results_discarded", rows=report.nrows - written, written=written)
             self._refresh_progress(claimed)
         # Checked after our own commit, never inside it: two workers committing the last rows of a batch
         # at once would each see the other's rows still inprog in their own transaction, and neither
         # would summarise. After the commit, whoever commits last is sure to see every row final.
-        if report.nrows and self._all_final(claimed.batch, after=claimed.rows[-1][0]):
+        if report.nrows and self._all_final(claimed.batch, after=claimed.rows[-1].line):
             try:
                 if self.summarise(claimed.batch):
                     report.summarised.append(claimed.batch)
@@ -210,7 +211,7 @@ class Engine:
         if failures and time.monotonic() < retry_at:
             return False, None
         try:
-            block = self.jm.initblocks.get(app)
+            block = self.svc.initblocks.get(app)
         except Exception as exc:
             failures += 1
             delay = min(INIT_RETRY_MAX_SEC, INIT_RETRY_SEC * 2 ** (failures - 1))
@@ -228,13 +229,13 @@ class Engine:
             if len(self._progress_at) > 1000:
                 self._progress_at.clear()
             self._progress_at[claimed.batch] = now
-            self.jm.cache.invalidate(summary_key(claimed.batch), claimed.ver)
+            self.svc.summaries.invalidate(claimed.batch, claimed.ver)
 
     def _all_final(self, batch: str, after: int | None = None) -> bool:
         """Whether every row of the batch is final. Queued rows past this chunk answer "no" cheaply, which
         is the usual case; only near the end of a batch is the full check (both partial indexes from the
         start, past the index entries of rows already done) worth its cost."""
-        with self.jm.store.tx() as tx:
+        with self.svc.store.tx() as tx:
             if after is not None and tx.one("queued_after", id=batch, after=after) is not None:
                 return False
             return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
@@ -247,7 +248,7 @@ class Engine:
         delay = 0.2
         for attempt in range(1, WRITE_TRIES + 1):
             try:
-                with self.jm.store.tx() as tx:
+                with self.svc.store.tx() as tx:
                     return tx.run("write_results", batch=claimed.batch, worker=claimed.worker, **results)
             except Exception as exc:
                 log.warning("write_failed", attempt=attempt, error=_describe(exc))
@@ -260,44 +261,47 @@ class Engine:
         raise AssertionError("unreachable")
 
     def _claim(self, app: str, op: str, type_: str, only: str | None) -> Claimed | None:
-        n = self.jm.config.batchchunk_nrows
+        n = self.svc.config.batchchunk_nrows
         worker = self.worker_id
         moved: list[tuple[str, int]] = []
         claimed = None
-        with self.jm.store.tx() as tx:
-            for batch, status, context, ver in tx.all("open_batches", app=app, op=op, type=type_, only=only):
-                if status == "queued" and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
+        with self.svc.store.tx() as tx:
+            for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
+                batch, ver = ob.id, ob.ver
+                if ob.status is BatchStatus.QUEUED and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
                     ver = int(bumped[0])
                     moved.append((str(batch), ver))
                 after = self._claim_hint.get(batch, 0)
-                rows = tx.all("claim_rows", batch=batch, n=n, worker=worker, after=after)
+                rows = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
-                    rows += tx.all("claim_rows", batch=batch, n=n - len(rows), worker=worker, after=0)
+                    rows += tx.records(ClaimedRow, "claim_rows", batch=batch, n=n - len(rows), worker=worker,
+                                       after=0)
                 if rows:
                     if len(self._claim_hint) > 1000:
                         self._claim_hint.clear()
-                    self._claim_hint[batch] = max(r[0] for r in rows)
-                    claimed = Claimed(str(batch), type_, context, sorted(rows), worker, ver)
+                    self._claim_hint[batch] = max(r.line for r in rows)
+                    claimed = Claimed(batch, type_, ob.context, sorted(rows, key=lambda r: r.line), worker, ver)
                     break
         for batch, ver in moved:
             status_change(app, op, batch, "inprog", old="queued")
-            self.jm.cache.invalidate(summary_key(batch), ver)
+            self.svc.summaries.invalidate(batch, ver)
         return claimed
 
     def _run_rows(self, reg: Registration, initblock: Any, claimed: Claimed, log: Any
                   ) -> tuple[dict[str, list[Any]], list[int]]:
-        cfg = self.jm.config
+        cfg = self.svc.config
         out: dict[str, list[Any]] = {k: [] for k in ("lines", "attempts", "statuses", "res", "messages",
                                                      "blobrows", "delays")}
         is_query = claimed.type == "Q"
         call = reg.processor.do_slow_query if is_query else reg.processor.do_batch_job
         context = claimed.context
         next_check = time.monotonic() + ABORT_CHECK_SEC
-        for i, (line, raw_input, attempts) in enumerate(claimed.rows):
+        for i, row in enumerate(claimed.rows):
+            line, raw_input, attempts = row.line, row.input, row.attempts
             if self.stopping.is_set():
-                return out, [r[0] for r in claimed.rows[i:]]
+                return out, [r.line for r in claimed.rows[i:]]
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + ABORT_CHECK_SEC
                 if self._aborted(claimed.batch):
@@ -334,15 +338,15 @@ class Engine:
         return out, []
 
     def _aborted(self, batch: str) -> bool:
-        with self.jm.store.tx() as tx:
-            row = tx.one("get_batch", id=batch)
-        return row is None or row[4] == "aborted"
+        with self.svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch)
+        return rec is None or rec.status is BatchStatus.ABORTED
 
     def _release(self, claimed: Claimed, lines: list[int], quiet: bool = False) -> bool:
         """Give claimed rows back to the queue, their attempt restored (they were not tried)."""
         try:
-            with self.jm.store.tx() as tx:
-                attempts = {line: n for line, _, n in claimed.rows}
+            with self.svc.store.tx() as tx:
+                attempts = {r.line: r.attempts for r in claimed.rows}
                 tx.run("release_rows", batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
                        worker=claimed.worker)
             return True
@@ -372,65 +376,58 @@ class Engine:
         snapshot), so the first summariser sees it open and every later one sees it final. Files are
         written while the lock is held and before the status changes: a failed upload rolls back and
         leaves the batch for the next attempt."""
-        from alya.client import batch_record
-
-        jm = self.jm
-        with jm.store.tx() as tx:
-            row = tx.one("lock_open_batch", id=batch_id)
-            if row is None:
+        svc = self.svc
+        with svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
+            if rec is None:
                 return False
-            rec = batch_record(row)
             if tx.one("has_open_rows", id=batch_id)[0]:  # type: ignore[index]
                 return False
-            counts = {s: n for s, n in tx.all("row_counts", id=batch_id)}
-            nsuccess, nfailed, naborted = (counts.get(k, 0) for k in ("success", "failed", "aborted"))
-            status = BatchStatus.SUCCESS if nfailed == 0 and naborted == 0 else BatchStatus.FAILED
-            if rec["type"] == "Q":
-                q = tx.one("slowquery_row", id=batch_id)
-                outputfiles = (q[3] if q else None) or {}
+            counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
+            status = counts.final_status
+            if rec.is_query:
+                q: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=batch_id)
+                outputfiles = q.outputfiles if q else {}
             else:
-                prefix = jm.objects.batch_prefix(rec["app"], rec["op"], batch_id)
+                prefix = batch_prefix(svc.objects.url, rec.app, rec.op, batch_id)
                 blobrows = tx.stream("batch_blobrows", id=batch_id)
                 try:
-                    outputfiles = jm.objects.write_files(prefix, (b for (b,) in blobrows))
+                    outputfiles = svc.objects.write_files(prefix, (b for (b,) in blobrows))
                 finally:
                     blobrows.close()  # the server-side cursor, while its transaction is still open
-            ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=nsuccess,  # type: ignore[misc]
-                            nfailed=nfailed, naborted=naborted, outputfiles=json_text(outputfiles))
-        status_change(rec["app"], rec["op"], batch_id, status.value, old=rec["status"], nsuccess=nsuccess,
-                      nfailed=nfailed, naborted=naborted, files=sorted(outputfiles))
-        jm._put_summary(batch_id, ver, status, rec["nrows"], counts, outputfiles)
+            ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,  # type: ignore[misc]
+                            nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles))
+        status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
+                      nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles))
+        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles)
         self.notify(batch_id)
         return True
 
     def notify(self, batch_id: str) -> bool:
         """Call mark_done once: the claim (notifiedat) is committed before the call, so no crash or race
         can make it run twice. Only a process that has the processor claims it."""
-        from alya.client import batch_record, details_of
-
-        jm = self.jm
-        with jm.store.tx() as tx:
-            row = tx.one("get_batch", id=batch_id)
-        if row is None:
+        svc = self.svc
+        with svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
+        if rec is None:
             return False
-        rec = batch_record(row)
         try:
-            reg = jm.registry.processor(rec["app"], rec["op"])
+            reg = svc.registry.processor(rec.app, rec.op)
         except ProcessorNotFound:
             return False
-        if reg.type != rec["type"]:
+        if reg.type != rec.type:
             return False
-        log = self.log.bind(app=rec["app"], op=rec["op"], batch=batch_id)
+        log = self.log.bind(app=rec.app, op=rec.op, batch=batch_id)
         try:
-            initblock = jm.initblocks.get(rec["app"])
+            initblock = svc.initblocks.get(rec.app)
         except Exception as exc:  # not claimed: cleanup() tries again once init works
             log.error("mark_done_init_failed", error=_describe(exc))
             return False
-        with jm.store.tx() as tx:
+        with svc.store.tx() as tx:
             if tx.one("claim_notify", id=batch_id) is None:
                 return False
         try:
-            reg.processor.mark_done(initblock, rec["context"], details_of(rec))
+            reg.processor.mark_done(initblock, rec.context, rec.details())
             log.info("mark_done_called")
         except Exception as exc:
             log.error("mark_done_failed", error=_describe(exc))

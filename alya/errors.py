@@ -33,5 +33,10 @@ class BackendUnavailable(AlyaError, ConnectionError):
     """PostgreSQL or the object store could not be reached; nothing was changed."""
 
 
-class ConfigError(AlyaError):
-    """The settings are inconsistent (unknown dispatch mode, missing database URL, ...)."""
+class ConfigError(AlyaError, ValueError):
+    """A setting is invalid or inconsistent (unknown dispatch mode, a number out of range, a URL that is
+    not one...). The message names the variable and what it allows."""
+
+
+class DatabaseNotMigrated(ConfigError):
+    """The database lacks alya's tables (or an up-to-date version of them): run ``alya migrate``."""

@@ -50,9 +50,6 @@ class ObjectStore:
         # 5 MiB parts (S3's minimum): s3fs would otherwise buffer 50 MiB per open file before uploading
         return self.fs.open(path, "wb", block_size=WRITE_BLOCK)
 
-    def batch_prefix(self, app: str, op: str, batch_id: str) -> str:
-        return f"{self.url}/{app}/{op}/{batch_id}"
-
     def write_files(self, prefix: str, blobrows: Iterable[dict[str, str]]) -> dict[str, str]:
         """Append each row's values to its named files, in the order given; returns name -> URL.
 

@@ -1,18 +1,20 @@
 """Recovery as one idempotent ``cleanup()``: run it as often as you like, from as many places as you like
-(every worker loop, the scheduled sweeper flow); each step changes only what is still wrong."""
+(every worker loop, the scheduled sweeper flow); each step changes only what is still wrong.
+
+Re-dispatching queued batches that have no live flow run is Prefect's business, one layer up: the facade
+(``JobManager.cleanup(redispatch=True)``) and the sweeper add it after this.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from alya.engine import Engine
 from alya.errors import AlyaError
 from alya.logs import get_logger
 from alya.models import ErrorMessage
+from alya.records import RecoveredRow
 from alya.store import json_text
-
-if TYPE_CHECKING:
-    from alya.client import JobManager
 
 
 @dataclass
@@ -24,46 +26,44 @@ class CleanupReport:
     dispatched: list[str] = field(default_factory=list)
 
 
-def cleanup(jm: JobManager, types: list[tuple[str, str]] | None = None, redispatch: bool = False) -> CleanupReport:
+def cleanup(engine: Engine, types: list[tuple[str, str]] | None = None) -> CleanupReport:
     """1. rows of workers silent for ALYA_RECOVERY_SEC go back to the queue (or fail, out of attempts);
     2. open batches whose rows are all final are summarised (their summary was missed);
-    3. mark_done is called for finished batches of ``types`` that were never notified;
-    4. with ``redispatch``, queued batches without a live flow run get one (the sweeper does this)."""
+    3. mark_done is called for finished batches of ``types`` that were never notified."""
     log = get_logger()
     report = CleanupReport()
-    cfg = jm.config
+    svc = engine.svc
+    cfg = svc.config
     fail_messages = json_text([ErrorMessage(msgid=0, errcode="processing_error",
                                             vals=["worker lost while processing the row"]).to_dict()])
-    with jm.store.tx() as tx:
-        recovered = tx.all("recover_rows", sec=cfg.recovery_sec, max_attempts=cfg.max_attempts,
-                           fail_messages=fail_messages)
+    with svc.store.tx() as tx:
+        recovered: list[RecoveredRow] = tx.records(RecoveredRow, "recover_rows", sec=cfg.recovery_sec,
+                                                   max_attempts=cfg.max_attempts, fail_messages=fail_messages)
         tx.run("forget_dead_workers", sec=cfg.recovery_sec)
     # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
     lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
-    for batch, line, status, worker in recovered:
-        if status == "failed":
+    for r in recovered:
+        if r.status == "failed":
             report.failed += 1
         else:
             report.requeued += 1
-        lost.setdefault((str(batch), worker), {}).setdefault(status, []).append(line)
+        lost.setdefault((r.batch, r.worker), {}).setdefault(r.status, []).append(r.line)
     for (batch, worker), by_status in lost.items():
         for status, lines in by_status.items():
             log.warning("rows_recovered", batch=batch, dead_worker=worker, new=status, rows=len(lines),
                         first_line=min(lines), last_line=max(lines))
-    with jm.store.tx() as tx:
+    with svc.store.tx() as tx:
         missed = [str(b) for (b,) in tx.all("unsummarised_batches")]
     for batch in missed:
         try:
-            if jm.engine.summarise(batch):
+            if engine.summarise(batch):
                 report.summarised.append(batch)
         except AlyaError as exc:
             log.error("summary_failed", batch=batch, error=str(exc))
     for app, op in types or []:
-        with jm.store.tx() as tx:
+        with svc.store.tx() as tx:
             pending = [str(b) for (b,) in tx.all("unnotified_batches", app=app, op=op)]
         for batch in pending:
-            if jm.engine.notify(batch):
+            if engine.notify(batch):
                 report.notified.append(batch)
-    if redispatch and jm.dispatcher is not None:
-        report.dispatched = jm.dispatcher.redispatch_idle(jm)
     return report

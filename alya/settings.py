@@ -1,40 +1,62 @@
 """Settings from ALYA_* environment variables; constructor arguments win.
 
-Defaults are chosen for throughput: Prefect sees one task per chunk, so a chunk must be large enough that
-Prefect's per-task cost (5-10 ms) is small next to the rows' own work.
+Every invalid value is a :class:`~alya.errors.ConfigError` that names the variable and what it allows,
+raised when the settings are read (a JobManager is constructed), never later in a worker.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from alya.errors import ConfigError
 
-class JobManagerConfig(BaseSettings):
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    problems = []
+    for err in exc.errors():
+        name = "ALYA_" + "_".join(str(p) for p in err["loc"]).upper()
+        problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+    return ConfigError("invalid setting: " + "; ".join(problems))
+
+
+class _Settings(BaseSettings):
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+
+class JobManagerConfig(_Settings):
     """Tunables of a JobManager (all readable from ALYA_<NAME>)."""
 
     model_config = SettingsConfigDict(env_prefix="ALYA_", extra="ignore", frozen=True)
 
-    batchchunk_nrows: int = Field(1000, ge=1, le=100_000, description="rows claimed per chunk (one task)")
+    batchchunk_nrows: int = Field(1000, ge=1, le=100_000, description="most rows one claim takes")
     batchstatus_cachedur_sec: int = Field(60, ge=1, description="Redis TTL of a non-final status")
     batchrowmax: int = Field(10_000_000, ge=1, description="most rows one batch may hold, across appends")
     max_attempts: int = Field(3, ge=1, description="processor faults (raise/bad status) before a row fails")
     retry_backoff_sec: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")
     dispatch: Literal["none", "prefect"] = "none"
     recovery_sec: int = Field(60, ge=1, description="silence after which a worker's rows are requeued")
-    worker_threads: int = Field(2, ge=1, le=32, description="task-runner threads per flow run")
-    task_seconds: float = Field(2.0, gt=0, description="a chunk task keeps claiming chunks this long")
+    concurrency: int = Field(8, ge=1, le=1024, description="rows a worker process runs at once")
+    flush_sec: float = Field(1.0, gt=0, le=60, description="finished rows are written back at least this often")
+    row_timeout_sec: float = Field(300.0, gt=0, description="a processor call running longer is a fault")
+    linger_sec: float = Field(2.0, ge=0, le=600, description="an idle flow run waits this long for new work")
+    worker_threads: int = Field(2, ge=1, le=32, description="Prefect task-runner threads per flow run")
+    task_seconds: float = Field(2.0, gt=0, description="a chunk task keeps claiming this long")
     flow_max_tasks: int = Field(100, ge=1, le=1000, description="chunk tasks per flow run (Prefect limit)")
-    deployment_name: str = "alya"
+    deployment_name: str = Field("alya", min_length=1, description="deployments are {flow}/{this}")
     cancel_timeout_sec: float = Field(30.0, ge=0, description="Cancelling runs are forced Cancelled after")
-    poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers")
+    poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers (wake-ups aside)")
     done_cache_rows: int = Field(1000, ge=0, description="final batches this small cache their rows too")
 
 
-class Backends(BaseSettings):
+class Backends(_Settings):
     """Where the state lives. Unset: an embedded PostgreSQL (if installed), no cache, a local folder."""
 
     model_config = SettingsConfigDict(env_prefix="ALYA_", extra="ignore")
@@ -42,6 +64,22 @@ class Backends(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     object_store_url: str | None = None
+
+
+class LogSettings(_Settings):
+    """How alya logs: JSON lines for machines, or a readable console format."""
+
+    model_config = SettingsConfigDict(env_prefix="ALYA_", extra="ignore")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console", "auto"] = "auto"
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in ("debug", "info", "warning", "error", "critical") else value.lower()
 
 
 DEFAULT_DATA_DIR = Path(".alya-data")

@@ -1,7 +1,11 @@
-"""The only module that talks to PostgreSQL. Queries are SQL in ``sql/queries.sql``, run by name.
+"""The only module that talks to PostgreSQL. Queries are SQL in ``sql/queries.sql``, run by name; rows
+come back as the typed records of ``alya.records`` where a caller needs more than a count or a flag.
 
 psycopg2 is used directly (through SQLAlchemy's pool) because the hot paths need what an ORM hides:
 COPY from a stream, server-side cursors, and array parameters for one-statement-per-chunk updates.
+
+Driver errors never leave this module: ``Store.tx`` maps them to alya's errors (``_mapped``), so that
+callers catch ``AlyaError`` and nothing else.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from typing import Any, Protocol
 
 import orjson
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-from alya.errors import BackendUnavailable
+from alya.errors import AlyaError, BackendUnavailable, DatabaseNotMigrated, InvalidInput
+from alya.records import BatchRecord
 
 psycopg2.extras.register_default_jsonb(loads=orjson.loads, globally=True)
 psycopg2.extras.register_default_json(loads=orjson.loads, globally=True)
@@ -32,6 +38,7 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 @cache
 def queries() -> dict[str, str]:
     text = resources.files("alya").joinpath("sql/queries.sql").read_text()
+    text = text.replace("{batch_columns}", BatchRecord.COLUMNS)
     parts = _NAME.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
@@ -85,6 +92,14 @@ class Tx:
         self._execute(name, params)
         return self.cur.fetchall()  # type: ignore[no-any-return]
 
+    def record(self, kind: Any, name: str, **params: Any) -> Any:
+        """The first row as a typed record (``kind.from_row``), or None."""
+        row = self.one(name, **params)
+        return None if row is None else kind.from_row(row)
+
+    def records(self, kind: Any, name: str, **params: Any) -> list[Any]:
+        return [kind.from_row(r) for r in self.all(name, **params)]
+
     def stream(self, name: str, itersize: int = 5000, **params: Any) -> Generator[tuple[Any, ...], None, None]:
         """Rows from a server-side cursor, so a million-row result never sits in memory at once.
         Consume it fully or ``close()`` it while the transaction is open."""
@@ -95,8 +110,17 @@ class Tx:
             yield from cur
 
     def copy_in(self, sql: str, stream: Readable) -> None:
+        """COPY from a stream. A stream that raises (a bad row, the caller's own iterable failing) abandons
+        the COPY, which psycopg2 reports as QueryCanceled: what really happened is raised instead (the
+        stream keeps it in ``error``), and the transaction is rolled back on the way out."""
         self._reconnect = None
-        self.cur.copy_expert(sql, stream, size=1 << 18)
+        try:
+            self.cur.copy_expert(sql, stream, size=1 << 18)
+        except psycopg2.Error:
+            error = getattr(stream, "error", None)
+            if error is not None:
+                raise error from None
+            raise
 
 
 class Store:
@@ -152,12 +176,12 @@ class Store:
         try:
             yield tx
             tx.conn.commit()
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        except psycopg2.Error as exc:
             _rollback(tx.conn)
             if tx.conn.closed:
                 with suppress(Exception):
                     tx.conn.invalidate()  # a dead connection must not go back into the pool
-            raise BackendUnavailable(f"PostgreSQL failed: {exc.__class__.__name__}: {exc}".strip()) from exc
+            raise _mapped(exc) from exc
         except BaseException:
             _rollback(tx.conn)
             raise
@@ -168,6 +192,21 @@ class Store:
     def dispose(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _mapped(exc: psycopg2.Error) -> AlyaError:
+    """The alya error for a driver error (the transaction is already rolled back)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg2.errors.UndefinedTable | psycopg2.errors.UndefinedColumn):
+        return DatabaseNotMigrated(f"the alya schema is missing or out of date ({first}): run `alya migrate` "
+                                   "(or alya.migrate_database(url)) against this database")
+    if isinstance(exc, psycopg2.errors.UniqueViolation) and "batchrows" in first + str(exc):
+        return InvalidInput("line numbers must be unique within a batch")
+    if isinstance(exc, psycopg2.DataError | psycopg2.IntegrityError):
+        return InvalidInput(f"refused by the database: {first}")
+    if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+        return BackendUnavailable(f"PostgreSQL failed: {type(exc).__name__}: {first}")
+    return AlyaError(f"PostgreSQL refused a statement: {type(exc).__name__}: {first}")
 
 
 def _rollback(conn: Any) -> None:

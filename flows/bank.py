@@ -27,8 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager
-from alya.batchflow import make_batch_flow
+from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager, batch_flow
 from flows.common import DbBlock, LoggingDone, example_jobmanager
 
 APP, OP = "bank", "txn"
@@ -224,7 +223,14 @@ def submit_transactions(jm: JobManager, txns: list[dict[str, Any]], nbatches: in
 # ---------------------------------------------------------------------------- the deployable flow
 jm = example_jobmanager()
 register(jm)
-bank_txn_flow = make_batch_flow(jm, APP, OP)
+
+
+@batch_flow(APP, OP)
+def bank_txn_flow(batch_id: str | None = None) -> dict[str, Any]:
+    """Example batch type bank/txn: deposits and withdrawals.
+
+    A deployment's run works on batch ``batch_id``; without one, on every queued batch of the type."""
+    return jm.process_batches(APP, OP, batch_id)
 
 
 def main(argv: list[str] | None = None) -> None:

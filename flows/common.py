@@ -1,25 +1,24 @@
-"""What the example apps share: a lazily connecting JobManager, an init block holding a SQLAlchemy engine
-on the alya database, and the glue that turns a module-level batch-type flow into a served deployment."""
+"""What the example apps share: one lazily connecting JobManager per process, an init block holding a
+SQLAlchemy engine on the alya database, and the glue that turns a module-level flow into a served
+deployment named as the dispatcher expects (``{flow}/{ALYA_DEPLOYMENT_NAME}``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+import functools
 from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from alya import JobManager
-from alya.batchflow import flow_name
 from alya.logs import get_logger
 from alya.store import sqlalchemy_url
 
-DEPLOYMENT_NAME = "alya"  # the Dispatcher's default ALYA_DEPLOYMENT_NAME: deployments are "{flow}/alya"
 
-
+@functools.cache
 def example_jobmanager() -> JobManager:
-    """``JobManager.from_env()``. Constructing it opens no connection (the pools connect on first use), so
+    """The process's one ``JobManager.from_env()``, shared by every example module (and the sweeper, which
+    registers them all). Constructing it opens no connection (the pools connect on first use), so
     importing an example module works without a reachable database (``prefect deploy`` imports it)."""
     return JobManager.from_env()
 
@@ -56,17 +55,7 @@ class LoggingDone:
                           files=sorted(details.outputfiles))
 
 
-def deployment_of(flow: Any, module_file: str, attr: str, **kwargs: Any) -> Any:
-    """A served deployment ``{flow}/alya`` of a module-level flow. The batch-type flows are built inside
-    ``make_batch_flow``, so Prefect would guess their entrypoint wrong (``batchflow.py:make_batch_flow.
-    <locals>...``); it is given explicitly, relative to the working directory as Prefect does it, so the
-    runner's subprocess loads ``flows/<module>.py:<attr>``, the same entrypoint as in prefect.yaml."""
-    from prefect.deployments.runner import RunnerDeployment
-
-    deployment = RunnerDeployment.from_flow(flow, name=DEPLOYMENT_NAME, **kwargs)
-    deployment.entrypoint = f"{os.path.relpath(Path(module_file).resolve(), Path.cwd())}:{attr}"
-    return deployment
-
-
-def deployment_full_name(app: str, op: str) -> str:
-    return f"{flow_name(app, op)}/{DEPLOYMENT_NAME}"
+def deployment_of(flow: Any, **kwargs: Any) -> Any:
+    """A served deployment ``{flow}/{ALYA_DEPLOYMENT_NAME}`` of a module-level flow (Prefect finds its
+    entrypoint, ``flows/<module>.py:<function>``, the same as in prefect.yaml)."""
+    return flow.to_deployment(name=example_jobmanager().config.deployment_name, **kwargs)

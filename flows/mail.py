@@ -13,8 +13,7 @@ import re
 import threading
 from typing import Any
 
-from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager
-from alya.batchflow import make_batch_flow
+from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager, batch_flow
 from flows.bank import _csv_line
 from flows.common import LoggingDone, example_jobmanager
 
@@ -81,4 +80,11 @@ def make_mailing(n: int) -> list[dict[str, Any]]:
 
 jm = example_jobmanager()
 register(jm)
-mail_send_flow = make_batch_flow(jm, APP, OP)
+
+
+@batch_flow(APP, OP)
+def mail_send_flow(batch_id: str | None = None) -> dict[str, Any]:
+    """Example batch type mail/send: a mailing whose output files cover some rows.
+
+    A deployment's run works on batch ``batch_id``; without one, on every queued batch of the type."""
+    return jm.process_batches(APP, OP, batch_id)

@@ -14,8 +14,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from alya import BatchStatus, ErrorMessage, JobManager, SlowQueryResult
-from alya.batchflow import make_batch_flow
+from alya import BatchStatus, ErrorMessage, JobManager, SlowQueryResult, batch_flow
 from flows.common import DbBlock, LoggingDone, example_jobmanager
 
 APP, OP = "report", "summary"
@@ -83,4 +82,11 @@ def register(jm: JobManager) -> None:
 
 jm = example_jobmanager()
 register(jm)
-report_summary_flow = make_batch_flow(jm, APP, OP)
+
+
+@batch_flow(APP, OP)
+def report_summary_flow(batch_id: str | None = None) -> dict[str, Any]:
+    """Example slow query report/summary: one app's batches over a date range.
+
+    A deployment's run works on batch ``batch_id``; without one, on every queued batch of the type."""
+    return jm.process_batches(APP, OP, batch_id)

@@ -13,6 +13,7 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
+from alya import names
 from flows.common import deployment_of
 
 
@@ -21,15 +22,12 @@ def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
     from flows import bank, mail, report, sweeper
 
     deployments = []
-    for module, attr, app, op in ((bank, "bank_txn_flow", bank.APP, bank.OP),
-                                  (mail, "mail_send_flow", mail.APP, mail.OP),
-                                  (report, "report_summary_flow", report.APP, report.OP)):
-        deployments.append(deployment_of(getattr(module, attr), module.__file__ or "", attr,
-                                         tags=["alya", f"alya-app:{app}", f"alya-op:{op}"]))
+    for fl, app, op in ((bank.bank_txn_flow, bank.APP, bank.OP), (mail.mail_send_flow, mail.APP, mail.OP),
+                        (report.report_summary_flow, report.APP, report.OP)):
+        deployments.append(deployment_of(fl, tags=names.type_tags(app, op)))
     schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=sweeper_interval_sec)} \
         if sweeper_interval_sec else {}
-    deployments.append(deployment_of(sweeper.sweeper_flow, sweeper.__file__ or "", "sweeper_flow",
-                                     tags=["alya", "alya-sweeper"], **schedule))
+    deployments.append(deployment_of(sweeper.sweeper_flow, tags=[names.TAG, "alya-sweeper"], **schedule))
     return deployments
 
 

@@ -19,7 +19,8 @@ import structlog.testing
 from redis.crc import key_slot
 
 from alya import BatchInput, BatchJobResult, BatchStatus, JobManager
-from alya.cache import StatusCache, done_key, summary_key
+from alya.cache import StatusCache
+from alya.names import done_key, summary_key
 from tests.conftest import make_config
 from tests.services import sql
 

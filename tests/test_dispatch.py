@@ -15,9 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from alya import BatchInput, BatchStatus, JobManager
-from alya.batchflow import make_batch_flow
 from alya.dispatch import Dispatcher
-from alya.recovery import cleanup
 from tests.conftest import make_config
 
 APP, OP = "disp", "work"
@@ -56,10 +54,7 @@ def djm(database_url: str, redis_url: str, file_store_url: str, prefect_harness:
 @pytest.fixture
 def deployment_id(djm: JobManager) -> uuid.UUID:
     """The batch type's deployment ``alya-disp-work/alya`` (applied, not served)."""
-    from flows.common import deployment_of
-
-    flow = make_batch_flow(djm, APP, OP)
-    return deployment_of(flow, __file__, "unused").apply()  # type: ignore[no-any-return]
+    return djm.flow(APP, OP).to_deployment(name=djm.config.deployment_name).apply()  # type: ignore[no-any-return]
 
 
 def runs_of(batch_id: str) -> list[Any]:
@@ -163,10 +158,10 @@ def test_sweeper_forces_old_cancelling_runs(djm: JobManager, deployment_id: uuid
     with get_client(sync_client=True) as client:  # a Pending run that nobody will ever cancel (process worker)
         client.set_flow_run_state(run.id, Pending(), force=True)
         client.set_flow_run_state(run.id, Cancelling(), force=True)
-    young = Dispatcher(make_config(dispatch="prefect", cancel_timeout_sec=600))
+    young = Dispatcher(make_config(dispatch="prefect", cancel_timeout_sec=600), djm.store)
     young.force_stuck_cancelling()
     assert state_of(run.id) == "CANCELLING"  # not stuck for long enough yet
-    old = Dispatcher(make_config(dispatch="prefect", cancel_timeout_sec=0))
+    old = Dispatcher(make_config(dispatch="prefect", cancel_timeout_sec=0), djm.store)
     assert old.force_stuck_cancelling() >= 1
     assert state_of(run.id) == "CANCELLED"
 
@@ -185,11 +180,11 @@ def test_unreachable_prefect_stores_the_batch_and_the_sweeper_dispatches_it(
     assert djm.batch_status(bid).status is BatchStatus.QUEUED and djm.batch_status(bid).nrows == 3
     assert runs_of(bid) == []
     # the sweeper's cleanup finds the queued batch without a live flow run and dispatches it, once
-    report = cleanup(djm, types=[(APP, OP)], redispatch=True)
+    report = djm.cleanup(redispatch=True)
     assert bid in report.dispatched
     (run,) = runs_of(bid)
     assert run.idempotency_key.startswith(f"alya:{bid}:sweep:")
-    again = cleanup(djm, types=[(APP, OP)], redispatch=True)
+    again = djm.cleanup(redispatch=True)
     assert bid not in again.dispatched and len(runs_of(bid)) == 1
 
 
@@ -203,7 +198,7 @@ def test_missing_deployment_is_logged_and_batch_kept(djm: JobManager, prefect_ha
     # the sweeper looks the missing deployment up once, and says so once, however many batches wait for it
     djm.batch_submit("nodeploy", "x", {}, rows(2))
     with capture_logs() as logs:
-        report = cleanup(djm, types=[("nodeploy", "x")], redispatch=True)
+        report = djm.cleanup(redispatch=True)
     assert report.dispatched == []
     (missing,) = [e for e in logs if e["event"] == "sweeper_no_deployment"]
     assert missing["deployment"] == "alya-nodeploy-x/alya" and missing["open_batches"] == 2

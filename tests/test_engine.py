@@ -71,7 +71,7 @@ def test_all_success_is_success_and_mark_done_once(jm: JobManager) -> None:
     assert jm.engine.notify(bid) is False
     from alya.recovery import cleanup
 
-    cleanup(jm, types=[("eng", "ok")])
+    cleanup(jm.engine, types=[("eng", "ok")])
     assert len(proc.done) == 1
     assert sum(proc.calls.values()) == 250 and set(proc.calls.values()) == {1}
 
@@ -300,12 +300,12 @@ def test_mark_done_waits_for_a_working_init(jm: JobManager) -> None:
     assert batch_row(jm, bid)["status"] == "success" and not batch_row(jm, bid)["notified"]
     init.blocks[0].alive = False
     init.broken = True
-    cleanup(jm, types=[("eng", "notify")])
+    cleanup(jm.engine, types=[("eng", "notify")])
     assert proc.done == [] and not batch_row(jm, bid)["notified"]
     init.broken = False
-    rep = cleanup(jm, types=[("eng", "notify")])
+    rep = cleanup(jm.engine, types=[("eng", "notify")])
     assert rep.notified == [bid] and len(proc.done) == 1
-    cleanup(jm, types=[("eng", "notify")])
+    cleanup(jm.engine, types=[("eng", "notify")])
     assert len(proc.done) == 1
 
 
@@ -322,7 +322,7 @@ def test_mark_done_errors_are_not_fatal(jm: JobManager) -> None:
     assert jm.batch_status(bid).status is BatchStatus.SUCCESS and len(proc.done) == 1
     from alya.recovery import cleanup
 
-    cleanup(jm, types=[("eng", "badmark")])
+    cleanup(jm.engine, types=[("eng", "badmark")])
     assert len(proc.done) == 1
 
 
@@ -336,7 +336,7 @@ def test_no_processor_leaves_rows_queued(database_url: str, redis_url: str, file
         orphan = jm.batch_submit("eng", "unserved", {}, rows(5))
         served = jm.batch_submit("eng", "served", {}, rows(5))
         drain(jm, "eng", "served")
-        cleanup(jm, types=[("eng", "served")])
+        cleanup(jm.engine, types=[("eng", "served")])
         assert jm.batch_status(served).status is BatchStatus.SUCCESS
         s = jm.batch_status(orphan)
         assert s.status is BatchStatus.QUEUED and s.nqueued == 5 and s.nfailed == 0

@@ -13,6 +13,7 @@ import fsspec
 import pytest
 
 from alya import BatchStatus, InvalidInput, JobManager
+from alya.names import batch_prefix
 from alya.outputs import ObjectStore, normalise_blobrows
 from alya.recovery import cleanup
 from tests.conftest import make_config
@@ -85,7 +86,7 @@ def test_files_in_line_order_across_chunks_and_workers(where: str, request: pyte
         done = a.batch_done(bid)
         assert done.status is BatchStatus.SUCCESS and done.nsuccess == 300
         assert set(done.outputfiles) == set(expected(lines))  # empty values make no file
-        prefix = a.objects.batch_prefix("out", "files", bid)
+        prefix = batch_prefix(a.objects.url, "out", "files", bid)
         for name, text in expected(lines).items():
             assert done.outputfiles[name] == f"{prefix}/{name}"
             assert done.outputfiles[name].startswith("s3://" if where == "s3" else "file:///")
@@ -161,10 +162,10 @@ def test_failed_upload_leaves_batch_open_until_a_working_store(
             tx.cur.execute("SELECT status::text, doneat, notifiedat, outputfiles FROM batches WHERE id = %s", (bid,))
             assert tx.cur.fetchone() == ("inprog", None, None, {})
         # retrying with the same broken store changes nothing and does not raise
-        rep = cleanup(broken, types=[("out", "upload")])
+        rep = cleanup(broken.engine, types=[("out", "upload")])
         assert rep.summarised == [] and broken.batch_status(bid).status is BatchStatus.INPROG
         # a worker with a working store completes it, exactly once
-        rep = cleanup(good, types=[("out", "upload")])
+        rep = cleanup(good.engine, types=[("out", "upload")])
         assert rep.summarised == [bid]
         done = good.batch_done(bid)
         assert done.status is BatchStatus.SUCCESS
@@ -172,8 +173,8 @@ def test_failed_upload_leaves_batch_open_until_a_working_store(
         for name, text in expected(range(1, 21)).items():
             assert read(done.outputfiles[name]) == text
         assert len(pg.done) == 1 and pb.done == []
-        assert cleanup(good, types=[("out", "upload")]).summarised == []
-        assert cleanup(broken, types=[("out", "upload")]).notified == []
+        assert cleanup(good.engine, types=[("out", "upload")]).summarised == []
+        assert cleanup(broken.engine, types=[("out", "upload")]).notified == []
         assert elapsed < 60
     finally:
         broken.close()
@@ -202,7 +203,7 @@ def test_failed_upload_leaves_no_partial_objects(database_url: str, redis_url: s
         drain(jm, "out", "partial")
         assert jm.batch_status(bid).status is BatchStatus.INPROG
         monkeypatch.setattr(ObjectStore, "_open", real)
-        assert cleanup(jm, types=[("out", "partial")]).summarised == [bid]
+        assert cleanup(jm.engine, types=[("out", "partial")]).summarised == [bid]
         done = jm.batch_done(bid)
         for name, text in expected(range(1, 101)).items():
             assert read(done.outputfiles[name]) == text

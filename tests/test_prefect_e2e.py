@@ -41,8 +41,7 @@ SERVE_SCRIPT = '''
 """Serve the alya examples plus a slow batch type e2e/slow (for abort tests), like flows.serve."""
 import time
 
-from alya import BatchJobResult, BatchStatus, JobManager, JobManagerConfig
-from alya.batchflow import make_batch_flow
+from alya import BatchJobResult, BatchStatus, JobManager, JobManagerConfig, batch_flow
 from flows.common import deployment_of
 
 
@@ -57,12 +56,17 @@ class Slow:
 
 jm = JobManager(config=JobManagerConfig(batchchunk_nrows=4))  # results land every 4 rows (2 s)
 jm.register_batch_processor("e2e", "slow", Slow())
-slow_flow = make_batch_flow(jm, "e2e", "slow")
+
+
+@batch_flow("e2e", "slow", jm.config)
+def slow_flow(batch_id=None):
+    return jm.process_batches("e2e", "slow", batch_id)
+
 
 if __name__ == "__main__":
     from flows.serve import serve_all
 
-    serve_all(extra=[deployment_of(slow_flow, __file__, "slow_flow", tags=["alya"])], limit=4, poll_sec=1.0,
+    serve_all(extra=[deployment_of(slow_flow, tags=["alya"])], limit=4, poll_sec=1.0,
               sweeper_interval_sec=0)
 '''
 

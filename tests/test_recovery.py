@@ -103,7 +103,7 @@ def test_rows_of_a_live_worker_are_not_recovered(jm: JobManager) -> None:
     jm.engine.start()
     claimed = jm.engine._claim("rec", "live", "B", None)
     assert claimed is not None
-    rep = cleanup(jm, types=[("rec", "live")])
+    rep = cleanup(jm.engine, types=[("rec", "live")])
     assert rep.requeued == 0 and all(s[0] == "inprog" for s in states(jm, bid).values())
 
 
@@ -117,11 +117,11 @@ def test_recovery_fails_rows_that_used_their_attempts(jm: JobManager) -> None:
         tx.cur.execute("UPDATE batchrows SET attempts = 3 WHERE batch = %s AND line = 2", (bid,))
     stop_heartbeat(jm)
     age_worker(jm, claimed.worker)
-    rep = cleanup(jm, types=[("rec", "poison")])
+    rep = cleanup(jm.engine, types=[("rec", "poison")])
     assert (rep.requeued, rep.failed) == (2, 1)
     st = states(jm, bid)
     assert st[1][:2] == ("queued", 1) and st[3][:2] == ("queued", 1) and st[2][:2] == ("failed", 3)
-    assert cleanup(jm).requeued == 0  # idempotent
+    assert cleanup(jm.engine).requeued == 0  # idempotent
     jm.engine.start()
     drain(jm, "rec", "poison")
     done = jm.batch_done(bid)
@@ -156,7 +156,7 @@ def test_late_write_from_a_dead_worker_changes_nothing(database_url: str, redis_
         a_id = a.engine.worker_id
         stop_heartbeat(a)  # A goes silent (a long GC pause, a network partition...)
         age_worker(a, a_id)
-        rep = cleanup(b, types=[("rec", "late")])
+        rep = cleanup(b.engine, types=[("rec", "late")])
         assert rep.requeued == 5
         drain(b, "rec", "late")
         before = states(b, bid)
@@ -277,7 +277,7 @@ def test_rows_never_stay_inprog_under_a_live_worker(database_url: str, redis_url
             jm.engine.process_chunk("rec", "lost")
         assert jm.engine.worker_id != old_id
         assert all(s[0] == "inprog" and s[2] == old_id for s in states(jm, bid).values())
-        wait_until(lambda: cleanup(jm).requeued == 10, timeout=10, every=0.3, what="recovery")
+        wait_until(lambda: cleanup(jm.engine).requeued == 10, timeout=10, every=0.3, what="recovery")
         drain(jm, "rec", "lost")
         s = jm.batch_status(bid)
         assert s.status is BatchStatus.SUCCESS and s.nsuccess == 10
@@ -294,10 +294,10 @@ def test_cleanup_is_idempotent(jm: JobManager) -> None:
     jm.engine.summarise = lambda b: False  # type: ignore[method-assign]  # the summary is "missed"
     drain(jm, "rec", "idem")
     jm.engine.summarise = original  # type: ignore[method-assign]
-    first = cleanup(jm, types=[("rec", "idem")])
+    first = cleanup(jm.engine, types=[("rec", "idem")])
     assert first.summarised == [bid] and len(proc.done) == 1
     for _ in range(3):
-        rep = cleanup(jm, types=[("rec", "idem")])
+        rep = cleanup(jm.engine, types=[("rec", "idem")])
         assert (rep.requeued, rep.failed, rep.summarised, rep.notified) == (0, 0, [], [])
     assert len(proc.done) == 1
 
@@ -316,7 +316,7 @@ def test_stale_release_leaves_a_newer_claim_alone(jm: JobManager) -> None:
     eng._claim_hint.clear()
     newer = eng._claim("rec", "rel", "B", None)
     assert newer is not None
-    assert eng._release(old, [r[0] for r in old.rows])
+    assert eng._release(old, [r.line for r in old.rows])
     assert all(s[:3] == ("inprog", 2, eng.worker_id) for s in states(jm, bid).values())
-    assert eng._release(newer, [r[0] for r in newer.rows])
+    assert eng._release(newer, [r.line for r in newer.rows])
     assert all(s[:3] == ("queued", 1, None) for s in states(jm, bid).values())

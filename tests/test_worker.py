@@ -196,14 +196,13 @@ def test_batch_flow_run_artifacts_and_task_budget(database_url: str, redis_url: 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
-    from alya.batchflow import make_batch_flow
 
     jm = manager(database_url, redis_url, file_store_url, batchchunk_nrows=10, flow_max_tasks=6,
                  task_seconds=0.2)
     try:
         jm.register_batch_processor("wrk", "flow", Proc())
         bid = jm.batch_submit("wrk", "flow", {}, [(n, {"x": n, "blobs": {"f.txt": str(n)}}) for n in range(1, 301)])
-        fl = make_batch_flow(jm, "wrk", "flow")
+        fl = jm.flow("wrk", "flow")
         state = fl(batch_id=bid, return_state=True)
         result = state.result()
         assert result["tasks"] <= 6 and result["nrows"] > 0
@@ -215,10 +214,10 @@ def test_batch_flow_run_artifacts_and_task_budget(database_url: str, redis_url: 
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
             assert 0 < len(tasks) <= 6
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[f"alya-progress-{bid}", "alya-summary"])))
+                key=ArtifactFilterKey(any_=[f"alya-progress-{bid}", f"alya-summary-{bid}"])))
         progress = [a for a in arts if a.key == f"alya-progress-{bid}"]
         assert progress and max(float(a.data) for a in progress) == 100.0  # type: ignore[arg-type]
-        tables = [a for a in arts if a.key == "alya-summary" and bid in str(a.data)]
+        tables = [a for a in arts if a.key == f"alya-summary-{bid}" and bid in str(a.data)]  # one key per batch
         assert tables and any("success" in str(a.data) and "f.txt" in str(a.data) for a in tables)
     finally:
         jm.close()
@@ -229,7 +228,6 @@ def test_dispatched_flow_run_waits_out_a_failing_init(database_url: str, redis_u
     """A flow run for one batch whose app's init() fails at first: it waits for the init retry instead of
     spinning through its task budget, and finishes the batch once init() works."""
     import alya.engine
-    from alya.batchflow import make_batch_flow
     from tests.procs import Init
 
     monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.3)
@@ -239,7 +237,7 @@ def test_dispatched_flow_run_waits_out_a_failing_init(database_url: str, redis_u
         jm.register_initializer("wrk", init)
         jm.register_batch_processor("wrk", "initwait", Proc())
         bid = jm.batch_submit("wrk", "initwait", {}, rows(50))
-        result = make_batch_flow(jm, "wrk", "initwait")(batch_id=bid)
+        result = jm.flow("wrk", "initwait")(batch_id=bid)
         assert jm.batch_status(bid).status is BatchStatus.SUCCESS
         assert init.calls == 3
         assert result["tasks"] <= 20, result

@@ -1,4 +1,5 @@
 -- All of alya's SQL, run by name through alya.store. psycopg2 parameters: %(name)s.
+-- {batch_columns} is alya.records.BatchRecord.COLUMNS, the one list of a batch record's columns.
 -- Hot paths (claim, write_results) are one statement per chunk, never one per row.
 
 -- name: insert_batch
@@ -6,13 +7,11 @@ INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows)
 VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0);
 
 -- name: get_batch
-SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
-       nrows, nsuccess, nfailed, naborted, ver
+SELECT {batch_columns}
 FROM batches WHERE id = %(id)s;
 
 -- name: lock_batch
-SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
-       nrows, nsuccess, nfailed, naborted, ver
+SELECT {batch_columns}
 FROM batches WHERE id = %(id)s FOR UPDATE;
 
 -- name: set_nrows_status
@@ -50,8 +49,7 @@ SELECT blobrows FROM batchrows WHERE batch = %(id)s AND blobrows IS NOT NULL ORD
 SELECT status::text, res, messages, blobrows FROM batchrows WHERE batch = %(id)s AND line = 0;
 
 -- name: list_batches
-SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
-       nrows, nsuccess, nfailed, naborted, ver
+SELECT {batch_columns}
 FROM batches
 WHERE app = %(app)s AND type = %(type)s AND (%(op)s::text IS NULL OR op = %(op)s)
   AND reqat >= now() - make_interval(days => %(age_days)s)
@@ -135,8 +133,7 @@ SELECT line FROM batchrows WHERE batch = %(id)s AND status = 'queued' AND line >
 
 -- name: lock_open_batch
 -- The summariser's lock: whoever gets it first finds the batch open, everyone after finds it final.
-SELECT id, app, op, type, status, context, inputfile, reqat, doneat, outputfiles,
-       nrows, nsuccess, nfailed, naborted, ver
+SELECT {batch_columns}
 FROM batches WHERE id = %(id)s AND status IN ('queued', 'inprog') FOR UPDATE;
 
 -- name: claim_notify

@@ -1,0 +1,106 @@
+"""A batch's summary (status, counts, output files) and final rows: read from Redis when cached, from
+PostgreSQL otherwise, and written to Redis after every status change.
+
+This is the one place that builds a summary: clients (batch_status, batch_done), the engine (after a
+claim, a write-back, a summary) and the facade (after submit, abort) all go through ``Summaries``, so the
+cached form and the version rule cannot differ between writers.
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+from alya.cache import StatusCache
+from alya.errors import BatchNotFound
+from alya.models import BatchOutput, BatchStatus, BatchSummary
+from alya.names import done_key, summary_key
+from alya.records import BatchRecord, Counts, batch_output
+from alya.store import Store, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A BatchSummary and the batch version it was read at (the cache keeps the newest version)."""
+
+    value: BatchSummary
+    ver: int
+
+    def as_cached(self) -> dict[str, Any]:
+        s = self.value
+        return {"status": s.status.value, "outputfiles": s.outputfiles, "nrows": s.nrows, "nsuccess": s.nsuccess,
+                "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued, "ninprog": s.ninprog}
+
+    @classmethod
+    def from_cached(cls, d: dict[str, Any]) -> Summary:
+        return cls(BatchSummary(status=BatchStatus(d["status"]), outputfiles=d["outputfiles"], nrows=d["nrows"],
+                                nsuccess=d["nsuccess"], nfailed=d["nfailed"], naborted=d["naborted"],
+                                nqueued=d["nqueued"], ninprog=d["ninprog"]), int(d.get("ver", 0)))
+
+
+def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: dict[str, str], ver: int) -> Summary:
+    return Summary(BatchSummary(status=status, outputfiles=outputfiles, nrows=nrows, nsuccess=counts.success,
+                                nfailed=counts.failed, naborted=counts.aborted, nqueued=counts.queued,
+                                ninprog=counts.inprog), ver)
+
+
+def row_counts(tx: Tx, batch_id: str) -> Counts:
+    return Counts.from_rows(tx.all("row_counts", id=batch_id))
+
+
+def record_summary(tx: Tx, rec: BatchRecord) -> Summary:
+    """A final batch's counts are stored on it; an open one's are counted from its rows."""
+    if rec.status.is_final:
+        counts = Counts(success=rec.nsuccess, failed=rec.nfailed, aborted=rec.naborted)
+    else:
+        counts = row_counts(tx, rec.id)
+    return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver)
+
+
+class Summaries:
+    def __init__(self, store: Store, cache: StatusCache, done_cache_rows: int) -> None:
+        self.store = store
+        self.cache = cache
+        self.done_cache_rows = done_cache_rows
+
+    def read(self, batch_id: str) -> Summary:
+        """From Redis when cached, else from PostgreSQL (and then cached)."""
+        cached = self.cache.get(summary_key(batch_id))
+        if cached is not None:
+            return Summary.from_cached(cached)
+        with self.store.tx() as tx:
+            rec = tx.record(BatchRecord, "get_batch", id=batch_id)
+            if rec is None:
+                raise BatchNotFound(f"no batch {batch_id}")
+            summary = record_summary(tx, rec)
+        self.put(batch_id, summary)
+        return summary
+
+    def put(self, batch_id: str, summary: Summary) -> None:
+        """Cache a summary unless a newer version is cached (never raises: the cache is optional)."""
+        self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, summary.value.status.is_final)
+
+    def put_new(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: Counts,
+                outputfiles: dict[str, str] | None = None) -> Summary:
+        summary = make_summary(status, nrows, counts, outputfiles or {}, ver)
+        self.put(batch_id, summary)
+        return summary
+
+    def invalidate(self, batch_id: str, ver: int) -> None:
+        """The next read recounts from PostgreSQL (a reader holding an older version cannot refill it)."""
+        self.cache.invalidate(summary_key(batch_id), ver)
+
+    def final_rows(self, batch_id: str, summary: Summary) -> list[BatchOutput]:
+        """Every row of a final batch, ordered by line; small batches are cached whole."""
+        if summary.value.nrows <= self.done_cache_rows:
+            cached = self.cache.get(done_key(batch_id))
+            if cached is not None:
+                return [batch_output(r) for r in cached["rows"]]
+            with self.store.tx() as tx:
+                raw = tx.all("batch_rows", id=batch_id)
+            self.cache.put(done_key(batch_id), {"rows": raw}, summary.ver, final=True)
+            return [batch_output(r) for r in raw]
+        # Large: rows go from a server-side cursor straight into the result, never held twice.
+        with self.store.tx() as tx, closing(tx.stream("batch_rows", id=batch_id)) as cursor:
+            return [batch_output(r) for r in cursor]
