@@ -53,37 +53,31 @@ def batch_flow(app: str, op: str,
     )
 
 
-@task(name="alya-chunks", cache_policy=NO_CACHE, persist_result=False, retries=0)
-def process_chunks(engine: Engine, app: str, op: str, only: str | None) -> dict[str, Any]:
-    """Claims chunks (one statement each) back to back for up to ``task_seconds``: Prefect's fixed cost per
-    task run is then small next to the work, whatever the chunk size the processor needs."""
-    deadline = time.monotonic() + engine.svc.config.task_seconds
-    total = engine.process_chunk(app, op, only).as_dict()
-    while total["nrows"] and time.monotonic() < deadline and not engine.stopping.is_set():
-        more = engine.process_chunk(app, op, only).as_dict()
-        if not more["nrows"]:
-            break
-        for k in ("nrows", "nsuccess", "nfailed", "nretry"):
-            total[k] += more[k]
-        total["summarised"].extend(more["summarised"])
-    return total
+@task(name="alya-rows", cache_policy=NO_CACHE, persist_result=False, retries=0)
+def process_rows(engine: Engine, app: str, op: str, only: str | None, linger: float) -> dict[str, Any]:
+    """The engine's claim loop for ``task_seconds`` (claims of about half a second of work each, rows run
+    by the process's row pool): Prefect's fixed cost per task run is then small next to the work. With
+    ``linger``, an idle task waits for work to be notified until its time is up."""
+    return engine.work(app, op, only, linger=linger).as_dict()
 
 
 def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
-              dispatcher: Dispatcher | None = None) -> dict[str, Any]:
-    """The body of a batch-type flow run: process queued chunks of batch ``batch_id`` (a dispatched run),
+              dispatcher: Dispatcher | None = None, linger: float = 0.0) -> dict[str, Any]:
+    """The body of a batch-type flow run: process queued rows of batch ``batch_id`` (a dispatched run),
     or of any batch of this type (``jm.run``), until none is left or the run has used its task budget;
-    then, if work is left, hand over to a fresh flow run."""
+    then, if work is left, hand over to a fresh flow run. With ``linger`` (runs serving any batch), an
+    idle run waits that long for new work before it ends, so a stream of slow queries is served by one
+    warm flow run instead of a new run each."""
     cfg = engine.svc.config
     engine.start()
     progress = _Progress(engine, batch_id)
-    chunk_task = process_chunks.with_options(name=f"{names.flow_name(app, op)}-chunks")
+    chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
     total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
                              "summarised": []}
     wave = cfg.worker_threads * 2
     while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
         n = min(wave, cfg.flow_max_tasks - total["tasks"])
-        futures = chunk_task.map(unmapped(engine), unmapped(app), unmapped(op), [batch_id] * n)
+        futures = chunk_task.map(unmapped(engine), unmapped(app), unmapped(op), [batch_id] * n, unmapped(linger))
         reports = [f.result() for f in futures]
         total["tasks"] += n
         for r in reports:
@@ -95,7 +89,13 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
             # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
             # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
             # batches that have no live run.
-            wait = engine.next_claimable_in(batch_id) if batch_id else None
+            if not batch_id:
+                if any(r["nrows"] or r["summarised"] for r in reports):
+                    continue
+                if linger and engine.wait_for_work(linger):
+                    continue
+                break
+            wait = engine.next_claimable_in(batch_id)
             if wait is not None:  # and an init() that failed is retried after its own delay
                 wait = max(wait, engine.init_retry_in(app))
             if wait is None or wait > RETRY_WAIT_MAX_SEC:
@@ -108,12 +108,13 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
     return total
 
 
-def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | None = None) -> Flow[..., Any]:
+def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | None = None,
+                    linger: float = 0.0) -> Flow[..., Any]:
     """The flow of one batch type, built in-process (``jm.run``, tests). Deployed flows are module-level
     functions decorated with :func:`batch_flow` instead, so that Prefect can import them."""
 
     def batch_type_flow(batch_id: str | None = None) -> dict[str, Any]:
-        return run_batch(engine, app, op, batch_id, dispatcher)
+        return run_batch(engine, app, op, batch_id, dispatcher, linger=0.0 if batch_id else linger)
 
     batch_type_flow.__doc__ = f"Batch type {app}/{op}: process its queued rows."
     return batch_flow(app, op, engine.svc.config)(batch_type_flow)
@@ -231,8 +232,9 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
                 continue
             worked = False
             for app, op in todo:
-                if (app, op) not in flows:
-                    flows[(app, op)] = make_batch_flow(engine, app, op, dispatcher)
+                if (app, op) not in flows:  # a worker that stops when idle does not linger
+                    flows[(app, op)] = make_batch_flow(engine, app, op, dispatcher,
+                                                       linger=0.0 if stop_when_idle else cfg.linger_sec)
                 try:
                     result = cast(dict[str, Any], flows[(app, op)](batch_id=None))
                 except Exception as exc:  # an outage: log, back off, try again
@@ -243,7 +245,7 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
             if stop_when_idle and not worked and not engine.open_work(types):
                 break
             if not worked:
-                engine.stopping.wait(cfg.poll_sec)
+                engine.wait_for_work(cfg.poll_sec)  # woken at once when work is queued
     finally:
         engine.shutdown()
         log.info("worker_stopped")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import make_url
 
-from alya import validate
+from alya import names, validate
 from alya.batchflow import make_batch_flow, run_batch, run_worker
 from alya.cache import StatusCache
 from alya.dispatch import Dispatcher
@@ -152,6 +152,8 @@ class JobManager:
                    inputfile=inputfile, status=status.value)
             n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax)
             ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
+            if not wait:
+                _notify_work(tx, app, op)
         status_change(app, op, batch_id, status.value, nrows=n)
         self._queued(app, op, batch_id, ver, status, n)
         return batch_id
@@ -168,6 +170,8 @@ class JobManager:
             total = rec.nrows + n
             status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
             ver = tx.one("set_nrows_status", id=batch_id, nrows=total, status=status.value)[0]  # type: ignore[index]
+            if not wait:
+                _notify_work(tx, rec.app, rec.op)
         if not wait:
             status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
         self._queued(rec.app, rec.op, batch_id, ver, status, total)
@@ -183,6 +187,7 @@ class JobManager:
             if rec.status is not BatchStatus.WAIT:
                 raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
             ver = tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
+            _notify_work(tx, rec.app, rec.op)
         status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
         self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
         return rec.nrows
@@ -222,6 +227,7 @@ class JobManager:
                    inputfile=None, status="queued")
             tx.run("insert_row", batch=req_id, line=0, input=data)
             ver = tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
+            _notify_work(tx, app, op)
         status_change(app, op, req_id, "queued", type="Q")
         self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
         return req_id
@@ -252,7 +258,8 @@ class JobManager:
     def process_batches(self, app: str, op: str, batch_id: str | None = None) -> dict[str, Any]:
         """The body of a batch-type flow (see ``alya.batch_flow``): process queued rows of batch
         ``batch_id``, or of every batch of (app, op) when None, with the processors registered here."""
-        return run_batch(self.engine, validate.app_name(app), validate.op_name(op), batch_id, self.dispatcher)
+        return run_batch(self.engine, validate.app_name(app), validate.op_name(op), batch_id, self.dispatcher,
+                         linger=0.0 if batch_id else self.config.linger_sec)
 
     def flow(self, app: str, op: str) -> Flow[..., Any]:
         """The Prefect flow of batch type (app, op), built in-process for the processors registered here."""
@@ -330,6 +337,11 @@ def _copy_rows(tx: Tx, batch_id: str, pairs: Any, max_rows: int) -> int:
     if n == 0:
         raise InvalidInput("a batch needs at least one row")
     return n
+
+
+def _notify_work(tx: Tx, app: str, op: str) -> None:
+    """Idle workers wake when this transaction commits (PostgreSQL NOTIFY; see alya.waker)."""
+    tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.work_payload(app, op))
 
 
 def _locked(tx: Tx, batch_id: str) -> BatchRecord:

@@ -1,10 +1,19 @@
-"""The processing engine: claim a chunk, run the processor on each row, acknowledge the chunk, summarise
-finished batches, call mark_done. No Prefect here: the batch-type flows (``alya.batchflow``) wrap these
-calls in tasks.
+"""The processing engine: claim rows, run them, write their outcomes back, finish batches. No Prefect
+here: the batch-type flows (``alya.batchflow``) call :meth:`Engine.work` inside their tasks.
 
-Per chunk, never per row: one claim (FOR UPDATE SKIP LOCKED over the partial index of queued rows, in
-the transaction that lists the open batches), one acknowledgement (UPDATE ... FROM unnest(arrays)), and
-after its commit one indexed look-up whether the batch has open rows left (then it is summarised).
+The chunk is the unit of database work, never of concurrency or of visibility:
+
+- **Claims** are one statement each (FOR UPDATE SKIP LOCKED over the partial index of queued rows), sized
+  to about ``CLAIM_TARGET_SEC`` of work at the measured row rate (capped by ``ALYA_BATCHCHUNK_NROWS``), and
+  taken while earlier claims still run, so the slots never starve and no worker hoards rows.
+- **Rows** run in the process's :class:`~alya.rowpool.RowPool`: up to ``ALYA_CONCURRENCY`` at once, across
+  claims and batches. A call past ``ALYA_ROW_TIMEOUT_SEC`` is a fault and frees its slot.
+- **Write-backs** are one statement per batch, at the end of a claim and at least every
+  ``ALYA_FLUSH_SEC`` for rows already done: a crash replays at most about one flush of work per slot, and
+  every flush is an abort check (an aborted batch's unstarted rows are dropped; rows that finished before
+  the abort keep their results).
+- After a claim's last write-back commits, one indexed look-up tells whether its batch has open rows left;
+  if not, the batch is finished (``alya.finishing``).
 
 Lock order everywhere: the batch row before its rows (claim of a queued batch, write-back, release,
 abort, summary), so that no two of them can deadlock.
@@ -13,6 +22,8 @@ abort, summary), so that no two of them can deadlock.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import os
 import socket
 import threading
@@ -24,27 +35,30 @@ from typing import Any
 
 import orjson
 
+from alya import names
 from alya.errors import AlyaError, ProcessorNotFound
-from alya.logs import get_logger, status_change
-from alya.models import BatchJobResult, BatchStatus, ErrorMessage, SlowQueryResult
-from alya.names import batch_prefix
-from alya.outputs import normalise_blobrows
-from alya.records import BatchRecord, ClaimedRow, Counts, OpenBatch, SlowQueryRow
+from alya.finishing import Finisher
+from alya.logs import get_logger, run_logger, status_change
+from alya.models import BatchStatus
+from alya.outcomes import Outcome, accepted, fault
+from alya.records import ClaimedRow, OpenBatch
 from alya.registry import Registration
+from alya.rowpool import Job, RowPool
 from alya.services import Services
-from alya.store import json_text
-from alya.validate import file_name
+from alya.waker import Waker
 
-ABORT_CHECK_SEC = 1.0
+CLAIM_TARGET_SEC = 0.5  # work per claim at the measured rate: short enough that no worker hoards rows
 PROGRESS_REFRESH_SEC = 5.0
 WRITE_TRIES = 4
+WAIT_SLICE_SEC = 0.02  # the claim loop looks at its claims at least this often
 INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per failure
 INIT_RETRY_MAX_SEC = 30.0
 
 
 @dataclass
 class ChunkReport:
-    """What one chunk task did; small and JSON-friendly, because it crosses the Prefect task boundary."""
+    """What one call of :meth:`Engine.work` did; small and JSON-friendly, because it crosses the Prefect
+    task boundary."""
 
     batch: str | None = None
     nrows: int = 0
@@ -58,24 +72,78 @@ class ChunkReport:
                 "nretry": self.nretry, "summarised": self.summarised}
 
 
-@dataclass
+@dataclass(eq=False)
 class Claimed:
+    """Rows this worker claimed in one statement, and what became of them so far. It owns the rows' jobs
+    in the row pool: ``finish`` is called once per row, from whichever slot or timeout got there first."""
+
     batch: str
+    app: str
+    op: str
     type: str
     context: dict[str, Any]
     rows: list[ClaimedRow]  # ordered by line
     worker: str  # the identity the rows were claimed under (and are written back as)
     ver: int = 0  # the batch's status version when claimed (for cache invalidation)
+    cancelled: bool = False  # unstarted rows are not run (stopping worker, aborted batch)
+    aborted: bool = False  # the batch was aborted: nothing is given back, no summary
+    lost: bool = False  # its write-back failed for good: its rows were given back (or are recovered)
+    processor: Any = None
+    initblock: Any = None
+    log: Any = None
+    wake: threading.Condition | None = None
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pending = len(self.rows)
+        self.outcomes: list[Outcome] = []
+        self.skipped: list[int] = []  # lines never started
+
+    def finish(self, job: Job, outcome: Outcome | None) -> bool:
+        with self._lock:
+            if job.done:
+                return False
+            job.done = True
+            if outcome is None:
+                self.skipped.append(job.row.line)
+            else:
+                self.outcomes.append(outcome)
+            self.pending -= 1
+            last = self.pending == 0
+        if last and self.wake is not None:
+            with self.wake:
+                self.wake.notify_all()
+        return True
+
+    def take(self) -> list[Outcome]:
+        with self._lock:
+            out, self.outcomes = self.outcomes, []
+        return out
+
+    def give_back(self, outcomes: list[Outcome]) -> None:
+        """Outcomes whose write failed, to be written with the next flush."""
+        with self._lock:
+            self.outcomes[:0] = outcomes
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0
 
 
 class Engine:
-    """One per JobManager and process: the worker identity and its heartbeat, the claim, the processor
-    calls, the write-back, the summary and mark_done. The init blocks are the registry's (``InitBlocks``)."""
+    """One per JobManager and process: the worker identity and its heartbeat, the claim loop, the row
+    pool, the write-back. The init blocks are the registry's (``InitBlocks``); finishing a batch is the
+    :class:`~alya.finishing.Finisher`'s."""
 
     def __init__(self, services: Services) -> None:
         self.svc = services
+        cfg = services.config
         self.worker_id = _new_worker_id()
         self.stopping = threading.Event()
+        self.finisher = Finisher(services)
+        self.pool = RowPool(_Runner(self), cfg.concurrency, cfg.row_timeout_sec)
+        self.waker = Waker(services.store)
+        self._wake = threading.Condition()
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
         self._progress_at: dict[str, float] = {}  # batch -> when this worker last refreshed its counts
         self._claim_hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
@@ -96,9 +164,11 @@ class Engine:
             self._hb_thread.start()
 
     def shutdown(self) -> None:
-        """Stop: a ``jm.run`` loop on another thread ends after its current row (giving back the rest of
-        its chunk), then this worker leaves the ``workers`` table and closes its init blocks."""
+        """Stop: a claim loop on another thread finishes its running rows, gives back the unstarted ones
+        and returns; then this worker leaves the ``workers`` table and closes its init blocks."""
         self.stopping.set()
+        with self._wake:
+            self._wake.notify_all()
         self._hb_stop.set()
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=5)
@@ -108,6 +178,8 @@ class Engine:
                 tx.run("forget_worker", id=self.worker_id)
         except AlyaError as exc:
             self.log.warning("forget_worker_failed", error=str(exc))
+        self.pool.close()
+        self.waker.close()
         self.svc.initblocks.close_all()
 
     def _beat(self) -> None:
@@ -122,6 +194,7 @@ class Engine:
             except Exception as exc:  # keep beating through outages
                 self.log.warning("heartbeat_failed", error=str(exc))
 
+    # ------------------------------------------------------------------ what there is to do
     def _kinds(self, types: list[tuple[str, str]]) -> dict[tuple[str, str, str], tuple[str, str]]:
         """(app, op, kind) of each served type: B for batch processors, Q for slow-query processors."""
         out = {}
@@ -152,54 +225,291 @@ class Engine:
             row = tx.one("next_claimable_in", id=batch_id)
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
-    # ------------------------------------------------------------------ one chunk
+    def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until work is notified (True), ``timeout`` passes or the worker stops (False)."""
+        if self.stopping.is_set():
+            return False
+        return self.waker.wait(timeout) and not self.stopping.is_set()
+
+    # ------------------------------------------------------------------ the claim loop
     def process_chunk(self, app: str, op: str, only: str | None = None) -> ChunkReport:
-        """Claim up to ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) (of batch ``only`` if
-        given) and process them."""
+        """One claim of ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) (of batch ``only`` if
+        given), run to the end: its rows, write-backs and, if it was the batch's last, the summary."""
+        return self.work(app, op, only, seconds=math.inf, max_claims=1,
+                         claim_size=self.svc.config.batchchunk_nrows)
+
+    def work(self, app: str, op: str, only: str | None = None, *, seconds: float | None = None,
+             max_claims: int | None = None, claim_size: int | None = None, linger: float = 0.0) -> ChunkReport:
+        """Claim and run rows of (app, op) (of batch ``only`` if given) for up to ``seconds`` (default
+        ``ALYA_TASK_SECONDS``): new claims stop then, claimed rows run to the end. With ``linger``, an idle
+        loop waits up to that long (within ``seconds``) for work to be queued before it returns."""
+        cfg = self.svc.config
         reg = self.svc.registry.processor(app, op)
         self.start()
-        if self.stopping.is_set():
-            return ChunkReport()
-        # The init block before the claim: while the app's init() fails, its rows stay queued, untouched
-        # (not claimed and given back at every poll), and init() is retried with a growing delay.
-        ok, initblock = self._initblock(app)
+        report = ChunkReport()
+        log = run_logger(worker=self.worker_id, app=app, op=op)  # lines reach the Prefect run, from any thread
+        start = time.monotonic()
+        deadline = start + (cfg.task_seconds if seconds is None else seconds)
+        linger_until = min(deadline, start + linger)
+        active: list[Claimed] = []
+        nclaims = 0
+        idle = False  # the last claim found nothing: do not ask again before something changes
+        next_flush = start + cfg.flush_sec
+        since = self.waker.generation() if linger else 0
+        while True:
+            now = time.monotonic()
+            may_claim = (not self.stopping.is_set() and now < deadline
+                         and (max_claims is None or nclaims < max_claims))
+            if may_claim and not idle and self._wants_rows(app, op, active):
+                claimed = self._claim_ready(reg, only, claim_size, log)
+                if claimed is not None:
+                    active.append(claimed)
+                    nclaims += 1
+                    report.batch = report.batch or claimed.batch
+                    continue
+                idle = True
+            if not active:
+                if idle and may_claim and now < linger_until:
+                    if self.waker.wait(min(linger_until - now, next_flush - now), since=since):
+                        since = self.waker.generation()
+                        idle = False
+                    elif time.monotonic() >= next_flush:
+                        next_flush = time.monotonic() + cfg.flush_sec
+                        idle = False  # the polling fallback
+                    continue
+                break
+            if self.stopping.is_set():
+                for c in active:
+                    c.cancelled = True  # unstarted rows are given back; running ones finish
+            self._wait(active, next_flush, eager=may_claim and not idle)
+            self.pool.expire()
+            now = time.monotonic()
+            flush_all = now >= next_flush
+            if flush_all:
+                next_flush = now + cfg.flush_sec
+                idle = False
+            done = [c for c in active if c.done]
+            due = done + ([c for c in active if not c.done and c.outcomes] if flush_all else [])
+            if due:
+                self._flush(due, report, log)
+            elif flush_all:
+                self._check_aborts(active, log)
+            for c in done:
+                active.remove(c)
+                self._claim_ended(c, report, log)
+        return report
+
+    def _wants_rows(self, app: str, op: str, active: list[Claimed]) -> bool:
+        """Whether to claim more now: when fewer rows wait unstarted than the slots will run through
+        before the next claim could be ready (so they never starve)."""
+        unstarted = self.pool.backlog()
+        return unstarted < max(2 * self.pool.concurrency, self._claim_size(app, op) // 2)
+
+    def _claim_size(self, app: str, op: str) -> int:
+        """About CLAIM_TARGET_SEC of work for this process's slots at the measured row rate, shared by the
+        claim loops running at once (``ALYA_WORKER_THREADS``)."""
+        cfg = self.svc.config
+        stats = self.pool.stats.get((app, op))
+        if stats is None or stats.row_sec <= 0:
+            return min(cfg.batchchunk_nrows, 2 * cfg.concurrency)
+        rate = cfg.concurrency / stats.row_sec
+        n = math.ceil(CLAIM_TARGET_SEC * rate / max(1, cfg.worker_threads))
+        return max(1, min(cfg.batchchunk_nrows, max(cfg.concurrency, n)))
+
+    def _wait(self, active: list[Claimed], next_flush: float, eager: bool) -> None:
+        """Until a claim is done, the next flush, or a short slice (to top up the slots and check
+        timeouts); no wait at all when a claim already finished."""
+        timeout = min(next_flush - time.monotonic(), WAIT_SLICE_SEC)
+        if eager:
+            timeout = min(timeout, 0.005)
+        with self._wake:
+            if not any(c.done for c in active) and not self.stopping.is_set():
+                self._wake.wait(max(0.0, timeout))
+
+    def _claim_ready(self, reg: Registration, only: str | None, size: int | None, log: Any) -> Claimed | None:
+        """A claim with its init block, its rows submitted to the pool; None when there is nothing to
+        claim (or the app's init() is failing: its rows then stay queued, untouched)."""
+        ok, initblock = self._initblock(reg.app)
         if not ok:
-            return ChunkReport()
-        claimed = self._claim(app, op, reg.type, only)
+            return None
+        claimed = self._claim(reg.app, reg.op, reg.type, only, size or self._claim_size(reg.app, reg.op))
         if claimed is None:
-            return ChunkReport()
-        report = ChunkReport(batch=claimed.batch)
-        log = self.log.bind(app=app, op=op, batch=claimed.batch)
-        try:
-            results, unstarted = self._run_rows(reg, initblock, claimed, log)
-        except BaseException:
-            # Not a row fault (those are caught per row): an interrupt or a bug. Nothing was written yet.
-            self._release(claimed, [r.line for r in claimed.rows], quiet=True)
-            raise
-        if unstarted:
-            self._release(claimed, unstarted)
-        if results["lines"]:
-            report.nrows = len(results["lines"])
-            report.nsuccess = results["statuses"].count("success")
-            report.nfailed = results["statuses"].count("failed")
-            report.nretry = results["statuses"].count("queued")
-            written = self._write(claimed, results, log)
-            log.info("chunk_done", rows=report.nrows, success=report.nsuccess, failed=report.nfailed,
-                     retry=report.nretry, first_line=claimed.rows[0].line, last_line=claimed.rows[-1].line)
-            if written < report.nrows:  # recovered from under us, or aborted: those answers are dropped
-                log.warning("results_discarded", rows=report.nrows - written, written=written)
-            self._refresh_progress(claimed)
+            return None
+        claimed.processor, claimed.initblock, claimed.log, claimed.wake = reg.processor, initblock, log, self._wake
+        method = reg.processor.do_slow_query if reg.type == "Q" else reg.processor.do_batch_job
+        is_async = inspect.iscoroutinefunction(method)
+        self.pool.submit([Job(claimed, row, is_async) for row in claimed.rows], stats_key=(reg.app, reg.op))
+        return claimed
+
+    def _claim_ended(self, c: Claimed, report: ChunkReport, log: Any) -> None:
+        """Every row of the claim has an outcome written (or was skipped): give back the skipped ones, and
+        finish the batch if this was its last open row."""
+        if c.lost:
+            return
+        if c.skipped and not c.aborted:
+            self._release(c, c.skipped, quiet=True)
+        if c.aborted:
+            log.info("claim_stopped_batch_aborted", batch=c.batch, unstarted=len(c.skipped))
+            return
         # Checked after our own commit, never inside it: two workers committing the last rows of a batch
         # at once would each see the other's rows still inprog in their own transaction, and neither
         # would summarise. After the commit, whoever commits last is sure to see every row final.
-        if report.nrows and self._all_final(claimed.batch, after=claimed.rows[-1].line):
+        if len(c.skipped) < len(c.rows) and self._all_final(c.batch, after=c.rows[-1].line):
             try:
-                if self.summarise(claimed.batch):
-                    report.summarised.append(claimed.batch)
+                if self.summarise(c.batch):
+                    report.summarised.append(c.batch)
             except AlyaError as exc:  # a failed upload: the batch stays open; cleanup() tries again
-                log.error("summary_failed", error=str(exc))
-        return report
+                log.error("summary_failed", batch=c.batch, error=str(exc))
 
+    # ------------------------------------------------------------------ write-back
+    def _flush(self, claims: list[Claimed], report: ChunkReport, log: Any) -> None:
+        """One write-back statement per batch for the outcomes of these claims (an abort check too)."""
+        by_batch: dict[str, list[Claimed]] = {}
+        for c in claims:
+            by_batch.setdefault(c.batch, []).append(c)
+        for batch, group in by_batch.items():
+            taken = [(c, c.take()) for c in group]
+            outcomes = [o for _, os_ in taken for o in os_]
+            if not outcomes:
+                if not any(c.aborted for c in group):
+                    self._check_aborts(group, log)
+                continue
+            try:
+                status, written, late, ver = self._write(group[0], outcomes, log)
+            except AlyaError:
+                for c in group:  # _write gave the rows back (or retired this identity): drop the claims
+                    c.cancelled = c.lost = True
+                continue
+            statuses = [o.status for o in outcomes]
+            report.nrows += len(outcomes)
+            report.nsuccess += statuses.count("success")
+            report.nfailed += statuses.count("failed")
+            report.nretry += statuses.count("queued")
+            if written < len(outcomes):  # recovered from under us, or aborted: those answers are dropped
+                log.warning("results_discarded", batch=batch, rows=len(outcomes) - written, written=written)
+            if status == BatchStatus.ABORTED.value:
+                self._aborted_seen(group, log)
+                if late:
+                    log.info("results_kept_after_abort", batch=batch, rows=late)
+            else:
+                lines = [o.line for o in outcomes]
+                log.info("rows_written", batch=batch, rows=len(outcomes), success=statuses.count("success"),
+                         failed=statuses.count("failed"), retry=statuses.count("queued"),
+                         first_line=min(lines), last_line=max(lines))
+                self._refresh_progress(group[0])
+
+    def _write(self, claimed: Claimed, outcomes: list[Outcome], log: Any) -> tuple[str | None, int, int, Any]:
+        """The write-back statement. Idempotent (only rows still held at the claimed attempt change), so it
+        is simply repeated through a short outage. If it cannot be written, the rows are given back; if
+        even that fails, this worker drops its identity, and recovery requeues the rows as it does for a
+        dead worker (they must never stay inprog under a live heartbeat)."""
+        cols = [list(c) for c in zip(*outcomes, strict=True)]  # in Outcome's field order
+        params = dict(zip(("lines", "attempts", "statuses", "res", "messages", "blobrows", "delays", "finished"),
+                          cols, strict=True))
+        delay = 0.2
+        for attempt in range(1, WRITE_TRIES + 1):
+            try:
+                with self.svc.store.tx() as tx:
+                    status, written, late, ver = tx.one("write_results", batch=claimed.batch,  # type: ignore[misc]
+                                                        worker=claimed.worker, **params)
+                    if any(o.status == "queued" for o in outcomes):  # retries become claimable later
+                        tx.one("notify_work", channel=names.WORK_CHANNEL,
+                               payload=names.work_payload(claimed.app, claimed.op))
+                if late:  # results kept past an abort changed the final counts: re-cache them
+                    self.finisher.refresh_summary(claimed.batch)
+                return status, int(written), int(late), ver
+            except AlyaError as exc:
+                log.warning("write_failed", batch=claimed.batch, attempt=attempt, error=str(exc))
+                if attempt == WRITE_TRIES:
+                    if not self._release(claimed, params["lines"], quiet=True):
+                        self._retire_identity(claimed.worker)
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _check_aborts(self, claims: list[Claimed], log: Any) -> None:
+        """An abort check for claims with nothing to write yet (rows still running)."""
+        open_claims = [c for c in claims if not c.aborted]
+        if not open_claims:
+            return
+        try:
+            with self.svc.store.tx() as tx:
+                statuses = {str(b): st for b, st in tx.all("batch_statuses", ids=list({c.batch for c in open_claims}))}
+        except AlyaError as exc:
+            log.warning("abort_check_failed", error=str(exc))
+            return
+        for c in open_claims:
+            if statuses.get(c.batch) in (None, BatchStatus.ABORTED.value):
+                self._aborted_seen([c], log)
+
+    def _aborted_seen(self, claims: list[Claimed], log: Any) -> None:
+        for c in claims:
+            if not c.aborted:
+                c.aborted = c.cancelled = True
+                log.info("batch_aborted_seen", batch=c.batch, rows_unfinished=c.pending)
+
+    # ------------------------------------------------------------------ claim, release
+    def _claim(self, app: str, op: str, type_: str, only: str | None, n: int | None = None) -> Claimed | None:
+        n = n or self.svc.config.batchchunk_nrows
+        worker = self.worker_id
+        moved: list[tuple[str, int]] = []
+        claimed = None
+        with self.svc.store.tx() as tx:
+            for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
+                batch, ver = ob.id, ob.ver
+                if ob.status is BatchStatus.QUEUED and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
+                    # The batch row is locked before its rows, the order abort takes them in: rows first
+                    # would deadlock with an abort arriving during the claim (and fail one of the two).
+                    ver = int(bumped[0])
+                    moved.append((batch, ver))
+                after = self._claim_hint.get(batch, 0)
+                rows: list[ClaimedRow] = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker,
+                                                    after=after)
+                if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
+                    rows += tx.records(ClaimedRow, "claim_rows", batch=batch, n=n - len(rows), worker=worker,
+                                       after=0)
+                if rows:
+                    if len(self._claim_hint) > 1000:
+                        self._claim_hint.clear()
+                    self._claim_hint[batch] = max(r.line for r in rows)
+                    claimed = Claimed(batch, app, op, type_, ob.context, sorted(rows, key=lambda r: r.line),
+                                      worker, ver)
+                    break
+        for batch, ver in moved:
+            status_change(app, op, batch, "inprog", old="queued")
+            self.svc.summaries.invalidate(batch, ver)
+        return claimed
+
+    def _release(self, claimed: Claimed, lines: list[int], quiet: bool = False) -> bool:
+        """Give claimed rows back to the queue, their attempt restored (they were not tried)."""
+        try:
+            with self.svc.store.tx() as tx:
+                attempts = {r.line: r.attempts for r in claimed.rows}
+                tx.run("release_rows", batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
+                       worker=claimed.worker)
+                tx.one("notify_work", channel=names.WORK_CHANNEL,
+                       payload=names.work_payload(claimed.app, claimed.op))
+            return True
+        except Exception as exc:
+            if not quiet:
+                raise
+            self.log.error("release_failed", batch=claimed.batch, rows=len(lines), error=_describe(exc))
+            return False
+
+    def _retire_identity(self, worker: str) -> None:
+        """Stop vouching for rows held as ``worker``: a new identity is used from now on and the old one
+        ages out of ``workers``, so recovery requeues whatever it still holds after ALYA_RECOVERY_SEC."""
+        with self._lock:
+            if self.worker_id != worker:
+                return
+            self.worker_id = _new_worker_id()
+            self.log = get_logger().bind(worker=self.worker_id)
+        self.log.error("worker_identity_retired", old=worker)
+        with contextlib.suppress(Exception):  # the heartbeat thread keeps trying
+            self._beat()
+
+    # ------------------------------------------------------------------ helpers
     def init_retry_in(self, app: str) -> float:
         """Seconds until the app's failed init() is tried again (0: not waiting)."""
         failures, retry_at = self._init_failures.get(app, (0, 0.0))
@@ -232,7 +542,7 @@ class Engine:
             self.svc.summaries.invalidate(claimed.batch, claimed.ver)
 
     def _all_final(self, batch: str, after: int | None = None) -> bool:
-        """Whether every row of the batch is final. Queued rows past this chunk answer "no" cheaply, which
+        """Whether every row of the batch is final. Queued rows past this claim answer "no" cheaply, which
         is the usual case; only near the end of a batch is the full check (both partial indexes from the
         start, past the index entries of rows already done) worth its cost."""
         with self.svc.store.tx() as tx:
@@ -240,225 +550,71 @@ class Engine:
                 return False
             return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
 
-    def _write(self, claimed: Claimed, results: dict[str, list[Any]], log: Any) -> int:
-        """The chunk's one write-back statement. Idempotent (only rows still held at the claimed attempt
-        change), so it is simply repeated through a short outage. If it cannot be written, the rows are
-        given back; if even that fails, this worker drops its identity, and recovery requeues the rows
-        as it does for a dead worker (they must never stay inprog under a live heartbeat)."""
-        delay = 0.2
-        for attempt in range(1, WRITE_TRIES + 1):
-            try:
-                with self.svc.store.tx() as tx:
-                    return tx.run("write_results", batch=claimed.batch, worker=claimed.worker, **results)
-            except Exception as exc:
-                log.warning("write_failed", attempt=attempt, error=_describe(exc))
-                if attempt == WRITE_TRIES:
-                    if not self._release(claimed, results["lines"], quiet=True):
-                        self._retire_identity(claimed.worker)
-                    raise
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
-
-    def _claim(self, app: str, op: str, type_: str, only: str | None) -> Claimed | None:
-        n = self.svc.config.batchchunk_nrows
-        worker = self.worker_id
-        moved: list[tuple[str, int]] = []
-        claimed = None
-        with self.svc.store.tx() as tx:
-            for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
-                batch, ver = ob.id, ob.ver
-                if ob.status is BatchStatus.QUEUED and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
-                    # The batch row is locked before its rows, the order abort takes them in: rows first
-                    # would deadlock with an abort arriving during the claim (and fail one of the two).
-                    ver = int(bumped[0])
-                    moved.append((str(batch), ver))
-                after = self._claim_hint.get(batch, 0)
-                rows = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker, after=after)
-                if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
-                    rows += tx.records(ClaimedRow, "claim_rows", batch=batch, n=n - len(rows), worker=worker,
-                                       after=0)
-                if rows:
-                    if len(self._claim_hint) > 1000:
-                        self._claim_hint.clear()
-                    self._claim_hint[batch] = max(r.line for r in rows)
-                    claimed = Claimed(batch, type_, ob.context, sorted(rows, key=lambda r: r.line), worker, ver)
-                    break
-        for batch, ver in moved:
-            status_change(app, op, batch, "inprog", old="queued")
-            self.svc.summaries.invalidate(batch, ver)
-        return claimed
-
-    def _run_rows(self, reg: Registration, initblock: Any, claimed: Claimed, log: Any
-                  ) -> tuple[dict[str, list[Any]], list[int]]:
-        cfg = self.svc.config
-        out: dict[str, list[Any]] = {k: [] for k in ("lines", "attempts", "statuses", "res", "messages",
-                                                     "blobrows", "delays")}
-        is_query = claimed.type == "Q"
-        call = reg.processor.do_slow_query if is_query else reg.processor.do_batch_job
-        context = claimed.context
-        next_check = time.monotonic() + ABORT_CHECK_SEC
-        for i, row in enumerate(claimed.rows):
-            line, raw_input, attempts = row.line, row.input, row.attempts
-            if self.stopping.is_set():
-                return out, [r.line for r in claimed.rows[i:]]
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + ABORT_CHECK_SEC
-                if self._aborted(claimed.batch):
-                    log.info("chunk_stopped_batch_aborted", unstarted=len(claimed.rows) - i)
-                    return out, []  # abort already marked these rows; nothing to give back
-            try:
-                value = orjson.loads(raw_input)
-                result = call(initblock, context, value) if is_query else call(initblock, context, line, value)
-                status, res, messages, blobs = _accept(result, is_query)
-                delay = 0.0
-            except Exception as exc:
-                status, res, blobs, delay = "queued", None, None, 0.0
-                messages = None
-                if attempts >= cfg.max_attempts:
-                    status = "failed"
-                    messages = json_text([ErrorMessage(msgid=0, errcode="processing_error",
-                                                       vals=[_describe(exc)]).to_dict()])
-                else:
-                    delay = cfg.retry_backoff_sec * (2 ** (attempts - 1))
-                log.warning("row_fault", line=line, attempt=attempts, new=status, error=_describe(exc),
-                            trace=traceback.format_exc(limit=3) if status == "failed" else None)
-            else:
-                if status == "failed":
-                    log.info("row_status", line=line, old="inprog", new="failed")
-                else:  # per-row success at debug: at 20k rows/s an info line per row would be the load
-                    log.debug("row_status", line=line, old="inprog", new=status)
-            out["lines"].append(line)
-            out["attempts"].append(attempts)
-            out["statuses"].append(status)
-            out["res"].append(res)
-            out["messages"].append(messages)
-            out["blobrows"].append(blobs)
-            out["delays"].append(delay)
-        return out, []
-
-    def _aborted(self, batch: str) -> bool:
-        with self.svc.store.tx() as tx:
-            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch)
-        return rec is None or rec.status is BatchStatus.ABORTED
-
-    def _release(self, claimed: Claimed, lines: list[int], quiet: bool = False) -> bool:
-        """Give claimed rows back to the queue, their attempt restored (they were not tried)."""
-        try:
-            with self.svc.store.tx() as tx:
-                attempts = {r.line: r.attempts for r in claimed.rows}
-                tx.run("release_rows", batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
-                       worker=claimed.worker)
-            return True
-        except Exception as exc:
-            if not quiet:
-                raise
-            self.log.error("release_failed", batch=claimed.batch, rows=len(lines), error=_describe(exc))
-            return False
-
-    def _retire_identity(self, worker: str) -> None:
-        """Stop vouching for rows held as ``worker``: a new identity is used from now on and the old one
-        ages out of ``workers``, so recovery requeues whatever it still holds after ALYA_RECOVERY_SEC."""
-        with self._lock:
-            if self.worker_id != worker:
-                return
-            self.worker_id = _new_worker_id()
-            self.log = get_logger().bind(worker=self.worker_id)
-        self.log.error("worker_identity_retired", old=worker)
-        with contextlib.suppress(Exception):  # the heartbeat thread keeps trying
-            self._beat()
-
-    # ------------------------------------------------------------------ summary
     def summarise(self, batch_id: str) -> bool:
-        """Finish a batch whose rows are all final: counts, output files, status, cache, mark_done.
-
-        Exactly once: the batch row is locked and re-read (READ COMMITTED gives each statement a fresh
-        snapshot), so the first summariser sees it open and every later one sees it final. Files are
-        written while the lock is held and before the status changes: a failed upload rolls back and
-        leaves the batch for the next attempt."""
-        svc = self.svc
-        with svc.store.tx() as tx:
-            rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
-            if rec is None:
-                return False
-            if tx.one("has_open_rows", id=batch_id)[0]:  # type: ignore[index]
-                return False
-            counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
-            status = counts.final_status
-            if rec.is_query:
-                q: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=batch_id)
-                outputfiles = q.outputfiles if q else {}
-            else:
-                prefix = batch_prefix(svc.objects.url, rec.app, rec.op, batch_id)
-                blobrows = tx.stream("batch_blobrows", id=batch_id)
-                try:
-                    outputfiles = svc.objects.write_files(prefix, (b for (b,) in blobrows))
-                finally:
-                    blobrows.close()  # the server-side cursor, while its transaction is still open
-            ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,  # type: ignore[misc]
-                            nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles))
-        status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
-                      nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles))
-        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles)
+        """Finish the batch if all its rows are final (exactly once), then call its mark_done."""
+        if not self.finisher.summarise(batch_id):
+            return False
         self.notify(batch_id)
         return True
 
     def notify(self, batch_id: str) -> bool:
-        """Call mark_done once: the claim (notifiedat) is committed before the call, so no crash or race
-        can make it run twice. Only a process that has the processor claims it."""
-        svc = self.svc
-        with svc.store.tx() as tx:
-            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
-        if rec is None:
-            return False
+        return self.finisher.notify(batch_id)
+
+
+class _Runner:
+    """The processor call of one row, as the row pool runs it: never raises, always an Outcome."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.cfg = engine.svc.config
+
+    def run(self, job: Job) -> Outcome:
+        c: Claimed = job.owner  # type: ignore[assignment]
+        row = job.row
         try:
-            reg = svc.registry.processor(rec.app, rec.op)
-        except ProcessorNotFound:
-            return False
-        if reg.type != rec.type:
-            return False
-        log = self.log.bind(app=rec.app, op=rec.op, batch=batch_id)
+            value = orjson.loads(row.input)
+            if c.type == "Q":
+                result = c.processor.do_slow_query(c.initblock, c.context, value)
+            else:
+                result = c.processor.do_batch_job(c.initblock, c.context, row.line, value)
+            outcome = accepted(row.line, row.attempts, result, c.type == "Q")
+        except (Exception, SystemExit) as exc:  # SystemExit: a processor calling sys.exit() is a fault too
+            return self._fault(c, row, _describe(exc), traceback.format_exc(limit=3))
+        self._logged(c, outcome)
+        return outcome
+
+    async def run_async(self, job: Job) -> Outcome:
+        c: Claimed = job.owner  # type: ignore[assignment]
+        row = job.row
         try:
-            initblock = svc.initblocks.get(rec.app)
-        except Exception as exc:  # not claimed: cleanup() tries again once init works
-            log.error("mark_done_init_failed", error=_describe(exc))
-            return False
-        with svc.store.tx() as tx:
-            if tx.one("claim_notify", id=batch_id) is None:
-                return False
-        try:
-            reg.processor.mark_done(initblock, rec.context, rec.details())
-            log.info("mark_done_called")
+            value = orjson.loads(row.input)
+            if c.type == "Q":
+                result = await c.processor.do_slow_query(c.initblock, c.context, value)
+            else:
+                result = await c.processor.do_batch_job(c.initblock, c.context, row.line, value)
+            outcome = accepted(row.line, row.attempts, result, c.type == "Q")
         except Exception as exc:
-            log.error("mark_done_failed", error=_describe(exc))
-        return True
+            return self._fault(c, row, _describe(exc), traceback.format_exc(limit=3))
+        self._logged(c, outcome)
+        return outcome
 
+    def timed_out(self, job: Job, seconds: float) -> Outcome:
+        c: Claimed = job.owner  # type: ignore[assignment]
+        error = f"row timed out after {seconds:.1f} s (ALYA_ROW_TIMEOUT_SEC={self.cfg.row_timeout_sec:g})"
+        return self._fault(c, job.row, error, None)
 
-def _accept(result: Any, is_query: bool) -> tuple[str, str | None, str | None, str | None]:
-    """Check a processor's answer; anything malformed raises, and is then treated as a fault."""
-    expected = SlowQueryResult if is_query else BatchJobResult
-    if not isinstance(result, expected):
-        raise TypeError(f"processor returned {type(result).__name__}, not {expected.__name__}")
-    status = BatchStatus(result.status)
-    if status not in (BatchStatus.SUCCESS, BatchStatus.FAILED):
-        raise ValueError(f"processor returned status {status.value!r}; only success/failed are allowed")
-    if result.result is not None and not isinstance(result.result, dict):
-        raise TypeError("result must be a dict or None")
-    messages = [m.to_dict() if isinstance(m, ErrorMessage) else ErrorMessage.from_dict(m).to_dict()
-                for m in result.messages or []]
-    if is_query:
-        files = {file_name(k): str(v) for k, v in (result.outputfiles or {}).items()}  # type: ignore[union-attr]
-        blobs = files or None
-    else:
-        blobs = normalise_blobrows(result.blobrows)  # type: ignore[union-attr]
-    texts = (
-        None if result.result is None else json_text(result.result),
-        json_text(messages) if messages else None,
-        None if blobs is None else json_text(blobs),
-    )
-    if any(t is not None and "\\u0000" in t for t in texts):
-        raise ValueError("result, messages or blob rows contain a NUL character, which PostgreSQL cannot store")
-    return (status.value, *texts)
+    def _fault(self, c: Claimed, row: ClaimedRow, error: str, trace: str | None) -> Outcome:
+        outcome = fault(row.line, row.attempts, error, self.cfg.max_attempts, self.cfg.retry_backoff_sec)
+        c.log.warning("row_fault", batch=c.batch, line=row.line, attempt=row.attempts, old="inprog",
+                      new=outcome.status, error=error, trace=trace if outcome.status == "failed" else None)
+        return outcome
+
+    @staticmethod
+    def _logged(c: Claimed, outcome: Outcome) -> None:
+        if outcome.status == "failed":
+            c.log.info("row_status", batch=c.batch, line=outcome.line, old="inprog", new="failed")
+        else:  # per-row success at debug: at 30k rows/s an info line per row would be the load
+            c.log.debug("row_status", batch=c.batch, line=outcome.line, old="inprog", new=outcome.status)
 
 
 def _new_worker_id() -> str:

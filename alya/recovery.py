@@ -13,6 +13,7 @@ from alya.engine import Engine
 from alya.errors import AlyaError
 from alya.logs import get_logger
 from alya.models import ErrorMessage
+from alya.names import WORK_CHANNEL
 from alya.records import RecoveredRow
 from alya.store import json_text
 
@@ -40,6 +41,8 @@ def cleanup(engine: Engine, types: list[tuple[str, str]] | None = None) -> Clean
         recovered: list[RecoveredRow] = tx.records(RecoveredRow, "recover_rows", sec=cfg.recovery_sec,
                                                    max_attempts=cfg.max_attempts, fail_messages=fail_messages)
         tx.run("forget_dead_workers", sec=cfg.recovery_sec)
+        if any(r.status == "queued" for r in recovered):
+            tx.one("notify_work", channel=WORK_CHANNEL, payload="*")
     # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
     lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
     for r in recovered:

@@ -11,6 +11,7 @@ callers catch ``AlyaError`` and nothing else.
 from __future__ import annotations
 
 import re
+import select
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
@@ -192,6 +193,45 @@ class Store:
     def dispose(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+
+
+class Listener:
+    """A connection of its own that LISTENs on one channel: ``wait`` returns the payloads of the
+    notifications that arrived (committed transactions that called ``notify_work``), or [] on timeout.
+    Wake-ups are an optimisation over polling: any failure here is reported and the caller polls."""
+
+    def __init__(self, store: Store, channel: str) -> None:
+        self._store = store
+        self._channel = channel
+        self._conn: Any = None
+
+    def _connect(self) -> Any:
+        conn = psycopg2.connect(self._store.database_url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {self._channel}")  # a fixed identifier from alya.names, never user input
+        return conn
+
+    def wait(self, timeout: float) -> list[str]:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            conn = self._conn
+            if not conn.notifies and select.select([conn], [], [], max(0.0, timeout)) == ([], [], []):
+                return []
+            conn.poll()
+            payloads = [n.payload for n in conn.notifies]
+            conn.notifies.clear()
+            return payloads
+        except (psycopg2.Error, OSError) as exc:
+            self.close()
+            raise BackendUnavailable(f"LISTEN {self._channel} failed: {type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
 
 def _mapped(exc: psycopg2.Error) -> AlyaError:

@@ -130,9 +130,10 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
         ids[tag] = jm.batch_submit("multi", op, {"tag": tag}, data, wait=True)
     # Held in `wait` until all three workers are up: they start at different speeds (Prefect's import
     # alone takes seconds on a loaded machine), and the first one up would otherwise do everything;
-    # 20 ms per row (20 s of work in all) outlasts the first flow run's start-up in each worker.
-    workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.02",
-                            "--chunk", "15", out=str(tmp_path / f"worker{i}.out")) for i in range(3)]
+    # 50 ms per row, two at a time (25 s of work for one worker) outlasts each worker's first flow run start.
+    workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.05",
+                            "--chunk", "15", "--concurrency", "2", out=str(tmp_path / f"worker{i}.out"))
+               for i in range(3)]
     try:
         def registered() -> bool:
             with jm.store.tx() as tx:
@@ -270,6 +271,9 @@ def test_aborts_during_busy_write_backs(database_url: str, redis_url: str, file_
                 t.join(30)
             assert not errors, errors
             assert s.nsuccess + s.nfailed + s.naborted == 2000
+            # rows whose call returned before the abort keep their results when written after it
+            at_abort, s = s, client.batch_status(bid)
+            assert s.nsuccess + s.nfailed + s.naborted == 2000 and s.nsuccess >= at_abort.nsuccess
             with client.store.tx() as tx:
                 tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
                 actual = dict(tx.cur.fetchall())

@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     # cache, object store, summaries
     "cache": 2, "outputs": 2, "summary": 2, "services": 2,
     # the engine: processing and recovery
-    "engine": 3, "recovery": 3,
+    "engine": 3, "recovery": 3, "rowpool": 3, "outcomes": 3, "finishing": 3, "waker": 3,
     # Prefect
     "batchflow": 4, "dispatch": 4,
     # the facade

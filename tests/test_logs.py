@@ -70,9 +70,10 @@ def test_alya_lines_reach_the_prefect_run_logs(prefect_harness: None, database_u
                     config=make_config())
     try:
         jm.register_batch_processor("logs", "ui", Proc())
-        bid = jm.batch_submit("logs", "ui", {}, [(n, {"x": n}) for n in range(1, 21)])
+        bid = jm.batch_submit("logs", "ui", {}, [(n, {"x": n, **({"mode": "fail"} if n == 7 else {})})
+                                                  for n in range(1, 21)])
         state = jm.flow("logs", "ui")(batch_id=bid, return_state=True)
-        assert jm.batch_status(bid).status is BatchStatus.SUCCESS
+        assert jm.batch_status(bid).status is BatchStatus.FAILED
         run_id = state.state_details.flow_run_id
         APILogHandler().flush()
 
@@ -81,10 +82,12 @@ def test_alya_lines_reach_the_prefect_run_logs(prefect_harness: None, database_u
                 logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
             return [log.message for log in logs if log.name == "alya"]
 
-        lines = wait_until(lambda: [m for m in alya_lines() if "new='success'" in m] and alya_lines(),
+        lines = wait_until(lambda: [m for m in alya_lines() if "new='failed'" in m] and alya_lines(),
                            timeout=30, what="alya's lines in the run's logs")
         assert any("event='status_change'" in m and "app='logs'" in m and f"batch='{bid}'" in m for m in lines)
-        assert any("event='chunk_done'" in m for m in lines)
+        assert any("event='rows_written'" in m for m in lines)
+        # a row's own line, written on one of alya's row threads, reaches the run too
+        assert any("event='row_status'" in m and "line=7" in m and "new='failed'" in m for m in lines)
         assert not any("flow_run_id" in m for m in lines)
     finally:
         jm.close()

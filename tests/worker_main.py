@@ -2,7 +2,7 @@
 jm.run() until idle (``--idle``) or until signalled.
 
     python -m tests.worker_main DATABASE_URL STORE_URL APP OP[,OP...] LOGFILE [--sleep S] [--chunk N]
-        [--recovery-sec N] [--idle]
+        [--recovery-sec N] [--idle] [--concurrency N]
 
 Each row appends "start <batch> <line> <pid>" and "end <batch> <line> <pid> <status>" lines to LOGFILE
 (O_APPEND, one write per line, so several processes can share it); mark_done appends "done <batch>
@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=20)
     p.add_argument("--recovery-sec", type=int, default=60)
     p.add_argument("--idle", action="store_true")
+    p.add_argument("--concurrency", type=int, default=8)
     a = p.parse_args(argv)
     config = JobManagerConfig(batchchunk_nrows=a.chunk, recovery_sec=a.recovery_sec, retry_backoff_sec=0.0,
-                              poll_sec=0.1, task_seconds=0.5)
+                              poll_sec=0.1, task_seconds=0.5, concurrency=a.concurrency)
     jm = JobManager(database_url=a.database_url, redis_url=os.environ.get("ALYA_TEST_REDIS"),
                     object_store_url=a.store_url, config=config)
     proc = LogProc(a.log, a.sleep)

@@ -90,26 +90,56 @@ RETURNING r.line, r.input::text, r.attempts;
 UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND status = 'queued' RETURNING ver;
 
 -- name: write_results
--- Acknowledge a chunk: only rows this worker still holds, at the attempt it claimed, are written, so a
--- late answer from a worker whose rows were recovered (or aborted) changes nothing.
+-- Acknowledge finished rows (one statement per batch and flush): only rows this worker still holds, at
+-- the attempt it claimed, are written, so a late answer from a worker whose rows were recovered changes
+-- nothing. After an abort (which turns the batch's queued and in-progress rows `aborted`, keeping
+-- `doneby`), a row whose call returned before the abort's commit still gets its result: the batch's
+-- counts move from aborted to success/failed in the same statement, and its version moves on.
+-- Returns the batch's status (every flush is an abort check), rows written, and of those rows written
+-- after an abort, with the batch's new version.
 -- synchronous_commit off: a result lost in a server crash leaves its rows inprog, and recovery
 -- requeues them (processing is at-least-once; counts come from row statuses, so nothing counts twice).
 -- The batch row is key-share locked first (writers share it; abort's FOR UPDATE waits for them, and they
 -- for it): abort locks the batch and then the rows, and rows locked in two different orders deadlock.
 SET LOCAL synchronous_commit = off;
-SELECT 1 FROM batches WHERE id = %(batch)s FOR KEY SHARE;
-UPDATE batchrows r
-SET status = v.status::batch_status,
-    res = v.res::jsonb,
-    messages = v.messages::jsonb,
-    blobrows = v.blobrows::jsonb,
-    doneat = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
-    doneby = CASE WHEN v.status = 'queued' THEN NULL ELSE r.doneby END,
-    notbefore = CASE WHEN v.status = 'queued' THEN now() + make_interval(secs => v.delay) END
-FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
-            %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[])
-     AS v(line, attempts, status, res, messages, blobrows, delay)
-WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.doneby = %(worker)s AND r.attempts = v.attempts;
+WITH b AS (
+    SELECT id, status, doneat FROM batches WHERE id = %(batch)s FOR KEY SHARE
+), v AS (
+    SELECT * FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
+                         %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[], %(finished)s::float8[])
+         AS v(line, attempts, status, res, messages, blobrows, delay, finished)
+), w AS (
+    UPDATE batchrows r
+    SET status = v.status::batch_status,
+        res = v.res::jsonb,
+        messages = v.messages::jsonb,
+        blobrows = v.blobrows::jsonb,
+        doneat = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
+        doneby = CASE WHEN v.status = 'queued' THEN NULL ELSE r.doneby END,
+        notbefore = CASE WHEN v.status = 'queued' THEN now() + make_interval(secs => v.delay) END
+    FROM v, b
+    WHERE r.batch = b.id AND r.line = v.line AND r.doneby = %(worker)s AND r.attempts = v.attempts
+      AND (r.status = 'inprog'
+           OR (r.status = 'aborted' AND b.status = 'aborted' AND v.status <> 'queued'
+               AND to_timestamp(v.finished) <= b.doneat))
+    RETURNING v.status AS new, b.status = 'aborted' AS late
+), fix AS (
+    UPDATE batches SET nsuccess = nsuccess + (SELECT count(*) FROM w WHERE late AND new = 'success'),
+                       nfailed = nfailed + (SELECT count(*) FROM w WHERE late AND new = 'failed'),
+                       naborted = naborted - (SELECT count(*) FROM w WHERE late),
+                       ver = ver + 1
+    WHERE id = %(batch)s AND EXISTS (SELECT 1 FROM w WHERE late)
+    RETURNING ver
+)
+SELECT (SELECT status::text FROM b), (SELECT count(*) FROM w), (SELECT count(*) FROM w WHERE late),
+       (SELECT ver FROM fix);
+
+-- name: batch_statuses
+SELECT id, status::text FROM batches WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: notify_work
+-- Wakes idle workers (alya.waker) when the transaction commits; the payload is app/op, or * for any.
+SELECT pg_notify(%(channel)s, %(payload)s);
 
 -- name: release_rows
 -- Give claimed rows back untouched (shutdown, init failure): the attempt they cost is returned too.

@@ -1,0 +1,96 @@
+"""Finishing a batch, exactly once: its summary (counts, output files in line order, final status, cache)
+and then its ``mark_done``. Called by the engine after a write-back that may have been a batch's last,
+and by recovery for batches whose summary or notification was missed.
+"""
+
+from __future__ import annotations
+
+from alya.errors import ProcessorNotFound
+from alya.logs import get_logger, status_change
+from alya.names import batch_prefix
+from alya.records import BatchRecord, Counts, SlowQueryRow
+from alya.services import Services
+from alya.store import json_text
+from alya.summary import record_summary
+
+
+class Finisher:
+    def __init__(self, services: Services) -> None:
+        self.svc = services
+        self.log = get_logger()
+
+    def summarise(self, batch_id: str) -> bool:
+        """Finish a batch whose rows are all final: counts, output files, status, cache (mark_done is the
+        caller's next step: ``Engine.summarise``).
+
+        Exactly once: the batch row is locked and re-read (READ COMMITTED gives each statement a fresh
+        snapshot), so the first summariser sees it open and every later one sees it final. Files are
+        written while the lock is held and before the status changes: a failed upload rolls back and
+        leaves the batch for the next attempt."""
+        svc = self.svc
+        with svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
+            if rec is None:
+                return False
+            if tx.one("has_open_rows", id=batch_id)[0]:  # type: ignore[index]
+                return False
+            counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
+            status = counts.final_status
+            if rec.is_query:
+                q: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=batch_id)
+                outputfiles = q.outputfiles if q else {}
+            else:
+                prefix = batch_prefix(svc.objects.url, rec.app, rec.op, batch_id)
+                blobrows = tx.stream("batch_blobrows", id=batch_id)
+                try:
+                    outputfiles = svc.objects.write_files(prefix, (b for (b,) in blobrows))
+                finally:
+                    blobrows.close()  # the server-side cursor, while its transaction is still open
+            ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,  # type: ignore[misc]
+                            nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles))
+        status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
+                      nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles))
+        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles)
+        return True
+
+    def refresh_summary(self, batch_id: str) -> None:
+        """Cache the batch's summary as PostgreSQL has it now (after results kept past an abort)."""
+        with self.svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
+            summary = None if rec is None else record_summary(tx, rec)
+        if summary is not None:
+            self.svc.summaries.put(batch_id, summary)
+
+    def notify(self, batch_id: str) -> bool:
+        """Call mark_done once: the claim (notifiedat) is committed before the call, so no crash or race
+        can make it run twice. Only a process that has the processor claims it."""
+        svc = self.svc
+        with svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
+        if rec is None:
+            return False
+        try:
+            reg = svc.registry.processor(rec.app, rec.op)
+        except ProcessorNotFound:
+            return False
+        if reg.type != rec.type:
+            return False
+        log = self.log.bind(app=rec.app, op=rec.op, batch=batch_id)
+        try:
+            initblock = svc.initblocks.get(rec.app)
+        except Exception as exc:  # not claimed: cleanup() tries again once init works
+            log.error("mark_done_init_failed", error=_describe(exc))
+            return False
+        with svc.store.tx() as tx:
+            if tx.one("claim_notify", id=batch_id) is None:
+                return False
+        try:
+            reg.processor.mark_done(initblock, rec.context, rec.details())
+            log.info("mark_done_called")
+        except Exception as exc:
+            log.error("mark_done_failed", error=_describe(exc))
+        return True
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

@@ -1,0 +1,82 @@
+"""What a processor call comes to, as the values the write-back statement stores.
+
+A call ends in one of three ways: an accepted answer (success or failed: final), a fault (it raised,
+returned something malformed, or ran past its timeout), which requeues the row with a growing delay until
+its attempts are used up and then fails it with ``processing_error``, or no outcome at all (the row was
+never started: a stopping worker gives it back, an aborted batch drops it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, NamedTuple
+
+from alya.models import BatchJobResult, BatchStatus, ErrorMessage, SlowQueryResult
+from alya.outputs import normalise_blobrows
+from alya.store import json_text
+from alya.validate import file_name
+
+
+class Outcome(NamedTuple):
+    """One row's answer, in the column order of the ``write_results`` statement."""
+
+    line: int
+    attempts: int  # the attempt it was claimed at: the write-back only lands at that attempt
+    status: str  # success | failed | queued (a fault with attempts left)
+    res: str | None  # JSON text
+    messages: str | None
+    blobrows: str | None
+    delay: float  # seconds before a requeued row may be claimed again
+    finished: float  # wall-clock time the call returned (an abort keeps results finished before it)
+
+
+def accepted(line: int, attempts: int, result: Any, is_query: bool) -> Outcome:
+    """Check a processor's answer; anything malformed raises (and is then a fault)."""
+    expected = SlowQueryResult if is_query else BatchJobResult
+    if not isinstance(result, expected):
+        raise TypeError(f"processor returned {type(result).__name__}, not {expected.__name__}")
+    status = BatchStatus(result.status)
+    if status not in (BatchStatus.SUCCESS, BatchStatus.FAILED):
+        raise ValueError(f"processor returned status {status.value!r}; only success/failed are allowed")
+    if result.result is not None and not isinstance(result.result, dict):
+        raise TypeError("result must be a dict or None")
+    messages = [m.to_dict() if isinstance(m, ErrorMessage) else ErrorMessage.from_dict(m).to_dict()
+                for m in result.messages or []]
+    if is_query:
+        files = {file_name(k): str(v) for k, v in (result.outputfiles or {}).items()}  # type: ignore[union-attr]
+        blobs = files or None
+    else:
+        blobs = normalise_blobrows(result.blobrows)  # type: ignore[union-attr]
+    res = None if result.result is None else _strict_json(result.result, "result")
+    msgs = json_text(messages) if messages else None
+    blob = None if blobs is None else json_text(blobs)
+    if any(t is not None and "\\u0000" in t for t in (res, msgs, blob)):
+        raise ValueError("result, messages or blob rows contain a NUL character, which PostgreSQL cannot store")
+    return Outcome(line, attempts, status.value, res, msgs, blob, 0.0, time.time())
+
+
+def fault(line: int, attempts: int, error: str, max_attempts: int, backoff_sec: float) -> Outcome:
+    """A fault: requeued after a delay that doubles per attempt, or failed once attempts are used up."""
+    if attempts >= max_attempts:
+        messages = json_text([ErrorMessage(msgid=0, errcode="processing_error", vals=[error]).to_dict()])
+        return Outcome(line, attempts, "failed", None, messages, None, 0.0, time.time())
+    return Outcome(line, attempts, "queued", None, None, None, backoff_sec * 2 ** (attempts - 1), time.time())
+
+
+def _strict_json(value: Any, what: str) -> str:
+    """JSON text of a result; NaN and Infinity are refused (orjson would silently store them as null)."""
+    text = json_text(value)
+    if "null" in text and _has_non_finite(value):
+        raise ValueError(f"{what} contains NaN or Infinity, which JSON cannot hold")
+    return text
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
