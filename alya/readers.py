@@ -145,10 +145,7 @@ def frames_to_inputs(frames: Iterable[pd.DataFrame], first_line: int = 1) -> Ite
         col_index = [columns.index(c) for c in data_cols]
         line_index = columns.index(LINE_COLUMN) if has_line else -1
         for values in df.itertuples(index=False, name=None):
-            if has_line:
-                line = _line_number(values[line_index], next_line - first_line + 1)
-            else:
-                line = next_line
+            line = _line_number(values[line_index], next_line - first_line + 1) if has_line else next_line
             next_line += 1
             row: dict[str, Any] = {}
             for name, i in zip(data_cols, col_index, strict=True):
