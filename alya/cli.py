@@ -174,7 +174,10 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
          as_json: bool = typer.Option(False, "--json", help="print the result and every row as JSON")) -> None:
     """The result of a batch; with --export its rows (line, status, res, messages) go to a file."""
     from alya.errors import InvalidState
+    from alya.readers import file_format
 
+    if export is not None:
+        file_format(export)  # an unknown extension is refused before anything is read
     d = _jm().batch_done(batch_id)
     if export is not None:
         from alya.export import export_rows

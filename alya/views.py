@@ -27,8 +27,8 @@ def styled(status: BatchStatus | str) -> str:
 def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> Table:
     """A batch's status and counts, one per line."""
     t = Table(show_header=False, title=title, title_justify="left", box=None, padding=(0, 2))
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
     t.add_row("batch", batch_id)
     t.add_row("status", styled(s.status))
     t.add_row("rows", f"{s.nrows:,}")
@@ -45,12 +45,13 @@ def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> T
 
 
 def batches_table(items: Iterable[BatchDetails]) -> Table:
-    t = Table(box=None, padding=(0, 2), header_style="bold")
-    for col in ("id", "op", "status", "rows", "success", "failed", "requested"):
-        t.add_column(col, justify="right" if col in ("rows", "success", "failed") else "left")
+    t = Table(box=None, padding=(0, 1), header_style="bold")
+    t.add_column("id", no_wrap=True, min_width=36)  # ids are copied from here: never cut
+    for col in ("op", "status", "rows", "success", "failed", "requested"):
+        t.add_column(col, justify="right" if col in ("rows", "success", "failed") else "left", overflow="fold")
     for d in items:
         t.add_row(d.id, d.op, styled(d.status), f"{d.nrows:,}", f"{d.nsuccess:,}", f"{d.nfailed:,}",
-                  d.reqat.strftime("%Y-%m-%d %H:%M:%S"))
+                  d.reqat.strftime("%Y-%m-%d %H:%M"))
     return t
 
 
