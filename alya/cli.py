@@ -38,16 +38,22 @@ def _one_line(exc: BaseException) -> str:
     return f"{kind}: {text[0]}" if text else kind
 
 
-app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=__doc__,
+HELP = ("Submit files of rows, follow, export and abort batches, run workers, migrate; `alya demo` for a tour. "
+        "Settings come from the ALYA_* variables (see README).")
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, help=HELP,
                   pretty_exceptions_show_locals=False)
 
 JSON_OPT = typer.Option(False, "--json", help="print JSON instead of a table (for scripts)")
 
 
 @app.callback()
-def _leave_nothing_running(ctx: typer.Context) -> None:
-    """With ALYA_DATABASE_URL unset the commands use the embedded PostgreSQL; one that had to start it
-    stops it when done, so that no server is left behind (the demo says so itself)."""
+def _setup(ctx: typer.Context) -> None:
+    """A command prints its own answer, so the library's info logs would only be noise on top of it (a
+    worker's logs are its output: it keeps ALYA_LOG_LEVEL's default). With ALYA_DATABASE_URL unset the
+    commands use the embedded PostgreSQL; one that had to start it stops it when done, so that no server
+    is left behind (the demo says so itself)."""
+    if ctx.invoked_subcommand != "worker":
+        os.environ.setdefault("ALYA_LOG_LEVEL", "WARNING")
 
     def stop() -> None:
         embedded = sys.modules.get("alya.embedded")

@@ -45,13 +45,16 @@ def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> T
 
 
 def batches_table(items: Iterable[BatchDetails]) -> Table:
-    t = Table(box=None, padding=(0, 1), header_style="bold")
+    t = Table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False, header_style="bold")
     t.add_column("id", no_wrap=True, min_width=36)  # ids are copied from here: never cut
-    for col in ("op", "status", "rows", "success", "failed", "requested"):
-        t.add_column(col, justify="right" if col in ("rows", "success", "failed") else "left", overflow="fold")
+    t.add_column("op", overflow="fold")
+    t.add_column("status", no_wrap=True)
+    for col in ("rows", "ok", "failed"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("requested", no_wrap=True)
     for d in items:
         t.add_row(d.id, d.op, styled(d.status), f"{d.nrows:,}", f"{d.nsuccess:,}", f"{d.nfailed:,}",
-                  d.reqat.strftime("%Y-%m-%d %H:%M"))
+                  d.reqat.strftime("%m-%d %H:%M"))
     return t
 
 
