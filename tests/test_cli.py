@@ -210,10 +210,16 @@ def test_demo_on_embedded_defaults_leaves_nothing_running(tmp_path: Path) -> Non
     assert noise == [], noise
     pgdata = tmp_path / ".alya-data" / "pg"
     assert (pgdata / "PG_VERSION").exists() and not (pgdata / "postmaster.pid").exists()
+    assert took < 120
+
+    # A later command finds the demo's batch in the same folder, and stops the server it had to start.
+    listed = run_alya("list", "demo", "--json", env=clean_env(), cwd=str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert [(b["op"], b["nrows"], b["nfailed"]) for b in json.loads(listed.stdout)] == [("greet", 300, 3)]
+    assert listed.stderr == ""  # no log lines on top of the answer
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         assert not embedded.is_running()
     finally:
         os.chdir(cwd)
-    assert took < 120
