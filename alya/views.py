@@ -65,6 +65,8 @@ def progress_bar(console: Console) -> Progress:
 
 def _detail(s: BatchSummary) -> str:
     parts = [styled(s.status)]
+    if s.status is BatchStatus.WAIT:
+        parts.append("held: `alya wait-off` releases it")
     if s.nfailed:
         parts.append(f"[red]{s.nfailed:,} failed[/]")
     if s.naborted:
