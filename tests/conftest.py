@@ -4,6 +4,7 @@ prefix, and, for flow tests, the session's one Prefect test harness."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,22 @@ from alya import JobManager, JobManagerConfig
 # Test Prefect servers must not try to send telemetry (no network here; it only adds noise).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from tests import services
+
+_services = contextlib.ExitStack()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test: PostgreSQL and Redis where configured, or private ones where nothing answers."""
+    _services.enter_context(services.ensure_pg_and_redis())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _services.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    started = services.STARTED or ["none (PostgreSQL and Redis answered where configured)"]
+    return [f"alya test services started for this session: {', '.join(started)}"]
 
 
 @pytest.fixture(scope="session")

