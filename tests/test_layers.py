@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     # values: types, errors, names and settings that everything may use
     "errors": 0, "models": 0, "validate": 0, "names": 0, "settings": 0, "logs": 0, "records": 0, "registry": 0,
     # the store: all SQL and the driver's errors
-    "store": 1, "ingest": 1, "schema": 1, "migrate": 1, "embedded": 1,
+    "store": 1, "ingest": 1, "schema": 1, "migrate": 1, "embedded": 1, "readers": 1,
     # cache, object store, summaries
     "cache": 2, "outputs": 2, "summary": 2, "services": 2,
     # the engine: processing and recovery
@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     # Prefect
     "batchflow": 4, "dispatch": 4,
     # the facade
-    "client": 5, "cli": 5, "demo": 5, "__init__": 5,
+    "client": 5, "cli": 5, "demo": 5, "demo_prefect": 5, "export": 5, "views": 5, "__init__": 5,
 }
 NAMES = ["values", "store", "cache/objects/summary", "engine", "Prefect", "facade"]
 
