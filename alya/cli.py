@@ -126,6 +126,25 @@ def demo(rows: int = 2000) -> None:
     typer.echo(f"demo finished in {time.perf_counter() - t:.1f} s")
 
 
+@app.command()
+def intake(
+    folder_url: str = typer.Argument(..., help="the folder to scan: a path or fsspec URL (s3://bucket/inbox)"),
+    pattern: list[str] = typer.Option(..., "--pattern", "-p", help="GLOB=FILETYPE, e.g. '*.csv=txn' (repeat)"),
+    module: str = typer.Option(..., help="module[:attribute] holding the JobManager with the file checkers"),
+    min_age_sec: float = typer.Option(10.0, help="files younger than this wait for a later pass"),
+) -> None:
+    """One file-intake pass: matching files become batches exactly once and move to done/ or failed/."""
+    from alya.validate import file_patterns
+
+    patterns = file_patterns(",".join(pattern))  # a bad pattern is a one-line error before anything is read
+    module_name, _, attr = module.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    jm = getattr(importlib.import_module(module_name), attr or "jm")
+    taken = jm.intake_scan(folder_url, patterns, min_age_sec=min_age_sec)
+    _print([{"file": fi.source, "filetype": fi.filetype, "status": fi.status, "batch_id": fi.batch_id,
+             "nrows": fi.nrows, "error": fi.error, "url": fi.url} for fi in taken])
+
+
 def main() -> None:
     try:
         app()

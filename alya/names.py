@@ -100,6 +100,7 @@ SUBMIT_FILE_FLOW = "alya-submit-file"
 """The flow that makes one file (URL, file type, context) a batch: run it from the Prefect UI."""
 INTAKE_ARTIFACT_KEY = "alya-intake"
 """The table artifact of the files one intake run took (one version per run)."""
+SUBMIT_FILE_ARTIFACT_KEY = "alya-submit-file"
 INTAKE_TAGS = [TAG, "alya-intake"]
 DONE_FOLDER = "done"
 FAILED_FOLDER = "failed"
