@@ -169,8 +169,8 @@ def _json_value(value: Any, column: str, nested: bool = False) -> Any:
     lists and objects they become null, since position and keys matter there."""
     if isinstance(value, _PLAIN):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else (None if nested else _MISSING)
+    if isinstance(value, float):  # numpy.float64 too (a float subclass, which orjson refuses): made a float
+        return float(value) if math.isfinite(value) else (None if nested else _MISSING)
     if value is None or _is_na(value):
         return None if nested else _MISSING
     import numpy as np
