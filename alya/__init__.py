@@ -15,6 +15,7 @@ from alya.errors import (
     InvalidState,
     ProcessorNotFound,
 )
+from alya.files import FileChecker, IncomingFile
 from alya.migrate import migrate_database
 from alya.models import (
     BatchDetails,
@@ -25,6 +26,8 @@ from alya.models import (
     BatchStatus,
     BatchSummary,
     ErrorMessage,
+    FileCheck,
+    FileIntake,
     SlowQueryDone,
     SlowQueryResult,
 )
@@ -46,6 +49,10 @@ __all__ = [
     "ConfigError",
     "DatabaseNotMigrated",
     "ErrorMessage",
+    "FileCheck",
+    "FileChecker",
+    "FileIntake",
+    "IncomingFile",
     "InitBlock",
     "Initializer",
     "InvalidInput",

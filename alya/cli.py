@@ -263,9 +263,7 @@ def worker(target: str = typer.Argument(..., help="module[:attribute] holding a 
 @app.command()
 def cleanup() -> None:
     """One idempotent recovery pass: requeue rows of dead workers, summarise missed batches."""
-    from alya.recovery import cleanup as run_cleanup
-
-    _print_json(run_cleanup(_jm()))
+    _print_json(_jm().cleanup())
 
 
 @app.command("embedded-stop")
@@ -292,6 +290,28 @@ def demo(rows: int = typer.Option(2000, help="rows in the demo batch"),
     ok = run_demo(rows, _console(), row_ms=row_ms)
     _console().print(f"[dim]demo finished in {time.perf_counter() - t:.1f} s[/]")
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def intake(
+    folder_url: str = typer.Argument(..., help="the folder to scan: a path or fsspec URL (s3://bucket/inbox)"),
+    pattern: list[str] = typer.Option(..., "--pattern", "-p", help="GLOB=FILETYPE, e.g. '*.csv=txn' (repeat)"),
+    module: str = typer.Option(..., help="module[:attribute] holding the JobManager with the file checkers"),
+    min_age_sec: float = typer.Option(10.0, help="files younger than this wait for a later pass"),
+) -> None:
+    """One file-intake pass: matching files become batches exactly once and move to done/ or failed/."""
+    import importlib
+    from pathlib import Path
+
+    from alya.validate import file_patterns
+
+    patterns = file_patterns(",".join(pattern))  # a bad pattern is a one-line error before anything is read
+    module_name, _, attr = module.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    jm = getattr(importlib.import_module(module_name), attr or "jm")
+    taken = jm.intake_scan(folder_url, patterns, min_age_sec=min_age_sec)
+    _print_json([{"file": fi.source, "filetype": fi.filetype, "status": fi.status, "batch_id": fi.batch_id,
+             "nrows": fi.nrows, "error": fi.error, "url": fi.url} for fi in taken])
 
 
 def main() -> None:

@@ -7,19 +7,23 @@ PostgreSQL already holds.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import make_url
 
-from alya import names, validate
+from alya import validate
+from alya.batches import copy_rows, insert_batch, notify_work
 from alya.batchflow import make_batch_flow, run_batch, run_worker
 from alya.cache import StatusCache
 from alya.dispatch import Dispatcher
 from alya.engine import Engine
 from alya.errors import BatchNotFound, InvalidInput, InvalidState
-from alya.ingest import COPY_ROWS, CopyStream, iter_rows
+from alya.files import FileChecker
+from alya.ingest import iter_rows
+from alya.intake import Intake
 from alya.logs import get_logger, status_change
 from alya.models import (
     BatchDetails,
@@ -28,6 +32,7 @@ from alya.models import (
     BatchOutput,
     BatchStatus,
     BatchSummary,
+    FileIntake,
     SlowQueryDone,
     messages_from_json,
 )
@@ -145,18 +150,13 @@ class JobManager:
         if inputfile is not None and not isinstance(inputfile, str):
             raise InvalidInput("inputfile must be a string")
         pairs = iter_rows(rows)
-        batch_id = str(uuid.uuid4())
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as tx:
-            tx.run("insert_batch", id=batch_id, app=app, op=op, type="B", context=json_text(ctx),
-                   inputfile=inputfile, status=status.value)
-            n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax)
-            ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
-            if not wait:
-                _notify_work(tx, app, op)
-        status_change(app, op, batch_id, status.value, nrows=n)
-        self._queued(app, op, batch_id, ver, status, n)
-        return batch_id
+            new = insert_batch(tx, app, op, ctx, pairs, status=status, inputfile=inputfile,
+                               max_rows=self.config.batchrowmax)
+        status_change(app, op, new.id, status.value, nrows=new.nrows)
+        self._queued(app, op, new.id, new.ver, status, new.nrows)
+        return new.id
 
     def batch_append(self, batch_id: str, rows: Rows, wait: bool = False) -> int:
         """Add rows to a batch held in `wait`; `wait=False` then releases it. Returns the total rows."""
@@ -166,12 +166,12 @@ class JobManager:
             rec = _locked(tx, batch_id)
             if rec.type != "B" or rec.status is not BatchStatus.WAIT:
                 raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
-            n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec.nrows)
+            n = copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec.nrows)
             total = rec.nrows + n
             status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
             ver = tx.one("set_nrows_status", id=batch_id, nrows=total, status=status.value)[0]  # type: ignore[index]
             if not wait:
-                _notify_work(tx, rec.app, rec.op)
+                notify_work(tx, rec.app, rec.op)
         if not wait:
             status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
         self._queued(rec.app, rec.op, batch_id, ver, status, total)
@@ -187,7 +187,7 @@ class JobManager:
             if rec.status is not BatchStatus.WAIT:
                 raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
             ver = tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
-            _notify_work(tx, rec.app, rec.op)
+            notify_work(tx, rec.app, rec.op)
         status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
         self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
         return rec.nrows
@@ -227,7 +227,7 @@ class JobManager:
                    inputfile=None, status="queued")
             tx.run("insert_row", batch=req_id, line=0, input=data)
             ver = tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
-            _notify_work(tx, app, op)
+            notify_work(tx, app, op)
         status_change(app, op, req_id, "queued", type="Q")
         self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
         return req_id
@@ -283,6 +283,27 @@ class JobManager:
         self.cache.close()
         self.store.dispose()
 
+    # ------------------------------------------------------------------ file intake (alya.intake)
+    @functools.cached_property
+    def intake(self) -> Intake:
+        """The file intake of this JobManager (its checkers); the methods below delegate to it."""
+        return Intake(self.store, self.config.batchrowmax, lambda b: self._queued(b.app, b.op, b.id, b.ver,
+                                                                                    b.status, b.nrows))
+
+    def register_file_checker(self, filetype: str, checker: FileChecker) -> None:
+        self.intake.register_checker(filetype, checker)
+
+    def file_submit(self, url_or_path: str, filetype: str, context: dict[str, Any] | str | None = None) -> FileIntake:
+        """Check one file and submit its batch; the file stays where it is (see ``Intake.file_submit``)."""
+        return self.intake.file_submit(url_or_path, filetype, context)
+
+    def intake_scan(self, folder_url: str, patterns: dict[str, str] | str, min_age_sec: float = 10) -> list[FileIntake]:
+        """One pass over a folder: matching files become batches exactly once (see ``Intake.scan``)."""
+        return self.intake.scan(folder_url, patterns, min_age_sec)
+
+    def file_list(self, age_days: int = 7) -> list[FileIntake]:
+        return self.intake.file_list(age_days)
+
     # ------------------------------------------------------------------ internals
     def _types(self) -> list[tuple[str, str]]:
         return [(r.app, r.op) for r in self.registry.batch_types()]
@@ -328,20 +349,6 @@ class JobManager:
             recs: list[BatchRecord] = tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_,
                                                  age_days=age_days)
         return [r.details() for r in recs]
-
-
-def _copy_rows(tx: Tx, batch_id: str, pairs: Any, max_rows: int) -> int:
-    stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
-    tx.copy_in(COPY_ROWS, stream)
-    n = stream.count
-    if n == 0:
-        raise InvalidInput("a batch needs at least one row")
-    return n
-
-
-def _notify_work(tx: Tx, app: str, op: str) -> None:
-    """Idle workers wake when this transaction commits (PostgreSQL NOTIFY; see alya.waker)."""
-    tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.work_payload(app, op))
 
 
 def _locked(tx: Tx, batch_id: str) -> BatchRecord:

@@ -138,3 +138,38 @@ def require_status(value: Any) -> BatchStatus:
         return value if isinstance(value, BatchStatus) else BatchStatus(value)
     except ValueError:
         raise InvalidInput(f"not a batch status: {value!r}") from None
+
+
+# ---------------------------------------------------------------------------- file intake
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    """A file checker's verdict on one file. ``ok=False`` rejects the file (``error`` says why). ``ok=True``
+    submits it as a batch of (app, op) with ``context`` (None: the context given to the intake) and ``rows``:
+    BatchInputs, (line, input) tuples, a DataFrame or an iterator of DataFrames (each row's columns become
+    its input object; line = 1.. in file order, or the column ``line``), or None for the file's own rows
+    (``file.frames()``). Rows are read lazily, while they are copied into the batch."""
+
+    ok: bool
+    app: str = ""
+    op: str = ""
+    context: dict[str, Any] | None = None
+    rows: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileIntake:
+    """What happened to one file: ``submitted`` as batch ``batch_id``, or ``rejected`` with ``error``.
+    ``url`` is where the file lies now (``<folder>/done/<batch_id>/<name>``, ``<folder>/failed/<name>``, or
+    where it was found until it has been moved); ``source`` is where it was found."""
+
+    url: str
+    filetype: str
+    status: str  # "submitted" | "rejected"
+    batch_id: str | None
+    size: int
+    error: str | None
+    reqat: datetime
+    source: str = ""
+    nrows: int = 0
+    moved: bool = False

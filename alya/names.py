@@ -91,3 +91,26 @@ def summary_artifact_key(batch_id: str) -> str:
 def batch_prefix(root_url: str, app: str, op: str, batch_id: str) -> str:
     """Where a batch's output files go: ``{root}/{app}/{op}/{batch}/{file}``."""
     return f"{root_url.rstrip('/')}/{app}/{op}/{batch_id}"
+
+
+# ---------------------------------------------------------------------------- file intake
+INTAKE_FLOW = "alya-intake"
+"""The scheduled flow that runs one intake pass over ALYA_INTAKE_URL (deployment ``alya-intake/alya``)."""
+SUBMIT_FILE_FLOW = "alya-submit-file"
+"""The flow that makes one file (URL, file type, context) a batch: run it from the Prefect UI."""
+INTAKE_ARTIFACT_KEY = "alya-intake"
+"""The table artifact of the files one intake run took (one version per run)."""
+SUBMIT_FILE_ARTIFACT_KEY = "alya-submit-file"
+INTAKE_TAGS = [TAG, "alya-intake"]
+DONE_FOLDER = "done"
+FAILED_FOLDER = "failed"
+
+
+def intake_done_url(folder_url: str, batch_id: str, name: str) -> str:
+    """Where a submitted file goes: ``<folder>/done/<batch_id>/<name>``."""
+    return f"{folder_url.rstrip('/')}/{DONE_FOLDER}/{batch_id}/{name}"
+
+
+def intake_failed_url(folder_url: str, name: str) -> str:
+    """Where a rejected file goes: ``<folder>/failed/<name>``."""
+    return f"{folder_url.rstrip('/')}/{FAILED_FOLDER}/{name}"

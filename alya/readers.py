@@ -82,14 +82,15 @@ def read_frames(url: str, chunksize: int = 50_000, storage_options: dict[str, An
 def _csv_frames(url: str, chunksize: int, opts: dict[str, Any], dtype: Any) -> Iterator[pd.DataFrame]:
     import pandas as pd
 
-    try:
-        reader = pd.read_csv(url, chunksize=chunksize, storage_options=opts or None, dtype=dtype,
-                             dtype_backend="numpy_nullable", keep_default_na=False, na_values=[""],
-                             compression="infer")
-        with reader:
-            yield from reader
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidInput(f"{_name(url)}: not a readable CSV file: {_first_line(exc)}") from None
+    # Opened through fsspec, never by pandas: pandas reads a file:// (or http) URL whole into memory.
+    with fsspec.open(url, "rb", compression="infer", **opts) as fh:
+        try:
+            reader = pd.read_csv(fh, chunksize=chunksize, dtype=dtype, dtype_backend="numpy_nullable",
+                                 keep_default_na=False, na_values=[""])
+            with reader:
+                yield from reader
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidInput(f"{_name(url)}: not a readable CSV file: {_first_line(exc)}") from None
 
 
 def _parquet_frames(url: str, chunksize: int, opts: dict[str, Any]) -> Iterator[pd.DataFrame]:
@@ -169,8 +170,8 @@ def _json_value(value: Any, column: str, nested: bool = False) -> Any:
     lists and objects they become null, since position and keys matter there."""
     if isinstance(value, _PLAIN):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else (None if nested else _MISSING)
+    if isinstance(value, float):  # numpy.float64 too (a float subclass, which orjson refuses): made a float
+        return float(value) if math.isfinite(value) else (None if nested else _MISSING)
     if value is None or _is_na(value):
         return None if nested else _MISSING
     import numpy as np

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from alya.models import BatchDetails, BatchOutput, BatchStatus, messages_from_json
+from alya.models import BatchDetails, BatchOutput, BatchStatus, FileIntake, messages_from_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,3 +131,35 @@ class Counts:
     def final_status(self) -> BatchStatus:
         """The status of a batch whose rows are all final (and that was not aborted)."""
         return BatchStatus.SUCCESS if self.failed == 0 and self.aborted == 0 else BatchStatus.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One row of ``batch_files``: a file taken by the intake (see ``alya.intake``)."""
+
+    id: str
+    url: str  # where the file was found
+    size: int
+    version: str  # its ETag, else its modification time
+    filetype: str
+    status: str  # submitted | rejected
+    batch: str | None
+    nrows: int
+    error: str | None
+    dest: str | None  # where it is moved after the commit (None: left where it is)
+    movedat: datetime | None
+    reqat: datetime
+
+    COLUMNS = "id, url, size, version, filetype, status, batch, nrows, error, dest, movedat, reqat"
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> FileRecord:
+        (id_, url, size, version, filetype, status, batch, nrows, error, dest, movedat, reqat) = row
+        return cls(str(id_), url, int(size), version, filetype, status, None if batch is None else str(batch),
+                   int(nrows), error, dest, movedat, reqat)
+
+    def intake(self) -> FileIntake:
+        moved = self.dest is not None and self.movedat is not None
+        return FileIntake(url=self.dest if moved and self.dest else self.url, filetype=self.filetype,
+                          status=self.status, batch_id=self.batch, size=self.size, error=self.error,
+                          reqat=self.reqat, source=self.url, nrows=self.nrows, moved=moved)

@@ -7,6 +7,7 @@ that a test can prove that ``migrate_database`` produces exactly this schema.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -100,4 +102,29 @@ workers = Table(
     Column("pid", Integer, nullable=False),
     Column("started", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("lastseen", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+
+# File intake: every file taken from a folder or submitted by URL. (url, size, version) identifies one file
+# (version: its ETag, else its modification time), so the same file is taken once however many scans see
+# it; the record commits in the same transaction as the file's batch, before the file is moved to `dest`.
+batch_files = Table(
+    "batch_files",
+    metadata,
+    Column("id", UUID(as_uuid=False), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("filetype", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("batch", UUID(as_uuid=False), ForeignKey("batches.id", ondelete="SET NULL")),
+    Column("nrows", Integer, nullable=False, server_default=text("0")),
+    Column("error", Text),
+    # Where the file goes after the commit (NULL: it stays where it is, as with file_submit); movedat is
+    # set once it is there. A record with dest and no movedat is a move that a crash interrupted.
+    Column("dest", Text),
+    Column("movedat", DateTime(timezone=True)),
+    Column("reqat", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("status IN ('submitted', 'rejected')", name="batch_files_status"),
+    UniqueConstraint("url", "size", "version", name="batch_files_file"),
+    Index("batch_files_reqat", "reqat"),
 )

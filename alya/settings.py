@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from alya.errors import ConfigError
+from alya.errors import ConfigError, InvalidInput
+from alya.validate import file_patterns
 
 
 def _config_error(exc: ValidationError) -> ConfigError:
@@ -87,3 +88,30 @@ DEFAULT_DATA_DIR = Path(".alya-data")
 
 def default_object_store_url() -> str:
     return (DEFAULT_DATA_DIR / "objects").resolve().as_uri()
+
+
+class IntakeSettings(_Settings):
+    """The scheduled file intake (the flow ``alya-intake``): which folder, which files as which file type,
+    how old a file must be before it is taken, and how often the deployment runs."""
+
+    model_config = SettingsConfigDict(env_prefix="ALYA_", extra="ignore", frozen=True)
+
+    intake_url: str | None = Field(None, description="the folder scanned: a path or any fsspec URL")
+    intake_patterns: str = Field("", description='GLOB=FILETYPE,...: "*.csv=txn,*.parquet=txn"')
+    intake_min_age_sec: float = Field(10.0, ge=0, description="younger files wait for a later pass")
+    intake_every_sec: int = Field(60, ge=1, le=86_400, description="interval of the scheduled deployment")
+
+    @field_validator("intake_patterns")
+    @classmethod
+    def _patterns(cls, value: str) -> str:
+        if value.strip():
+            try:
+                file_patterns(value)
+            except InvalidInput as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def patterns(self) -> dict[str, str]:
+        """The patterns as glob -> file type ({} when unset)."""
+        return file_patterns(self.intake_patterns) if self.intake_patterns.strip() else {}

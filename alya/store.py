@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
 from alya.errors import AlyaError, BackendUnavailable, DatabaseNotMigrated, InvalidInput
-from alya.records import BatchRecord
+from alya.records import BatchRecord, FileRecord
 
 psycopg2.extras.register_default_jsonb(loads=orjson.loads, globally=True)
 psycopg2.extras.register_default_json(loads=orjson.loads, globally=True)
@@ -39,7 +39,7 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 @cache
 def queries() -> dict[str, str]:
     text = resources.files("alya").joinpath("sql/queries.sql").read_text()
-    text = text.replace("{batch_columns}", BatchRecord.COLUMNS)
+    text = text.replace("{batch_columns}", BatchRecord.COLUMNS).replace("{file_columns}", FileRecord.COLUMNS)
     parts = _NAME.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
@@ -109,6 +109,25 @@ class Tx:
             cur.itersize = itersize
             cur.execute(queries()[name], params)
             yield from cur
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction: an exception inside undoes only what was done inside, and the transaction
+        goes on (the file intake records a rejected file in the transaction whose batch insert failed).
+        Driver errors come out mapped, as from ``Store.tx``; if the connection itself is gone, rolling
+        back to the savepoint fails too and the mapped error still comes out (the caller's tx then ends)."""
+        self._execute("savepoint", {})
+        try:
+            yield
+        except psycopg2.Error as exc:
+            with suppress(psycopg2.Error):
+                self._execute("rollback_to_savepoint", {})
+            raise _mapped(exc) from exc
+        except BaseException:
+            with suppress(psycopg2.Error):
+                self._execute("rollback_to_savepoint", {})
+            raise
+        self._execute("release_savepoint", {})
 
     def copy_in(self, sql: str, stream: Readable) -> None:
         """COPY from a stream. A stream that raises (a bad row, the caller's own iterable failing) abandons

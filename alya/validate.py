@@ -75,3 +75,35 @@ def file_name(name: Any) -> str:
     if not isinstance(name, str) or not _FILE.fullmatch(name) or ".." in name:
         raise InvalidInput(f"unsafe output file name: {name!r}")
     return name
+
+
+def file_type(value: Any) -> str:
+    """A file type of the file intake (``txn``): named like an op, and stored lower-case."""
+    if not isinstance(value, str) or not _OP.fullmatch(value.lower()):
+        raise InvalidInput(f"file type must be an identifier of at most 64 chars, got {value!r}")
+    return value.lower()
+
+
+def file_patterns(value: Any) -> dict[str, str]:
+    """Glob -> file type, from a mapping or the text form ``"*.csv=txn,*.parquet=txn"`` (first match wins)."""
+    if isinstance(value, str):
+        pairs = []
+        for item in (p.strip() for p in value.split(",")):
+            if not item:
+                continue
+            glob, sep, ftype = item.rpartition("=")
+            if not sep or not glob.strip():
+                raise InvalidInput(f"pattern {item!r} is not GLOB=FILETYPE (e.g. *.csv=txn)")
+            pairs.append((glob.strip(), ftype.strip()))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise InvalidInput(f"patterns must map globs to file types, got {type(value).__name__}")
+    out: dict[str, str] = {}
+    for glob, ftype in pairs:
+        if not isinstance(glob, str) or not glob or "/" in glob:
+            raise InvalidInput(f"a pattern matches a file name (no '/'), got {glob!r}")
+        out[glob] = file_type(ftype)
+    if not out:
+        raise InvalidInput("no file patterns given (e.g. *.csv=txn)")
+    return out

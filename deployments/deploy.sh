@@ -18,5 +18,6 @@ fi
 if ! "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1; then
   "$PREFECT" work-pool create "$POOL" --type process
 fi
+export ALYA_INTAKE_EVERY_SEC="${ALYA_INTAKE_EVERY_SEC:-60}"  # the alya-intake schedule (prefect.yaml)
 "$PREFECT" --no-prompt deploy --all
 echo "deployed; start a worker: prefect worker start --pool $POOL"

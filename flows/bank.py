@@ -8,6 +8,9 @@ applied at most once even if a worker dies after its commit and the row is run a
 recorded in ``bank_txns`` in the same transaction and replayed.
 Every row writes one line to the output file ``ledger.csv``.
 
+File intake: the file type ``txn`` (:class:`TxnFileChecker`) turns a CSV of transactions (columns account,
+kind, amount, txn) dropped in the intake folder into a bank/txn batch (``flows/intake.py``).
+
 ``make_transactions`` generates N transactions whose outcome does not depend on the order rows are
 processed in (opening balances cover every ordinary withdrawal; deliberate overdrafts exceed anything an
 account can ever hold), and ``expected_balances`` computes the final balances from the input.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import random
 import uuid
 from collections.abc import Iterable
@@ -27,7 +31,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager, batch_flow
+from alya import BatchJobResult, BatchStatus, ErrorMessage, FileCheck, IncomingFile, JobManager, batch_flow
 from flows.common import DbBlock, LoggingDone, example_jobmanager
 
 APP, OP = "bank", "txn"
@@ -137,9 +141,46 @@ class BankTxnProcessor(LoggingDone):
                               blobrows=ledger)
 
 
+# ---------------------------------------------------------------------------- file intake
+TXN_FILE_TYPE = "txn"
+TXN_COLUMNS = ("account", "kind", "amount")  # and optionally txn
+
+
+class TxnFileChecker:
+    """File type ``txn``: a CSV (or Parquet, or JSON lines) of transactions with the columns account, kind,
+    amount and optionally txn becomes one bank/txn batch, a row per transaction. The header is checked
+    here, so that a wrong file is rejected whole (moved to failed/ with the reason); a bad value in one
+    row is that row's business failure, reported by the processor. Rows stream from the file in chunks."""
+
+    def check(self, file: IncomingFile, context: dict[str, Any]) -> FileCheck:
+        # account and txn stay text even when they look like numbers ("0042")
+        frames = file.frames(chunksize=20_000, dtype={"account": "string", "kind": "string", "txn": "string"})
+        first = next(frames, None)
+        if first is None:
+            return FileCheck(ok=False, error="no transactions in the file")
+        missing = [c for c in TXN_COLUMNS if c not in first.columns]
+        extra = sorted(set(map(str, first.columns)) - {*TXN_COLUMNS, "txn", "line"})
+        if missing or extra:
+            return FileCheck(ok=False, error=f"columns must be {', '.join(TXN_COLUMNS)}[, txn]: "
+                                             f"missing {missing}, unexpected {extra}")
+        return FileCheck(ok=True, app=APP, op=OP, context={**context, "file": file.name},
+                         rows=itertools.chain([first], frames))
+
+
 def register(jm: JobManager) -> None:
     jm.register_initializer(APP, BankInitializer(jm.store.database_url))
     jm.register_batch_processor(APP, OP, BankTxnProcessor())
+    jm.register_file_checker(TXN_FILE_TYPE, TxnFileChecker())
+
+
+def write_transactions_csv(path: str, txns: Iterable[dict[str, Any]]) -> None:
+    """Transactions as a ``txn`` CSV file (path or fsspec URL): what a bank would drop in the intake folder."""
+    import fsspec
+
+    with fsspec.open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*TXN_COLUMNS, "txn"])
+        writer.writeheader()
+        writer.writerows(txns)
 
 
 # ---------------------------------------------------------------------------- input and expected output

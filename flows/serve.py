@@ -1,9 +1,11 @@
 """Serve every example batch type and the sweeper from one process: ``python -m flows.serve``.
 
 Deployments are named as the Dispatcher expects them, ``{flow}/alya`` (``alya-bank-txn/alya``, ...); the
-sweeper ``alya-sweeper/alya`` runs every minute. Each flow run executes in a subprocess of this one, with
-this process's environment (set ALYA_DATABASE_URL, ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH and
-PREFECT_API_URL before starting it). Stop with Ctrl-C or SIGTERM.
+sweeper ``alya-sweeper/alya`` runs every minute; the file intake ``alya-intake/alya`` every
+ALYA_INTAKE_EVERY_SEC (when ALYA_INTAKE_URL is set), and ``alya-submit-file/alya`` on demand. Each flow
+run executes in a subprocess of this one, with this process's environment (set ALYA_DATABASE_URL,
+ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH, the ALYA_INTAKE_* settings and PREFECT_API_URL before
+starting it). Stop with Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -28,7 +30,21 @@ def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
     schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=sweeper_interval_sec)} \
         if sweeper_interval_sec else {}
     deployments.append(deployment_of(sweeper.sweeper_flow, tags=[names.TAG, "alya-sweeper"], **schedule))
+    deployments.extend(intake_deployments())
     return deployments
+
+
+def intake_deployments() -> list[Any]:
+    """``alya-intake/alya``, every ALYA_INTAKE_EVERY_SEC when ALYA_INTAKE_URL is set (else unscheduled: a
+    run needs a folder), and ``alya-submit-file/alya`` (run with parameters from the UI)."""
+    from alya.settings import IntakeSettings
+    from flows import intake
+
+    settings = IntakeSettings()
+    schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=settings.intake_every_sec)} \
+        if settings.intake_url else {}
+    return [deployment_of(intake.intake_flow, tags=names.INTAKE_TAGS, **schedule),
+            deployment_of(intake.submit_file_flow, tags=names.INTAKE_TAGS)]
 
 
 def take_over(deployments: Iterable[Any]) -> list[str]:

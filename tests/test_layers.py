@@ -16,13 +16,13 @@ LAYERS: dict[str, int] = {
     # values: types, errors, names and settings that everything may use
     "errors": 0, "models": 0, "validate": 0, "names": 0, "settings": 0, "logs": 0, "records": 0, "registry": 0,
     # the store: all SQL and the driver's errors
-    "store": 1, "ingest": 1, "schema": 1, "migrate": 1, "embedded": 1, "readers": 1,
+    "store": 1, "ingest": 1, "schema": 1, "migrate": 1, "embedded": 1, "readers": 1, "files": 1, "batches": 1,
     # cache, object store, summaries
-    "cache": 2, "outputs": 2, "summary": 2, "services": 2,
+    "cache": 2, "outputs": 2, "summary": 2, "services": 2, "intake": 2,
     # the engine: processing and recovery
     "engine": 3, "recovery": 3, "rowpool": 3, "outcomes": 3, "finishing": 3, "waker": 3,
     # Prefect
-    "batchflow": 4, "dispatch": 4,
+    "batchflow": 4, "dispatch": 4, "intakeflow": 4,
     # the facade
     "client": 5, "cli": 5, "demo": 5, "demo_prefect": 5, "export": 5, "views": 5, "__init__": 5,
 }

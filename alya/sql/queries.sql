@@ -234,3 +234,48 @@ SELECT id, app, op FROM batches WHERE status IN ('queued', 'inprog') ORDER BY re
 -- Seconds until the batch's first queued row may be claimed (rows wait out a retry delay); NULL: none.
 SELECT extract(epoch FROM min(coalesce(notbefore, now())) - now())::float8
 FROM batchrows WHERE batch = %(id)s AND status = 'queued';
+
+-- name: savepoint
+SAVEPOINT alya_savepoint;
+
+-- name: rollback_to_savepoint
+ROLLBACK TO SAVEPOINT alya_savepoint;
+
+-- name: release_savepoint
+RELEASE SAVEPOINT alya_savepoint;
+
+-- ---------------------------------------------------------------------------- file intake (alya.intake)
+-- name: lock_file
+-- Everyone who takes the file at this URL (a scan on any machine, file_submit) queues here until the
+-- transaction that records it ends; the look-up that follows then sees the winner's record.
+SELECT pg_advisory_xact_lock(hashtextextended('alya_file:' || %(url)s, 0));
+
+-- name: try_lock_file
+-- A scan does not queue: a file that another scan is taking right now is that scan's.
+SELECT pg_try_advisory_xact_lock(hashtextextended('alya_file:' || %(url)s, 0));
+
+-- name: get_file
+SELECT {file_columns}
+FROM batch_files WHERE url = %(url)s AND size = %(size)s AND version = %(version)s;
+
+-- name: files_at
+-- Records of the files a listing shows (served by the unique key's index, url first).
+SELECT {file_columns}
+FROM batch_files WHERE url = ANY(%(urls)s::text[]);
+
+-- name: insert_file
+INSERT INTO batch_files (id, url, size, version, filetype, status, batch, nrows, error, dest)
+VALUES (%(id)s, %(url)s, %(size)s, %(version)s, %(filetype)s, %(status)s, %(batch)s, %(nrows)s, %(error)s,
+        %(dest)s)
+RETURNING {file_columns};
+
+-- name: file_moved
+UPDATE batch_files SET dest = %(dest)s, movedat = coalesce(movedat, now())
+WHERE id = %(id)s
+RETURNING {file_columns};
+
+-- name: list_files
+SELECT {file_columns}
+FROM batch_files
+WHERE reqat >= now() - make_interval(days => %(age_days)s)
+ORDER BY reqat DESC;
