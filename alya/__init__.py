@@ -3,7 +3,8 @@
 Everything an application needs is importable from here; see README.md and the contract in the spec.
 """
 
-from alya.batchflow import batch_flow
+from typing import Any
+
 from alya.client import JobManager
 from alya.errors import (
     AlyaError,
@@ -33,6 +34,16 @@ from alya.models import (
 )
 from alya.registry import BatchProcessor, InitBlock, Initializer, SlowQueryProcessor
 from alya.settings import JobManagerConfig
+
+
+def __getattr__(name: str) -> Any:
+    """``alya.batch_flow`` imports Prefect; a client that only submits and polls never pays for that."""
+    if name == "batch_flow":
+        from alya.batchflow import batch_flow
+
+        return batch_flow
+    raise AttributeError(f"module 'alya' has no attribute {name!r}")
+
 
 __all__ = [
     "AlyaError",

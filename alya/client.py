@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import make_url
 
-from alya import validate
+from alya import names, validate
 from alya.batches import copy_rows, insert_batch, notify_work
-from alya.batchflow import make_batch_flow, run_batch, run_worker
 from alya.cache import StatusCache
 from alya.dispatch import Dispatcher
 from alya.engine import Engine
@@ -253,16 +252,22 @@ class JobManager:
     # ------------------------------------------------------------------ workers
     def run(self, stop_when_idle: bool = False) -> None:
         """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked)."""
+        from alya.batchflow import run_worker  # Prefect is imported only by processes that run flows
+
         run_worker(self.engine, self._types, stop_when_idle=stop_when_idle, dispatcher=self.dispatcher)
 
     def process_batches(self, app: str, op: str, batch_id: str | None = None) -> dict[str, Any]:
         """The body of a batch-type flow (see ``alya.batch_flow``): process queued rows of batch
         ``batch_id``, or of every batch of (app, op) when None, with the processors registered here."""
+        from alya.batchflow import run_batch
+
         return run_batch(self.engine, validate.app_name(app), validate.op_name(op), batch_id, self.dispatcher,
                          linger=0.0 if batch_id else self.config.linger_sec)
 
     def flow(self, app: str, op: str) -> Flow[..., Any]:
         """The Prefect flow of batch type (app, op), built in-process for the processors registered here."""
+        from alya.batchflow import make_batch_flow
+
         key = (validate.app_name(app), validate.op_name(op))
         if key not in self._flows:
             self._flows[key] = make_batch_flow(self.engine, key[0], key[1], self.dispatcher)
@@ -330,6 +335,7 @@ class JobManager:
             if rec.status is BatchStatus.ABORTED:
                 return record_summary(tx, rec).value
             n_aborted_now = tx.run("abort_rows", id=batch_id)
+            tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.abort_payload(batch_id))
             counts = row_counts(tx, batch_id)
             ver, _ = tx.one(  # type: ignore[misc]
                 "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,

@@ -51,6 +51,8 @@ CLAIM_TARGET_SEC = 0.5  # work per claim at the measured rate: short enough that
 PROGRESS_REFRESH_SEC = 5.0
 WRITE_TRIES = 4
 WAIT_SLICE_SEC = 0.02  # the claim loop looks at its claims at least this often
+FLUSH_ROWS = 100  # this many finished rows are written back once they are FLUSH_ROWS_AGE_SEC old...
+FLUSH_ROWS_AGE_SEC = 0.05  # ...so that a crash replays little even for fast rows (ALYA_FLUSH_SEC bounds all)
 INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per failure
 INIT_RETRY_MAX_SEC = 30.0
 
@@ -97,6 +99,7 @@ class Claimed:
         self._lock = threading.Lock()
         self.pending = len(self.rows)
         self.outcomes: list[Outcome] = []
+        self.first_outcome_at = 0.0  # monotonic time of the oldest outcome not yet written
         self.skipped: list[int] = []  # lines never started
 
     def finish(self, job: Job, outcome: Outcome | None) -> bool:
@@ -107,6 +110,8 @@ class Claimed:
             if outcome is None:
                 self.skipped.append(job.row.line)
             else:
+                if not self.outcomes:
+                    self.first_outcome_at = time.monotonic()
                 self.outcomes.append(outcome)
             self.pending -= 1
             last = self.pending == 0
@@ -120,10 +125,13 @@ class Claimed:
             out, self.outcomes = self.outcomes, []
         return out
 
-    def give_back(self, outcomes: list[Outcome]) -> None:
-        """Outcomes whose write failed, to be written with the next flush."""
-        with self._lock:
-            self.outcomes[:0] = outcomes
+    def flush_due(self, now: float, flush_sec: float) -> bool:
+        """Whether its finished rows should be written now, before the claim ends: at least every
+        ``flush_sec``, and sooner when many have piled up (a crash replays only what is not written)."""
+        if not self.outcomes:
+            return False
+        age = now - self.first_outcome_at
+        return age >= flush_sec or (len(self.outcomes) >= FLUSH_ROWS and age >= FLUSH_ROWS_AGE_SEC)
 
     @property
     def done(self) -> bool:
@@ -143,6 +151,8 @@ class Engine:
         self.finisher = Finisher(services)
         self.pool = RowPool(_Runner(self), cfg.concurrency, cfg.row_timeout_sec)
         self.waker = Waker(services.store)
+        self.waker.on_abort = self._abort_notified
+        self._claims: dict[str, set[Claimed]] = {}  # batch -> claims in flight here (for abort notices)
         self._wake = threading.Condition()
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
         self._progress_at: dict[str, float] = {}  # batch -> when this worker last refreshed its counts
@@ -159,6 +169,7 @@ class Engine:
             if self._hb_thread is not None and self._hb_thread.is_alive():
                 return
             self._beat()
+            self.waker.start()
             self._hb_stop.clear()
             self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="alya-heartbeat", daemon=True)
             self._hb_thread.start()
@@ -289,15 +300,36 @@ class Engine:
                 next_flush = now + cfg.flush_sec
                 idle = False
             done = [c for c in active if c.done]
-            due = done + ([c for c in active if not c.done and c.outcomes] if flush_all else [])
+            due = done + [c for c in active if not c.done and (flush_all or c.flush_due(now, cfg.flush_sec))]
             if due:
                 self._flush(due, report, log)
             elif flush_all:
                 self._check_aborts(active, log)
             for c in done:
                 active.remove(c)
+                self._forget(c)
                 self._claim_ended(c, report, log)
         return report
+
+    def _abort_notified(self, batch: str) -> None:
+        """An abort was committed (NOTIFY): stop starting the batch's rows now. The next write-back of its
+        claims sees the abort and keeps the results of rows that finished before it."""
+        with self._lock:
+            claims = list(self._claims.get(batch, ()))
+        for c in claims:
+            c.cancelled = True
+        if claims:
+            self.log.info("abort_notified", batch=batch, claims=len(claims))
+            with self._wake:
+                self._wake.notify_all()
+
+    def _forget(self, c: Claimed) -> None:
+        with self._lock:
+            claims = self._claims.get(c.batch)
+            if claims is not None:
+                claims.discard(c)
+                if not claims:
+                    del self._claims[c.batch]
 
     def _wants_rows(self, app: str, op: str, active: list[Claimed]) -> bool:
         """Whether to claim more now: when fewer rows wait unstarted than the slots will run through
@@ -336,6 +368,8 @@ class Engine:
         if claimed is None:
             return None
         claimed.processor, claimed.initblock, claimed.log, claimed.wake = reg.processor, initblock, log, self._wake
+        with self._lock:
+            self._claims.setdefault(claimed.batch, set()).add(claimed)
         method = reg.processor.do_slow_query if reg.type == "Q" else reg.processor.do_batch_job
         is_async = inspect.iscoroutinefunction(method)
         self.pool.submit([Job(claimed, row, is_async) for row in claimed.rows], stats_key=(reg.app, reg.op))

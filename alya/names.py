@@ -32,6 +32,15 @@ def work_payload(app: str, op: str) -> str:
     return f"{app}/{op}"
 
 
+ABORT_PREFIX = "abort:"
+
+
+def abort_payload(batch_id: str) -> str:
+    """Sent on WORK_CHANNEL by an abort: workers stop starting the batch's rows at once, not at their next
+    flush (so at most the rows already running are done but recorded aborted)."""
+    return f"{ABORT_PREFIX}{batch_id}"
+
+
 # ---------------------------------------------------------------------------- Prefect
 SWEEPER_FLOW = "alya-sweeper"
 DEFAULT_DEPLOYMENT = "alya"  # ALYA_DEPLOYMENT_NAME's default

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from alya.errors import AlyaError
 from alya.logs import get_logger
-from alya.names import WORK_CHANNEL
+from alya.names import ABORT_PREFIX, WORK_CHANNEL
 from alya.store import Listener, Store
 
 
@@ -25,6 +26,10 @@ class Waker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.on_abort: Callable[[str], None] | None = None  # called with the batch id of each abort
+
+    def start(self) -> None:
+        self._ensure_started()
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -44,7 +49,14 @@ class Waker:
                 failed_at = time.monotonic()
                 self._stop.wait(2.0)
                 continue
-            if payloads:
+            work = [p for p in payloads if not p.startswith(ABORT_PREFIX)]
+            for p in payloads:
+                if p.startswith(ABORT_PREFIX) and self.on_abort is not None:
+                    try:
+                        self.on_abort(p[len(ABORT_PREFIX):])
+                    except Exception as exc:  # never let a callback stop the wake-ups
+                        get_logger().warning("abort_callback_failed", error=str(exc))
+            if work:
                 with self._cond:
                     self._generation += 1
                     self._cond.notify_all()

@@ -18,6 +18,10 @@ fi
 if ! "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1; then
   "$PREFECT" work-pool create "$POOL" --type process
 fi
-export ALYA_INTAKE_EVERY_SEC="${ALYA_INTAKE_EVERY_SEC:-60}"  # the alya-intake schedule (prefect.yaml)
 "$PREFECT" --no-prompt deploy --all
+if [ -n "${ALYA_INTAKE_EVERY_SEC:-}" ] && [ "$ALYA_INTAKE_EVERY_SEC" != 60 ]; then
+  # prefect.yaml holds the default (60 s): prefect validates schedules before it fills in variables
+  "$PREFECT" deployment clear-schedule --assume-yes alya-intake/alya >/dev/null
+  "$PREFECT" deployment schedule create alya-intake/alya --interval "$ALYA_INTAKE_EVERY_SEC" >/dev/null
+fi
 echo "deployed; start a worker: prefect worker start --pool $POOL"

@@ -32,7 +32,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from alya import BatchJobResult, BatchStatus, ErrorMessage, FileCheck, IncomingFile, JobManager, batch_flow
-from flows.common import DbBlock, LoggingDone, example_jobmanager
+from flows.common import DbBlock, LoggingDone, example_jobmanager, first_registration
 
 APP, OP = "bank", "txn"
 OVERDRAFT = 10**12  # more than any account here can hold: such a withdrawal always fails
@@ -168,6 +168,8 @@ class TxnFileChecker:
 
 
 def register(jm: JobManager) -> None:
+    if not first_registration(jm, APP):
+        return
     jm.register_initializer(APP, BankInitializer(jm.store.database_url))
     jm.register_batch_processor(APP, OP, BankTxnProcessor())
     jm.register_file_checker(TXN_FILE_TYPE, TxnFileChecker())

@@ -23,6 +23,20 @@ def example_jobmanager() -> JobManager:
     return JobManager.from_env()
 
 
+_registered: set[tuple[int, str]] = set()
+
+
+def first_registration(jm: JobManager, app: str) -> bool:
+    """True once per JobManager and example app. Prefect loads a flow's file by path, as a module of its
+    own name, so an example module may run twice in one process against the one shared JobManager; its
+    processors and file checkers are registered by the first run only."""
+    key = (id(jm), app)
+    if key in _registered:
+        return False
+    _registered.add(key)
+    return True
+
+
 class DbBlock:
     """An init block: a small connection pool on the alya database, shared by the rows of one process."""
 

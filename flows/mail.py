@@ -15,7 +15,7 @@ from typing import Any
 
 from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager, batch_flow
 from flows.bank import _csv_line
-from flows.common import LoggingDone, example_jobmanager
+from flows.common import LoggingDone, example_jobmanager, first_registration
 
 APP, OP = "mail", "send"
 ADDRESS = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}$")
@@ -65,6 +65,8 @@ class MailSendProcessor(LoggingDone):
 
 
 def register(jm: JobManager) -> None:
+    if not first_registration(jm, APP):
+        return
     jm.register_initializer(APP, MailInitializer())
     jm.register_batch_processor(APP, OP, MailSendProcessor())
 

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import text
 
 from alya import BatchStatus, ErrorMessage, JobManager, SlowQueryResult, batch_flow
-from flows.common import DbBlock, LoggingDone, example_jobmanager
+from flows.common import DbBlock, LoggingDone, example_jobmanager, first_registration
 
 APP, OP = "report", "summary"
 APP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -76,6 +76,8 @@ class ReportSummaryProcessor(LoggingDone):
 
 
 def register(jm: JobManager) -> None:
+    if not first_registration(jm, APP):
+        return
     jm.register_initializer(APP, ReportInitializer(jm.store.database_url))
     jm.register_slowquery_processor(APP, OP, ReportSummaryProcessor())
 

@@ -350,7 +350,7 @@ def test_prefect_deploy_all_and_process_worker(tmp_path: Path, database_url: str
         with client() as c:
             deps = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}
         assert set(deps) == {"alya-bank-txn/alya", "alya-mail-send/alya", "alya-report-summary/alya",
-                             "alya-sweeper/alya"}
+                             "alya-sweeper/alya", "alya-intake/alya", "alya-submit-file/alya"}
         assert {d.work_pool_name for d in deps.values()} == {"alya-pool"}
         assert deps["alya-bank-txn/alya"].entrypoint == "flows/bank.py:bank_txn_flow"
         sweeper = deps["alya-sweeper/alya"]

@@ -56,7 +56,7 @@ def test_sigterm_finishes_the_row_releases_the_rest_and_exits_0(jm: JobManager, 
     for line in ended:
         assert st[line][:2] == ("success", 1)
     released = held - set(ended)
-    assert len(released) >= 20  # most of its claimed chunk(s) had not started
+    assert len(released) >= 10  # most of its claimed rows had not started
     assert all(st[line] == ("queued", 0, None) for line in st if line not in set(ended))  # attempts restored
     print(f"\nSIGTERM: exited 0 after {took:.2f}s; {len(ended)} rows finished, {len(released)} released")
     assert took < 20
