@@ -20,7 +20,9 @@ from typing import Any
 import orjson
 import redis
 
+from alya.errors import ConfigError
 from alya.logs import get_logger
+from alya.validate import url_error
 
 _PUT = """
 local cur = redis.call('GET', KEYS[1])
@@ -62,7 +64,11 @@ class StatusCache:
         self._stale: dict[str, None] = {}  # keys whose write was skipped or failed (insertion-ordered)
         self._max_stale = max_stale_keys
         if url:
-            self._redis = redis.Redis.from_url(url, socket_timeout=timeout_sec, socket_connect_timeout=timeout_sec)
+            try:
+                self._redis = redis.Redis.from_url(url, socket_timeout=timeout_sec,
+                                                   socket_connect_timeout=timeout_sec)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(url_error("ALYA_REDIS_URL", url, f"not a Redis URL ({exc})")) from None
             self._put = self._redis.register_script(_PUT)
             kw = self._redis.connection_pool.connection_kwargs
             self._where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"

@@ -138,20 +138,28 @@ class JobManager:
         rows: Rows,
         wait: bool = False,
         inputfile: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Store a batch and all its rows in one transaction (rows streamed through COPY)."""
+        """Store a batch and all its rows in one transaction (rows streamed through COPY). With an
+        ``idempotency_key`` already used by this app, the first batch's id is returned and nothing is
+        stored (the rows are not read); a concurrent call with the same key waits for the first."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
-        if inputfile is not None and not isinstance(inputfile, str):
-            raise InvalidInput("inputfile must be a string")
+        if inputfile is not None:
+            inputfile = validate.text_value(inputfile, "inputfile")
+        key = validate.idempotency_key(idempotency_key)
         pairs = iter_rows(rows)
         batch_id = str(uuid.uuid4())
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as tx:
-            tx.run("insert_batch", id=batch_id, app=app, op=op, type="B", context=json_text(ctx),
-                   inputfile=inputfile, status=status.value)
-            n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax)
-            ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
+            first = _insert_batch(tx, key, id=batch_id, app=app, op=op, type="B", context=json_text(ctx),
+                                  inputfile=inputfile, status=status.value)
+            if first is None:
+                n = _copy_rows(tx, batch_id, pairs, self.config.batchrowmax)
+                ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
+        if first is not None:
+            get_logger().info("submit_replayed", app=app, op=op, batch=first)
+            return first
         status_change(app, op, batch_id, status.value, nrows=n)
         self._queued(app, op, batch_id, ver, status, n)
         return batch_id
@@ -176,13 +184,18 @@ class JobManager:
     def wait_off(self, batch_id: str) -> int:
         """Release a batch held in `wait` to the workers; already queued is a no-op."""
         batch_id = validate.batch_id(batch_id)
-        with self.store.tx() as tx:
+
+        def release(tx: Tx) -> tuple[BatchRecord, int | None]:
             rec = _locked(tx, batch_id)
             if rec.status is BatchStatus.QUEUED:
-                return rec.nrows
+                return rec, None
             if rec.status is not BatchStatus.WAIT:
                 raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
-            ver = tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
+            return rec, tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
+
+        rec, ver = self.store.run(release)
+        if ver is None:
+            return rec.nrows
         status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
         self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
         return rec.nrows
@@ -211,17 +224,26 @@ class JobManager:
 
     # ------------------------------------------------------------------ slow queries
     def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,
-                         input: dict[str, Any] | str) -> str:
-        """A batch of exactly one row (line 0, type Q)."""
+                         input: dict[str, Any] | str, idempotency_key: str | None = None) -> str:
+        """A batch of exactly one row (line 0, type Q). ``idempotency_key``: as for ``batch_submit``."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
         data = json_text(validate.json_object(input, "input"))
+        key = validate.idempotency_key(idempotency_key)
         req_id = str(uuid.uuid4())
-        with self.store.tx() as tx:
-            tx.run("insert_batch", id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
-                   inputfile=None, status="queued")
+
+        def submit(tx: Tx) -> tuple[str | None, int]:
+            first = _insert_batch(tx, key, id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
+                                  inputfile=None, status="queued")
+            if first is not None:
+                return first, 0
             tx.run("insert_row", batch=req_id, line=0, input=data)
-            ver = tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
+            return None, tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
+
+        first, ver = self.store.run(submit)
+        if first is not None:
+            get_logger().info("submit_replayed", app=app, op=op, batch=first, type="Q")
+            return first
         status_change(app, op, req_id, "queued", type="Q")
         self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
         return req_id
@@ -231,8 +253,8 @@ class JobManager:
         s = self.services.summaries.read(req_id).value
         if not s.status.is_final:
             return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
-        with self.store.tx() as tx:
-            row: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=req_id)
+        row: SlowQueryRow | None = self.store.run(lambda tx: tx.record(SlowQueryRow, "slowquery_row", id=req_id),
+                                                  readonly=True)
         if row is None:
             raise InvalidState(f"{req_id} is not a slow query")
         return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
@@ -293,20 +315,26 @@ class JobManager:
 
     def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
         batch_id = validate.batch_id(batch_id)
-        with self.store.tx() as tx:
+
+        def abort(tx: Tx) -> tuple[BatchRecord, BatchSummary | None, int, Counts, int]:
             rec = _locked(tx, batch_id)
             if type_ is not None and rec.type != type_:
                 raise InvalidState(f"{batch_id} is a batch, not a slow query")
             if rec.status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
                 raise InvalidState(f"batch {batch_id} already ended {rec.status.value}")
             if rec.status is BatchStatus.ABORTED:
-                return record_summary(tx, rec).value
+                return rec, record_summary(tx, rec).value, 0, Counts(), 0
             n_aborted_now = tx.run("abort_rows", id=batch_id)
             counts = row_counts(tx, batch_id)
             ver, _ = tx.one(  # type: ignore[misc]
                 "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
                 nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}",
             )
+            return rec, None, n_aborted_now, counts, ver
+
+        rec, already, n_aborted_now, counts, ver = self.store.run(abort)
+        if already is not None:
+            return already
         status_change(rec.app, rec.op, batch_id, "aborted", old=rec.status.value, rows_aborted=n_aborted_now)
         summary = self.services.summaries.put_new(batch_id, ver, BatchStatus.ABORTED, rec.nrows, counts)
         if self.dispatcher is not None:
@@ -317,10 +345,31 @@ class JobManager:
         app = validate.app_name(app)
         op = validate.op_name(op) if op is not None else None
         age_days = validate.age_days(age_days)
-        with self.store.tx() as tx:
-            recs: list[BatchRecord] = tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_,
-                                                 age_days=age_days)
+        recs: list[BatchRecord] = self.store.run(
+            lambda tx: tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_, age_days=age_days),
+            readonly=True)
         return [r.details() for r in recs]
+
+
+def _insert_batch(tx: Tx, key: str | None, **batch: Any) -> str | None:
+    """Insert the batch record; with an idempotency key that this app already used, insert nothing and
+    return the first batch's id (refused if that was another kind of call)."""
+    if key is None:
+        tx.run("insert_batch", **batch)
+        return None
+    for _ in range(3):
+        if tx.one("insert_batch_keyed", key=key, **batch) is not None:
+            return None
+        found = tx.one("batch_by_key", app=batch["app"], key=key)
+        if found is None:
+            continue  # the holder of the key was deleted meanwhile: try to take it again
+        first, op, type_ = found
+        if (op, type_) != (batch["op"], batch["type"]):
+            kind = "a slow query" if type_ == "Q" else "a batch"
+            raise InvalidInput(f"idempotency_key {key!r} of app {batch['app']} was already used by {kind} "
+                               f"of op {op}")
+        return str(first)
+    raise InvalidState(f"idempotency_key {key!r}: its batch keeps appearing and disappearing")
 
 
 def _copy_rows(tx: Tx, batch_id: str, pairs: Any, max_rows: int) -> int:

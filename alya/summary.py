@@ -69,11 +69,13 @@ class Summaries:
         cached = self.cache.get(summary_key(batch_id))
         if cached is not None:
             return Summary.from_cached(cached)
-        with self.store.tx() as tx:
+        def read(tx: Tx) -> Summary:
             rec = tx.record(BatchRecord, "get_batch", id=batch_id)
             if rec is None:
                 raise BatchNotFound(f"no batch {batch_id}")
-            summary = record_summary(tx, rec)
+            return record_summary(tx, rec)
+
+        summary = self.store.run(read, readonly=True)
         self.put(batch_id, summary)
         return summary
 
@@ -97,10 +99,13 @@ class Summaries:
             cached = self.cache.get(done_key(batch_id))
             if cached is not None:
                 return [batch_output(r) for r in cached["rows"]]
-            with self.store.tx() as tx:
-                raw = tx.all("batch_rows", id=batch_id)
+            raw = self.store.run(lambda tx: tx.all("batch_rows", id=batch_id), readonly=True)
             self.cache.put(done_key(batch_id), {"rows": raw}, summary.ver, final=True)
             return [batch_output(r) for r in raw]
+
         # Large: rows go from a server-side cursor straight into the result, never held twice.
-        with self.store.tx() as tx, closing(tx.stream("batch_rows", id=batch_id)) as cursor:
-            return [batch_output(r) for r in cursor]
+        def rows(tx: Tx) -> list[BatchOutput]:
+            with closing(tx.stream("batch_rows", id=batch_id)) as cursor:
+                return [batch_output(r) for r in cursor]
+
+        return self.store.run(rows, readonly=True)
