@@ -100,14 +100,14 @@ class StatusCache:
             return None
         return value
 
-    def put(self, key: str, value: dict[str, Any], ver: int, final: bool) -> bool:
+    def put(self, key: str, value: dict[str, Any], ver: int, final: bool, ttl: int | None = None) -> bool:
         """Store ``value`` unless a newer version (or a final value) is cached. The stored value gains
-        ``ver`` and ``final`` fields."""
+        ``ver`` and ``final`` fields. ``ttl`` (seconds) shortens the life of a non-final value."""
         if not self._ready(key):
             return False
         data = orjson.dumps({**value, "ver": ver, "final": bool(final)})
         try:
-            ttl = self.final_ttl if final else self.ttl
+            ttl = self.final_ttl if final else max(1, min(self.ttl, ttl or self.ttl))
             return bool(self._put(keys=[key], args=[data, ver, ttl, "1" if final else "0"]))
         except redis.RedisError as exc:
             self._failed("put", exc, key)

@@ -58,6 +58,12 @@ def record_summary(tx: Tx, rec: BatchRecord) -> Summary:
     return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver)
 
 
+# A summary of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
+# worker that cannot reach Redis cannot invalidate it, so it must expire by itself (issue 10, item 10).
+OPEN_TTL_SEC = 5
+_WORKED_ON = (BatchStatus.QUEUED, BatchStatus.INPROG)
+
+
 class Summaries:
     def __init__(self, store: Store, cache: StatusCache, done_cache_rows: int) -> None:
         self.store = store
@@ -81,7 +87,9 @@ class Summaries:
 
     def put(self, batch_id: str, summary: Summary) -> None:
         """Cache a summary unless a newer version is cached (never raises: the cache is optional)."""
-        self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, summary.value.status.is_final)
+        status = summary.value.status
+        self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, status.is_final,
+                       ttl=OPEN_TTL_SEC if status in _WORKED_ON else None)
 
     def put_new(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: Counts,
                 outputfiles: dict[str, str] | None = None) -> Summary:

@@ -28,6 +28,10 @@ def has_nul(data: bytes) -> bool:
 def has_nonfinite(value: Any) -> bool:
     """Whether a JSON-like value holds a NaN or an infinite float anywhere (orjson writes them as null).
     Only called on values whose JSON text holds a null (nesting is at most 255 deep: orjson wrote it)."""
+    if isinstance(value, float):
+        return value - value != 0.0
+    if not isinstance(value, (dict, list, tuple)):
+        return False
     for v in value.values() if isinstance(value, dict) else value:
         t = type(v)
         if t is str or t is int or v is None or t is bool:
