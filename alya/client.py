@@ -32,6 +32,7 @@ from alya.models import (
     messages_from_json,
 )
 from alya.outputs import ObjectStore
+from alya.reaper import guard_ephemeral_server
 from alya.records import BatchRecord, Counts, SlowQueryRow
 from alya.recovery import CleanupReport, cleanup
 from alya.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
@@ -268,7 +269,14 @@ class JobManager:
 
     # ------------------------------------------------------------------ workers
     def run(self, stop_when_idle: bool = False) -> None:
-        """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked)."""
+        """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked).
+
+        Without PREFECT_API_URL, Prefect runs a temporary server for this process; a watchdog process ends
+        it if this process is killed (``alya.reaper``). Long-running workers belong on a Prefect server."""
+        if guard_ephemeral_server():
+            get_logger().warning("prefect_ephemeral_api", advice="PREFECT_API_URL is unset: this worker runs "
+                                 "its own temporary Prefect server (ended by a watchdog if the worker is killed); "
+                                 "point long-running workers at a Prefect server")
         run_worker(self.engine, self._types, stop_when_idle=stop_when_idle, dispatcher=self.dispatcher)
 
     def process_batches(self, app: str, op: str, batch_id: str | None = None) -> dict[str, Any]:

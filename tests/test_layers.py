@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     # the engine: processing and recovery
     "engine": 3, "recovery": 3,
     # Prefect
-    "batchflow": 4, "dispatch": 4,
+    "batchflow": 4, "dispatch": 4, "reaper": 4,
     # the facade
     "client": 5, "cli": 5, "demo": 5, "__init__": 5,
 }
