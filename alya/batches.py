@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alya import names
-from alya.errors import InvalidInput
+from alya.errors import InvalidInput, InvalidState
 from alya.ingest import COPY_ROWS, CopyStream
 from alya.models import BatchStatus
 from alya.store import Tx, json_text
@@ -26,16 +26,21 @@ class NewBatch:
     status: BatchStatus
     nrows: int
     ver: int
+    replayed: bool = False  # an earlier submit with the same idempotency key: nothing was stored
 
 
 def insert_batch(tx: Tx, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
-                 status: BatchStatus, inputfile: str | None, max_rows: int) -> NewBatch:
+                 status: BatchStatus, inputfile: str | None, max_rows: int,
+                 idempotency_key: str | None = None) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
     while they stream). Raises InvalidInput for a bad or missing row; the caller's transaction then holds
-    half a batch and must be rolled back (or the caller's savepoint)."""
+    half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
+    already used, nothing is stored and the first batch is returned (``replayed``; its rows are not read)."""
     batch_id = str(uuid.uuid4())
-    tx.run("insert_batch", id=batch_id, app=app, op=op, type="B", context=json_text(context),
-           inputfile=inputfile, status=status.value)
+    first = insert_record(tx, idempotency_key, id=batch_id, app=app, op=op, type="B",
+                          context=json_text(context), inputfile=inputfile, status=status.value)
+    if first is not None:
+        return NewBatch(first, app, op, status, 0, 0, replayed=True)
     n = copy_rows(tx, batch_id, pairs, max_rows)
     ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
     if status is BatchStatus.QUEUED:
@@ -46,6 +51,28 @@ def insert_batch(tx: Tx, app: str, op: str, context: dict[str, Any], pairs: Iter
 def notify_work(tx: Tx, app: str, op: str) -> None:
     """Idle workers wake when this transaction commits (PostgreSQL NOTIFY; see alya.waker)."""
     tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.work_payload(app, op))
+
+
+def insert_record(tx: Tx, key: str | None, **batch: Any) -> str | None:
+    """Insert the batch record; with an idempotency key that this app already used, insert nothing and
+    return the first batch's id (refused if that was another kind of call). A concurrent insert of the
+    same key waits on the unique index until the first commits (or rolls back: then this one wins)."""
+    if key is None:
+        tx.run("insert_batch", **batch)
+        return None
+    for _ in range(3):
+        if tx.one("insert_batch_keyed", key=key, **batch) is not None:
+            return None
+        found = tx.one("batch_by_key", app=batch["app"], key=key)
+        if found is None:
+            continue  # the holder of the key was deleted meanwhile: try to take it again
+        first, op, type_ = found
+        if (op, type_) != (batch["op"], batch["type"]):
+            kind = "a slow query" if type_ == "Q" else "a batch"
+            raise InvalidInput(f"idempotency_key {key!r} of app {batch['app']} was already used by {kind} "
+                               f"of op {op}")
+        return str(first)
+    raise InvalidState(f"idempotency_key {key!r}: its batch keeps appearing and disappearing")
 
 
 def copy_rows(tx: Tx, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int) -> int:

@@ -20,7 +20,9 @@ from typing import Any
 import orjson
 import redis
 
+from alya.errors import ConfigError
 from alya.logs import get_logger
+from alya.validate import url_error
 
 _PUT = """
 local cur = redis.call('GET', KEYS[1])
@@ -62,7 +64,11 @@ class StatusCache:
         self._stale: dict[str, None] = {}  # keys whose write was skipped or failed (insertion-ordered)
         self._max_stale = max_stale_keys
         if url:
-            self._redis = redis.Redis.from_url(url, socket_timeout=timeout_sec, socket_connect_timeout=timeout_sec)
+            try:
+                self._redis = redis.Redis.from_url(url, socket_timeout=timeout_sec,
+                                                   socket_connect_timeout=timeout_sec)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(url_error("ALYA_REDIS_URL", url, f"not a Redis URL ({exc})")) from None
             self._put = self._redis.register_script(_PUT)
             kw = self._redis.connection_pool.connection_kwargs
             self._where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
@@ -94,14 +100,14 @@ class StatusCache:
             return None
         return value
 
-    def put(self, key: str, value: dict[str, Any], ver: int, final: bool) -> bool:
+    def put(self, key: str, value: dict[str, Any], ver: int, final: bool, ttl: int | None = None) -> bool:
         """Store ``value`` unless a newer version (or a final value) is cached. The stored value gains
-        ``ver`` and ``final`` fields."""
+        ``ver`` and ``final`` fields. ``ttl`` (seconds) shortens the life of a non-final value."""
         if not self._ready(key):
             return False
         data = orjson.dumps({**value, "ver": ver, "final": bool(final)})
         try:
-            ttl = self.final_ttl if final else self.ttl
+            ttl = self.final_ttl if final else max(1, min(self.ttl, ttl or self.ttl))
             return bool(self._put(keys=[key], args=[data, ver, ttl, "1" if final else "0"]))
         except redis.RedisError as exc:
             self._failed("put", exc, key)

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Union
 from sqlalchemy.engine import make_url
 
 from alya import names, validate
-from alya.batches import copy_rows, insert_batch, notify_work
+from alya.batches import copy_rows, insert_batch, insert_record, notify_work
 from alya.cache import StatusCache
 from alya.dispatch import Dispatcher
 from alya.engine import Engine
-from alya.errors import BatchNotFound, InvalidInput, InvalidState
+from alya.errors import BatchNotFound, InvalidState
 from alya.files import FileChecker
 from alya.ingest import iter_rows
 from alya.intake import Intake
@@ -36,6 +36,7 @@ from alya.models import (
     messages_from_json,
 )
 from alya.outputs import ObjectStore
+from alya.reaper import guard_ephemeral_server
 from alya.records import BatchRecord, Counts, SlowQueryRow
 from alya.recovery import CleanupReport, cleanup
 from alya.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
@@ -142,17 +143,24 @@ class JobManager:
         rows: Rows,
         wait: bool = False,
         inputfile: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
-        """Store a batch and all its rows in one transaction (rows streamed through COPY)."""
+        """Store a batch and all its rows in one transaction (rows streamed through COPY). With an
+        ``idempotency_key`` already used by this app, the first batch's id is returned and nothing is
+        stored (the rows are not read); a concurrent call with the same key waits for the first."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
-        if inputfile is not None and not isinstance(inputfile, str):
-            raise InvalidInput("inputfile must be a string")
+        if inputfile is not None:
+            inputfile = validate.text_value(inputfile, "inputfile")
+        key = validate.idempotency_key(idempotency_key)
         pairs = iter_rows(rows)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as tx:
             new = insert_batch(tx, app, op, ctx, pairs, status=status, inputfile=inputfile,
-                               max_rows=self.config.batchrowmax)
+                               max_rows=self.config.batchrowmax, idempotency_key=key)
+        if new.replayed:
+            get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
+            return new.id
         status_change(app, op, new.id, status.value, nrows=new.nrows)
         self._queued(app, op, new.id, new.ver, status, new.nrows)
         return new.id
@@ -179,14 +187,20 @@ class JobManager:
     def wait_off(self, batch_id: str) -> int:
         """Release a batch held in `wait` to the workers; already queued is a no-op."""
         batch_id = validate.batch_id(batch_id)
-        with self.store.tx() as tx:
+
+        def release(tx: Tx) -> tuple[BatchRecord, int | None]:
             rec = _locked(tx, batch_id)
             if rec.status is BatchStatus.QUEUED:
-                return rec.nrows
+                return rec, None
             if rec.status is not BatchStatus.WAIT:
                 raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
             ver = tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
             notify_work(tx, rec.app, rec.op)
+            return rec, ver
+
+        rec, ver = self.store.run(release)
+        if ver is None:
+            return rec.nrows
         status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
         self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
         return rec.nrows
@@ -215,18 +229,28 @@ class JobManager:
 
     # ------------------------------------------------------------------ slow queries
     def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,
-                         input: dict[str, Any] | str) -> str:
-        """A batch of exactly one row (line 0, type Q)."""
+                         input: dict[str, Any] | str, idempotency_key: str | None = None) -> str:
+        """A batch of exactly one row (line 0, type Q). ``idempotency_key``: as for ``batch_submit``."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
         data = json_text(validate.json_object(input, "input"))
+        key = validate.idempotency_key(idempotency_key)
         req_id = str(uuid.uuid4())
-        with self.store.tx() as tx:
-            tx.run("insert_batch", id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
-                   inputfile=None, status="queued")
+
+        def submit(tx: Tx) -> tuple[str | None, int]:
+            first = insert_record(tx, key, id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
+                                  inputfile=None, status="queued")
+            if first is not None:
+                return first, 0
             tx.run("insert_row", batch=req_id, line=0, input=data)
             ver = tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
             notify_work(tx, app, op)
+            return None, ver
+
+        first, ver = self.store.run(submit)
+        if first is not None:
+            get_logger().info("submit_replayed", app=app, op=op, batch=first, type="Q")
+            return first
         status_change(app, op, req_id, "queued", type="Q")
         self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
         return req_id
@@ -236,8 +260,8 @@ class JobManager:
         s = self.services.summaries.read(req_id).value
         if not s.status.is_final:
             return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
-        with self.store.tx() as tx:
-            row: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=req_id)
+        row: SlowQueryRow | None = self.store.run(lambda tx: tx.record(SlowQueryRow, "slowquery_row", id=req_id),
+                                                  readonly=True)
         if row is None:
             raise InvalidState(f"{req_id} is not a slow query")
         return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
@@ -251,7 +275,14 @@ class JobManager:
 
     # ------------------------------------------------------------------ workers
     def run(self, stop_when_idle: bool = False) -> None:
-        """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked)."""
+        """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked).
+
+        Without PREFECT_API_URL, Prefect runs a temporary server for this process; a watchdog process ends
+        it if this process is killed (``alya.reaper``). Long-running workers belong on a Prefect server."""
+        if guard_ephemeral_server():
+            get_logger().warning("prefect_ephemeral_api", advice="PREFECT_API_URL is unset: this worker runs "
+                                 "its own temporary Prefect server (ended by a watchdog if the worker is killed); "
+                                 "point long-running workers at a Prefect server")
         from alya.batchflow import run_worker  # Prefect is imported only by processes that run flows
 
         run_worker(self.engine, self._types, stop_when_idle=stop_when_idle, dispatcher=self.dispatcher)
@@ -326,14 +357,15 @@ class JobManager:
 
     def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
         batch_id = validate.batch_id(batch_id)
-        with self.store.tx() as tx:
+
+        def abort(tx: Tx) -> tuple[BatchRecord, BatchSummary | None, int, Counts, int]:
             rec = _locked(tx, batch_id)
             if type_ is not None and rec.type != type_:
                 raise InvalidState(f"{batch_id} is a batch, not a slow query")
             if rec.status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
                 raise InvalidState(f"batch {batch_id} already ended {rec.status.value}")
             if rec.status is BatchStatus.ABORTED:
-                return record_summary(tx, rec).value
+                return rec, record_summary(tx, rec).value, 0, Counts(), 0
             n_aborted_now = tx.run("abort_rows", id=batch_id)
             tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.abort_payload(batch_id))
             counts = row_counts(tx, batch_id)
@@ -341,6 +373,11 @@ class JobManager:
                 "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
                 nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}",
             )
+            return rec, None, n_aborted_now, counts, ver
+
+        rec, already, n_aborted_now, counts, ver = self.store.run(abort)
+        if already is not None:
+            return already
         status_change(rec.app, rec.op, batch_id, "aborted", old=rec.status.value, rows_aborted=n_aborted_now)
         summary = self.services.summaries.put_new(batch_id, ver, BatchStatus.ABORTED, rec.nrows, counts)
         if self.dispatcher is not None:
@@ -351,9 +388,9 @@ class JobManager:
         app = validate.app_name(app)
         op = validate.op_name(op) if op is not None else None
         age_days = validate.age_days(age_days)
-        with self.store.tx() as tx:
-            recs: list[BatchRecord] = tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_,
-                                                 age_days=age_days)
+        recs: list[BatchRecord] = self.store.run(
+            lambda tx: tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_, age_days=age_days),
+            readonly=True)
         return [r.details() for r in recs]
 
 

@@ -33,6 +33,16 @@ class BackendUnavailable(AlyaError, ConnectionError):
     """PostgreSQL or the object store could not be reached; nothing was changed."""
 
 
+class ConnectionLost(BackendUnavailable):
+    """The connection to PostgreSQL died during the call (server restart, terminated backend, failover).
+    ``at_commit`` False: it died before the commit was sent, so the server rolled the transaction back and
+    nothing was stored. ``at_commit`` True: the commit itself may or may not have been applied."""
+
+    def __init__(self, message: str, at_commit: bool = False) -> None:
+        super().__init__(message)
+        self.at_commit = at_commit
+
+
 class ConfigError(AlyaError, ValueError):
     """A setting is invalid or inconsistent (unknown dispatch mode, a number out of range, a URL that is
     not one...). The message names the variable and what it allows."""

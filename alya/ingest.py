@@ -15,7 +15,7 @@ import orjson
 
 from alya.errors import InvalidInput
 from alya.models import BatchInput
-from alya.validate import MAX_LINE, has_nul
+from alya.validate import MAX_LINE, check_json_data, has_nonfinite, has_nul
 
 COPY_ROWS = "COPY batchrows (batch, line, input) FROM STDIN"
 
@@ -63,8 +63,7 @@ def encode_input(value: Any, line: int) -> bytes:
         data = orjson.dumps(value)
     except (orjson.JSONDecodeError, TypeError) as exc:
         raise InvalidInput(f"line {line}: input is not a JSON object: {exc}") from None
-    if has_nul(data):
-        raise InvalidInput(f"line {line}: input contains a NUL character, which PostgreSQL cannot store")
+    check_json_data(data, value, f"line {line}: input")
     return data.replace(b"\\", b"\\\\") if b"\\" in data else data
 
 
@@ -117,6 +116,9 @@ class CopyStream(io.RawIOBase):
                         data = dumps(value)
                     except TypeError as exc:
                         raise InvalidInput(f"line {line}: input is not a JSON object: {exc}") from None
+                    if b"null" in data and has_nonfinite(value):
+                        raise InvalidInput(f"line {line}: input contains NaN or Infinity, which JSON cannot "
+                                           "represent")
                     if b"\\" in data:
                         if b"\\u0000" in data and has_nul(data):
                             raise InvalidInput(f"line {line}: input contains a NUL character, which PostgreSQL "

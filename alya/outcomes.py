@@ -8,14 +8,13 @@ never started: a stopping worker gives it back, an aborted batch drops it).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, NamedTuple
 
 from alya.models import BatchJobResult, BatchStatus, ErrorMessage, SlowQueryResult
 from alya.outputs import normalise_blobrows
 from alya.store import json_text
-from alya.validate import file_name
+from alya.validate import file_name, json_text_strict
 
 
 class Outcome(NamedTuple):
@@ -48,11 +47,10 @@ def accepted(line: int, attempts: int, result: Any, is_query: bool) -> Outcome:
         blobs = files or None
     else:
         blobs = normalise_blobrows(result.blobrows)  # type: ignore[union-attr]
-    res = None if result.result is None else _strict_json(result.result, "result")
-    msgs = json_text(messages) if messages else None
-    blob = None if blobs is None else json_text(blobs)
-    if any(t is not None and "\\u0000" in t for t in (res, msgs, blob)):
-        raise ValueError("result, messages or blob rows contain a NUL character, which PostgreSQL cannot store")
+    # NaN, Infinity, NUL and the like are refused (a fault), never stored as something else
+    res = None if result.result is None else json_text_strict(result.result, "result")
+    msgs = json_text_strict(messages, "messages") if messages else None
+    blob = None if blobs is None else json_text_strict(blobs, "blob rows")
     return Outcome(line, attempts, status.value, res, msgs, blob, 0.0, time.time())
 
 
@@ -62,21 +60,3 @@ def fault(line: int, attempts: int, error: str, max_attempts: int, backoff_sec: 
         messages = json_text([ErrorMessage(msgid=0, errcode="processing_error", vals=[error]).to_dict()])
         return Outcome(line, attempts, "failed", None, messages, None, 0.0, time.time())
     return Outcome(line, attempts, "queued", None, None, None, backoff_sec * 2 ** (attempts - 1), time.time())
-
-
-def _strict_json(value: Any, what: str) -> str:
-    """JSON text of a result; NaN and Infinity are refused (orjson would silently store them as null)."""
-    text = json_text(value)
-    if "null" in text and _has_non_finite(value):
-        raise ValueError(f"{what} contains NaN or Infinity, which JSON cannot hold")
-    return text
-
-
-def _has_non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_non_finite(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_non_finite(v) for v in value)
-    return False

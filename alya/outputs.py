@@ -11,8 +11,8 @@ from typing import Any
 
 import fsspec
 
-from alya.errors import BackendUnavailable, InvalidInput
-from alya.validate import file_name
+from alya.errors import BackendUnavailable, ConfigError, InvalidInput
+from alya.validate import file_name, url_error
 
 WRITE_BLOCK = 5 * 2**20
 
@@ -39,8 +39,14 @@ def normalise_blobrows(blobrows: Any) -> dict[str, str] | None:
 
 class ObjectStore:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(url_error("ALYA_OBJECT_STORE_URL", str(url), "not a URL: give an fsspec URL such as "
+                                        "s3://bucket/prefix or file:///absolute/path"))
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ValueError, TypeError, ImportError) as exc:
+            raise ConfigError(url_error("ALYA_OBJECT_STORE_URL", url, f"{type(exc).__name__}: {exc}")) from None
         self._local = "file" in _protocols(self.fs)
 
     def _open(self, url: str) -> Any:

@@ -51,6 +51,8 @@ batches = Table(
     Column("ver", Integer, nullable=False, server_default=text("1")),
     # Set when mark_done was claimed (or is not due, as for aborted batches): it is called at most once.
     Column("notifiedat", DateTime(timezone=True)),
+    # A client's key for its submit: a retry with the same (app, key) finds this batch (migration 0003).
+    Column("idempotency_key", Text),
     CheckConstraint("op = lower(op)", name="batches_op_lower"),
     CheckConstraint("app ~ '^[a-z][a-z0-9_]*$'", name="batches_app_ident"),
     CheckConstraint("type IN ('B', 'Q')", name="batches_type"),
@@ -61,6 +63,13 @@ batches = Table(
         "op",
         "reqat",
         postgresql_where=text("status IN ('queued', 'inprog')"),
+    ),
+    Index(
+        "batches_idempotency",
+        "app",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
     ),
     Index(
         "batches_unnotified",

@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from functools import cache
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import psycopg2
@@ -27,12 +27,14 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-from alya.errors import AlyaError, BackendUnavailable, DatabaseNotMigrated, InvalidInput
+from alya.errors import AlyaError, BackendUnavailable, ConnectionLost, DatabaseNotMigrated, InvalidInput
+from alya.logs import get_logger
 from alya.records import BatchRecord, FileRecord
 
 psycopg2.extras.register_default_jsonb(loads=orjson.loads, globally=True)
 psycopg2.extras.register_default_json(loads=orjson.loads, globally=True)
 
+T = TypeVar("T")
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 
 
@@ -54,32 +56,42 @@ class Tx:
     Pooled connections are not pinged (a round trip per transaction). Instead, when the *first* statement
     of a transaction finds its connection dead (server restart, idle timeout, failover), nothing has
     happened in the transaction yet: the connection is dropped from the pool and the statement is run
-    on the next one (after a restart every pooled connection is dead; each fails at once)."""
+    on the next one (after a restart every pooled connection is dead; each fails at once). A connection
+    that dies later in the transaction is ``ConnectionLost``; ``Store.run`` runs such a body again."""
 
     def __init__(self, conn: Any, reconnect: Callable[[], Any] | None = None, max_reconnects: int = 0) -> None:
         self.conn = conn
         self.cur = conn.cursor()
         self._reconnect = reconnect
         self._max_reconnects = max_reconnects
+        self.committing = False  # set just before COMMIT is sent: a failure after it is ambiguous
 
-    def _execute(self, name: str, params: dict[str, Any]) -> None:
-        sql = queries()[name]
+    def _first(self, statement: Callable[[], None]) -> None:
+        """Run the transaction's first statement, on the next pooled connection while the one in hand
+        turns out dead."""
         if self._reconnect is None:
-            self.cur.execute(sql, params)
+            statement()
             return
         reconnect, self._reconnect = self._reconnect, None
         for attempt in range(self._max_reconnects + 1):
             try:
-                self.cur.execute(sql, params)
+                statement()
                 return
-            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 # A live connection means a real error (timeout, cancel); so does running out of tries.
-                if not self.conn.closed or attempt == self._max_reconnects:
+                if not is_disconnect(exc, self.conn) or attempt == self._max_reconnects:
                     raise
                 with suppress(Exception):
                     self.conn.invalidate()  # never back into the pool
                 self.conn = reconnect()
                 self.cur = self.conn.cursor()
+
+    def _execute(self, name: str, params: dict[str, Any]) -> None:
+        sql = queries()[name]
+        if self._reconnect is None:
+            self.cur.execute(sql, params)
+        else:
+            self._first(lambda: self.cur.execute(sql, params))
 
     def run(self, name: str, **params: Any) -> int:
         self._execute(name, params)
@@ -104,10 +116,15 @@ class Tx:
     def stream(self, name: str, itersize: int = 5000, **params: Any) -> Generator[tuple[Any, ...], None, None]:
         """Rows from a server-side cursor, so a million-row result never sits in memory at once.
         Consume it fully or ``close()`` it while the transaction is open."""
-        self._reconnect = None
-        with self.conn.cursor(name=f"alya_{name}") as cur:
-            cur.itersize = itersize
-            cur.execute(queries()[name], params)
+        holder: list[Any] = []
+
+        def declare() -> None:
+            holder[:] = [self.conn.cursor(name=f"alya_{name}")]
+            holder[0].itersize = itersize
+            holder[0].execute(queries()[name], params)
+
+        self._first(declare)
+        with holder[0] as cur:
             yield from cur
 
     @contextmanager
@@ -195,19 +212,39 @@ class Store:
         tx = Tx(self._connect(), reconnect=self._connect, max_reconnects=self._capacity + 1)
         try:
             yield tx
+            tx.committing = True
             tx.conn.commit()
         except psycopg2.Error as exc:
+            lost = is_disconnect(exc, tx.conn)
             _rollback(tx.conn)
-            if tx.conn.closed:
+            if lost:
                 with suppress(Exception):
                     tx.conn.invalidate()  # a dead connection must not go back into the pool
-            raise _mapped(exc) from exc
+            raise _mapped(exc, lost=lost, at_commit=tx.committing) from exc
         except BaseException:
             _rollback(tx.conn)
             raise
         finally:
             with suppress(Exception):
                 tx.conn.close()
+
+    def run(self, body: Callable[[Tx], T], *, readonly: bool = False, attempts: int = 3) -> T:
+        """``body(tx)`` in one transaction, committed on success. When the connection is lost before the
+        commit was sent (a server restart or a terminated backend mid-transaction), the server has rolled
+        the transaction back and nothing happened: ``body`` runs again on a fresh connection, up to
+        ``attempts`` times. A ``readonly`` body is run again even when the commit itself was lost.
+
+        ``body`` must be safe to run twice: it may not consume a one-shot iterator (a submit's rows) or
+        act outside the transaction."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.tx() as tx:
+                    return body(tx)
+            except ConnectionLost as exc:
+                if attempt == attempts or (exc.at_commit and not readonly):
+                    raise
+                get_logger().info("postgres_reconnect", attempt=attempt, error=str(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def dispose(self) -> None:
         if self._engine is not None:
@@ -253,9 +290,27 @@ class Listener:
             self._conn = None
 
 
-def _mapped(exc: psycopg2.Error) -> AlyaError:
+_DISCONNECT_STATES = ("57P01", "57P02", "57P03")  # admin_shutdown, crash_shutdown, cannot_connect_now
+
+
+def is_disconnect(exc: BaseException, conn: Any) -> bool:
+    """Whether a driver error means the connection is gone (closed by the server, or the server said it
+    is ending it: a terminated backend can report that before the socket is seen closed)."""
+    if not isinstance(exc, psycopg2.Error):
+        return False
+    if conn is not None and conn.closed:
+        return True
+    code = getattr(exc, "pgcode", None) or ""
+    return code in _DISCONNECT_STATES or code.startswith("08")
+
+
+def _mapped(exc: psycopg2.Error, lost: bool = False, at_commit: bool = False) -> AlyaError:
     """The alya error for a driver error (the transaction is already rolled back)."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if lost:
+        when = "at commit (the commit may or may not have been applied)" if at_commit else \
+            "before commit (nothing was stored)"
+        return ConnectionLost(f"PostgreSQL connection lost {when}: {type(exc).__name__}: {first}", at_commit)
     if isinstance(exc, psycopg2.errors.UndefinedTable | psycopg2.errors.UndefinedColumn):
         return DatabaseNotMigrated(f"the alya schema is missing or out of date ({first}): run `alya migrate` "
                                    "(or alya.migrate_database(url)) against this database")

@@ -58,6 +58,12 @@ def record_summary(tx: Tx, rec: BatchRecord) -> Summary:
     return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver)
 
 
+# A summary of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
+# worker that cannot reach Redis cannot invalidate it, so it must expire by itself (issue 10, item 10).
+OPEN_TTL_SEC = 5
+_WORKED_ON = (BatchStatus.QUEUED, BatchStatus.INPROG)
+
+
 class Summaries:
     def __init__(self, store: Store, cache: StatusCache, done_cache_rows: int) -> None:
         self.store = store
@@ -69,17 +75,21 @@ class Summaries:
         cached = self.cache.get(summary_key(batch_id))
         if cached is not None:
             return Summary.from_cached(cached)
-        with self.store.tx() as tx:
+        def read(tx: Tx) -> Summary:
             rec = tx.record(BatchRecord, "get_batch", id=batch_id)
             if rec is None:
                 raise BatchNotFound(f"no batch {batch_id}")
-            summary = record_summary(tx, rec)
+            return record_summary(tx, rec)
+
+        summary = self.store.run(read, readonly=True)
         self.put(batch_id, summary)
         return summary
 
     def put(self, batch_id: str, summary: Summary) -> None:
         """Cache a summary unless a newer version is cached (never raises: the cache is optional)."""
-        self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, summary.value.status.is_final)
+        status = summary.value.status
+        self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, status.is_final,
+                       ttl=OPEN_TTL_SEC if status in _WORKED_ON else None)
 
     def put_new(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: Counts,
                 outputfiles: dict[str, str] | None = None) -> Summary:
@@ -97,10 +107,13 @@ class Summaries:
             cached = self.cache.get(done_key(batch_id))
             if cached is not None:
                 return [batch_output(r) for r in cached["rows"]]
-            with self.store.tx() as tx:
-                raw = tx.all("batch_rows", id=batch_id)
+            raw = self.store.run(lambda tx: tx.all("batch_rows", id=batch_id), readonly=True)
             self.cache.put(done_key(batch_id), {"rows": raw}, summary.ver, final=True)
             return [batch_output(r) for r in raw]
+
         # Large: rows go from a server-side cursor straight into the result, never held twice.
-        with self.store.tx() as tx, closing(tx.stream("batch_rows", id=batch_id)) as cursor:
-            return [batch_output(r) for r in cursor]
+        def rows(tx: Tx) -> list[BatchOutput]:
+            with closing(tx.stream("batch_rows", id=batch_id)) as cursor:
+                return [batch_output(r) for r in cursor]
+
+        return self.store.run(rows, readonly=True)

@@ -25,6 +25,94 @@ def has_nul(data: bytes) -> bool:
     return b"\\u0000" in data and _NUL_ESCAPE.search(data) is not None
 
 
+def has_nonfinite(value: Any) -> bool:
+    """Whether a JSON-like value holds a NaN or an infinite float anywhere (orjson writes them as null).
+    Only called on values whose JSON text holds a null (nesting is at most 255 deep: orjson wrote it)."""
+    if isinstance(value, float):
+        return value - value != 0.0
+    if not isinstance(value, (dict, list, tuple)):
+        return False
+    for v in value.values() if isinstance(value, dict) else value:
+        t = type(v)
+        if t is str or t is int or v is None or t is bool:
+            continue
+        if isinstance(v, float):
+            if v - v != 0.0:  # inf - inf and nan - nan are nan
+                return True
+        elif isinstance(v, (dict, list, tuple)) and has_nonfinite(v):
+            return True
+    return False
+
+
+def check_json_data(data: bytes, value: Any, what: str) -> None:
+    """Refuse what orjson wrote from ``value`` if it cannot stand for it: a NUL character (jsonb cannot
+    store one), NaN or Infinity (JSON has none; orjson writes null). Cheap when neither can be present:
+    NaN can only hide where the text says null, NUL only behind a backslash."""
+    if b"null" in data and has_nonfinite(value):
+        raise InvalidInput(f"{what} contains NaN or Infinity, which JSON cannot represent")
+    if b"\\u0000" in data and has_nul(data):
+        raise InvalidInput(f"{what} contains a NUL character, which PostgreSQL cannot store")
+
+
+def json_text_strict(value: Any, what: str = "result") -> str:
+    """JSON text of ``value`` as it will be stored, or InvalidInput when it cannot be stored faithfully
+    (not serialisable, non-string keys, integers beyond 64 bits, nesting deeper than 255, NaN or Infinity,
+    a NUL character). For what processors return: the engine treats the InvalidInput as a row fault."""
+    try:
+        data = orjson.dumps(value)
+    except TypeError as exc:
+        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+    check_json_data(data, value, what)
+    return data.decode()
+
+
+def text_value(value: Any, what: str, max_len: int | None = None) -> str:
+    """A string PostgreSQL can store in a text column: no NUL character."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidInput(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    if max_len is not None and len(value) > max_len:
+        raise InvalidInput(f"{what} is longer than {max_len} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+_USERINFO = re.compile(r"(?<=://)([^/@?#]*)@")
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for messages and logs: any user:password part becomes ``***``."""
+    return _USERINFO.sub("***@", url)
+
+
+def url_error(variable: str, url: str, problem: str) -> str:
+    """A ConfigError message about a URL setting that never echoes its credentials."""
+    text = f"{variable}={redact_url(url)!r}: {problem}"
+    m = _USERINFO.search(url)
+    if m and m.group(1):
+        for secret in {m.group(1), *m.group(1).split(":")}:
+            if secret:
+                text = text.replace(secret, "***")
+    return text
+
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency_key(value: Any) -> str | None:
+    """None, or a non-empty string of at most 255 characters that PostgreSQL can store."""
+    if value is None:
+        return None
+    key = text_value(value, "idempotency_key", MAX_IDEMPOTENCY_KEY)
+    if not key:
+        raise InvalidInput("idempotency_key must not be empty")
+    return key
+
+
 def app_name(app: Any) -> str:
     if not isinstance(app, str) or not _APP.fullmatch(app):
         raise InvalidInput(f"app must match [a-z][a-z0-9_]* (at most 64 chars), got {app!r}")
@@ -51,8 +139,7 @@ def json_object(value: Any, what: str) -> dict[str, Any]:
         data = orjson.dumps(value)
     except TypeError as exc:
         raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
-    if has_nul(data):
-        raise InvalidInput(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    check_json_data(data, value, what)
     return value
 
 

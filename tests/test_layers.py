@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     # the engine: processing and recovery
     "engine": 3, "recovery": 3, "rowpool": 3, "outcomes": 3, "finishing": 3, "waker": 3,
     # Prefect
-    "batchflow": 4, "dispatch": 4, "intakeflow": 4,
+    "batchflow": 4, "dispatch": 4, "intakeflow": 4, "reaper": 4,
     # the facade
     "client": 5, "cli": 5, "demo": 5, "demo_prefect": 5, "export": 5, "views": 5, "__init__": 5,
 }

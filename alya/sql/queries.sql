@@ -6,6 +6,18 @@
 INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows)
 VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0);
 
+-- name: insert_batch_keyed
+-- insert_batch with the client's idempotency key. A batch of this app already holding the key (or one
+-- being inserted by a concurrent call: the unique index makes this statement wait for that transaction)
+-- means this is a retry: nothing is inserted and no row returned.
+INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows, idempotency_key)
+VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0, %(key)s)
+ON CONFLICT (app, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: batch_by_key
+SELECT id, op, type FROM batches WHERE app = %(app)s AND idempotency_key = %(key)s;
+
 -- name: get_batch
 SELECT {batch_columns}
 FROM batches WHERE id = %(id)s;
