@@ -7,20 +7,23 @@
 # `prefect deploy --all` from the repository top (the flow runs' working directory, for a process pool).
 # Extra arguments go to `prefect deploy`, e.g. another definitions file:
 #   ALYA_POOL=alya-docker ALYA_POOL_TYPE=docker bash deployments/deploy.sh --prefect-file deployments/prefect.docker.yaml
+#   ALYA_POOL=alya-k8s ALYA_POOL_TYPE=kubernetes ALYA_POOL_TEMPLATE=deployments/kubernetes-job-template.json \
+#       bash deployments/deploy.sh --prefect-file deployments/prefect.kubernetes.yaml
 # Then start a worker where ALYA_* are set:
 #   PREFECT_WORKER_QUERY_SECONDS=1 prefect worker start --pool alya-pool --limit 4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PREFECT="${PREFECT:-$(command -v prefect || echo .venv/bin/prefect)}"
 POOL="${ALYA_POOL:-alya-pool}"            # the name used in the definitions file
-POOL_TYPE="${ALYA_POOL_TYPE:-process}"    # process | docker | kubernetes (the last two need prefect-docker / prefect-kubernetes)
+POOL_TYPE="${ALYA_POOL_TYPE:-process}"    # process | docker | kubernetes (their workers need prefect-docker / prefect-kubernetes)
+POOL_TEMPLATE="${ALYA_POOL_TEMPLATE:-}"   # a base job template (JSON) for a new pool, e.g. deployments/kubernetes-job-template.json
 
 if [ -z "${ALYA_DATABASE_URL:-}" ]; then
   echo "deploy.sh: set ALYA_DATABASE_URL (prefect deploy imports flows/*.py, which build a JobManager)" >&2
   exit 2
 fi
 if ! "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1; then
-  "$PREFECT" work-pool create "$POOL" --type "$POOL_TYPE"
+  "$PREFECT" work-pool create "$POOL" --type "$POOL_TYPE" ${POOL_TEMPLATE:+--base-job-template "$POOL_TEMPLATE"}
 fi
 "$PREFECT" --no-prompt deploy --all "$@"
 echo "deployed; start a worker: prefect worker start --pool $POOL"
