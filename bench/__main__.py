@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import resource
@@ -177,18 +178,20 @@ def _scale_run(cluster: Any, nworkers: int, rows: int, sleep_ms: int, chunk: int
                "ALYA_LOG_LEVEL": "warning", "PREFECT_LOGGING_LEVEL": "WARNING"}
         procs = [cluster.alya_worker(h, "bench.sleeper:jm", database, name=f"scale-{nworkers}-{i}", **env)
                  for i, h in enumerate(hosts)]
+        def final(batch_id: str) -> bool:
+            return jm.batch_status(batch_id).status.is_final
+
         try:
             cluster.wait_workers(database, nworkers, timeout=180, procs=procs)
             for _ in range(6):  # warm-up batches until every worker has processed rows
                 warm = jm.batch_submit("bench", "sleep", {}, (BatchInput(i, {"ms": 100}) for i in
                                                              range(1, 2 * chunk * nworkers + 1)))
-                wait_for("warm-up batch final", lambda b=warm: jm.batch_status(b).status.is_final, 300, procs)
+                wait_for("warm-up batch final", functools.partial(final, warm), 300, procs)
                 if len(_workers_done(url, warm)) >= nworkers:
                     break
             t = time.perf_counter()
             jm.wait_off(measured)
-            wait_for("measured batch final", lambda: jm.batch_status(measured).status.is_final, 3600, procs,
-                     every=0.05)
+            wait_for("measured batch final", functools.partial(final, measured), 3600, procs, every=0.05)
             elapsed = time.perf_counter() - t
             s = jm.batch_status(measured)
             if s.nsuccess != rows:
