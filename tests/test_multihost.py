@@ -159,11 +159,17 @@ def deploy_to_pool(cluster: Cluster, database: str) -> None:
     print(f"deploy.sh (pool + 5 deployments) took {time.monotonic() - t0:.1f}s")
 
 
-def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, mhdb: str, s3_url: str) -> None:
+@pytest.fixture(scope="module")
+def pool(cluster: Cluster) -> str:
+    """The work pool with the deployments, made once per module (deployments do not name a database)."""
+    deploy_to_pool(cluster, "unused")
+    return POOL
+
+
+def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str, mhdb: str, s3_url: str) -> None:
     from prefect.client.orchestration import get_client
 
     bank = _bank()
-    deploy_to_pool(cluster, mhdb)
     settings = {"ALYA_DISPATCH": "prefect", "ALYA_OBJECT_STORE_URL": s3_url, "ALYA_BATCHCHUNK_NROWS": str(CHUNK),
                 "ALYA_WORKER_THREADS": "2", "ALYA_RECOVERY_SEC": str(RECOVERY_SEC)}
     workers = [cluster.prefect_worker(h, POOL, mhdb, limit=2, MH_JOURNAL=str(journal(cluster, h)), **settings)
@@ -357,3 +363,91 @@ def test_alya_workers_and_a_host_cut_off_mid_batch(cluster: Cluster, mhdb: str, 
         jm.close()
         for w in workers.values():
             w.stop()
+
+
+
+def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: str, s3_url: str) -> None:
+    """A host running a dispatched batch's flow run is cut off. The sweeper (scheduled every minute in
+    prefect.yaml; run here once ALYA_RECOVERY_SEC has passed) requeues its rows. Then the batch should finish
+    on the other hosts, but today it waits for the lost host: its flow run is still RUNNING in Prefect (a
+    process worker's run has no heartbeat Prefect acts on), and the sweeper re-dispatches only batches with
+    no live run. The test checks everything else (recovery, exact results, the late write-back changing
+    nothing once the link returns and the run finishes the batch) and reports that gap as an expected
+    failure; it passes outright once the gap is closed."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    settings = {"ALYA_DISPATCH": "prefect", "ALYA_OBJECT_STORE_URL": s3_url, "ALYA_BATCHCHUNK_NROWS": str(CHUNK),
+                "ALYA_WORKER_THREADS": "2", "ALYA_RECOVERY_SEC": str(RECOVERY_SEC)}
+    workers = {h.name: cluster.prefect_worker(h, pool, mhdb, limit=2, MH_JOURNAL=str(journal(cluster, h)),
+                                              **settings) for h in cluster.hosts}
+    url = cluster.database_url(mhdb)
+    victim = None
+    with prefect_api(cluster.api_url), get_client_sync() as client:
+        wait_for("3 process workers online", lambda: sum(
+            w.status.value == "ONLINE" for w in client.read_workers_for_work_pool(pool)) >= 3, 120,
+            list(workers.values()))
+        jm = JobManager(database_url=url, redis_url=services.REDIS_URL, object_store_url=s3_url,
+                        config=make_config(dispatch="prefect", batchchunk_nrows=CHUNK, recovery_sec=RECOVERY_SEC))
+        try:
+            n = 300
+            bid = submit_probe(jm, "pcut", n, 30)
+            probes = {bid: ("pcut", n)}
+            t0 = time.monotonic()
+            victim = wait_for("the batch's flow run holding rows", lambda: next(
+                (h for h in cluster.hosts if held_rows(url, h.name)), None), 120, list(workers.values()), every=0.1)
+            victim.cut()
+            t_cut = time.monotonic()
+            time.sleep(0.5)
+            stranded = held_rows(url, victim.name)
+            assert stranded
+            print(f"cut {victim.name} {t_cut - t0:.1f}s after submit, its flow run holding {len(stranded)} rows")
+
+            time.sleep(max(0.0, RECOVERY_SEC + 1 - (time.monotonic() - t_cut)))
+            sweep = client.create_flow_run_from_deployment(client.read_deployment_by_name("alya-sweeper/alya").id)
+            wait_for("the sweeper's run completed on a live host",
+                     lambda: (r := client.read_flow_run(sweep.id)).state is not None and r.state.is_completed(), 120)
+            assert not held_rows(url, victim.name) & stranded  # requeued by the sweeper's cleanup()
+            print(f"sweeper requeued the stranded rows {time.monotonic() - t_cut:.1f}s after the cut")
+            try:
+                wait_for("the batch final without the lost host", lambda: jm.batch_status(bid).status.is_final, 30,
+                         every=0.5)
+                stalled = ""
+            except AssertionError:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"alya-batch:{bid}"])))
+                stalled = (f"batch stalled while {victim.name} was cut off: its rows were requeued, but its flow "
+                           f"run stays {[r.state_type.value for r in runs if r.state_type]} in Prefect, so the "
+                           "sweeper does not re-dispatch the batch")
+                print(stalled)
+
+            victim.restore()
+            wait_for("the batch final", lambda: jm.batch_status(bid).status.is_final, 180, every=0.5)
+            print(f"batch final {time.monotonic() - t_cut:.1f}s after the cut")
+            wait_for("the victim's flow run completed", lambda: all(
+                r.state_type is not None and r.state_type.value == "COMPLETED" for r in client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alya-batch:{bid}"])))), 60)
+            check_batches(jm, cluster, probes)
+            rows = row_snapshot(url)
+            assert {r[2] for r in rows} == {"success"} and len(rows) == n
+            calls, _ = read_journals(cluster)
+            per_row: collections.Counter[int] = collections.Counter()
+            for (_tag, line, _host), k in calls.items():
+                per_row[line] += k
+            once = {ln for ln in range(1, n + 1) if (bid, ln) not in stranded}
+            assert all(per_row[ln] == 1 for ln in once), {ln: per_row[ln] for ln in once if per_row[ln] != 1}
+            # a stranded row: its discarded call on the cut-off host, and the one whose result was written
+            assert all(1 <= per_row[ln] <= 2 for (_, ln) in stranded)
+            if stalled:
+                pytest.xfail(stalled)
+        finally:
+            if victim is not None and victim.is_cut():
+                victim.restore()
+            jm.close()
+            for w in workers.values():
+                w.stop()
+
+
+def get_client_sync() -> Any:
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
