@@ -186,11 +186,12 @@ class Cluster:
         return self.spawn(host, [str(BIN / "alya"), "worker", target], name,
                           self.host_env(host, database, **{"ALYA_DISPATCH": "none", **env}))
 
-    def prefect_worker(self, host: Host, pool: str, database: str, limit: int = 2, **env: str) -> Proc:
+    def prefect_worker(self, host: Host, pool: str, database: str, limit: int = 2, name: str = "", **env: str
+                       ) -> Proc:
         """``prefect worker start --pool POOL`` on a host: the flow runs it picks up are its subprocesses,
         on that host, with this environment (set ALYA_DISPATCH=prefect as for the application)."""
         args = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", str(limit),
-                "--name", f"{pool}-{host.name}"]
+                "--name", name or f"{pool}-{host.name}"]
         return self.spawn(host, args, "prefect-worker",
                           self.host_env(host, database, **{"PREFECT_WORKER_QUERY_SECONDS": "1", **env}))
 

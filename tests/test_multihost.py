@@ -79,16 +79,18 @@ def prefect_api(url: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def journal(cluster: Cluster, host: Any) -> Path:
-    return cluster.workdir / host.name / "journal"
+def journal(cluster: Cluster, host: Any, db: str) -> Path:
+    """The probe's journal on a host, one per test (its database): a flow run of an earlier test that is
+    still ending cannot write into a later test's."""
+    return cluster.workdir / host.name / f"journal-{db}"
 
 
-def read_journals(cluster: Cluster) -> tuple[collections.Counter[tuple[str, int, str]], list[list[str]]]:
+def read_journals(cluster: Cluster, db: str) -> tuple[collections.Counter[tuple[str, int, str]], list[list[str]]]:
     """Calls as (tag, line, host) -> count, and the mark_done lines, from every host's journal."""
     calls: collections.Counter[tuple[str, int, str]] = collections.Counter()
     done: list[list[str]] = []
     for host in cluster.hosts:
-        path = journal(cluster, host)
+        path = journal(cluster, host, db)
         if not path.exists():
             continue
         for line in path.read_text().splitlines():
@@ -122,10 +124,10 @@ def batch_snapshot(database_url: str) -> list[tuple[Any, ...]]:
                         "outputfiles::text, doneat, notifiedat FROM batches ORDER BY id")
 
 
-def check_batches(jm: JobManager, cluster: Cluster, probes: dict[str, tuple[str, int]]) -> dict[str, str]:
+def check_batches(jm: JobManager, cluster: Cluster, db: str, probes: dict[str, tuple[str, int]]) -> dict[str, str]:
     """Every probe batch final and successful with its exact counts, its out.csv holding each line exactly
     once in line order, mark_done called exactly once; returns each output file's text."""
-    _, done = read_journals(cluster)
+    _, done = read_journals(cluster, db)
     done_by_batch = collections.Counter(d[0] for d in done)
     texts = {}
     for bid, (tag, n) in probes.items():
@@ -166,18 +168,28 @@ def pool(cluster: Cluster) -> str:
     return POOL
 
 
+def start_prefect_workers(cluster: Cluster, pool: str, db: str, settings: dict[str, str]) -> list[Any]:
+    """``prefect worker start --pool`` on every host, named after the host and the test's database."""
+    return [cluster.prefect_worker(h, pool, db, limit=2, name=f"{pool}-{h.name}-{db}",
+                                   MH_JOURNAL=str(journal(cluster, h, db)), **settings) for h in cluster.hosts]
+
+
+def wait_online(client: Any, pool: str, db: str, workers: list[Any]) -> None:
+    wait_for(f"{len(workers)} process workers online", lambda: sum(
+        w.status.value == "ONLINE" and w.name.endswith(db) for w in client.read_workers_for_work_pool(pool))
+        >= len(workers), 120, workers)
+
+
 def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str, mhdb: str, s3_url: str) -> None:
     from prefect.client.orchestration import get_client
 
     bank = _bank()
     settings = {"ALYA_DISPATCH": "prefect", "ALYA_OBJECT_STORE_URL": s3_url, "ALYA_BATCHCHUNK_NROWS": str(CHUNK),
                 "ALYA_WORKER_THREADS": "2", "ALYA_RECOVERY_SEC": str(RECOVERY_SEC)}
-    workers = [cluster.prefect_worker(h, POOL, mhdb, limit=2, MH_JOURNAL=str(journal(cluster, h)), **settings)
-               for h in cluster.hosts]
+    workers = start_prefect_workers(cluster, pool, mhdb, settings)
     url = cluster.database_url(mhdb)
     with prefect_api(cluster.api_url), get_client(sync_client=True) as client:
-        wait_for("3 process workers online", lambda: sum(
-            w.status.value == "ONLINE" for w in client.read_workers_for_work_pool(POOL)) >= 3, 120, workers)
+        wait_online(client, pool, mhdb, workers)
         jm = JobManager(database_url=url, redis_url=services.REDIS_URL, object_store_url=s3_url,
                         config=make_config(dispatch="prefect", batchchunk_nrows=CHUNK))
         try:
@@ -202,7 +214,7 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
                   f" rows per host {by_host}; big batch per host {rows_by_host(url, next(iter(probes)))}")
 
             # exactly once, on more than one host
-            calls, _ = read_journals(cluster)
+            calls, _ = read_journals(cluster, mhdb)
             per_row = collections.Counter({(t, ln): 0 for t, n in probes.values() for ln in range(1, n + 1)})
             for (tag, line, _host), k in calls.items():
                 per_row[(tag, line)] += k
@@ -210,7 +222,7 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
             assert len({h for (_, _, h) in calls}) >= 2, calls
             assert len([h for h, n in by_host.items() if n]) >= 2, by_host
             assert set(by_host) <= {h.name for h in cluster.hosts}, by_host
-            check_batches(jm, cluster, probes)
+            check_batches(jm, cluster, mhdb, probes)
             # the bank example, deployed from prefect.yaml, ran on the same hosts: balances exact
             expected, refused = bank.expected_balances(txns, opening)
             assert bank.read_balances(url, expected) == expected
@@ -251,7 +263,7 @@ def test_alya_workers_and_a_host_cut_off_mid_batch(cluster: Cluster, mhdb: str, 
     url = cluster.database_url(mhdb)
     settings = {"ALYA_OBJECT_STORE_URL": s3_url, "ALYA_BATCHCHUNK_NROWS": str(CHUNK), "ALYA_WORKER_THREADS": "2",
                 "ALYA_RECOVERY_SEC": str(RECOVERY_SEC), "ALYA_LOG_LEVEL": "INFO"}
-    workers = {h.name: cluster.alya_worker(h, "tests.mh_app:jm", mhdb, MH_JOURNAL=str(journal(cluster, h)),
+    workers = {h.name: cluster.alya_worker(h, "tests.mh_app:jm", mhdb, MH_JOURNAL=str(journal(cluster, h, mhdb)),
                                            **settings) for h in cluster.hosts}
     cluster.wait_workers(mhdb, len(cluster.hosts), procs=list(workers.values()))
     jm = JobManager(database_url=url, redis_url=services.REDIS_URL, object_store_url=s3_url,
@@ -318,7 +330,7 @@ def test_alya_workers_and_a_host_cut_off_mid_batch(cluster: Cluster, mhdb: str, 
         assert sum(by_host.values()) == sum(n for _, n in probes.values())
         stranded_now = {(str(b), ln): d for b, ln, s, d, *_ in rows_final if (str(b), ln) in stranded}
         assert all(d and not d.startswith(f"{victim.name}:") for d in stranded_now.values()), stranded_now
-        texts = check_batches(jm, cluster, probes)
+        texts = check_batches(jm, cluster, mhdb, probes)
 
         # the link returns: the victim's late write-backs land on rows it no longer holds, and change nothing
         log = workers[victim.name].log
@@ -341,10 +353,10 @@ def test_alya_workers_and_a_host_cut_off_mid_batch(cluster: Cluster, mhdb: str, 
         time.sleep(1.0)
         assert row_snapshot(url) == rows_final
         assert batch_snapshot(url) == batches_final
-        assert check_batches(jm, cluster, probes) == texts
+        assert check_batches(jm, cluster, mhdb, probes) == texts
 
         # calls: one per row, except that the victim may also have called the rows it was cut off with
-        calls, _ = read_journals(cluster)
+        calls, _ = read_journals(cluster, mhdb)
         stranded_lines = {(probes[b][0], ln) for b, ln in stranded}
         others = collections.Counter({(t, ln): 0 for t, n in probes.values() for ln in range(1, n + 1)})
         mine: collections.Counter[tuple[str, int]] = collections.Counter()
@@ -378,14 +390,12 @@ def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: 
 
     settings = {"ALYA_DISPATCH": "prefect", "ALYA_OBJECT_STORE_URL": s3_url, "ALYA_BATCHCHUNK_NROWS": str(CHUNK),
                 "ALYA_WORKER_THREADS": "2", "ALYA_RECOVERY_SEC": str(RECOVERY_SEC)}
-    workers = {h.name: cluster.prefect_worker(h, pool, mhdb, limit=2, MH_JOURNAL=str(journal(cluster, h)),
-                                              **settings) for h in cluster.hosts}
+    workers = dict(zip((h.name for h in cluster.hosts), start_prefect_workers(cluster, pool, mhdb, settings),
+                       strict=True))
     url = cluster.database_url(mhdb)
     victim = None
     with prefect_api(cluster.api_url), get_client_sync() as client:
-        wait_for("3 process workers online", lambda: sum(
-            w.status.value == "ONLINE" for w in client.read_workers_for_work_pool(pool)) >= 3, 120,
-            list(workers.values()))
+        wait_online(client, pool, mhdb, list(workers.values()))
         jm = JobManager(database_url=url, redis_url=services.REDIS_URL, object_store_url=s3_url,
                         config=make_config(dispatch="prefect", batchchunk_nrows=CHUNK, recovery_sec=RECOVERY_SEC))
         try:
@@ -426,10 +436,10 @@ def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: 
             wait_for("the victim's flow run completed", lambda: all(
                 r.state_type is not None and r.state_type.value == "COMPLETED" for r in client.read_flow_runs(
                     flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alya-batch:{bid}"])))), 60)
-            check_batches(jm, cluster, probes)
+            check_batches(jm, cluster, mhdb, probes)
             rows = row_snapshot(url)
             assert {r[2] for r in rows} == {"success"} and len(rows) == n
-            calls, _ = read_journals(cluster)
+            calls, _ = read_journals(cluster, mhdb)
             per_row: collections.Counter[int] = collections.Counter()
             for (_tag, line, _host), k in calls.items():
                 per_row[line] += k
