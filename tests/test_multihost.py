@@ -48,11 +48,13 @@ CHUNK = 20
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, str]) -> Iterator[Cluster]:
-    """Three simulated hosts, the services relayed to them, a Prefect server on the bridge address."""
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three simulated hosts, the services relayed to them, a Prefect server on the bridge address.
+    Skips (before starting anything) where network namespaces cannot be made."""
     reason = netns.unavailable()
     if reason:
         pytest.skip(f"no simulated hosts: {reason}")
+    s3_server = request.getfixturevalue("s3_server")
     t0 = time.monotonic()
     with Cluster(tmp_path_factory.mktemp("multihost"), nhosts=3, s3=s3_server) as c:
         print(f"cluster of {len(c.hosts)} hosts up in {time.monotonic() - t0:.1f}s")
