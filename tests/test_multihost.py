@@ -147,8 +147,15 @@ def check_batches(jm: JobManager, cluster: Cluster, db: str, probes: dict[str, t
 
 # ---------------------------------------------------------------------------------------------- Prefect workers
 def deploy_to_pool(cluster: Cluster, database: str) -> None:
-    """deployments/deploy.sh with the repository's prefect.yaml plus the probe's deployment (one file)."""
+    """deployments/deploy.sh with the repository's prefect.yaml plus the probe's deployment (one file).
+
+    The sweeper is deployed without its every-minute schedule: the tests run it when they mean to. A
+    scheduled sweep landing on a host that is then cut off would hold the sweeper's concurrency slot
+    (``concurrency_limit: 1``) until Prefect's lease on it expires (300 s by default), and no sweep could
+    run in the meantime (deployments/README.md)."""
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for dep in spec["deployments"]:
+        dep.pop("schedules", None)
     pool = spec["deployments"][0]["work_pool"]
     spec["deployments"].append({"name": "alya", "entrypoint": "tests/mh_app.py:mh_rec_flow", "parameters": {},
                                 "tags": ["alya", "alya-app:mh", "alya-op:rec"], "work_pool": pool})
