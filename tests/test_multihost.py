@@ -440,11 +440,22 @@ def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: 
                 print(stalled)
 
             victim.restore()
-            wait_for("the batch final", lambda: jm.batch_status(bid).status.is_final, 180, every=0.5)
+            # Its run goes on (or, had its Prefect calls timed out during the cut, has failed: then the next
+            # sweep, every minute in production, re-dispatches the batch; here one is run every 30 s).
+            deadline = time.monotonic() + 180
+            while not jm.batch_status(bid).status.is_final:
+                try:
+                    wait_for("the batch final", lambda: jm.batch_status(bid).status.is_final, 30, every=0.5)
+                except AssertionError:
+                    assert time.monotonic() < deadline, "batch not final 180 s after the link came back"
+                    client.create_flow_run_from_deployment(client.read_deployment_by_name("alya-sweeper/alya").id)
             print(f"batch final {time.monotonic() - t_cut:.1f}s after the cut")
-            wait_for("the victim's flow run completed", lambda: all(
-                r.state_type is not None and r.state_type.value == "COMPLETED" for r in client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alya-batch:{bid}"])))), 60)
+            runs_of = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alya-batch:{bid}"]))
+            wait_for("no run of the batch left active", lambda: all(
+                r.state is not None and r.state.is_final() for r in client.read_flow_runs(flow_run_filter=runs_of)),
+                90)
+            print("flow runs of the batch:", [r.state_type.value for r in client.read_flow_runs(
+                flow_run_filter=runs_of) if r.state_type])
             check_batches(jm, cluster, mhdb, probes)
             rows = row_snapshot(url)
             assert {r[2] for r in rows} == {"success"} and len(rows) == n
