@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -58,7 +59,11 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     t0 = time.monotonic()
     with Cluster(tmp_path_factory.mktemp("multihost"), nhosts=3, s3=s3_server) as c:
         print(f"cluster of {len(c.hosts)} hosts up in {time.monotonic() - t0:.1f}s")
+        names = [h.ns for h in c.hosts] + [c.net.bridge]
         yield c
+    left = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout + \
+        subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in names if re.search(rf"\b{re.escape(n)}\b", left)], f"left behind: {left}"
 
 
 @pytest.fixture
