@@ -2,23 +2,28 @@
 
     python -m bench submit --rows 1000000      # submit vs. a raw COPY of the same rows
     python -m bench noop --rows 200000 --workers 2   # end-to-end no-op throughput, worker processes
+    python -m bench scale --rows 2000 --sleep-ms 20   # I/O-bound rows on 1, 2, 4 workers over simulated hosts
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 import psycopg2
 import typer
 
 from alya import BatchInput, JobManager, JobManagerConfig
-from bench.common import fresh_database, prefect_server
+from bench.common import PG_SERVER, fresh_database, prefect_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -142,6 +147,101 @@ def bank(rows: int = 100_000, batches: int = 10, workers: int = 2, accounts: int
         jm.close()
     print(f"bank  {rows} txns in {len(ids)} batches, {workers} workers: {elapsed:.2f} s = {rows / elapsed:.0f} rows/s;"
           f" balances {'match' if actual == expected else 'DIFFER'}; refused {nfailed} (expected {refused})")
+
+
+def _workers_done(url: str, batch_id: str) -> set[str]:
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT DISTINCT doneby FROM batchrows WHERE batch = %s AND status = 'success'", (batch_id,))
+            return {r[0] for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def _scale_run(cluster: Any, nworkers: int, rows: int, sleep_ms: int, chunk: int, concurrency: int,
+               work: Path) -> tuple[float, list[str]]:
+    """One count: a fresh database, ``nworkers`` ``alya worker bench.sleeper:jm`` processes spread round-robin
+    over the hosts, warmed up (each has run a flow: a process's first Prefect flow run costs seconds), then
+    the held batch released and timed until final."""
+    from tests.cluster import wait_for
+
+    with fresh_database() as url:
+        database = url.rsplit("/", 1)[1]
+        store = (work / f"objects-{nworkers}").as_uri()
+        jm = JobManager(database_url=url, object_store_url=store, config=JobManagerConfig(batchrowmax=max(rows, 1)))
+        measured = jm.batch_submit("bench", "sleep", {}, (BatchInput(i, {"ms": sleep_ms}) for i in range(1, rows + 1)),
+                                   wait=True)
+        hosts = [cluster.hosts[i % len(cluster.hosts)] for i in range(nworkers)]
+        env = {"ALYA_OBJECT_STORE_URL": store, "ALYA_BATCHCHUNK_NROWS": str(chunk),
+               "ALYA_WORKER_THREADS": str(concurrency), "ALYA_CONCURRENCY": str(concurrency),
+               "ALYA_LOG_LEVEL": "warning", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        procs = [cluster.alya_worker(h, "bench.sleeper:jm", database, name=f"scale-{nworkers}-{i}", **env)
+                 for i, h in enumerate(hosts)]
+        def final(batch_id: str) -> bool:
+            return jm.batch_status(batch_id).status.is_final
+
+        try:
+            cluster.wait_workers(database, nworkers, timeout=180, procs=procs)
+            for _ in range(6):  # warm-up batches until every worker has processed rows
+                warm = jm.batch_submit("bench", "sleep", {}, (BatchInput(i, {"ms": 100}) for i in
+                                                             range(1, 2 * chunk * nworkers + 1)))
+                wait_for("warm-up batch final", functools.partial(final, warm), 300, procs)
+                if len(_workers_done(url, warm)) >= nworkers:
+                    break
+            t = time.perf_counter()
+            jm.wait_off(measured)
+            wait_for("measured batch final", functools.partial(final, measured), 3600, procs, every=0.05)
+            elapsed = time.perf_counter() - t
+            s = jm.batch_status(measured)
+            if s.nsuccess != rows:
+                raise RuntimeError(f"batch ended {s.status.value} with {s.nsuccess} of {rows} rows")
+            return elapsed, [h.name for h in hosts]
+        finally:
+            for p in procs:
+                p.stop()
+            jm.close()
+
+
+@app.command()
+def scale(rows: int = 2000, sleep_ms: int = 20, workers: str = "1,2,4", hosts: int = 2, chunk: int = 20,
+          concurrency: int = 2) -> None:
+    """I/O-bound rows (each sleeps SLEEP_MS) on 1, 2, 4 ``alya worker`` processes spread over simulated hosts
+    (network namespaces; needs root and iproute2): rows/s per count and the ratio to one worker.
+
+    CONCURRENCY is passed to the workers as ALYA_CONCURRENCY (rows at once per worker, the engine being
+    rewritten) and ALYA_WORKER_THREADS (chunks at once per worker, one row at a time per chunk, today)."""
+    import tempfile
+
+    from alya.logs import configure
+    from tests.cluster import Cluster
+    from tests.netns import unavailable
+
+    configure("warning")  # this process's own status-change lines would drown the figures
+    reason = unavailable()
+    if reason:
+        typer.echo(f"scale: no simulated hosts here: {reason}", err=True)
+        raise typer.Exit(2)
+    counts = [int(w) for w in workers.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="alya-scale-"))
+    results = []
+    try:
+        with Cluster(work, nhosts=hosts, pg_server=PG_SERVER) as cluster:
+            for n in counts:
+                elapsed, placed = _scale_run(cluster, n, rows, sleep_ms, chunk, concurrency, work)
+                results.append((n, elapsed, placed))
+                print(f"  {n} worker(s): {elapsed:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = rows / results[0][1]
+    print(f"scale  {rows} rows x {sleep_ms} ms, chunk {chunk}, concurrency {concurrency}, {hosts} simulated hosts")
+    print(f"{'workers':>7}  {'placement':<28} {'seconds':>8} {'rows/s':>8} {'ideal':>7} {'vs 1':>6} {'eff.':>5}")
+    for n, elapsed, placed in results:
+        rps = rows / elapsed
+        ideal = n * concurrency * 1000 / sleep_ms if sleep_ms else float("nan")
+        where = ", ".join(f"{h} x{placed.count(h)}" for h in dict.fromkeys(placed))
+        print(f"{n:>7}  {where:<28} {elapsed:>8.2f} {rps:>8.0f} {ideal:>7.0f} {rps / base:>5.2f}x "
+              f"{rps / ideal:>5.0%}")
 
 
 if __name__ == "__main__":
