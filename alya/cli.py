@@ -254,6 +254,9 @@ def worker(target: str = typer.Argument(..., help="module[:attribute] holding a 
             typer.echo("alya worker: PREFECT_API_URL is not set, so Prefect first starts a temporary local server "
                        "(about 10 s); a long-running worker should set PREFECT_API_URL to a Prefect server.",
                        err=True)
+            from alya import reaper
+
+            reaper.notice_shown = True  # said once, here, in words; not again as a log line
     module_name, _, attr = target.partition(":")
     sys.path.insert(0, str(Path.cwd()))
     jm = getattr(importlib.import_module(module_name), attr or "jm")
@@ -284,7 +287,10 @@ def demo(rows: int = typer.Option(2000, help="rows in the demo batch"),
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the temporary server's telemetry
     os.environ.setdefault("DO_NOT_TRACK", "1")  # Prefect's client-side analytics and its first-run notice
+    from alya import reaper
     from alya.demo import run_demo
+
+    reaper.notice_shown = True  # the demo says what it starts itself
 
     t = time.perf_counter()
     ok = run_demo(rows, _console(), row_ms=row_ms)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import make_url
 
-from alya import names, validate
+from alya import names, reaper, validate
 from alya.batches import copy_rows, insert_batch, insert_record, notify_work
 from alya.cache import StatusCache
 from alya.dispatch import Dispatcher
@@ -279,7 +279,7 @@ class JobManager:
 
         Without PREFECT_API_URL, Prefect runs a temporary server for this process; a watchdog process ends
         it if this process is killed (``alya.reaper``). Long-running workers belong on a Prefect server."""
-        if guard_ephemeral_server():
+        if guard_ephemeral_server() and not reaper.notice_shown:
             get_logger().warning("prefect_ephemeral_api", advice="PREFECT_API_URL is unset: this worker runs "
                                  "its own temporary Prefect server (ended by a watchdog if the worker is killed); "
                                  "point long-running workers at a Prefect server")

@@ -44,6 +44,9 @@ def uses_ephemeral_api() -> bool:
     return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
 
 
+notice_shown = False  # set by front ends (the CLI, the demo) that tell the user about the server themselves
+
+
 def guard_ephemeral_server() -> bool:
     """Start the watchdog of this process if Prefect would use its ephemeral API here (idempotent).
     Returns whether a watchdog is running for this process."""

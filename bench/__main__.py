@@ -23,6 +23,7 @@ import psycopg2
 import typer
 
 from alya import BatchInput, JobManager, JobManagerConfig
+from bench import engine_bench
 from bench.common import PG_SERVER, fresh_database, prefect_server
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
@@ -243,6 +244,8 @@ def scale(rows: int = 2000, sleep_ms: int = 20, workers: str = "1,2,4", hosts: i
         print(f"{n:>7}  {where:<28} {elapsed:>8.2f} {rps:>8.0f} {ideal:>7.0f} {rps / base:>5.2f}x "
               f"{rps / ideal:>5.0%}")
 
+
+engine_bench.register(app)  # io, latency, abort, crash
 
 if __name__ == "__main__":
     app()

@@ -19,8 +19,7 @@ import socket
 import time
 from typing import Any
 
-from alya import BatchJobResult, BatchStatus, JobManager
-from alya.batchflow import make_batch_flow
+from alya import BatchJobResult, BatchStatus, JobManager, batch_flow
 
 APP, OP = "mh", "rec"
 
@@ -55,4 +54,9 @@ class Recorder:
 
 jm = JobManager.from_env()
 jm.register_batch_processor(APP, OP, Recorder(Journal(os.environ.get("MH_JOURNAL"))))
-mh_rec_flow = make_batch_flow(jm, APP, OP)
+
+
+@batch_flow(APP, OP)
+def mh_rec_flow(batch_id: str | None = None) -> dict[str, Any]:
+    """The probe's batch type as a deployable flow."""
+    return jm.process_batches(APP, OP, batch_id)

@@ -1,0 +1,188 @@
+"""The engine benchmarks (rows, not chunks, as the unit of concurrency and visibility), each against a
+fresh database, a `prefect server start` and warm worker processes (``bench.probe``, ``jm.run()``):
+
+    python -m bench io --rows 10000 --sleep-ms 20 --workers 2 --concurrency 16   # rows/s against the ideal
+    python -m bench latency --queries 100 --workers 2                             # slow-query p50/p99/max
+    python -m bench abort --rows 20000 --sleep-ms 10 --workers 2                  # done but recorded aborted
+    python -m bench crash --rows 20000 --sleep-ms 10 --workers 2                  # calls replayed after SIGKILL
+
+"Warm": the workers are up and have each run a flow before the timed part starts (a process's first
+Prefect flow run costs seconds, which a long-running worker pays once).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+
+from alya import BatchInput, JobManager, JobManagerConfig
+from bench.common import fresh_database, prefect_server
+
+
+@contextmanager
+def _warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *args: str) -> Iterator[list[Any]]:
+    """``n`` probe workers, registered, each having run a flow (a warm-up batch, two rows per slot)."""
+    full = {**os.environ, **penv, "ALYA_DATABASE_URL": url, "ALYA_LOG_LEVEL": "warning",
+            "PREFECT_LOGGING_LEVEL": "WARNING", **env}
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.probe", url, *args], env=full) for _ in range(n)]
+    jm = JobManager(database_url=url)
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM workers")
+                if cur.fetchone()[0] >= n:  # type: ignore[index]
+                    break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("workers did not start")
+            time.sleep(0.2)
+        slots = int(env.get("ALYA_CONCURRENCY", "8"))
+        warm = jm.batch_submit("bench", "probe", {}, (BatchInput(i, {"ms": 50}) for i in range(1, 2 * n * slots + 1)))
+        while not jm.batch_status(warm).status.is_final:
+            time.sleep(0.05)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(DISTINCT doneby) FROM batchrows WHERE batch = %s", (warm,))
+            print(f"warm-up: {cur.fetchone()[0]} of {n} workers ran rows")  # type: ignore[index]
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait(60)
+        conn.close()
+        jm.close()
+
+
+def _held_batch(url: str, rows: int, sleep_ms: float) -> tuple[JobManager, str]:
+    jm = JobManager(database_url=url, config=JobManagerConfig(batchrowmax=max(rows, 1)))  # type: ignore[call-arg]
+    bid = jm.batch_submit("bench", "probe", {}, (BatchInput(i, {"ms": sleep_ms}) for i in range(1, rows + 1)),
+                          wait=True)
+    return jm, bid
+
+
+def _until_final(jm: JobManager, bid: str, every: float = 0.02) -> float:
+    t = time.perf_counter()
+    while not jm.batch_status(bid).status.is_final:
+        time.sleep(every)
+    return time.perf_counter() - t
+
+
+def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: int = 16) -> None:
+    """I/O-bound rows (each sleeps SLEEP_MS): rows/s against the ideal workers x concurrency x 1000/ms."""
+    with fresh_database() as url, prefect_server() as penv, \
+            _warm_workers(url, penv, workers, {"ALYA_CONCURRENCY": str(concurrency)}):
+        jm, bid = _held_batch(url, rows, sleep_ms)
+        t = time.perf_counter()
+        jm.wait_off(bid)
+        _until_final(jm, bid)
+        elapsed = time.perf_counter() - t
+        s = jm.batch_status(bid)
+        jm.close()
+    ideal = workers * concurrency * 1000 / sleep_ms
+    rate = rows / elapsed
+    print(f"io  {rows} rows x {sleep_ms:g} ms, {workers} workers x concurrency {concurrency}: {elapsed:.2f} s = "
+          f"{rate:.0f} rows/s; ideal {ideal:.0f} rows/s; ratio {rate / ideal:.2f}  (status {s.status.value}, "
+          f"nsuccess {s.nsuccess})")
+
+
+def latency(queries: int = 100, workers: int = 2, poll_ms: float = 1.0) -> None:
+    """Slow queries with an instant processor, one after another, against warm workers: time from submit
+    until slowquery_done reports a final status (polled every POLL_MS)."""
+    with fresh_database() as url, prefect_server() as penv, _warm_workers(url, penv, workers, {}):
+        jm = JobManager(database_url=url)
+        took = []
+        for i in range(queries + 5):
+            t = time.perf_counter()
+            req = jm.slowquery_submit("bench", "query", {}, {"q": i})
+            while not jm.slowquery_done(req).status.is_final:
+                time.sleep(poll_ms / 1000)
+            if i >= 5:  # the first few are the warm-up of the query type's flow run
+                took.append((time.perf_counter() - t) * 1000)
+        jm.close()
+    took.sort()
+    p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
+    print(f"latency  {queries} slow queries, {workers} warm workers: p50 {statistics.median(took):.1f} ms, "
+          f"p99 {p99:.1f} ms, max {took[-1]:.1f} ms")
+
+
+def _ended(log: str) -> list[tuple[int, int, int]]:
+    try:
+        with open(log) as fh:
+            return [(int(p[1]), int(p[2]), int(p[3])) for p in (ln.split() for ln in fh) if len(p) == 4]
+    except FileNotFoundError:
+        return []
+
+
+def abort(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int = 2000) -> None:
+    """Abort a running batch once AFTER rows were processed: how many rows whose processor call had
+    returned end up recorded `aborted` (and how many kept their results)."""
+    log = tempfile.mktemp(prefix="alya-bench-abort-")
+    with fresh_database() as url, prefect_server() as penv, \
+            _warm_workers(url, penv, workers, {}, "--log", log):
+        os.unlink(log)
+        jm, bid = _held_batch(url, rows, sleep_ms)
+        jm.wait_off(bid)
+        while len(_ended(log)) < after:
+            time.sleep(0.005)
+        summary = jm.batch_abort(bid)
+        time.sleep(3.0)  # the workers' last write-backs (within a flush) and their in-flight rows
+        s = jm.batch_status(bid)
+        conn = psycopg2.connect(url)
+        with conn.cursor() as cur:
+            cur.execute("SELECT line, status::text FROM batchrows WHERE batch = %s", (bid,))
+            status = dict(cur.fetchall())
+        conn.close()
+        jm.close()
+    returned = {line for line, _, _ in _ended(log)}
+    lost = sum(1 for line in returned if status[line] == "aborted")
+    print(f"abort  after {after} rows of {sleep_ms:g} ms, {workers} workers: {len(returned)} calls returned; "
+          f"{lost} of them recorded aborted (done but aborted); at the abort nsuccess {summary.nsuccess}, "
+          f"finally {s.nsuccess} success, {s.naborted} aborted")
+    os.unlink(log)
+
+
+def crash(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int = 2000) -> None:
+    """SIGKILL one of the workers once AFTER rows were processed; the others (and recovery after
+    ALYA_RECOVERY_SEC=5) finish the batch: how many processor calls were made twice."""
+    log = tempfile.mktemp(prefix="alya-bench-crash-")
+    with fresh_database() as url, prefect_server() as penv, \
+            _warm_workers(url, penv, workers, {"ALYA_RECOVERY_SEC": "5"}, "--log", log) as procs:
+        os.unlink(log)
+        jm, bid = _held_batch(url, rows, sleep_ms)
+        jm.wait_off(bid)
+        while len(_ended(log)) < after:
+            time.sleep(0.005)
+        victim = procs[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        took = _until_final(jm, bid, every=0.1)
+        s = jm.batch_status(bid)
+        jm.close()
+    ended = _ended(log)
+    calls = Counter(line for line, _, _ in ended)
+    replayed = sum(n - 1 for n in calls.values() if n > 1)
+    by_victim = sum(1 for _, pid, _ in ended if pid == victim.pid)
+    print(f"crash  {rows} rows of {sleep_ms:g} ms, {workers} workers, SIGKILL of one after {after} rows: "
+          f"{replayed} calls replayed (the victim had finished {by_victim}); batch {s.status.value} "
+          f"({s.nsuccess} success) {took:.1f} s after the kill; {len(calls)} distinct rows called")
+    os.unlink(log)
+
+
+def register(app: Any) -> None:
+    for fn in (io, latency, abort, crash):
+        app.command()(fn)
+
