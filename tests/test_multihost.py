@@ -198,8 +198,10 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
     from prefect.client.orchestration import get_client
 
     bank = _bank()
+    # Two rows at a time per flow run: the big batch (30 s of work for one run) outlasts the ~3 s it takes
+    # the other hosts' workers to start their flow-run subprocesses.
     settings = {"ALYA_DISPATCH": "prefect", "ALYA_OBJECT_STORE_URL": s3_url, "ALYA_BATCHCHUNK_NROWS": str(CHUNK),
-                "ALYA_WORKER_THREADS": "2", "ALYA_RECOVERY_SEC": str(RECOVERY_SEC)}
+                "ALYA_WORKER_THREADS": "2", "ALYA_RECOVERY_SEC": str(RECOVERY_SEC), "ALYA_CONCURRENCY": "2"}
     workers = start_prefect_workers(cluster, pool, mhdb, settings)
     url = cluster.database_url(mhdb)
     with prefect_api(cluster.api_url), get_client(sync_client=True) as client:
@@ -210,7 +212,7 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
             txns, opening = bank.make_transactions(300, naccounts=8, seed=11)
             bank.open_accounts(url, opening)
             t0 = time.monotonic()
-            probes = {submit_probe(jm, "big", 1200, 20): ("big", 1200)}
+            probes = {submit_probe(jm, "big", 1200, 50): ("big", 1200)}
             # A dispatched batch is served by one flow run at a time; more hosts join a large batch through
             # more runs of its deployment without a batch_id (each serves any batch of its type).
             dep = client.read_deployment_by_name("alya-mh-rec/alya")
