@@ -160,3 +160,18 @@ def test_list_batches_uses_the_app_op_reqat_index(loaded: dict[str, Any], op: st
     nodes = explain(loaded["conn"], "list_batches", app="app3", op=op, type="B", age_days=7)
     assert "batches_app_op_reqat" in indexes(nodes), nodes
     assert "batches" not in seq_scans(nodes)
+
+
+def test_write_results_finds_the_rows_by_the_inprog_index_or_by_line(loaded: dict[str, Any]) -> None:
+    """The write-back must reach its rows through the partial index of in-progress rows or the primary key
+    per line, never by reading every row of the batch (that made 200k-row batches 10x slower)."""
+    import time
+
+    lines = list(range(1, 11))
+    nodes = explain(loaded["conn"], "write_results", batch=loaded["running"], worker="w", lines=lines,
+                    attempts=[0] * 10, statuses=["success"] * 10, res=[None] * 10, messages=[None] * 10,
+                    blobrows=[None] * 10, delays=[0.0] * 10, finished=[time.time()] * 10)
+    scans = [n for n in nodes if n.get("Relation Name") == "batchrows" and "Scan" in n["Node Type"]]
+    assert scans and "batchrows" not in seq_scans(nodes)
+    for n in scans:
+        assert n.get("Index Name") == "batchrows_inprog" or "line" in n.get("Index Cond", ""), n

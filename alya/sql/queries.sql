@@ -121,6 +121,7 @@ WITH b AS (
                          %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[], %(finished)s::float8[])
          AS v(line, attempts, status, res, messages, blobrows, delay, finished)
 ), w AS (
+    -- the usual case: rows still inprog under this worker (the partial index of inprog rows finds them)
     UPDATE batchrows r
     SET status = v.status::batch_status,
         res = v.res::jsonb,
@@ -129,22 +130,31 @@ WITH b AS (
         doneat = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
         doneby = CASE WHEN v.status = 'queued' THEN NULL ELSE r.doneby END,
         notbefore = CASE WHEN v.status = 'queued' THEN now() + make_interval(secs => v.delay) END
+    FROM v
+    WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.doneby = %(worker)s
+      AND r.attempts = v.attempts
+    RETURNING v.status AS new
+), late AS (
+    -- after an abort only (a one-time filter: otherwise not even planned into a scan): rows whose call
+    -- returned before the abort committed get their results; a requeue (fault) is not a result
+    UPDATE batchrows r
+    SET status = v.status::batch_status, res = v.res::jsonb, messages = v.messages::jsonb,
+        blobrows = v.blobrows::jsonb, doneat = now()
     FROM v, b
-    WHERE r.batch = b.id AND r.line = v.line AND r.doneby = %(worker)s AND r.attempts = v.attempts
-      AND (r.status = 'inprog'
-           OR (r.status = 'aborted' AND b.status = 'aborted' AND v.status <> 'queued'
-               AND to_timestamp(v.finished) <= b.doneat))
-    RETURNING v.status AS new, b.status = 'aborted' AS late
+    WHERE (SELECT status FROM b) = 'aborted'
+      AND r.batch = %(batch)s AND r.line = v.line AND r.status = 'aborted' AND r.doneby = %(worker)s
+      AND r.attempts = v.attempts AND v.status <> 'queued' AND to_timestamp(v.finished) <= b.doneat
+    RETURNING v.status AS new
 ), fix AS (
-    UPDATE batches SET nsuccess = nsuccess + (SELECT count(*) FROM w WHERE late AND new = 'success'),
-                       nfailed = nfailed + (SELECT count(*) FROM w WHERE late AND new = 'failed'),
-                       naborted = naborted - (SELECT count(*) FROM w WHERE late),
+    UPDATE batches SET nsuccess = nsuccess + (SELECT count(*) FROM late WHERE new = 'success'),
+                       nfailed = nfailed + (SELECT count(*) FROM late WHERE new = 'failed'),
+                       naborted = naborted - (SELECT count(*) FROM late),
                        ver = ver + 1
-    WHERE id = %(batch)s AND EXISTS (SELECT 1 FROM w WHERE late)
+    WHERE id = %(batch)s AND EXISTS (SELECT 1 FROM late)
     RETURNING ver
 )
-SELECT (SELECT status::text FROM b), (SELECT count(*) FROM w), (SELECT count(*) FROM w WHERE late),
-       (SELECT ver FROM fix);
+SELECT (SELECT status::text FROM b), (SELECT count(*) FROM w) + (SELECT count(*) FROM late),
+       (SELECT count(*) FROM late), (SELECT ver FROM fix);
 
 -- name: batch_statuses
 SELECT id, status::text FROM batches WHERE id = ANY(%(ids)s::uuid[]);
