@@ -242,8 +242,13 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
                     engine.stopping.wait(max(1.0, cfg.poll_sec))
                     continue
                 worked = worked or bool(result["nrows"] or result["summarised"])
-            if stop_when_idle and not worked and not engine.open_work(types):
-                break
+            try:
+                if stop_when_idle and not worked and not engine.open_work(types):
+                    break
+            except AlyaError as exc:  # an outage: a worker asked to stop when idle waits it out too
+                log.error("worker_loop_failed", error=str(exc), note="waiting for the database")
+                engine.stopping.wait(max(1.0, cfg.poll_sec))
+                continue
             if not worked:
                 engine.wait_for_work(cfg.poll_sec)  # woken at once when work is queued
     finally:

@@ -158,8 +158,9 @@ def batch_id(value: Any) -> str:
 
 
 def file_name(name: Any) -> str:
-    """Output file names become object keys: keep them to a safe alphabet."""
-    if not isinstance(name, str) or not _FILE.fullmatch(name) or ".." in name:
+    """Output file names become object keys (and local paths): keep them to a safe alphabet, and refuse
+    names a file system reads as a directory (``.``, ``..``): a summary could never store them."""
+    if not isinstance(name, str) or not _FILE.fullmatch(name) or ".." in name or name == ".":
         raise InvalidInput(f"unsafe output file name: {name!r}")
     return name
 

@@ -50,12 +50,18 @@ def _warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *
                 raise RuntimeError("workers did not start")
             time.sleep(0.2)
         slots = int(env.get("ALYA_CONCURRENCY", "8"))
-        warm = jm.batch_submit("bench", "probe", {}, (BatchInput(i, {"ms": 50}) for i in range(1, 2 * n * slots + 1)))
-        while not jm.batch_status(warm).status.is_final:
-            time.sleep(0.05)
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(DISTINCT doneby) FROM batchrows WHERE batch = %s", (warm,))
-            print(f"warm-up: {cur.fetchone()[0]} of {n} workers ran rows")  # type: ignore[index]
+        ran: set[str] = set()
+        for _ in range(20):  # until every worker has run a flow (each picks up work at its own pace)
+            warm = jm.batch_submit("bench", "probe", {},
+                                   (BatchInput(i, {"ms": 200}) for i in range(1, 2 * n * slots + 1)))
+            while not jm.batch_status(warm).status.is_final:
+                time.sleep(0.05)
+            with conn.cursor() as cur:
+                cur.execute("SELECT DISTINCT split_part(doneby, ':', 2) FROM batchrows WHERE batch = %s", (warm,))
+                ran |= {r[0] for r in cur.fetchall()}
+            if len(ran) >= n:
+                break
+        print(f"warm-up: {len(ran)} of {n} workers ran rows")
         yield procs
     finally:
         for p in procs:
@@ -133,7 +139,7 @@ def abort(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int
     log = tempfile.mktemp(prefix="alya-bench-abort-")
     with fresh_database() as url, prefect_server() as penv, \
             _warm_workers(url, penv, workers, {}, "--log", log):
-        os.unlink(log)
+        open(log, "w").close()  # the warm-up's calls out (truncated in place: the workers keep appending)
         jm, bid = _held_batch(url, rows, sleep_ms)
         jm.wait_off(bid)
         while len(_ended(log)) < after:
@@ -161,7 +167,7 @@ def crash(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int
     log = tempfile.mktemp(prefix="alya-bench-crash-")
     with fresh_database() as url, prefect_server() as penv, \
             _warm_workers(url, penv, workers, {"ALYA_RECOVERY_SEC": "5"}, "--log", log) as procs:
-        os.unlink(log)
+        open(log, "w").close()  # the warm-up's calls out (truncated in place: the workers keep appending)
         jm, bid = _held_batch(url, rows, sleep_ms)
         jm.wait_off(bid)
         while len(_ended(log)) < after:

@@ -278,3 +278,33 @@ def test_one_warm_flow_run_serves_a_stream_of_slow_queries(prefect_harness: None
         jm.engine.stopping.set()
         worker.join(30)
         jm.close()
+
+
+def test_system_exit_from_a_processor_is_a_fault(jm: JobManager) -> None:
+    """A processor calling sys.exit() (or raising SystemExit) does not end the worker nor give its
+    attempt back: it is a fault like any other, retried, then failed."""
+    import sys as _sys
+
+    def hook(line: int, input: dict[str, Any]) -> None:
+        if line == 2:
+            _sys.exit(3)
+
+    jm.register_batch_processor("rows", "exit", Proc(hook))
+    bid = jm.batch_submit("rows", "exit", {}, rows(3))
+    for _ in range(jm.config.max_attempts):
+        jm.engine.process_chunk("rows", "exit")
+    d = jm.batch_done(bid)
+    assert d.status is BatchStatus.FAILED and d.rows is not None
+    assert [r.status.value for r in d.rows] == ["success", "failed", "success"]
+    assert "SystemExit" in str(d.rows[1].messages[0].vals)
+
+
+def test_an_output_file_named_dot_is_a_row_fault(jm: JobManager) -> None:
+    """A blob row for a file named "." could never be stored (a directory): the row is refused as a fault,
+    and the batch still finishes."""
+    jm.register_batch_processor("rows", "dot", Proc())
+    bid = jm.batch_submit("rows", "dot", {}, [(1, {"blobs": {".": "x"}}), (2, {"blobs": {"ok.txt": "y"}})])
+    for _ in range(jm.config.max_attempts):
+        jm.engine.process_chunk("rows", "dot")
+    d = jm.batch_done(bid)
+    assert d.status is BatchStatus.FAILED and list(d.outputfiles) == ["ok.txt"]
