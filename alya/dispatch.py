@@ -202,15 +202,28 @@ class Dispatcher:
         return forced
 
     def redispatch_idle(self) -> list[str]:
-        """Queued/in-progress batches with no live flow run get one (at most one per batch and minute)."""
+        """Queued/in-progress batches that no flow run serves get one (at most one per batch and minute):
+        those with no live run, and stalled ones, whose rows wait to be claimed while no live worker holds
+        any of them although their runs have been Running for over ALYA_RECOVERY_SEC (a run whose machine
+        was lost stays Running in Prefect; its rows come back to the queue, and nothing would claim them)."""
         try:
-            live_batches = {b for r in self.active_runs() for t in (r.tags or [])
-                            if (b := names.batch_of_tag(t)) is not None}
+            runs: dict[str, list[Any]] = {}
+            for r in self.active_runs():
+                for t in r.tags or []:
+                    if (b := names.batch_of_tag(t)) is not None:
+                        runs.setdefault(b, []).append(r)
         except Exception as exc:
             get_logger().warning("sweeper_prefect_unreachable", error=_err(exc))
             return []
         with self.store.tx() as tx:
             open_batches = tx.all("open_batches_all")
+            stalled = {str(b) for (b,) in tx.all("stalled_batches", sec=self.config.recovery_sec)}
+        live_batches = {b for b, rs in runs.items()
+                        if not (b in stalled and all(self._running_long(r) for r in rs))}
+        for b in stalled - live_batches:
+            if b in runs:
+                get_logger().warning("batch_stalled_redispatch", batch=b, runs=[str(r.id) for r in runs[b]],
+                                     note="its runs show Running but no live worker holds its rows")
         minute = int(time.time() // 60)
         started: list[str] = []
         deployed: set[str] = set()  # each type's deployment is looked up once per sweep, not once per batch
@@ -229,6 +242,11 @@ class Dispatcher:
             get_logger().warning("sweeper_no_deployment", deployment=name, open_batches=n,
                                  note="serve or deploy it, or run jm.run workers for this batch type")
         return started
+
+    def _running_long(self, run: Any) -> bool:
+        started = getattr(run, "start_time", None)
+        return _state_type(run) == "RUNNING" and started is not None and \
+            _age_sec(started) >= self.config.recovery_sec
 
     def _deployed(self, name: str) -> bool:
         from prefect.exceptions import ObjectNotFound

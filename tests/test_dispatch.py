@@ -213,3 +213,27 @@ def test_abort_with_prefect_down_still_aborts(djm: JobManager, deployment_id: uu
         s = djm.batch_abort(bid)
     assert s.status is BatchStatus.ABORTED and s.naborted == 2
     assert [e["batch"] for e in logs if e["event"] == "cancel_failed"] == [bid]
+
+
+def test_sweeper_redispatches_a_batch_whose_running_run_is_lost(djm: JobManager, deployment_id: uuid.UUID) -> None:
+    """A dispatched run whose machine was lost stays Running in Prefect; once its rows are back in the
+    queue (recovery) and no live worker holds any, the sweeper gives the batch a fresh run; a batch whose
+    rows a live worker holds is left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending, Running
+
+    lost = djm.batch_submit(APP, OP, {}, rows(3))
+    busy = djm.batch_submit(APP, OP, {}, rows(3))
+    with get_client(sync_client=True) as client:
+        for bid in (lost, busy):
+            (run,) = runs_of(bid)
+            client.set_flow_run_state(run.id, Pending(), force=True)
+            client.set_flow_run_state(run.id, Running(), force=True)
+    djm.engine.start()
+    held = djm.engine._claim(APP, OP, "B", busy)  # a live worker holds busy's rows
+    assert held is not None
+    sweeper = Dispatcher(make_config(dispatch="prefect", recovery_sec=1), djm.store)
+    assert sweeper.redispatch_idle() == []  # Running for less than ALYA_RECOVERY_SEC: let it be
+    time.sleep(1.2)
+    assert sweeper.redispatch_idle() == [lost]
+    assert len(runs_of(lost)) == 2 and len(runs_of(busy)) == 1

@@ -252,6 +252,17 @@ INSERT INTO batchrows (batch, line, input) VALUES (%(batch)s, %(line)s, %(input)
 -- name: open_batches_all
 SELECT id, app, op FROM batches WHERE status IN ('queued', 'inprog') ORDER BY reqat LIMIT 1000;
 
+-- name: stalled_batches
+-- Open batches with rows to claim now and none in progress under a live worker: if Prefect still shows a
+-- run of theirs as Running (for longer than recovery), that run is not working on them (its machine is lost).
+SELECT b.id FROM batches b
+WHERE b.status IN ('queued', 'inprog')
+  AND EXISTS (SELECT 1 FROM batchrows r
+              WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
+  AND NOT EXISTS (SELECT 1 FROM batchrows r JOIN workers w ON w.id = r.doneby
+                  WHERE r.batch = b.id AND r.status = 'inprog'
+                    AND w.lastseen > now() - make_interval(secs => %(sec)s));
+
 -- name: next_claimable_in
 -- Seconds until the batch's first queued row may be claimed (rows wait out a retry delay); NULL: none.
 SELECT extract(epoch FROM min(coalesce(notbefore, now())) - now())::float8
