@@ -474,8 +474,7 @@ def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: 
             assert all(per_row[ln] == 1 for ln in once), {ln: per_row[ln] for ln in once if per_row[ln] != 1}
             # a stranded row: its discarded call on the cut-off host, and the one whose result was written
             assert all(1 <= per_row[ln] <= 2 for (_, ln) in stranded)
-            if stalled:
-                pytest.xfail(stalled)
+            assert not stalled, stalled  # the sweeper re-dispatches a batch whose Running run is lost
         finally:
             if victim is not None and victim.is_cut():
                 victim.restore()
