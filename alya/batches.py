@@ -13,6 +13,7 @@ from alya import names
 from alya.errors import InvalidInput, InvalidState
 from alya.ingest import COPY_ROWS, CopyStream
 from alya.models import BatchStatus
+from alya.records import BatchKeyed
 from alya.store import Tx, json_text
 
 
@@ -42,7 +43,7 @@ def insert_batch(tx: Tx, app: str, op: str, context: dict[str, Any], pairs: Iter
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
     n = copy_rows(tx, batch_id, pairs, max_rows)
-    ver = tx.one("set_nrows_status", id=batch_id, nrows=n, status=status.value)[0]  # type: ignore[index]
+    ver = tx.value("set_nrows_status", id=batch_id, nrows=n, status=status.value)
     if status is BatchStatus.QUEUED:
         notify_work(tx, app, op)
     return NewBatch(batch_id, app, op, status, n, int(ver))
@@ -63,10 +64,10 @@ def insert_record(tx: Tx, key: str | None, **batch: Any) -> str | None:
     for _ in range(3):
         if tx.one("insert_batch_keyed", key=key, **batch) is not None:
             return None
-        found = tx.one("batch_by_key", app=batch["app"], key=key)
+        found: BatchKeyed | None = tx.record(BatchKeyed, "batch_by_key", app=batch["app"], key=key)
         if found is None:
             continue  # the holder of the key was deleted meanwhile: try to take it again
-        first, op, type_ = found
+        first, op, type_ = found.id, found.op, found.type
         if (op, type_) != (batch["op"], batch["type"]):
             kind = "a slow query" if type_ == "Q" else "a batch"
             raise InvalidInput(f"idempotency_key {key!r} of app {batch['app']} was already used by {kind} "

@@ -176,7 +176,7 @@ class JobManager:
             n = copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec.nrows)
             total = rec.nrows + n
             status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
-            ver = tx.one("set_nrows_status", id=batch_id, nrows=total, status=status.value)[0]  # type: ignore[index]
+            ver = tx.value("set_nrows_status", id=batch_id, nrows=total, status=status.value)
             if not wait:
                 notify_work(tx, rec.app, rec.op)
         if not wait:
@@ -194,7 +194,7 @@ class JobManager:
                 return rec, None
             if rec.status is not BatchStatus.WAIT:
                 raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
-            ver = tx.one("wait_off", id=batch_id)[0]  # type: ignore[index]
+            ver = tx.value("wait_off", id=batch_id)
             notify_work(tx, rec.app, rec.op)
             return rec, ver
 
@@ -243,7 +243,7 @@ class JobManager:
             if first is not None:
                 return first, 0
             tx.run("insert_row", batch=req_id, line=0, input=data)
-            ver = tx.one("set_nrows_status", id=req_id, nrows=1, status="queued")[0]  # type: ignore[index]
+            ver = tx.value("set_nrows_status", id=req_id, nrows=1, status="queued")
             notify_work(tx, app, op)
             return None, ver
 
@@ -369,7 +369,7 @@ class JobManager:
             n_aborted_now = tx.run("abort_rows", id=batch_id)
             tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.abort_payload(batch_id))
             counts = row_counts(tx, batch_id)
-            ver, _ = tx.one(  # type: ignore[misc]
+            ver = tx.value(
                 "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
                 nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}",
             )

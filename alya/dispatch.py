@@ -28,6 +28,7 @@ from typing import Any
 
 from alya import names
 from alya.logs import get_logger
+from alya.records import BatchRef
 from alya.settings import JobManagerConfig
 from alya.store import Store
 
@@ -216,8 +217,8 @@ class Dispatcher:
             get_logger().warning("sweeper_prefect_unreachable", error=_err(exc))
             return []
         with self.store.tx() as tx:
-            open_batches = tx.all("open_batches_all")
-            stalled = {str(b) for (b,) in tx.all("stalled_batches", sec=self.config.recovery_sec)}
+            open_batches: list[BatchRef] = tx.records(BatchRef, "open_batches_all")
+            stalled = {str(b) for b in tx.column("stalled_batches", sec=self.config.recovery_sec)}
         live_batches = {b for b, rs in runs.items()
                         if not (b in stalled and all(self._running_long(r) for r in rs))}
         for b in stalled - live_batches:
@@ -228,7 +229,8 @@ class Dispatcher:
         started: list[str] = []
         deployed: set[str] = set()  # each type's deployment is looked up once per sweep, not once per batch
         undeployed: dict[str, int] = {}
-        for batch, app, op in open_batches:
+        for ref in open_batches:
+            batch, app, op = ref.id, ref.app, ref.op
             if str(batch) in live_batches:
                 continue
             name = self.deployment_name(app, op)

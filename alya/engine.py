@@ -41,7 +41,7 @@ from alya.finishing import Finisher
 from alya.logs import get_logger, run_logger, status_change
 from alya.models import BatchStatus
 from alya.outcomes import Outcome, accepted, fault
-from alya.records import ClaimedRow, OpenBatch
+from alya.records import BatchKind, BatchState, ClaimedRow, OpenBatch, WriteResult
 from alya.registry import Registration
 from alya.rowpool import Job, RowPool
 from alya.services import Services
@@ -222,19 +222,19 @@ class Engine:
         waiting = {app for app, (n, at) in list(self._init_failures.items()) if n and now < at}
         kinds = self._kinds([t for t in types if t[0] not in waiting])
         with self.svc.store.tx() as tx:
-            open_types = {(a, o, t) for a, o, t in tx.all("claimable_batch_types")}
+            open_types = {(k.app, k.op, k.type) for k in tx.records(BatchKind, "claimable_batch_types")}
         return [t for k, t in kinds.items() if k in open_types]
 
     def open_work(self, types: list[tuple[str, str]]) -> bool:
         keys = ["/".join(k) for k in self._kinds(types)]
         with self.svc.store.tx() as tx:
-            return bool(tx.one("open_work_exists", types=keys)[0])  # type: ignore[index]
+            return bool(tx.value("open_work_exists", types=keys))
 
     def next_claimable_in(self, batch_id: str) -> float | None:
         """Seconds until a queued row of the batch may be claimed (0: now); None when none is queued."""
         with self.svc.store.tx() as tx:
-            row = tx.one("next_claimable_in", id=batch_id)
-        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+            wait = tx.value("next_claimable_in", id=batch_id)
+        return None if wait is None else max(0.0, float(wait))
 
     def wait_for_work(self, timeout: float) -> bool:
         """Sleep until work is notified (True), ``timeout`` passes or the worker stops (False)."""
@@ -409,7 +409,7 @@ class Engine:
                     self._check_aborts(group, log)
                 continue
             try:
-                status, written, late, ver = self._write(group[0], outcomes, log)
+                res = self._write(group[0], outcomes, log)
             except AlyaError:
                 for c in group:  # _write gave the rows back (or retired this identity): drop the claims
                     c.cancelled = c.lost = True
@@ -419,12 +419,12 @@ class Engine:
             report.nsuccess += statuses.count("success")
             report.nfailed += statuses.count("failed")
             report.nretry += statuses.count("queued")
-            if written < len(outcomes):  # recovered from under us, or aborted: those answers are dropped
-                log.warning("results_discarded", batch=batch, rows=len(outcomes) - written, written=written)
-            if status == BatchStatus.ABORTED.value:
+            if res.written < len(outcomes):  # recovered from under us, or aborted: those answers are dropped
+                log.warning("results_discarded", batch=batch, rows=len(outcomes) - res.written, written=res.written)
+            if res.status == BatchStatus.ABORTED.value:
                 self._aborted_seen(group, log)
-                if late:
-                    log.info("results_kept_after_abort", batch=batch, rows=late)
+                if res.late:
+                    log.info("results_kept_after_abort", batch=batch, rows=res.late)
             else:
                 lines = [o.line for o in outcomes]
                 log.info("rows_written", batch=batch, rows=len(outcomes), success=statuses.count("success"),
@@ -432,7 +432,7 @@ class Engine:
                          first_line=min(lines), last_line=max(lines))
                 self._refresh_progress(group[0])
 
-    def _write(self, claimed: Claimed, outcomes: list[Outcome], log: Any) -> tuple[str | None, int, int, Any]:
+    def _write(self, claimed: Claimed, outcomes: list[Outcome], log: Any) -> WriteResult:
         """The write-back statement. Idempotent (only rows still held at the claimed attempt change), so it
         is simply repeated through a short outage. If it cannot be written, the rows are given back; if
         even that fails, this worker drops its identity, and recovery requeues the rows as it does for a
@@ -444,14 +444,14 @@ class Engine:
         for attempt in range(1, WRITE_TRIES + 1):
             try:
                 with self.svc.store.tx() as tx:
-                    status, written, late, ver = tx.one("write_results", batch=claimed.batch,  # type: ignore[misc]
-                                                        worker=claimed.worker, **params)
+                    res: WriteResult = tx.record(WriteResult, "write_results", batch=claimed.batch,
+                                                 worker=claimed.worker, **params)
                     if any(o.status == "queued" for o in outcomes):  # retries become claimable later
                         tx.one("notify_work", channel=names.WORK_CHANNEL,
                                payload=names.work_payload(claimed.app, claimed.op))
-                if late:  # results kept past an abort changed the final counts: re-cache them
+                if res.late:  # results kept past an abort changed the final counts: re-cache them
                     self.finisher.refresh_summary(claimed.batch)
-                return status, int(written), int(late), ver
+                return res
             except AlyaError as exc:
                 log.warning("write_failed", batch=claimed.batch, attempt=attempt, error=str(exc))
                 if attempt == WRITE_TRIES:
@@ -469,7 +469,9 @@ class Engine:
             return
         try:
             with self.svc.store.tx() as tx:
-                statuses = {str(b): st for b, st in tx.all("batch_statuses", ids=list({c.batch for c in open_claims}))}
+                states: list[BatchState] = tx.records(BatchState, "batch_statuses",
+                                                      ids=list({c.batch for c in open_claims}))
+            statuses = {s.id: s.status for s in states}
         except AlyaError as exc:
             log.warning("abort_check_failed", error=str(exc))
             return
@@ -492,10 +494,10 @@ class Engine:
         with self.svc.store.tx() as tx:
             for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
                 batch, ver = ob.id, ob.ver
-                if ob.status is BatchStatus.QUEUED and (bumped := tx.one("batch_to_inprog", batch=batch)) is not None:
+                if ob.status is BatchStatus.QUEUED and (bumped := tx.value("batch_to_inprog", batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
-                    ver = int(bumped[0])
+                    ver = int(bumped)
                     moved.append((batch, ver))
                 after = self._claim_hint.get(batch, 0)
                 rows: list[ClaimedRow] = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker,
@@ -582,7 +584,7 @@ class Engine:
         with self.svc.store.tx() as tx:
             if after is not None and tx.one("queued_after", id=batch, after=after) is not None:
                 return False
-            return not tx.one("has_open_rows", id=batch)[0]  # type: ignore[index]
+            return not tx.value("has_open_rows", id=batch)
 
     def summarise(self, batch_id: str) -> bool:
         """Finish the batch if all its rows are final (exactly once), then call its mark_done."""

@@ -32,7 +32,7 @@ class Finisher:
             rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
             if rec is None:
                 return False
-            if tx.one("has_open_rows", id=batch_id)[0]:  # type: ignore[index]
+            if tx.value("has_open_rows", id=batch_id):
                 return False
             counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
             status = counts.final_status
@@ -46,7 +46,7 @@ class Finisher:
                     outputfiles = svc.objects.write_files(prefix, (b for (b,) in blobrows))
                 finally:
                     blobrows.close()  # the server-side cursor, while its transaction is still open
-            ver, _ = tx.one("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,  # type: ignore[misc]
+            ver = tx.value("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,
                             nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles))
         status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
                       nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles))

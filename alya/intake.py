@@ -156,7 +156,7 @@ class Intake:
         with self.store.tx() as tx:
             if wait:
                 tx.one("lock_file", url=info.url)
-            elif not tx.one("try_lock_file", url=info.url)[0]:  # type: ignore[index]
+            elif not tx.value("try_lock_file", url=info.url):
                 return None
             rec: FileRecord | None = tx.record(FileRecord, "get_file", url=info.url, size=info.size,
                                                version=info.version)

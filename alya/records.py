@@ -163,3 +163,67 @@ class FileRecord:
         return FileIntake(url=self.dest if moved and self.dest else self.url, filetype=self.filetype,
                           status=self.status, batch_id=self.batch, size=self.size, error=self.error,
                           reqat=self.reqat, source=self.url, nrows=self.nrows, moved=moved)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What a write-back did: the batch's status (an abort check), rows written, of those rows written
+    after an abort (kept results), and the batch's new version when that moved its counts."""
+
+    status: str | None
+    written: int
+    late: int
+    ver: int | None
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> WriteResult:
+        return cls(row[0], int(row[1]), int(row[2]), row[3])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRef:
+    """A batch by id and type (app, op): what the sweeper dispatches."""
+
+    id: str
+    app: str
+    op: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchRef:
+        return cls(str(row[0]), row[1], row[2])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKind:
+    """A batch type and kind (B batch, Q slow query) with work to claim."""
+
+    app: str
+    op: str
+    type: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchKind:
+        return cls(row[0], row[1], row[2])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchState:
+    id: str
+    status: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchState:
+        return cls(str(row[0]), row[1])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKeyed:
+    """The batch that first used an idempotency key."""
+
+    id: str
+    op: str
+    type: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchKeyed:
+        return cls(str(row[0]), row[1], row[2])

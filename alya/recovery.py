@@ -56,7 +56,7 @@ def cleanup(engine: Engine, types: list[tuple[str, str]] | None = None) -> Clean
             log.warning("rows_recovered", batch=batch, dead_worker=worker, new=status, rows=len(lines),
                         first_line=min(lines), last_line=max(lines))
     with svc.store.tx() as tx:
-        missed = [str(b) for (b,) in tx.all("unsummarised_batches")]
+        missed = [str(b) for b in tx.column("unsummarised_batches")]
     for batch in missed:
         try:
             if engine.summarise(batch):
@@ -65,7 +65,7 @@ def cleanup(engine: Engine, types: list[tuple[str, str]] | None = None) -> Clean
             log.error("summary_failed", batch=batch, error=str(exc))
     for app, op in types or []:
         with svc.store.tx() as tx:
-            pending = [str(b) for (b,) in tx.all("unnotified_batches", app=app, op=op)]
+            pending = [str(b) for b in tx.column("unnotified_batches", app=app, op=op)]
         for batch in pending:
             if engine.notify(batch):
                 report.notified.append(batch)

@@ -110,6 +110,15 @@ class Tx:
         row = self.one(name, **params)
         return None if row is None else kind.from_row(row)
 
+    def value(self, name: str, **params: Any) -> Any:
+        """The first column of the first row (None when there is no row): counts, versions, flags."""
+        row = self.one(name, **params)
+        return None if row is None else row[0]
+
+    def column(self, name: str, **params: Any) -> list[Any]:
+        """The first column of every row (ids, mostly)."""
+        return [r[0] for r in self.all(name, **params)]
+
     def records(self, kind: Any, name: str, **params: Any) -> list[Any]:
         return [kind.from_row(r) for r in self.all(name, **params)]
 

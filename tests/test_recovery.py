@@ -193,17 +193,17 @@ def test_late_write_while_another_worker_holds_the_rows(jm: JobManager, database
             tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
         again = other.engine._claim("rec", "held", "B", None)
         assert again is not None and len(again.rows) == 4
-        assert eng._write(old, results, eng.log)[1] == 0
+        assert eng._write(old, results, eng.log).written == 0
         assert all(s[:3] == ("inprog", 2, other.engine.worker_id) for s in states(jm, bid).values())
         # and the same worker re-claiming at a newer attempt: the old attempt's answer is refused too
         with jm.store.tx() as tx:
             tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
         newer = eng._claim("rec", "held", "B", None)
         assert newer is not None
-        assert eng._write(old, results, eng.log)[1] == 0
+        assert eng._write(old, results, eng.log).written == 0
         assert all(s[:3] == ("inprog", 3, eng.worker_id) for s in states(jm, bid).values())
         newer_results = run_claim(jm, newer)
-        assert eng._write(newer, newer_results, eng.log)[1] == 4
+        assert eng._write(newer, newer_results, eng.log).written == 4
         assert all(s[:2] == ("success", 3) for s in states(jm, bid).values())
     finally:
         other.close()
@@ -221,10 +221,10 @@ def test_results_finished_before_an_abort_are_kept(jm: JobManager) -> None:
     before, after = results[:4], results[4:]
     aborted = jm.batch_abort(bid)
     assert aborted.naborted == 6
-    status, written, late, _ = eng._write(claimed, before, eng.log)
-    assert (status, written, late) == ("aborted", 4, 4)
+    res = eng._write(claimed, before, eng.log)
+    assert (res.status, res.written, res.late) == ("aborted", 4, 4)
     after = [o._replace(finished=time.time()) for o in after]  # these returned after the abort
-    assert eng._write(claimed, after, eng.log)[1] == 0
+    assert eng._write(claimed, after, eng.log).written == 0
     st = states(jm, bid)
     assert [st[n][0] for n in sorted(st)] == ["success"] * 4 + ["aborted"] * 2
     s = jm.batch_status(bid)
