@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from alya import names
+from alya import names, validate
 from alya.dispatch import Dispatcher
 from alya.engine import Engine
 from alya.errors import AlyaError
@@ -69,6 +69,8 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
     idle run waits that long for new work before it ends, so a stream of slow queries is served by one
     warm flow run instead of a new run each."""
     cfg = engine.svc.config
+    if batch_id is not None:  # a run started from the UI with a bad parameter fails with one clear line
+        batch_id = validate.batch_id(batch_id)
     engine.start()
     progress = _Progress(engine, batch_id)
     chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")

@@ -88,6 +88,7 @@ class JobManager:
             else None
         self._engine: Engine | None = None
         self._flows: dict[tuple[str, str], Flow[..., Any]] = {}
+        self._migrated = False
         get_logger().debug("jobmanager", database=_where(database_url) if database_url else "embedded",
                            dispatch=self.config.dispatch)
 
@@ -285,6 +286,7 @@ class JobManager:
                                  "point long-running workers at a Prefect server")
         from alya.batchflow import run_worker  # Prefect is imported only by processes that run flows
 
+        self._migrate_if_asked()
         run_worker(self.engine, self._types, stop_when_idle=stop_when_idle, dispatcher=self.dispatcher)
 
     def process_batches(self, app: str, op: str, batch_id: str | None = None) -> dict[str, Any]:
@@ -292,6 +294,7 @@ class JobManager:
         ``batch_id``, or of every batch of (app, op) when None, with the processors registered here."""
         from alya.batchflow import run_batch
 
+        self._migrate_if_asked()
         return run_batch(self.engine, validate.app_name(app), validate.op_name(op), batch_id, self.dispatcher,
                          linger=0.0 if batch_id else self.config.linger_sec)
 
@@ -341,6 +344,15 @@ class JobManager:
         return self.intake.file_list(age_days)
 
     # ------------------------------------------------------------------ internals
+    def _migrate_if_asked(self) -> None:
+        """ALYA_AUTO_MIGRATE: a worker brings the schema to head before its first claim (once per process;
+        safe from many processes at once: migrations serialise on an advisory lock)."""
+        if self.config.auto_migrate and not self._migrated:
+            from alya.migrate import migrate_database
+
+            migrate_database(self.store.database_url)
+            self._migrated = True
+
     def _types(self) -> list[tuple[str, str]]:
         return [(r.app, r.op) for r in self.registry.batch_types()]
 

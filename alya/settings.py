@@ -55,6 +55,7 @@ class JobManagerConfig(_Settings):
     cancel_timeout_sec: float = Field(30.0, ge=0, description="Cancelling runs are forced Cancelled after")
     poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers (wake-ups aside)")
     done_cache_rows: int = Field(1000, ge=0, description="final batches this small cache their rows too")
+    auto_migrate: bool = Field(False, description="workers (jm.run, served flows) migrate the database on start")
 
 
 class Backends(_Settings):

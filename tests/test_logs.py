@@ -91,3 +91,32 @@ def test_alya_lines_reach_the_prefect_run_logs(prefect_harness: None, database_u
         assert not any("flow_run_id" in m for m in lines)
     finally:
         jm.close()
+
+
+def test_auto_migrate_brings_a_fresh_database_to_head(database_url: str, file_store_url: str) -> None:
+    """ALYA_AUTO_MIGRATE: a worker on a database that was never migrated migrates it before its first
+    claim (without it, the same call is a DatabaseNotMigrated saying to run `alya migrate`)."""
+    import uuid
+
+    import pytest as _pytest
+
+    from alya import DatabaseNotMigrated
+    from tests import services
+
+    name = f"alya_fresh_{uuid.uuid4().hex[:8]}"
+    services.admin_exec(f'CREATE DATABASE "{name}"')
+    url = f"{services.PG_SERVER}/{name}"
+    try:
+        plain = JobManager(database_url=url, object_store_url=file_store_url, config=make_config())
+        with _pytest.raises(DatabaseNotMigrated, match="alya migrate"):
+            plain.batch_status("00000000-0000-4000-8000-000000000001")
+        plain.close()
+        jm = JobManager(database_url=url, object_store_url=file_store_url, config=make_config(auto_migrate=True))
+        jm.register_batch_processor("logs", "mig", Proc())
+        jm.run(stop_when_idle=True)  # migrates, then finds nothing to do
+        bid = jm.batch_submit("logs", "mig", {}, [(1, {"x": 1})])
+        jm.run(stop_when_idle=True)
+        assert jm.batch_status(bid).status is BatchStatus.SUCCESS
+        jm.close()
+    finally:
+        services.drop_database(name)
