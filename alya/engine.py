@@ -41,7 +41,7 @@ from alya.finishing import Finisher
 from alya.logs import get_logger, run_logger, status_change
 from alya.models import BatchStatus
 from alya.outcomes import Outcome, accepted, fault
-from alya.records import BatchKind, BatchState, ClaimedRow, OpenBatch, WriteResult
+from alya.records import AppLoad, BatchKind, BatchState, ClaimedRow, OpenBatch, WriteResult
 from alya.registry import Registration
 from alya.rowpool import Job, RowPool
 from alya.services import Services
@@ -300,6 +300,8 @@ class Engine:
                 next_flush = now + cfg.flush_sec
                 idle = False
             done = [c for c in active if c.done]
+            if done:
+                idle = False  # rows came free (an app limit) or went back to the queue (faults): look again
             due = done + [c for c in active if not c.done and (flush_all or c.flush_due(now, cfg.flush_sec))]
             if due:
                 self._flush(due, report, log)
@@ -491,7 +493,15 @@ class Engine:
         worker = self.worker_id
         moved: list[tuple[str, int]] = []
         claimed = None
+        limit = self.svc.config.app_limits.get(app)
         with self.svc.store.tx() as tx:
+            if limit is not None:  # ALYA_APP_LIMITS: never more of the app's rows in progress, all workers together
+                total, mine, live = tx.record(AppLoad, "app_rows_in_progress", app=app, worker=worker,
+                                              sec=self.svc.config.recovery_sec).as_tuple()
+                fair = -(-limit // max(1, live))  # a fair share each, so that every live worker gets some
+                n = min(n, limit - total, fair - mine)
+                if n <= 0:
+                    return None
             for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
                 batch, ver = ob.id, ob.ver
                 if ob.status is BatchStatus.QUEUED and (bumped := tx.value("batch_to_inprog", batch=batch)) is not None:

@@ -227,3 +227,19 @@ class BatchKeyed:
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> BatchKeyed:
         return cls(str(row[0]), row[1], row[2])
+
+
+@dataclass(frozen=True, slots=True)
+class AppLoad:
+    """An app's rows in progress (all workers, and the asking one) and the live workers: for app limits."""
+
+    total: int
+    mine: int
+    live_workers: int
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> AppLoad:
+        return cls(int(row[0]), int(row[1]), int(row[2]))
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.total, self.mine, self.live_workers

@@ -6,11 +6,13 @@ raised when the settings are read (a JobManager is constructed), never later in 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from alya.errors import ConfigError, InvalidInput
 from alya.validate import file_patterns
@@ -30,6 +32,8 @@ class _Settings(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise _config_error(exc) from None
+        except SettingsError as exc:  # a variable that could not even be parsed
+            raise ConfigError(f"invalid setting: {exc}") from None
 
 
 class JobManagerConfig(_Settings):
@@ -56,6 +60,29 @@ class JobManagerConfig(_Settings):
     poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers (wake-ups aside)")
     done_cache_rows: int = Field(1000, ge=0, description="final batches this small cache their rows too")
     auto_migrate: bool = Field(False, description="workers (jm.run, served flows) migrate the database on start")
+    app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
+                                       description="most rows of an app in progress at once, across all workers")
+
+    @field_validator("app_limits", mode="before")
+    @classmethod
+    def _limits(cls, value: Any) -> Any:
+        """``bank=20,mail=5`` (or a JSON object): apps named as in submits, limits of at least 1."""
+        if isinstance(value, str) and value.strip().startswith("{"):
+            import json
+
+            value = json.loads(value)
+        elif isinstance(value, str):
+            pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ValueError("expected app=limit pairs separated by commas, e.g. bank=20,mail=5")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+        if isinstance(value, dict):
+            for app, limit in value.items():
+                if not isinstance(app, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", app):
+                    raise ValueError(f"not an app name: {app!r}")
+                if int(limit) < 1:
+                    raise ValueError(f"the limit of {app} must be at least 1")
+        return value
 
 
 class Backends(_Settings):

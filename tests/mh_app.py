@@ -44,7 +44,9 @@ class Recorder:
     def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> BatchJobResult:
         host, tag = socket.gethostname(), context.get("tag", "?")
         self.journal.write(f"call {tag} {line} {host} {os.getpid()}")
+        start = time.time_ns()  # one kernel clock for every simulated host: spans compare across hosts
         time.sleep(float(input.get("ms", 0)) / 1000)
+        self.journal.write(f"span {tag} {line} {host} {start} {time.time_ns()}")
         return BatchJobResult(BatchStatus.SUCCESS, {"host": host}, blobrows={"out.csv": f"{tag},{line}"})
 
     def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:

@@ -21,6 +21,8 @@ from tests.procs import Proc, wait_until
     ("ALYA_BATCHCHUNK_NROWS", "0", "greater than or equal to 1"),
     ("ALYA_CONCURRENCY", "many", "valid integer"),
     ("ALYA_LOG_FORMAT", "xml", "'json', 'console' or 'auto'"),
+    ("ALYA_APP_LIMITS", "bank", "app=limit pairs"),
+    ("ALYA_APP_LIMITS", "bank=0", "at least 1"),
 ])
 def test_a_bad_setting_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
                                                    allowed: str) -> None:

@@ -487,3 +487,55 @@ def get_client_sync() -> Any:
     from prefect.client.orchestration import get_client
 
     return get_client(sync_client=True)
+
+
+def read_spans(cluster: Cluster, db: str) -> list[tuple[str, int, int]]:
+    """(host, start_ns, end_ns) of every processor call, from every host's journal."""
+    spans = []
+    for host in cluster.hosts:
+        path = journal(cluster, host, db)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if parts and parts[0] == "span":
+                    spans.append((parts[3], int(parts[4]), int(parts[5])))
+    return spans
+
+
+def most_at_once(spans: list[tuple[str, int, int]]) -> int:
+    events = sorted([(s, 1) for _, s, _ in spans] + [(e, -1) for _, _, e in spans], key=lambda x: (x[0], x[1]))
+    now = most = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def test_an_app_limit_holds_across_hosts(cluster: Cluster, mhdb: str, s3_url: str) -> None:
+    """ALYA_APP_LIMITS=mh=4 on three hosts whose workers could run 8 rows each: never more than 4 of the
+    app's rows run at once, all hosts together, and the work is still shared between hosts."""
+    limit = 4
+    url = cluster.database_url(mhdb)
+    settings = {"ALYA_OBJECT_STORE_URL": s3_url, "ALYA_CONCURRENCY": "8", "ALYA_APP_LIMITS": f"mh={limit}"}
+    workers = [cluster.alya_worker(h, "tests.mh_app:jm", mhdb, MH_JOURNAL=str(journal(cluster, h, mhdb)),
+                                   **settings) for h in cluster.hosts]
+    cluster.wait_workers(mhdb, len(cluster.hosts), procs=workers)
+    jm = JobManager(database_url=url, redis_url=services.REDIS_URL, object_store_url=s3_url, config=make_config())
+    try:
+        n = 120
+        bid = submit_probe(jm, "limited", n, 100)
+        t0 = time.monotonic()
+        wait_for("the limited batch final", lambda: jm.batch_status(bid).status.is_final, 180, workers)
+        took = time.monotonic() - t0
+        spans = read_spans(cluster, mhdb)
+        hosts = {h for h, _, _ in spans}
+        print(f"app limit {limit}: {len(spans)} calls on {sorted(hosts)} in {took:.1f}s; "
+              f"at most {most_at_once(spans)} at once")
+        assert jm.batch_status(bid).nsuccess == n and len(spans) == n
+        assert most_at_once(spans) <= limit
+        assert len(hosts) >= 2
+        assert took >= n * 0.1 / limit * 0.9  # the limit, not the 24 slots, paced the work
+    finally:
+        jm.close()
+        for w in workers:
+            w.stop()

@@ -98,6 +98,17 @@ UPDATE batchrows r SET status = 'inprog', doneby = %(worker)s, attempts = r.atte
 FROM picked WHERE r.batch = %(batch)s AND r.line = picked.line
 RETURNING r.line, r.input::text, r.attempts;
 
+-- name: app_rows_in_progress
+-- For ALYA_APP_LIMITS: the app's rows in progress now (all workers, and this one), and the live workers,
+-- under a transaction-scoped lock of the app, so that claims of one app are serialised across all workers
+-- and the limit holds exactly (claimed rows count, started or not). Walks the open-batches index and the
+-- partial index of in-progress rows.
+SELECT pg_advisory_xact_lock(hashtext('alya-app-limit:' || %(app)s));
+SELECT count(*), count(*) FILTER (WHERE r.doneby = %(worker)s),
+       (SELECT count(*) FROM workers WHERE lastseen > now() - make_interval(secs => %(sec)s))
+FROM batchrows r JOIN batches b ON b.id = r.batch
+WHERE b.app = %(app)s AND b.status IN ('queued', 'inprog') AND r.status = 'inprog';
+
 -- name: batch_to_inprog
 UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND status = 'queued' RETURNING ver;
 
