@@ -50,6 +50,7 @@ from alya.waker import Waker
 CLAIM_TARGET_SEC = 0.5  # work per claim at the measured rate: short enough that no worker hoards rows
 PROGRESS_REFRESH_SEC = 5.0
 WRITE_TRIES = 4
+WRITE_PART_BYTES = 128 * 2**20  # a write-back statement carries at most this much result text
 WAIT_SLICE_SEC = 0.02  # the claim loop looks at its claims at least this often
 FLUSH_ROWS = 100  # this many finished rows are written back once they are FLUSH_ROWS_AGE_SEC old...
 FLUSH_ROWS_AGE_SEC = 0.05  # ...so that a crash replays little even for fast rows (ALYA_FLUSH_SEC bounds all)
@@ -439,15 +440,19 @@ class Engine:
         is simply repeated through a short outage. If it cannot be written, the rows are given back; if
         even that fails, this worker drops its identity, and recovery requeues the rows as it does for a
         dead worker (they must never stay inprog under a live heartbeat)."""
-        cols = [list(c) for c in zip(*outcomes, strict=True)]  # in Outcome's field order
-        params = dict(zip(("lines", "attempts", "statuses", "res", "messages", "blobrows", "delays", "finished"),
-                          cols, strict=True))
+        parts = [_columns(p) for p in _by_size(outcomes, WRITE_PART_BYTES)]
         delay = 0.2
         for attempt in range(1, WRITE_TRIES + 1):
             try:
                 with self.svc.store.tx() as tx:
-                    res: WriteResult = tx.record(WriteResult, "write_results", batch=claimed.batch,
-                                                 worker=claimed.worker, **params)
+                    # One statement, unless the results are too large for one message (PostgreSQL refuses a
+                    # statement of about 1 GB): then one per part, in the same transaction.
+                    results: list[WriteResult] = [
+                        tx.record(WriteResult, "write_results", batch=claimed.batch, worker=claimed.worker, **p)
+                        for p in parts]
+                    res = WriteResult(results[-1].status, sum(r.written for r in results),
+                                      sum(r.late for r in results),
+                                      next((r.ver for r in reversed(results) if r.ver is not None), None))
                     if any(o.status == "queued" for o in outcomes):  # retries become claimable later
                         tx.one("notify_work", channel=names.WORK_CHANNEL,
                                payload=names.work_payload(claimed.app, claimed.op))
@@ -457,7 +462,7 @@ class Engine:
             except AlyaError as exc:
                 log.warning("write_failed", batch=claimed.batch, attempt=attempt, error=str(exc))
                 if attempt == WRITE_TRIES:
-                    if not self._release(claimed, params["lines"], quiet=True):
+                    if not self._release(claimed, [o.line for o in outcomes], quiet=True):
                         self._retire_identity(claimed.worker)
                     raise
                 time.sleep(delay)
@@ -661,6 +666,27 @@ class _Runner:
             c.log.info("row_status", batch=c.batch, line=outcome.line, old="inprog", new="failed")
         else:  # per-row success at debug: at 30k rows/s an info line per row would be the load
             c.log.debug("row_status", batch=c.batch, line=outcome.line, old="inprog", new=outcome.status)
+
+
+def _by_size(outcomes: list[Outcome], limit: int) -> list[list[Outcome]]:
+    """Outcomes in parts of at most ``limit`` bytes of stored text (a part holds at least one row)."""
+    parts: list[list[Outcome]] = [[]]
+    size = 0
+    for o in outcomes:
+        n = sum(len(t) for t in (o.res, o.messages, o.blobrows) if t is not None)
+        if parts[-1] and size + n > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(o)
+        size += n
+    return parts
+
+
+def _columns(outcomes: list[Outcome]) -> dict[str, list[Any]]:
+    """The write-back statement's array parameters, in Outcome's field order."""
+    cols = [list(c) for c in zip(*outcomes, strict=True)]
+    return dict(zip(("lines", "attempts", "statuses", "res", "messages", "blobrows", "delays", "finished"), cols,
+                    strict=True))
 
 
 def _new_worker_id() -> str:

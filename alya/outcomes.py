@@ -16,6 +16,8 @@ from alya.outputs import normalise_blobrows
 from alya.store import json_text
 from alya.validate import file_name, json_text_strict
 
+MAX_RESULT_BYTES = 64 * 2**20  # result + messages + blob rows of one row, as stored JSON text
+
 
 class Outcome(NamedTuple):
     """One row's answer, in the column order of the ``write_results`` statement."""
@@ -51,6 +53,10 @@ def accepted(line: int, attempts: int, result: Any, is_query: bool) -> Outcome:
     res = None if result.result is None else json_text_strict(result.result, "result")
     msgs = json_text_strict(messages, "messages") if messages else None
     blob = None if blobs is None else json_text_strict(blobs, "blob rows")
+    size = sum(len(t) for t in (res, msgs, blob) if t is not None)
+    if size > MAX_RESULT_BYTES:  # a fault: it would be refused again on every retry, and fails alone
+        raise ValueError(f"result too large: {size / 2**20:.1f} MiB of result, messages and blob rows; "
+                         f"at most {MAX_RESULT_BYTES // 2**20} MiB per row")
     return Outcome(line, attempts, status.value, res, msgs, blob, 0.0, time.time())
 
 

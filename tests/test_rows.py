@@ -308,3 +308,37 @@ def test_an_output_file_named_dot_is_a_row_fault(jm: JobManager) -> None:
         jm.engine.process_chunk("rows", "dot")
     d = jm.batch_done(bid)
     assert d.status is BatchStatus.FAILED and list(d.outputfiles) == ["ok.txt"]
+
+
+def test_a_result_too_large_fails_alone_and_large_write_backs_are_split(jm: JobManager,
+                                                                       monkeypatch: Any) -> None:
+    """A row whose result exceeds MAX_RESULT_BYTES is a fault (then failed, naming the limit), alone; a
+    write-back larger than WRITE_PART_BYTES goes out in several statements of one transaction."""
+    from alya import engine, outcomes
+    from alya.store import Tx
+
+    monkeypatch.setattr(outcomes, "MAX_RESULT_BYTES", 200_000)
+    monkeypatch.setattr(engine, "WRITE_PART_BYTES", 250_000)
+    statements: list[str] = []
+    real = Tx._execute
+
+    def spy(self: Tx, name: str, params: dict[str, Any]) -> None:
+        statements.append(name)
+        real(self, name, params)
+
+    monkeypatch.setattr(Tx, "_execute", spy)
+
+    class Big(Proc):
+        def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:
+            return BatchJobResult(BatchStatus.SUCCESS, {"pad": "x" * int(input["size"])})
+
+    jm.register_batch_processor("rows", "big", Big())
+    bid = jm.batch_submit("rows", "big", {}, [(n, {"size": 100_000}) for n in range(1, 7)] + [(7, {"size": 300_000})])
+    for _ in range(jm.config.max_attempts):
+        jm.engine.process_chunk("rows", "big")
+    d = jm.batch_done(bid)
+    assert d.rows is not None
+    assert [r.status.value for r in d.rows] == ["success"] * 6 + ["failed"]
+    assert "result too large" in str(d.rows[6].messages[0].vals)
+    assert len(d.rows[0].res["pad"]) == 100_000  # type: ignore[index]
+    assert statements.count("write_results") >= 3 + jm.config.max_attempts - 1  # 600 kB in parts of 250 kB
