@@ -160,7 +160,8 @@ class Engine:
         self._claim_hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
-        self._lock = threading.Lock()
+        self._server_started: Any = None  # PostgreSQL's start time at the last heartbeat
+        self._lock = threading.RLock()  # _beat may retire the identity while start() holds it
         self.log = get_logger().bind(worker=self.worker_id)
 
     # ------------------------------------------------------------------ worker identity
@@ -195,8 +196,19 @@ class Engine:
         self.svc.initblocks.close_all()
 
     def _beat(self) -> None:
+        """Say this worker is alive. A PostgreSQL restart since the last beat may have lost write-backs that
+        were acknowledged (they commit with synchronous_commit off): their rows would stay inprog under
+        this live worker for ever. So the worker stops vouching for what it held before the restart (a new
+        identity): recovery requeues those rows after ALYA_RECOVERY_SEC, as for a dead worker, and rows
+        whose results did land stay as they are."""
         with self.svc.store.tx() as tx:
+            started = tx.value("server_started")
             tx.run("heartbeat", id=self.worker_id, host=socket.gethostname(), pid=os.getpid())
+        previous, self._server_started = self._server_started, started
+        if previous is not None and started != previous:
+            self.log.warning("postgres_restarted", previous=str(previous), now=str(started),
+                             note="rows held before the restart are left to recovery")
+            self._retire_identity(self.worker_id)
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.5, self.svc.config.recovery_sec / 4)

@@ -479,3 +479,39 @@ def test_racing_submits_from_processes_store_one_batch(database_url: str, file_s
 def test_errors_are_alya_errors() -> None:
     assert issubclass(ConnectionLost, BackendUnavailable) and issubclass(DatabaseNotMigrated, ConfigError)
     assert issubclass(ConfigError, AlyaError)
+
+
+@pytest.mark.slow
+def test_rows_whose_write_back_a_server_crash_lost_are_recovered_under_a_live_worker(tmp_path: Any) -> None:
+    """Write-backs commit with synchronous_commit off: a PostgreSQL crash can lose one that the worker saw
+    acknowledged, and its rows stay inprog under a worker that lives on. The heartbeat sees the server's
+    new start time and the worker stops vouching for what it held before: recovery requeues those rows
+    after ALYA_RECOVERY_SEC and they finish."""
+    from alya.recovery import cleanup
+    from tests.procs import Proc, drain, wait_until
+
+    with private_postgres() as pg:
+        url = pg.create_database("alya")
+        jm = JobManager(database_url=url, object_store_url=(tmp_path / "o").as_uri(),
+                        config=make_config(recovery_sec=2))
+        try:
+            jm.register_batch_processor("rel", "lost", Proc())
+            bid = jm.batch_submit("rel", "lost", {}, [(n, {"x": n}) for n in range(1, 21)])
+            eng = jm.engine
+            eng.start()
+            held = eng._claim("rel", "lost", "B", None)  # as if its write-back had been lost in the crash
+            assert held is not None and len(held.rows) == 20
+            eng._beat()  # a synchronous commit: the claim (asynchronous) is on disk before the crash
+            old_id = eng.worker_id
+            pg.restart("immediate")
+            t = time.monotonic()
+            wait_until(lambda: eng.worker_id != old_id, timeout=20, every=0.1, what="the restart noticed")
+            wait_until(lambda: cleanup(eng).requeued == 20, timeout=30, every=0.5, what="the rows recovered")
+            took = time.monotonic() - t
+            drain(jm, "rel", "lost")
+            s = jm.batch_status(bid)
+            print(f"\nrows lost under a live worker: recovered and finished {took:.1f} s after the restart")
+            assert (s.status, s.nsuccess) == (S.SUCCESS, 20)
+            assert took < 2 * jm.config.recovery_sec + 10
+        finally:
+            jm.close()

@@ -233,6 +233,11 @@ SELECT EXISTS (
 INSERT INTO workers (id, host, pid) VALUES (%(id)s, %(host)s, %(pid)s)
 ON CONFLICT (id) DO UPDATE SET lastseen = now();
 
+-- name: server_started
+-- When the PostgreSQL server started: a change between two heartbeats means it restarted, and write-backs
+-- acknowledged with synchronous_commit off may have been lost (see Engine._beat).
+SELECT pg_postmaster_start_time();
+
 -- name: forget_worker
 DELETE FROM workers WHERE id = %(id)s;
 
