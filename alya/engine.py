@@ -89,6 +89,7 @@ class Claimed:
     worker: str  # the identity the rows were claimed under (and are written back as)
     ver: int = 0  # the batch's status version when claimed (for cache invalidation)
     cancelled: bool = False  # unstarted rows are not run (stopping worker, aborted batch)
+    suspect: bool = False  # one row held by a worker that died: this process holds nothing else meanwhile
     aborted: bool = False  # the batch was aborted: nothing is given back, no summary
     lost: bool = False  # its write-back failed for good: its rows were given back (or are recovered)
     processor: Any = None
@@ -153,7 +154,9 @@ class Engine:
         self.pool = RowPool(_Runner(self), cfg.concurrency, cfg.row_timeout_sec)
         self.waker = Waker(services.store)
         self.waker.on_abort = self._abort_notified
-        self._claims: dict[str, set[Claimed]] = {}  # batch -> claims in flight here (for abort notices)
+        self._claims: dict[str, set[Claimed]] = {}  # batch -> claims in flight here (abort notices, suspects)
+        self._claim_lock = threading.Lock()
+        self._suspect_active = False
         self._wake = threading.Condition()
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
         self._progress_at: dict[str, float] = {}  # batch -> when this worker last refreshed its counts
@@ -345,6 +348,8 @@ class Engine:
                 claims.discard(c)
                 if not claims:
                     del self._claims[c.batch]
+            if c.suspect:
+                self._suspect_active = False
 
     def _wants_rows(self, app: str, op: str, active: list[Claimed]) -> bool:
         """Whether to claim more now: when fewer rows wait unstarted than the slots will run through
@@ -383,8 +388,9 @@ class Engine:
         if claimed is None:
             return None
         claimed.processor, claimed.initblock, claimed.log, claimed.wake = reg.processor, initblock, log, self._wake
-        with self._lock:
-            self._claims.setdefault(claimed.batch, set()).add(claimed)
+        if claimed.suspect:
+            log.warning("suspect_row_alone", batch=claimed.batch, line=claimed.rows[0].line,
+                        attempt=claimed.rows[0].attempts, note="its worker died holding it; run with nothing else")
         method = reg.processor.do_slow_query if reg.type == "Q" else reg.processor.do_batch_job
         is_async = inspect.iscoroutinefunction(method)
         self.pool.submit([Job(claimed, row, is_async) for row in claimed.rows], stats_key=(reg.app, reg.op))
@@ -506,6 +512,21 @@ class Engine:
 
     # ------------------------------------------------------------------ claim, release
     def _claim(self, app: str, op: str, type_: str, only: str | None, n: int | None = None) -> Claimed | None:
+        """One claim statement (per batch tried). Claims of this process are taken one at a time, because
+        a suspect row (held by a worker that died) is only taken while this process holds nothing else,
+        and nothing else is taken while it runs: a death while holding it is then its own."""
+        with self._claim_lock:
+            if self._suspect_active:
+                return None
+            claimed = self._claim_locked(app, op, type_, only, n, alone=not self._claims)
+            if claimed is not None:
+                with self._lock:
+                    self._claims.setdefault(claimed.batch, set()).add(claimed)
+                    self._suspect_active = claimed.suspect
+        return claimed
+
+    def _claim_locked(self, app: str, op: str, type_: str, only: str | None, n: int | None,
+                      alone: bool) -> Claimed | None:
         n = n or self.svc.config.batchchunk_nrows
         worker = self.worker_id
         moved: list[tuple[str, int]] = []
@@ -526,6 +547,11 @@ class Engine:
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
                     ver = int(bumped)
                     moved.append((batch, ver))
+                if alone:
+                    suspect: list[ClaimedRow] = tx.records(ClaimedRow, "claim_suspect", batch=batch, worker=worker)
+                    if suspect:
+                        claimed = Claimed(batch, app, op, type_, ob.context, suspect, worker, ver, suspect=True)
+                        break
                 after = self._claim_hint.get(batch, 0)
                 rows: list[ClaimedRow] = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker,
                                                     after=after)

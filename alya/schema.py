@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -96,11 +97,14 @@ batchrows = Table(
     Column("doneby", Text),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("notbefore", DateTime(timezone=True)),
+    # Held by a worker that died: run alone from now on, so that a death while holding it is its own.
+    Column("suspect", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint("line >= 0", name="batchrows_line_nonneg"),
     # The claim scans this in line order with FOR UPDATE SKIP LOCKED: 10x faster than without it.
     Index("batchrows_queued", "batch", "line", postgresql_where=text("status = 'queued'")),
     # Recovery and "is anything still running" only ever look at in-progress rows.
     Index("batchrows_inprog", "batch", postgresql_where=text("status = 'inprog'")),
+    Index("batchrows_suspect", "batch", "line", postgresql_where=text("status = 'queued' AND suspect")),
 )
 
 workers = Table(

@@ -33,6 +33,8 @@ class LogProc:
     def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:
         batch = context.get("tag", "?")
         self._log(f"start {batch} {line} {self.pid}")
+        if input.get("mode") == "exit":  # a row that kills its process (a crashing library, an OOM kill)
+            os._exit(17)
         time.sleep(float(input.get("sleep", self.sleep)))
         if input.get("mode") == "fail":
             result = BatchJobResult(BatchStatus.FAILED, {"line": line}, [ErrorMessage(1, "bad")])

@@ -88,10 +88,24 @@ SET LOCAL synchronous_commit = off;
 SET LOCAL enable_sort = off;
 WITH picked AS (
     SELECT line FROM batchrows
-    WHERE batch = %(batch)s AND status = 'queued' AND line >= %(after)s
+    WHERE batch = %(batch)s AND status = 'queued' AND line >= %(after)s AND NOT suspect
       AND (notbefore IS NULL OR notbefore <= now())
     ORDER BY line
     LIMIT %(n)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batchrows r SET status = 'inprog', doneby = %(worker)s, attempts = r.attempts + 1
+FROM picked WHERE r.batch = %(batch)s AND r.line = picked.line
+RETURNING r.line, r.input::text, r.attempts;
+
+-- name: claim_suspect
+-- One suspect row (held by a worker that died), to be run alone: see recover_rows.
+SET LOCAL synchronous_commit = off;
+WITH picked AS (
+    SELECT line FROM batchrows
+    WHERE batch = %(batch)s AND status = 'queued' AND suspect AND (notbefore IS NULL OR notbefore <= now())
+    ORDER BY line
+    LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
 UPDATE batchrows r SET status = 'inprog', doneby = %(worker)s, attempts = r.attempts + 1
@@ -242,8 +256,10 @@ SELECT pg_postmaster_start_time();
 DELETE FROM workers WHERE id = %(id)s;
 
 -- name: recover_rows
--- Rows held by a worker silent for recovery_sec go back to the queue; a row that has already used up
--- its attempts (it may be what kills workers) fails instead.
+-- Rows held by a worker silent for recovery_sec go back to the queue. Which of them killed it (if one
+-- did) is unknown: they become suspects and get their attempt back. A suspect is run alone, so a suspect
+-- held by a dead worker was the only row it held: that one spends its attempt, and once its attempts
+-- are used up it fails (it is what kills workers) while every other row of the claim runs normally.
 WITH dead AS (
     SELECT r.batch, r.line, r.doneby AS worker FROM batchrows r
     WHERE r.status = 'inprog'
@@ -252,10 +268,13 @@ WITH dead AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE batchrows r
-SET status = CASE WHEN r.attempts >= %(max_attempts)s THEN 'failed'::batch_status ELSE 'queued' END,
-    doneby = CASE WHEN r.attempts >= %(max_attempts)s THEN r.doneby END,
-    doneat = CASE WHEN r.attempts >= %(max_attempts)s THEN now() END,
-    messages = CASE WHEN r.attempts >= %(max_attempts)s THEN %(fail_messages)s::jsonb ELSE r.messages END
+SET status = CASE WHEN r.suspect AND r.attempts >= %(max_attempts)s THEN 'failed'::batch_status ELSE 'queued' END,
+    doneby = CASE WHEN r.suspect AND r.attempts >= %(max_attempts)s THEN r.doneby END,
+    doneat = CASE WHEN r.suspect AND r.attempts >= %(max_attempts)s THEN now() END,
+    messages = CASE WHEN r.suspect AND r.attempts >= %(max_attempts)s THEN %(fail_messages)s::jsonb
+                    ELSE r.messages END,
+    attempts = CASE WHEN r.suspect THEN r.attempts ELSE greatest(r.attempts - 1, 0) END,
+    suspect = true
 FROM dead WHERE r.batch = dead.batch AND r.line = dead.line
 RETURNING r.batch, r.line, r.status::text, dead.worker;
 
