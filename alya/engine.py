@@ -155,7 +155,8 @@ class Engine:
         self.waker = Waker(services.store)
         self.waker.on_abort = self._abort_notified
         self._claims: dict[str, set[Claimed]] = {}  # batch -> claims in flight here (abort notices, suspects)
-        self._claim_lock = threading.Lock()
+        self._claiming = 0  # claim statements under way in this process
+        self._alone_claiming = False  # one of them may take a suspect: the others wait
         self._suspect_active = False
         self._wake = threading.Condition()
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
@@ -165,6 +166,7 @@ class Engine:
         self._hb_stop = threading.Event()
         self._server_started: Any = None  # PostgreSQL's start time at the last heartbeat
         self._lock = threading.RLock()  # _beat may retire the identity while start() holds it
+        self._claim_turn = threading.Condition(self._lock)
         self.log = get_logger().bind(worker=self.worker_id)
 
     # ------------------------------------------------------------------ worker identity
@@ -465,9 +467,7 @@ class Engine:
                 with self.svc.store.tx() as tx:
                     # One statement, unless the results are too large for one message (PostgreSQL refuses a
                     # statement of about 1 GB): then one per part, in the same transaction.
-                    results: list[WriteResult] = [
-                        tx.record(WriteResult, "write_results", batch=claimed.batch, worker=claimed.worker, **p)
-                        for p in parts]
+                    results = [self._write_part(tx, claimed, p) for p in parts]
                     res = WriteResult(results[-1].status, sum(r.written for r in results),
                                       sum(r.late for r in results),
                                       next((r.ver for r in reversed(results) if r.ver is not None), None))
@@ -486,6 +486,17 @@ class Engine:
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _write_part(tx: Any, claimed: Claimed, params: dict[str, list[Any]]) -> WriteResult:
+        """The usual write-back; after an abort, a second statement keeps the results of rows whose call
+        returned before the abort committed (the hot path never pays for that case)."""
+        res: WriteResult = tx.record(WriteResult, "write_results", batch=claimed.batch, worker=claimed.worker,
+                                     **params)
+        if res.status != BatchStatus.ABORTED.value or res.written == len(params["lines"]):
+            return res
+        late, ver = tx.one("write_results_late", batch=claimed.batch, worker=claimed.worker, **params)
+        return WriteResult(res.status, res.written + int(late), int(late), ver)
 
     def _check_aborts(self, claims: list[Claimed], log: Any) -> None:
         """An abort check for claims with nothing to write yet (rows still running)."""
@@ -512,17 +523,29 @@ class Engine:
 
     # ------------------------------------------------------------------ claim, release
     def _claim(self, app: str, op: str, type_: str, only: str | None, n: int | None = None) -> Claimed | None:
-        """One claim statement (per batch tried). Claims of this process are taken one at a time, because
-        a suspect row (held by a worker that died) is only taken while this process holds nothing else,
-        and nothing else is taken while it runs: a death while holding it is then its own."""
-        with self._claim_lock:
-            if self._suspect_active:
-                return None
-            claimed = self._claim_locked(app, op, type_, only, n, alone=not self._claims)
-            if claimed is not None:
-                with self._lock:
+        """One claim statement (per batch tried). A suspect row (held by a worker that died) is only taken
+        by a claim that starts while this process holds and claims nothing else, and nothing else is claimed
+        while it runs: a death while holding it is then its own."""
+        with self._claim_turn:
+            # another claim that may take a suspect is under way: wait for it (a few ms), then look again
+            self._claim_turn.wait_for(lambda: not self._alone_claiming, timeout=5.0)
+            if self._suspect_active or self._alone_claiming:
+                return None  # a suspect runs alone in this process
+            alone = not self._claims and self._claiming == 0
+            self._alone_claiming = alone  # other claim loops wait for this one claim (rare: an idle process)
+            self._claiming += 1
+        claimed = None
+        try:
+            claimed = self._claim_locked(app, op, type_, only, n, alone=alone)
+        finally:
+            with self._claim_turn:
+                self._claiming -= 1
+                if alone:
+                    self._alone_claiming = False
+                if claimed is not None:
                     self._claims.setdefault(claimed.batch, set()).add(claimed)
                     self._suspect_active = claimed.suspect
+                self._claim_turn.notify_all()
         return claimed
 
     def _claim_locked(self, app: str, op: str, type_: str, only: str | None, n: int | None,

@@ -139,14 +139,8 @@ UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND sta
 -- The batch row is key-share locked first (writers share it; abort's FOR UPDATE waits for them, and they
 -- for it): abort locks the batch and then the rows, and rows locked in two different orders deadlock.
 SET LOCAL synchronous_commit = off;
-WITH b AS (
-    SELECT id, status, doneat FROM batches WHERE id = %(batch)s FOR KEY SHARE
-), v AS (
-    SELECT * FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
-                         %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[], %(finished)s::float8[])
-         AS v(line, attempts, status, res, messages, blobrows, delay, finished)
-), w AS (
-    -- the usual case: rows still inprog under this worker (the partial index of inprog rows finds them)
+SELECT 1 FROM batches WHERE id = %(batch)s FOR KEY SHARE;
+WITH w AS (
     UPDATE batchrows r
     SET status = v.status::batch_status,
         res = v.res::jsonb,
@@ -155,20 +149,33 @@ WITH b AS (
         doneat = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
         doneby = CASE WHEN v.status = 'queued' THEN NULL ELSE r.doneby END,
         notbefore = CASE WHEN v.status = 'queued' THEN now() + make_interval(secs => v.delay) END
-    FROM v
+    FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
+                %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[], %(finished)s::float8[])
+         AS v(line, attempts, status, res, messages, blobrows, delay, finished)
+    -- the partial index of in-progress rows finds them (r.batch compared with the parameter: the planner
+    -- must see the constant)
     WHERE r.batch = %(batch)s AND r.line = v.line AND r.status = 'inprog' AND r.doneby = %(worker)s
       AND r.attempts = v.attempts
-    RETURNING v.status AS new
+    RETURNING 1
+)
+SELECT (SELECT status::text FROM batches WHERE id = %(batch)s), (SELECT count(*) FROM w), 0, NULL::int;
+
+-- name: write_results_late
+-- After an abort only (write_results found the batch aborted and rows not written): rows whose call
+-- returned before the abort committed get their results, and the batch's counts move from aborted to
+-- success/failed in the same statement; a requeue (a fault) is not a result. Returns (rows, new version).
+WITH b AS (
+    SELECT id, status, doneat FROM batches WHERE id = %(batch)s FOR KEY SHARE
 ), late AS (
-    -- after an abort only (a one-time filter: otherwise not even planned into a scan): rows whose call
-    -- returned before the abort committed get their results; a requeue (fault) is not a result
     UPDATE batchrows r
     SET status = v.status::batch_status, res = v.res::jsonb, messages = v.messages::jsonb,
         blobrows = v.blobrows::jsonb, doneat = now()
-    FROM v, b
-    WHERE (SELECT status FROM b) = 'aborted'
-      AND r.batch = %(batch)s AND r.line = v.line AND r.status = 'aborted' AND r.doneby = %(worker)s
-      AND r.attempts = v.attempts AND v.status <> 'queued' AND to_timestamp(v.finished) <= b.doneat
+    FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
+                %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[], %(finished)s::float8[])
+         AS v(line, attempts, status, res, messages, blobrows, delay, finished), b
+    WHERE b.status = 'aborted' AND r.batch = %(batch)s AND r.line = v.line AND r.status = 'aborted'
+      AND r.doneby = %(worker)s AND r.attempts = v.attempts AND v.status <> 'queued'
+      AND to_timestamp(v.finished) <= b.doneat
     RETURNING v.status AS new
 ), fix AS (
     UPDATE batches SET nsuccess = nsuccess + (SELECT count(*) FROM late WHERE new = 'success'),
@@ -178,8 +185,7 @@ WITH b AS (
     WHERE id = %(batch)s AND EXISTS (SELECT 1 FROM late)
     RETURNING ver
 )
-SELECT (SELECT status::text FROM b), (SELECT count(*) FROM w) + (SELECT count(*) FROM late),
-       (SELECT count(*) FROM late), (SELECT ver FROM fix);
+SELECT (SELECT count(*) FROM late), (SELECT ver FROM fix);
 
 -- name: batch_statuses
 SELECT id, status::text FROM batches WHERE id = ANY(%(ids)s::uuid[]);
