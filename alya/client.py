@@ -394,6 +394,10 @@ class JobManager:
         summary = self.services.summaries.put_new(batch_id, ver, BatchStatus.ABORTED, rec.nrows, counts)
         if self.dispatcher is not None:
             self.dispatcher.cancel_batch(batch_id)  # never raises: the abort is committed
+            s = summary.value
+            self.dispatcher.record_abort(batch_id, {
+                "batch": batch_id, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
+                "nfailed": s.nfailed, "naborted": s.naborted})
         return summary.value
 
     def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:

@@ -141,6 +141,24 @@ class Dispatcher:
                 if len(page) < PAGE:
                     return runs
 
+    def record_abort(self, batch_id: str, table: dict[str, Any]) -> None:
+        """The Prefect UI's view of an aborted batch: its progress artifact at 100 % (it is final) and a
+        summary table saying aborted, written by the aborting process because the batch's flow run is
+        cancelled and may never get to write them. Never raises (the abort is already committed)."""
+        try:
+            from prefect.artifacts import create_table_artifact, update_progress_artifact
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            with self._client() as client:
+                found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[names.progress_artifact_key(batch_id)])), limit=1)
+            if found:
+                update_progress_artifact(found[0].id, 100.0)
+            create_table_artifact(table=[table], key=names.summary_artifact_key(batch_id),
+                                  description=f"batch {batch_id} aborted")
+        except Exception as exc:
+            get_logger().warning("abort_artifacts_failed", batch=batch_id, error=_err(exc))
+
     def cancel_batch(self, batch_id: str) -> int:
         """Move the batch's live flow runs to Cancelling (Scheduled ones straight to Cancelled, as nothing
         runs them yet); runs still Cancelling after ``cancel_timeout_sec`` are forced Cancelled (here, and by

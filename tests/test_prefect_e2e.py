@@ -313,6 +313,14 @@ def test_abort_running_batch_cancels_its_flow_run(s: dict[str, Any]) -> None:
     counts = row_counts(jm, bid)
     assert set(counts) <= {"success", "aborted"} and counts["aborted"] == after.naborted
     assert counts.get("success", 0) == after.nsuccess
+    # the UI shows the aborted batch as final: progress at 100 % and a summary table saying aborted
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with client() as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"alya-progress-{bid}", f"alya-summary-{bid}"])))
+    assert max(float(a.data) for a in arts if a.key == f"alya-progress-{bid}") == 100.0  # type: ignore[arg-type]
+    assert any("aborted" in str(a.data) for a in arts if a.key == f"alya-summary-{bid}")
 
 
 def test_prefect_unreachable_at_submit_then_sweeper_dispatches(s: dict[str, Any]) -> None:
