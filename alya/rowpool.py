@@ -28,9 +28,6 @@ from typing import Any, Protocol
 from alya.logs import get_logger
 from alya.records import ClaimedRow
 
-FAST_ROW_SEC = 0.0005  # rows faster than this are handed to a slot a few at a time...
-TAKE_MAX = 16  # ...at most this many
-
 
 class JobOwner(Protocol):
     cancelled: bool
@@ -134,8 +131,6 @@ class RowPool:
         slot.thread.start()
 
     def _slot_loop(self, slot: _Slot) -> None:
-        """Run rows until the pool closes. Rows measured as fast (under FAST_ROW_SEC) are taken a few at a
-        time while many wait, so that the hand-over (a lock per row) does not cost more than the rows."""
         queue, runner, stats = self._queue, self.runner, self.stats
         while True:
             with self._lock:
@@ -144,37 +139,33 @@ class RowPool:
                 if self._closed and not queue:
                     self._slots.remove(slot)
                     return
-                taken = [queue.popleft()]
-                s = stats.get(taken[0][1])
-                if s is not None and 0 < s.row_sec < FAST_ROW_SEC and len(queue) > self.concurrency:
-                    for _ in range(min(TAKE_MAX, len(queue) // self.concurrency)):
-                        taken.append(queue.popleft())
-            for i, (job, key) in enumerate(taken):
+                job, key = queue.popleft()
                 if job.owner.cancelled:
-                    job.owner.finish(job, None)
-                    continue
-                job.started = time.monotonic()
-                slot.job = job
-                outcome = runner.run(job)
-                took = time.monotonic() - job.started
-                s = stats.get(key)
-                if s is None:
-                    s = stats[key] = PoolStats()
-                s.add(took)
-                with self._lock:
                     slot.job = None
-                    abandoned = slot.abandoned
-                    if abandoned:  # rows taken with this one go back to the queue, in order
-                        queue.extendleft(reversed(taken[i + 1:]))
-                        self._work.notify(len(taken) - i - 1)
-                job.owner.finish(job, outcome)  # after a timeout this is a no-op: the job is done already
-                if abandoned:
-                    with self._lock:
-                        self._slots.remove(slot)
-                        self._abandoned -= 1
-                    self.log.warning("row_thread_returned_after_timeout", line=job.row.line,
-                                     seconds=round(took, 1))
-                    return
+                    skip = True
+                else:
+                    job.started = time.monotonic()
+                    slot.job = job
+                    skip = False
+            if skip:
+                job.owner.finish(job, None)
+                continue
+            outcome = runner.run(job)
+            took = time.monotonic() - job.started
+            s = stats.get(key)
+            if s is None:
+                s = stats[key] = PoolStats()
+            s.add(took)
+            with self._lock:
+                slot.job = None
+                abandoned = slot.abandoned
+            job.owner.finish(job, outcome)  # after a timeout this is a no-op: the job is done already
+            if abandoned:
+                with self._lock:
+                    self._slots.remove(slot)
+                    self._abandoned -= 1
+                self.log.warning("row_thread_returned_after_timeout", line=job.row.line, seconds=round(took, 1))
+                return
 
     # ------------------------------------------------------------------ timeouts
     def expire(self) -> int:
