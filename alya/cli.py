@@ -195,7 +195,7 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
         return
     if as_json:
         _print_json({"status": d.status.value, "outputfiles": d.outputfiles, "nsuccess": d.nsuccess,
-                     "nfailed": d.nfailed, "naborted": d.naborted, "rows": d.rows})
+                     "nfailed": d.nfailed, "naborted": d.naborted, "error": d.error, "rows": d.rows})
         return
     from alya.views import styled
 
@@ -204,6 +204,8 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
                   + (f", {d.naborted:,} aborted" if d.naborted else ""))
     for name, url in d.outputfiles.items():
         console.print(f"  output file {name}: {url}")
+    if d.error:
+        console.print(f"  [red]{d.error}[/]")
     if d.rows is None:
         console.print("  not final yet: `alya watch` follows it")
 

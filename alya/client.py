@@ -219,7 +219,7 @@ class JobManager:
         if s.status.is_final:
             rows = self.services.summaries.final_rows(batch_id, summary)
         return BatchDone(status=s.status, rows=rows, outputfiles=s.outputfiles, nsuccess=s.nsuccess,
-                         nfailed=s.nfailed, naborted=s.naborted)
+                         nfailed=s.nfailed, naborted=s.naborted, error=s.error)
 
     def batch_abort(self, batch_id: str) -> BatchSummary:
         """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""
@@ -383,7 +383,7 @@ class JobManager:
             counts = row_counts(tx, batch_id)
             ver = tx.value(
                 "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
-                nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}",
+                nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}", error=None,
             )
             return rec, None, n_aborted_now, counts, ver
 

@@ -5,8 +5,11 @@ and by recovery for batches whose summary or notification was missed.
 
 from __future__ import annotations
 
-from alya.errors import ProcessorNotFound
+import re
+
+from alya.errors import AlyaError, ProcessorNotFound
 from alya.logs import get_logger, status_change
+from alya.models import BatchStatus
 from alya.names import batch_prefix
 from alya.records import BatchRecord, Counts, SlowQueryRow
 from alya.services import Services
@@ -26,7 +29,16 @@ class Finisher:
         Exactly once: the batch row is locked and re-read (READ COMMITTED gives each statement a fresh
         snapshot), so the first summariser sees it open and every later one sees it final. Files are
         written while the lock is held and before the status changes: a failed upload rolls back and
-        leaves the batch for the next attempt."""
+        leaves the batch for the next attempt. A summary that keeps failing the same way is given up
+        (:meth:`_failed`): the batch then ends ``failed`` with the reason, instead of staying open for ever."""
+        try:
+            return self._summarise(batch_id)
+        except AlyaError as exc:
+            if self._failed(batch_id, exc):
+                return True
+            raise
+
+    def _summarise(self, batch_id: str) -> bool:
         svc = self.svc
         with svc.store.tx() as tx:
             rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
@@ -47,10 +59,55 @@ class Finisher:
                 finally:
                     blobrows.close()  # the server-side cursor, while its transaction is still open
             ver = tx.value("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,
-                            nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles))
+                            nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles),
+                            error=None)
         status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
                       nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles))
         svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles)
+        return True
+
+    def _failed(self, batch_id: str, exc: AlyaError) -> bool:
+        """Count a failed summary attempt; give the summary up (True) once the same error has repeated
+        ``summary_giveup_after`` times over at least ``summary_giveup_sec``.
+
+        Both, because an outage of the object store fails every attempt the same way too, and attempts are
+        frequent (every worker's cleanup tries every few seconds): only an error that outlasts any outage
+        worth waiting for is taken as permanent. Giving up keeps every row's result (``batch_done`` still
+        returns them) and ends the batch ``failed`` with no output files and the reason in ``error``;
+        mark_done is then called as for any finished batch. If even the count cannot be written (the
+        database is what fails), nothing is counted."""
+        cfg = self.svc.config
+        error = _same_way(exc)
+        try:
+            with self.svc.store.tx() as tx:
+                row = tx.one("summary_failed", id=batch_id, error=error)
+            if row is None:
+                return False
+            failures, seconds = int(row[0]), float(row[1])
+            if failures < cfg.summary_giveup_after or seconds < cfg.summary_giveup_sec:
+                self.log.warning("summary_failed_again", batch=batch_id, failures=failures,
+                                 seconds=round(seconds, 1), error=error,
+                                 gives_up_after=cfg.summary_giveup_after, gives_up_sec=cfg.summary_giveup_sec)
+                return False
+            return self._give_up(batch_id, failures, seconds, _describe(exc))
+        except AlyaError as again:
+            self.log.warning("summary_failure_not_counted", batch=batch_id, error=str(again))
+            return False
+
+    def _give_up(self, batch_id: str, failures: int, seconds: float, error: str) -> bool:
+        reason = (f"summary failed {failures} times over {seconds:.0f} s, the same way each time; the last: {error}; "
+                  "output files were not written (every row's result is kept)")
+        with self.svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
+            if rec is None or tx.value("has_open_rows", id=batch_id):
+                return False
+            counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
+            ver = tx.value("finish_batch", id=batch_id, status=BatchStatus.FAILED.value, nsuccess=counts.success,
+                            nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}", error=reason)
+        status_change(rec.app, rec.op, batch_id, BatchStatus.FAILED.value, old=rec.status.value,
+                      nsuccess=counts.success, nfailed=counts.failed, naborted=counts.aborted, error=reason)
+        self.log.error("summary_given_up", app=rec.app, op=rec.op, batch=batch_id, error=reason)
+        self.svc.summaries.put_new(batch_id, ver, BatchStatus.FAILED, rec.nrows, counts, {}, reason)
         return True
 
     def refresh_summary(self, batch_id: str) -> None:
@@ -90,6 +147,15 @@ class Finisher:
         except Exception as exc:
             log.error("mark_done_failed", error=_describe(exc))
         return True
+
+
+_VARYING = re.compile(r"0x[0-9a-fA-F]+|[0-9a-fA-F]{8,}|\d+")
+
+
+def _same_way(exc: BaseException) -> str:
+    """The error as text with its numbers and ids blanked, so that failures differing only in a request
+    id, a port or a time count as the same way of failing."""
+    return _VARYING.sub("#", f"{type(exc).__name__}: {exc}")[:500]
 
 
 def _describe(exc: BaseException) -> str:

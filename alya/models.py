@@ -92,6 +92,7 @@ class BatchDone:
     nsuccess: int
     nfailed: int
     naborted: int
+    error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class BatchSummary:
     naborted: int
     nqueued: int
     ninprog: int
+    error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class BatchDetails:
     nsuccess: int
     nfailed: int
     naborted: int
+    error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
 
 
 def require_status(value: Any) -> BatchStatus:

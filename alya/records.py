@@ -32,16 +32,17 @@ class BatchRecord:
     nfailed: int
     naborted: int
     ver: int
+    error: str | None  # why a failed batch has no summary (it kept failing), else None
 
     COLUMNS = ("id, app, op, type, status::text, context, inputfile, reqat, doneat, outputfiles, "
-               "nrows, nsuccess, nfailed, naborted, ver")
+               "nrows, nsuccess, nfailed, naborted, ver, error")
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> BatchRecord:
         (id_, app, op, type_, status, context, inputfile, reqat, doneat, outputfiles, nrows, nsuccess, nfailed,
-         naborted, ver) = row
+         naborted, ver, error) = row
         return cls(str(id_), app, op, type_, BatchStatus(status), context, inputfile, reqat, doneat,
-                   outputfiles or {}, nrows, nsuccess, nfailed, naborted, ver)
+                   outputfiles or {}, nrows, nsuccess, nfailed, naborted, ver, error)
 
     @property
     def is_query(self) -> bool:
@@ -52,6 +53,7 @@ class BatchRecord:
             id=self.id, app=self.app, op=self.op, type=self.type, status=self.status, context=self.context,
             inputfile=self.inputfile, reqat=self.reqat, doneat=self.doneat, outputfiles=self.outputfiles,
             nrows=self.nrows, nsuccess=self.nsuccess, nfailed=self.nfailed, naborted=self.naborted,
+            error=self.error,
         )
 
 

@@ -54,6 +54,13 @@ batches = Table(
     Column("notifiedat", DateTime(timezone=True)),
     # A client's key for its submit: a retry with the same (app, key) finds this batch (migration 0003).
     Column("idempotency_key", Text),
+    # Summary failures in a row, the error they share and when the first of them happened: a summary that
+    # keeps failing the same way for ALYA_SUMMARY_GIVEUP_AFTER attempts and ALYA_SUMMARY_GIVEUP_SEC fails
+    # the batch, its reason in `error` (migration 0005).
+    Column("sumfails", Integer, nullable=False, server_default=text("0")),
+    Column("sumerror", Text),
+    Column("sumsince", DateTime(timezone=True)),
+    Column("error", Text),
     CheckConstraint("op = lower(op)", name="batches_op_lower"),
     CheckConstraint("app ~ '^[a-z][a-z0-9_]*$'", name="batches_app_ident"),
     CheckConstraint("type IN ('B', 'Q')", name="batches_type"),

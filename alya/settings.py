@@ -48,6 +48,8 @@ class JobManagerConfig(_Settings):
     retry_backoff_sec: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")
     dispatch: Literal["none", "prefect"] = "none"
     recovery_sec: int = Field(60, ge=1, description="silence after which a worker's rows are requeued")
+    summary_giveup_after: int = Field(10, ge=1, description="a summary failing the same way this many times...")
+    summary_giveup_sec: float = Field(900.0, ge=0, description="...over at least this long fails the batch")
     concurrency: int = Field(8, ge=1, le=1024, description="rows a worker process runs at once")
     flush_sec: float = Field(1.0, gt=0, le=60, description="finished rows are written back at least this often")
     row_timeout_sec: float = Field(300.0, gt=0, description="a processor call running longer is a fault")

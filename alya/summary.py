@@ -30,19 +30,22 @@ class Summary:
     def as_cached(self) -> dict[str, Any]:
         s = self.value
         return {"status": s.status.value, "outputfiles": s.outputfiles, "nrows": s.nrows, "nsuccess": s.nsuccess,
-                "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued, "ninprog": s.ninprog}
+                "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued, "ninprog": s.ninprog,
+                "error": s.error}
 
     @classmethod
     def from_cached(cls, d: dict[str, Any]) -> Summary:
         return cls(BatchSummary(status=BatchStatus(d["status"]), outputfiles=d["outputfiles"], nrows=d["nrows"],
                                 nsuccess=d["nsuccess"], nfailed=d["nfailed"], naborted=d["naborted"],
-                                nqueued=d["nqueued"], ninprog=d["ninprog"]), int(d.get("ver", 0)))
+                                nqueued=d["nqueued"], ninprog=d["ninprog"], error=d.get("error")),
+                   int(d.get("ver", 0)))
 
 
-def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: dict[str, str], ver: int) -> Summary:
+def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: dict[str, str], ver: int,
+                 error: str | None = None) -> Summary:
     return Summary(BatchSummary(status=status, outputfiles=outputfiles, nrows=nrows, nsuccess=counts.success,
                                 nfailed=counts.failed, naborted=counts.aborted, nqueued=counts.queued,
-                                ninprog=counts.inprog), ver)
+                                ninprog=counts.inprog, error=error), ver)
 
 
 def row_counts(tx: Tx, batch_id: str) -> Counts:
@@ -55,7 +58,7 @@ def record_summary(tx: Tx, rec: BatchRecord) -> Summary:
         counts = Counts(success=rec.nsuccess, failed=rec.nfailed, aborted=rec.naborted)
     else:
         counts = row_counts(tx, rec.id)
-    return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver)
+    return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error)
 
 
 # A summary of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
@@ -92,8 +95,8 @@ class Summaries:
                        ttl=OPEN_TTL_SEC if status in _WORKED_ON else None)
 
     def put_new(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: Counts,
-                outputfiles: dict[str, str] | None = None) -> Summary:
-        summary = make_summary(status, nrows, counts, outputfiles or {}, ver)
+                outputfiles: dict[str, str] | None = None, error: str | None = None) -> Summary:
+        summary = make_summary(status, nrows, counts, outputfiles or {}, ver, error)
         self.put(batch_id, summary)
         return summary
 

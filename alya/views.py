@@ -41,6 +41,8 @@ def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> T
         t.add_row("in progress", f"{s.ninprog:,}")
     for name, url in s.outputfiles.items():
         t.add_row("output file", f"{name}: {url}")
+    if s.error:
+        t.add_row("error", f"[red]{s.error}[/]")
     return t
 
 

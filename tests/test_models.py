@@ -65,12 +65,14 @@ def test_field_names_match_the_contract() -> None:
     assert names(BatchJobResult) == ["status", "result", "messages", "blobrows"]
     assert names(SlowQueryResult) == ["status", "result", "messages", "outputfiles"]
     assert names(BatchOutput) == ["line", "status", "res", "messages"]
-    assert names(BatchDone) == ["status", "rows", "outputfiles", "nsuccess", "nfailed", "naborted"]
+    # The contract's fields in its order; `error` is ours (why a batch failed without its summary), last
+    # and defaulted so that positional construction as the contract shows it still works.
+    assert names(BatchDone) == ["status", "rows", "outputfiles", "nsuccess", "nfailed", "naborted", "error"]
     assert names(BatchSummary) == ["status", "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "nqueued",
-                                   "ninprog"]
+                                   "ninprog", "error"]
     assert names(SlowQueryDone) == ["status", "result", "messages", "outputfiles"]
     assert names(BatchDetails) == ["id", "app", "op", "type", "status", "context", "inputfile", "reqat", "doneat",
-                                   "outputfiles", "nrows", "nsuccess", "nfailed", "naborted"]
+                                   "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "error"]
 
 
 # ---------------------------------------------------------------------------------------------- values

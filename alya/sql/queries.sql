@@ -45,11 +45,23 @@ WHERE batch = %(id)s AND status IN ('queued', 'inprog');
 
 -- name: finish_batch
 -- The final status and counts; mark_done is not due for aborted batches (notifiedat set at once).
+-- `error`: why the batch failed without its summary (it kept failing), else NULL.
 UPDATE batches SET status = %(status)s, doneat = now(), nsuccess = %(nsuccess)s, nfailed = %(nfailed)s,
        naborted = %(naborted)s, outputfiles = %(outputfiles)s::jsonb, ver = ver + 1,
-       notifiedat = CASE WHEN %(status)s = 'aborted' THEN now() END
+       notifiedat = CASE WHEN %(status)s = 'aborted' THEN now() END, error = %(error)s
 WHERE id = %(id)s
 RETURNING ver, doneat;
+
+-- name: summary_failed
+-- A summary attempt of an open batch failed with `error`: count it if it failed the same way as the
+-- last one, else start counting again. Returns (failures in a row, seconds since the first of them).
+-- (SET expressions see the row as it was, so each CASE compares with the previous error.)
+UPDATE batches
+SET sumfails = CASE WHEN sumerror IS NOT DISTINCT FROM %(error)s THEN sumfails + 1 ELSE 1 END,
+    sumsince = CASE WHEN sumerror IS NOT DISTINCT FROM %(error)s THEN sumsince ELSE now() END,
+    sumerror = %(error)s
+WHERE id = %(id)s AND status IN ('queued', 'inprog')
+RETURNING sumfails, extract(epoch FROM now() - sumsince)::float8;
 
 -- name: batch_rows
 SELECT line, status::text, res, messages FROM batchrows WHERE batch = %(id)s ORDER BY line;
