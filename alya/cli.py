@@ -179,20 +179,19 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
              None, metavar="FILE", help="write every row to FILE (.csv, .parquet or .jsonl; a path or URL)"),
          as_json: bool = typer.Option(False, "--json", help="print the result and every row as JSON")) -> None:
     """The result of a batch; with --export its rows (line, status, res, messages) go to a file."""
-    from alya.errors import InvalidState
     from alya.readers import file_format
 
     if export is not None:
-        file_format(export)  # an unknown extension is refused before anything is read
-    d = _jm().batch_done(batch_id)
-    if export is not None:
         from alya.export import export_rows
 
-        if d.rows is None:
-            raise InvalidState(f"batch {batch_id} is {d.status.value}: its rows can be exported once it is final")
-        n = export_rows(d.rows, export)
-        typer.echo(f"{n} rows of batch {batch_id} ({d.status.value}) written to {export}", err=True)
+        file_format(export)  # an unknown extension is refused before anything is read
+        jm = _jm()
+        rows = jm.batch_rows(batch_id)  # streamed: a million-row batch is never held in memory at once
+        n = export_rows(rows, export)
+        status = jm.batch_status(batch_id).status
+        typer.echo(f"{n} rows of batch {batch_id} ({status.value}) written to {export}", err=True)
         return
+    d = _jm().batch_done(batch_id)
     if as_json:
         _print_json({"status": d.status.value, "outputfiles": d.outputfiles, "nsuccess": d.nsuccess,
                      "nfailed": d.nfailed, "naborted": d.naborted, "error": d.error, "rows": d.rows})

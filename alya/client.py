@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.engine import make_url
@@ -220,6 +220,17 @@ class JobManager:
             rows = self.services.summaries.final_rows(batch_id, summary)
         return BatchDone(status=s.status, rows=rows, outputfiles=s.outputfiles, nsuccess=s.nsuccess,
                          nfailed=s.nfailed, naborted=s.naborted, error=s.error)
+
+    def batch_rows(self, batch_id: str) -> Iterator[BatchOutput]:
+        """Every row of a final batch ordered by line, streamed: ``batch_done`` returns them as one list,
+        which for a batch of millions of rows is gigabytes; this reads them a few thousand at a time from
+        a server-side cursor (exports, reports). Raises ``InvalidState`` until the batch is final.
+        Consume it fully or ``close()`` it: a read transaction is open meanwhile."""
+        batch_id = validate.batch_id(batch_id)
+        s = self.services.summaries.read(batch_id).value
+        if not s.status.is_final:
+            raise InvalidState(f"batch {batch_id} is {s.status.value}: its rows can be read once it is final")
+        return self.services.summaries.stream_rows(batch_id)
 
     def batch_abort(self, batch_id: str) -> BatchSummary:
         """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""

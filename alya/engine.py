@@ -286,50 +286,54 @@ class Engine:
         idle = False  # the last claim found nothing: do not ask again before something changes
         next_flush = start + cfg.flush_sec
         since = self.waker.generation() if linger else 0
-        while True:
-            now = time.monotonic()
-            may_claim = (not self.stopping.is_set() and now < deadline
-                         and (max_claims is None or nclaims < max_claims))
-            if may_claim and not idle and self._wants_rows(app, op, active):
-                claimed = self._claim_ready(reg, only, claim_size, log)
-                if claimed is not None:
-                    active.append(claimed)
-                    nclaims += 1
-                    report.batch = report.batch or claimed.batch
-                    continue
-                idle = True
-            if not active:
-                if idle and may_claim and now < linger_until:
-                    if self.waker.wait(min(linger_until - now, next_flush - now), since=since):
-                        since = self.waker.generation()
-                        idle = False
-                    elif time.monotonic() >= next_flush:
-                        next_flush = time.monotonic() + cfg.flush_sec
-                        idle = False  # the polling fallback
-                    continue
-                break
-            if self.stopping.is_set():
-                for c in active:
-                    c.cancelled = True  # unstarted rows are given back; running ones finish
-            self._wait(active, next_flush, eager=may_claim and not idle)
-            self.pool.expire()
-            now = time.monotonic()
-            flush_all = now >= next_flush
-            if flush_all:
-                next_flush = now + cfg.flush_sec
-                idle = False
-            done = [c for c in active if c.done]
-            if done:
-                idle = False  # rows came free (an app limit) or went back to the queue (faults): look again
-            due = done + [c for c in active if not c.done and (flush_all or c.flush_due(now, cfg.flush_sec))]
-            if due:
-                self._flush(due, report, log)
-            elif flush_all:
-                self._check_aborts(active, log)
-            for c in done:
-                active.remove(c)
-                self._forget(c)
-                self._claim_ended(c, report, log)
+        try:  # a claim loop that fails (an outage) must not leave its claims held here
+            while True:
+                now = time.monotonic()
+                may_claim = (not self.stopping.is_set() and now < deadline
+                             and (max_claims is None or nclaims < max_claims))
+                if may_claim and not idle and self._wants_rows(app, op, active):
+                    claimed = self._claim_ready(reg, only, claim_size, log)
+                    if claimed is not None:
+                        active.append(claimed)
+                        nclaims += 1
+                        report.batch = report.batch or claimed.batch
+                        continue
+                    idle = True
+                if not active:
+                    if idle and may_claim and now < linger_until:
+                        if self.waker.wait(min(linger_until - now, next_flush - now), since=since):
+                            since = self.waker.generation()
+                            idle = False
+                        elif time.monotonic() >= next_flush:
+                            next_flush = time.monotonic() + cfg.flush_sec
+                            idle = False  # the polling fallback
+                        continue
+                    break
+                if self.stopping.is_set():
+                    for c in active:
+                        c.cancelled = True  # unstarted rows are given back; running ones finish
+                self._wait(active, next_flush, eager=may_claim and not idle)
+                self.pool.expire()
+                now = time.monotonic()
+                flush_all = now >= next_flush
+                if flush_all:
+                    next_flush = now + cfg.flush_sec
+                    idle = False
+                done = [c for c in active if c.done]
+                if done:
+                    idle = False  # rows came free (an app limit) or went back to the queue (faults): look again
+                due = done + [c for c in active if not c.done and (flush_all or c.flush_due(now, cfg.flush_sec))]
+                if due:
+                    self._flush(due, report, log)
+                elif flush_all:
+                    self._check_aborts(active, log)
+                for c in done:
+                    active.remove(c)
+                    self._forget(c)
+                    self._claim_ended(c, report, log)
+        except BaseException:
+            self._abandon(active, log)
+            raise
         return report
 
     def _abort_notified(self, batch: str) -> None:
@@ -353,6 +357,22 @@ class Engine:
                     del self._claims[c.batch]
             if c.suspect:
                 self._suspect_active = False
+
+    def _abandon(self, claims: list[Claimed], log: Any) -> None:
+        """The claim loop failed with these claims in flight (a database outage, mostly). They are no longer
+        held here, or this process would wait for them for ever (a suspect row is only claimed while nothing
+        is held; a stop_when_idle worker then never got idle). Their unstarted rows are not run. Rows of theirs
+        not written back are inprog under their worker identity: it is retired, so that recovery requeues them
+        after ALYA_RECOVERY_SEC (rows must never stay inprog under a live heartbeat)."""
+        if not claims:
+            return
+        for c in claims:
+            c.cancelled = c.lost = True
+            self._forget(c)
+        unwritten = sum(c.pending + len(c.outcomes) for c in claims)
+        log.error("claims_abandoned", claims=len(claims), rows_unwritten=unwritten, note="left to recovery")
+        for worker in {c.worker for c in claims if not c.aborted}:
+            self._retire_identity(worker)
 
     def _wants_rows(self, app: str, op: str, active: list[Claimed]) -> bool:
         """Whether to claim more now: when fewer rows wait unstarted than the slots will run through

@@ -8,6 +8,7 @@ cached form and the version rule cannot differ between writers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -120,3 +121,11 @@ class Summaries:
                 return [batch_output(r) for r in cursor]
 
         return self.store.run(rows, readonly=True)
+
+    def stream_rows(self, batch_id: str, itersize: int = 5000) -> Iterator[BatchOutput]:
+        """Every row of a final batch, ordered by line, read ``itersize`` at a time from a server-side
+        cursor: memory stays flat however large the batch. The read transaction stays open while the
+        caller iterates; closing the iterator early ends it."""
+        with self.store.tx() as tx, closing(tx.stream("batch_rows", itersize=itersize, id=batch_id)) as cursor:
+            for r in cursor:
+                yield batch_output(r)

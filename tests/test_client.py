@@ -741,3 +741,45 @@ def test_submit_200k_rows_from_a_generator_in_bounded_memory(jm: JobManager, dat
     assert peak < 16 * 2**20, peak
     assert elapsed < 60, elapsed  # a sanity bound, not a benchmark (tracemalloc slows allocation)
     print(f"200k rows: {elapsed:.1f} s, peak {peak / 2**20:.1f} MiB vs {materialised / 2**20:.0f} MiB materialised")
+
+
+def test_batch_rows_streams_a_final_batch_in_line_order(jm: JobManager, database_url: str) -> None:
+    """batch_rows gives what batch_done gives, row by row from a server-side cursor; memory stays flat (the
+    peak while reading 20,000 rows is a fraction of the materialised list); refused until final."""
+    jm.register_batch_processor(APP, "stream", Proc())
+    n = 20_000
+    bid = jm.batch_submit(APP, "stream", {"c": 1}, [BatchInput(i, {"x": i, "mode": "fail" if i % 7 == 0 else "ok"})
+                                                   for i in range(1, n + 1)])
+    with pytest.raises(InvalidState, match="once it is final"):
+        jm.batch_rows(bid)
+    from tests.procs import drain
+
+    drain(jm, APP, "stream")
+    done = jm.batch_done(bid)
+    assert done.rows is not None
+
+    gc.collect()
+    tracemalloc.start()
+    listed = jm.batch_done(bid).rows
+    materialised = tracemalloc.get_traced_memory()[1]
+    del listed
+    tracemalloc.stop()
+
+    gc.collect()
+    tracemalloc.start()
+    count, lines_in_order, last = 0, True, 0
+    for row, expected in zip(jm.batch_rows(bid), done.rows, strict=True):
+        assert row == expected
+        lines_in_order = lines_in_order and row.line > last
+        last, count = row.line, count + 1
+    streamed = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == n and lines_in_order
+    assert streamed < materialised / 3, (streamed, materialised)
+
+    # Closing early ends its read transaction: nothing is left open on the server.
+    it = jm.batch_rows(bid)
+    assert next(it).line == 1
+    it.close()
+    assert sql(database_url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND state = 'idle in transaction'") == [(0,)]
