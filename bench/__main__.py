@@ -24,7 +24,7 @@ import typer
 
 from alya import BatchInput, JobManager, JobManagerConfig
 from bench import engine_bench
-from bench.common import PG_SERVER, fresh_database, prefect_server
+from bench.common import PG_SERVER, fresh_database, prefect_server, wait_registered
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -73,15 +73,7 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
     conn = psycopg2.connect(url)
     conn.autocommit = True
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            with conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM workers")
-                if cur.fetchone()[0] >= workers:  # type: ignore[index]
-                    break
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError("workers did not start")
-            time.sleep(0.2)
+        wait_registered(conn, procs, workers)
         t = time.perf_counter()
         for bid in batch_ids:
             jm.wait_off(bid)

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -79,3 +80,17 @@ def prefect_server() -> Iterator[dict[str, str]]:
             proc.kill()
         log.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_registered(conn: Any, procs: list[Any], n: int, timeout: float = 180) -> None:
+    """Until ``n`` workers are in the ``workers`` table (each has started its engine); a worker process
+    that exits first, or a timeout, is an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM workers")
+            if cur.fetchone()[0] >= n:
+                return
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError("workers did not start")
+        time.sleep(0.2)

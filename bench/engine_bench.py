@@ -27,7 +27,7 @@ from typing import Any
 import psycopg2
 
 from alya import BatchInput, JobManager, JobManagerConfig
-from bench.common import fresh_database, prefect_server
+from bench.common import fresh_database, prefect_server, wait_registered
 
 
 @contextmanager
@@ -40,15 +40,7 @@ def _warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *
     conn = psycopg2.connect(url)
     conn.autocommit = True
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            with conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM workers")
-                if cur.fetchone()[0] >= n:  # type: ignore[index]
-                    break
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError("workers did not start")
-            time.sleep(0.2)
+        wait_registered(conn, procs, n)
         slots = int(env.get("ALYA_CONCURRENCY", "8"))
         ran: set[str] = set()
         for _ in range(20):  # until every worker has run a flow (each picks up work at its own pace)
