@@ -422,7 +422,9 @@ class Engine:
     def _claim_ended(self, c: Claimed, report: ChunkReport, log: Any) -> None:
         """Every row of the claim has an outcome written (or was skipped): give back the skipped ones, and
         finish the batch if this was its last open row."""
-        if c.lost:
+        if c.lost:  # its write-back failed for good; rows it never started must not stay inprog either
+            if c.skipped and not c.aborted and not self._release(c, c.skipped, quiet=True):
+                self._retire_identity(c.worker)
             return
         if c.skipped and not c.aborted:
             self._release(c, c.skipped, quiet=True)

@@ -3,11 +3,15 @@ raise BackendUnavailable from ``open_work`` and leave rows inprog with no worker
 a user runs it (tests/worker_main.py ``--idle``), is mid-batch when its PostgreSQL (a private one: the
 shared server is never stopped) goes down for 10 s. It must live through the outage, say that it is
 waiting, and once the server is back finish the batch by itself and exit 0: every row done exactly once
-in the counts, mark_done called once. The figures are printed (``pytest -s``)."""
+in the counts, mark_done called once. (A claim loop that failed mid-claim used to leave its claims held by
+the process, so the rows the restart left to recovery, which come back as suspects run only while nothing
+is held, were never claimed again: the worker never got idle and never returned.) The figures are printed
+(``pytest -s``)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +90,12 @@ def test_a_stop_when_idle_worker_rides_out_a_10_s_database_outage(mode: str, tmp
                 t_start = time.monotonic()
                 pg.start()
                 outage = time.monotonic() - t_stop
-                code = worker.wait(60)  # stop_when_idle: it returns by itself once the batch is done
+                try:  # stop_when_idle: it returns by itself once the batch is done
+                    code = worker.wait(60)
+                except subprocess.TimeoutExpired:
+                    left = sql(url, "SELECT status::text, suspect, count(*) FROM batchrows GROUP BY 1, 2 ORDER BY 1, 2")
+                    pytest.fail(f"the worker did not return within 60 s of the restart; rows (status, suspect, n): "
+                                f"{left}\n{out.read_text()[-3000:]}")
                 took = time.monotonic() - t_start
             finally:
                 if worker.poll() is None:
@@ -107,8 +116,8 @@ def test_a_stop_when_idle_worker_rides_out_a_10_s_database_outage(mode: str, tmp
             assert any(e.get("note") == "waiting for the database" for e in loop), [e for e in loop][:3]
             assert len(loop) <= 2 * OUTAGE_SEC + 5  # it waits about a second between tries
             assert any(e["event"] == "worker_stopped" for e in after)
-            assert not [e for e in after if e["event"] == "worker_loop_failed"
-                        and "connect" not in e.get("error", "").lower()]
+            # once the server is back (at most one try while it starts), the loop fails no more
+            assert len([e for e in after if e["event"] in ("worker_loop_failed", "flow_failed")]) <= 1
 
             # the batch: finished, every row counted once, mark_done called once
             s = jm.batch_status(bid)
