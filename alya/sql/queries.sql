@@ -160,8 +160,8 @@ SELECT 1 FROM batches WHERE id = %(batch)s FOR KEY SHARE;
 -- from using it.) A row changed since the look-up (an abort) has a new tuple id and is not written.
 WITH v AS MATERIALIZED (
     SELECT * FROM unnest(%(lines)s::int[], %(attempts)s::int[], %(statuses)s::text[], %(res)s::text[],
-                         %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[], %(finished)s::float8[])
-        AS v(line, attempts, status, res, messages, blobrows, delay, finished)
+                         %(messages)s::text[], %(blobrows)s::text[], %(delays)s::float8[])
+        AS v(line, attempts, status, res, messages, blobrows, delay)  -- `finished`: write_results_late only
 ), t AS MATERIALIZED (
     SELECT p.tid, v.* FROM v CROSS JOIN LATERAL (
         SELECT r.ctid AS tid FROM batchrows r
