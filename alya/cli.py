@@ -187,7 +187,7 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
         file_format(export)  # an unknown extension is refused before anything is read
         jm = _jm()
         rows = jm.batch_rows(batch_id)  # streamed: a million-row batch is never held in memory at once
-        n = export_rows(rows, export)
+        n = export_rows(rows, export, jm.services.objects.options_for(export))
         status = jm.batch_status(batch_id).status
         typer.echo(f"{n} rows of batch {batch_id} ({status.value}) written to {export}", err=True)
         return

@@ -338,7 +338,8 @@ class JobManager:
     def intake(self) -> Intake:
         """The file intake of this JobManager (its checkers); the methods below delegate to it."""
         return Intake(self.store, self.config.batchrowmax, lambda b: self._queued(b.app, b.op, b.id, b.ver,
-                                                                                    b.status, b.nrows))
+                                                                                    b.status, b.nrows),
+                      storage_options=self.services.objects.options_for)
 
     def register_file_checker(self, filetype: str, checker: FileChecker) -> None:
         self.intake.register_checker(filetype, checker)

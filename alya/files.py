@@ -109,7 +109,7 @@ class Folder:
             return []
         except NotADirectoryError:
             raise InvalidInput(f"not a folder: {self.url}") from None
-        except OSError as exc:
+        except Exception as exc:  # OSError, and what the store's client raises itself (botocore: no credentials)
             raise BackendUnavailable(f"cannot list {self.url}: {type(exc).__name__}: {exc}") from exc
         out = []
         for entry in entries:
@@ -172,7 +172,7 @@ def stat(url: str, storage_options: dict[str, Any] | None = None) -> FileInfo:
         entry = fs.info(path)
     except FileNotFoundError:
         raise InvalidInput(f"no file at {url}") from None
-    except OSError as exc:
+    except Exception as exc:  # OSError, and what the store's client raises itself (botocore: no credentials)
         raise BackendUnavailable(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
     if entry.get("type") != "file":
         raise InvalidInput(f"not a file: {url}")

@@ -73,14 +73,15 @@ class Intake:
     """The file intake of one JobManager: its checkers, and the store its batches and records go to.
 
     ``on_batch`` is called after each commit that stored a batch (the facade caches its summary and
-    dispatches a flow run); it must not raise."""
+    dispatches a flow run); it must not raise. ``storage_options`` gives the fsspec options for a URL
+    (the JobManager's, when the URL is on its object store's file system)."""
 
     def __init__(self, store: Store, batchrowmax: int, on_batch: Callable[[NewBatch], None],
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: Callable[[str], dict[str, Any]] | None = None) -> None:
         self.store = store
         self.batchrowmax = batchrowmax
         self.on_batch = on_batch
-        self.storage_options = dict(storage_options or {})
+        self.options_for = storage_options or (lambda url: {})
         self.checkers = FileCheckers()
 
     def register_checker(self, filetype: str, checker: FileChecker) -> None:
@@ -95,7 +96,7 @@ class Intake:
         ftype = validate.file_type(filetype)
         checker = self.checkers.get(ftype)
         ctx = validate.json_object(context if context is not None else {}, "context")
-        info = stat(url, self.storage_options)
+        info = stat(url, self.options_for(url))
         taken = self._take(info, ftype, checker, ctx, folder=None, wait=True)
         assert taken is not None  # waiting for the lock always gets it
         return taken.record.intake()
@@ -110,7 +111,7 @@ class Intake:
         checkers = {ftype: self.checkers.get(ftype) for ftype in dict.fromkeys(pats.values())}
         min_age = _min_age(min_age_sec)
         ctx = validate.json_object(context if context is not None else {}, "context")
-        folder = Folder(folder_url, self.storage_options)
+        folder = Folder(folder_url, self.options_for(folder_url))
         listed = [(info, ftype) for info in folder.files() if (ftype := _file_type_of(info.name, pats))]
         if not listed:
             return []
@@ -152,7 +153,7 @@ class Intake:
               folder: Folder | None, wait: bool) -> _Taken | None:
         """Claim, check, submit and record one file in one transaction. None: a scan found it claimed by
         another one. Otherwise its record, new or (``new=False``) the one an earlier taker committed."""
-        file = IncomingFile(info, self.storage_options)
+        file = IncomingFile(info, self.options_for(info.url))
         with self.store.tx() as tx:
             if wait:
                 tx.one("lock_file", url=info.url)

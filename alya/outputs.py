@@ -48,6 +48,16 @@ class ObjectStore:
         except (ValueError, TypeError, ImportError) as exc:
             raise ConfigError(url_error("ALYA_OBJECT_STORE_URL", url, f"{type(exc).__name__}: {exc}")) from None
         self._local = "file" in _protocols(self.fs)
+        self._storage_options = dict(storage_options or {})
+
+    def options_for(self, url: str) -> dict[str, Any]:
+        """The JobManager's ``storage_options`` when ``url`` is on the object store's file system (same
+        protocol), else none: a file to take in or an export on the same S3 needs the credentials and
+        endpoint given for the object store, while a local path must not get S3 options."""
+        if not self._storage_options:
+            return {}
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        return dict(self._storage_options) if protocol in _protocols(self.fs) else {}
 
     def _open(self, url: str) -> Any:
         path = self.root + url[len(self.url):]

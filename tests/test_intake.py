@@ -428,3 +428,60 @@ def test_bank_transactions_file_becomes_a_processed_batch(jm: JobManager, databa
     expected, refused = bank.expected_balances(txns, opening)
     assert jm.batch_status(fi.batch_id or "").nfailed == refused
     assert bank.read_balances(database_url, expected) == expected
+
+
+@pytest.fixture
+def fresh_s3_clients() -> Any:
+    """S3 file systems made while a test has taken the AWS_* variables away must not be reused later."""
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    yield
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+@pytest.mark.usefixtures("fresh_s3_clients")
+def test_s3_credentials_given_to_the_job_manager_reach_the_intake(
+        database_url: str, redis_url: str, s3_server: dict[str, str], s3_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JobManager configured with ``storage_options`` (no AWS_* variables) takes files in from its object
+    store's S3 with them; a local file is read without them."""
+    from tests.conftest import make_config
+
+    opts = {"key": s3_server["key"], "secret": s3_server["secret"], "endpoint_url": s3_server["endpoint"],
+            "client_kwargs": {"region_name": "us-east-1"}}
+    fsspec.filesystem("s3", **opts).pipe(f"{s3_url}/in.csv", b"id,name\n1,ann\n2,bo\n")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=f"{s3_url}/out",
+                    config=make_config(), storage_options=opts)
+    try:
+        jm.register_file_checker(FILE_TYPE, RowsChecker())
+        fi = jm.file_submit(f"{s3_url}/in.csv", FILE_TYPE)
+        assert (fi.status, fi.nrows) == ("submitted", 2)
+        local = write(tmp_path / "local.csv", "id\n7\n")
+        assert jm.file_submit(str(local), FILE_TYPE).status == "submitted"
+    finally:
+        jm.close()
+
+
+@pytest.mark.usefixtures("fresh_s3_clients")
+def test_a_store_that_refuses_us_is_backend_unavailable(
+        database_url: str, redis_url: str, s3_server: dict[str, str], s3_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials at all: the S3 client's own exception comes out as a typed AlyaError naming the file,
+    and nothing is recorded."""
+    from alya import BackendUnavailable
+    from tests.conftest import make_config
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    jm = JobManager(database_url=database_url, redis_url=redis_url, config=make_config())
+    try:
+        jm.register_file_checker(FILE_TYPE, RowsChecker())
+        before = services.sql(database_url, "SELECT count(*) FROM batch_files")
+        with pytest.raises(BackendUnavailable, match="in.csv"):
+            jm.file_submit(f"{s3_url}/in.csv", FILE_TYPE)
+        with pytest.raises(BackendUnavailable, match="cannot list"):
+            jm.intake_scan(f"{s3_url}/inbox", "*.csv=rows", min_age_sec=0)
+        assert services.sql(database_url, "SELECT count(*) FROM batch_files") == before
+    finally:
+        jm.close()
