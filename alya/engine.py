@@ -41,7 +41,7 @@ from alya.errors import AlyaError, ProcessorNotFound
 from alya.finishing import Finisher
 from alya.logs import get_logger, run_logger, status_change
 from alya.models import BatchStatus
-from alya.outcomes import Outcome, accepted, fault
+from alya.outcomes import Outcome, accepted, fault, stored_size
 from alya.records import AppLoad, BatchKind, BatchState, ClaimedRow, OpenBatch, WriteResult
 from alya.registry import Registration
 from alya.rowpool import Job, RowPool
@@ -422,12 +422,10 @@ class Engine:
     def _claim_ended(self, c: Claimed, report: ChunkReport, log: Any) -> None:
         """Every row of the claim has an outcome written (or was skipped): give back the skipped ones, and
         finish the batch if this was its last open row."""
-        if c.lost:  # its write-back failed for good; rows it never started must not stay inprog either
-            if c.skipped and not c.aborted and not self._release(c, c.skipped, quiet=True):
-                self._retire_identity(c.worker)
-            return
         if c.skipped and not c.aborted:
-            self._release(c, c.skipped, quiet=True)
+            self._release(c, c.skipped)
+        if c.lost:  # its write-back failed for good (its finished rows were given back already)
+            return
         if c.aborted:
             log.info("claim_stopped_batch_aborted", batch=c.batch, unstarted=len(c.skipped))
             return
@@ -505,8 +503,7 @@ class Engine:
             except AlyaError as exc:
                 log.warning("write_failed", batch=claimed.batch, attempt=attempt, error=str(exc))
                 if attempt == WRITE_TRIES:
-                    if not self._release(claimed, [o.line for o in outcomes], quiet=True):
-                        self._retire_identity(claimed.worker)
+                    self._release(claimed, [o.line for o in outcomes])
                     raise
                 time.sleep(delay)
                 delay *= 2
@@ -618,8 +615,10 @@ class Engine:
             self.svc.summaries.invalidate(batch, ver)
         return claimed
 
-    def _release(self, claimed: Claimed, lines: list[int], quiet: bool = False) -> bool:
-        """Give claimed rows back to the queue, their attempt restored (they were not tried)."""
+    def _release(self, claimed: Claimed, lines: list[int]) -> bool:
+        """Give claimed rows back to the queue, their attempt restored (they were not tried). If even that
+        fails, this worker stops vouching for them (a new identity): rows must never stay inprog under a
+        live heartbeat, and recovery requeues them after ALYA_RECOVERY_SEC as for a dead worker."""
         try:
             with self.svc.store.tx() as tx:
                 attempts = {r.line: r.attempts for r in claimed.rows}
@@ -629,9 +628,8 @@ class Engine:
                        payload=names.work_payload(claimed.app, claimed.op))
             return True
         except Exception as exc:
-            if not quiet:
-                raise
             self.log.error("release_failed", batch=claimed.batch, rows=len(lines), error=_describe(exc))
+            self._retire_identity(claimed.worker)
             return False
 
     def _retire_identity(self, worker: str) -> None:
@@ -749,7 +747,7 @@ def _by_size(outcomes: list[Outcome], limit: int) -> list[list[Outcome]]:
     parts: list[list[Outcome]] = [[]]
     size = 0
     for o in outcomes:
-        n = sum(len(t) for t in (o.res, o.messages, o.blobrows) if t is not None)
+        n = stored_size(o.res, o.messages, o.blobrows)
         if parts[-1] and size + n > limit:
             parts.append([])
             size = 0

@@ -13,7 +13,7 @@ from alya.models import BatchStatus
 from alya.names import batch_prefix
 from alya.records import BatchRecord, Counts, SlowQueryRow
 from alya.services import Services
-from alya.store import json_text
+from alya.store import Tx, json_text
 from alya.summary import record_summary
 
 
@@ -39,32 +39,43 @@ class Finisher:
             raise
 
     def _summarise(self, batch_id: str) -> bool:
+        return self._finish(batch_id, error=None)
+
+    def _finish(self, batch_id: str, error: str | None) -> bool:
+        """Lock the open batch, count its rows and store its end: with ``error`` None its real summary
+        (output files written, status from the counts); with an ``error`` (a summary given up) ``failed``
+        with no output files and that reason."""
         svc = self.svc
         with svc.store.tx() as tx:
             rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
-            if rec is None:
-                return False
-            if tx.value("has_open_rows", id=batch_id):
+            if rec is None or tx.value("has_open_rows", id=batch_id):
                 return False
             counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
-            status = counts.final_status
-            if rec.is_query:
-                q: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=batch_id)
-                outputfiles = q.outputfiles if q else {}
+            if error is not None:
+                status, outputfiles = BatchStatus.FAILED, {}
             else:
-                prefix = batch_prefix(svc.objects.url, rec.app, rec.op, batch_id)
-                blobrows = tx.stream("batch_blobrows", id=batch_id)
-                try:
-                    outputfiles = svc.objects.write_files(prefix, (b for (b,) in blobrows))
-                finally:
-                    blobrows.close()  # the server-side cursor, while its transaction is still open
+                status, outputfiles = counts.final_status, self._outputs(tx, rec)
             ver = tx.value("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,
                             nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles),
-                            error=None)
+                            error=error)
         status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
-                      nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles))
-        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles)
+                      nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles),
+                      **({"error": error} if error is not None else {}))
+        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles, error)
         return True
+
+    def _outputs(self, tx: Tx, rec: BatchRecord) -> dict[str, str]:
+        """A slow query's output files are its row's; a batch's are written from its blob rows, in line
+        order, while the batch row is locked (a failed upload rolls the summary back)."""
+        if rec.is_query:
+            q: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=rec.id)
+            return q.outputfiles if q else {}
+        prefix = batch_prefix(self.svc.objects.url, rec.app, rec.op, rec.id)
+        blobrows = tx.stream("batch_blobrows", id=rec.id)
+        try:
+            return self.svc.objects.write_files(prefix, (b for (b,) in blobrows))
+        finally:
+            blobrows.close()  # the server-side cursor, while its transaction is still open
 
     def _failed(self, batch_id: str, exc: AlyaError) -> bool:
         """Count a failed summary attempt; give the summary up (True) once the same error has repeated
@@ -97,17 +108,9 @@ class Finisher:
     def _give_up(self, batch_id: str, failures: int, seconds: float, error: str) -> bool:
         reason = (f"summary failed {failures} times over {seconds:.0f} s, the same way each time; the last: {error}; "
                   "output files were not written (every row's result is kept)")
-        with self.svc.store.tx() as tx:
-            rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
-            if rec is None or tx.value("has_open_rows", id=batch_id):
-                return False
-            counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
-            ver = tx.value("finish_batch", id=batch_id, status=BatchStatus.FAILED.value, nsuccess=counts.success,
-                            nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}", error=reason)
-        status_change(rec.app, rec.op, batch_id, BatchStatus.FAILED.value, old=rec.status.value,
-                      nsuccess=counts.success, nfailed=counts.failed, naborted=counts.aborted, error=reason)
-        self.log.error("summary_given_up", app=rec.app, op=rec.op, batch=batch_id, error=reason)
-        self.svc.summaries.put_new(batch_id, ver, BatchStatus.FAILED, rec.nrows, counts, {}, reason)
+        if not self._finish(batch_id, error=reason):
+            return False
+        self.log.error("summary_given_up", batch=batch_id, error=reason)
         return True
 
     def refresh_summary(self, batch_id: str) -> None:

@@ -53,11 +53,17 @@ def accepted(line: int, attempts: int, result: Any, is_query: bool) -> Outcome:
     res = None if result.result is None else json_text_strict(result.result, "result")
     msgs = json_text_strict(messages, "messages") if messages else None
     blob = None if blobs is None else json_text_strict(blobs, "blob rows")
-    size = sum(len(t) for t in (res, msgs, blob) if t is not None)
+    size = stored_size(res, msgs, blob)
     if size > MAX_RESULT_BYTES:  # a fault: it would be refused again on every retry, and fails alone
         raise ValueError(f"result too large: {size / 2**20:.1f} MiB of result, messages and blob rows; "
                          f"at most {MAX_RESULT_BYTES // 2**20} MiB per row")
     return Outcome(line, attempts, status.value, res, msgs, blob, 0.0, time.time())
+
+
+def stored_size(*texts: str | None) -> int:
+    """What a row's result, messages and blob rows take as stored JSON text (for the per-row limit and
+    for splitting large write-backs)."""
+    return sum(len(t) for t in texts if t is not None)
 
 
 def fault(line: int, attempts: int, error: str, max_attempts: int, backoff_sec: float) -> Outcome:
