@@ -5,8 +5,8 @@ Everything an application needs is importable from here; see README.md and the c
 
 from typing import Any
 
-from alya.client import JobManager
-from alya.errors import (
+from alya.api.client import JobManager
+from alya.core.errors import (
     AlyaError,
     BackendUnavailable,
     BatchNotFound,
@@ -16,9 +16,7 @@ from alya.errors import (
     InvalidState,
     ProcessorNotFound,
 )
-from alya.files import FileChecker, IncomingFile
-from alya.migrate import migrate_database
-from alya.models import (
+from alya.core.models import (
     BatchDetails,
     BatchDone,
     BatchInput,
@@ -32,14 +30,16 @@ from alya.models import (
     SlowQueryDone,
     SlowQueryResult,
 )
-from alya.registry import BatchProcessor, InitBlock, Initializer, SlowQueryProcessor
-from alya.settings import JobManagerConfig
+from alya.core.registry import BatchProcessor, InitBlock, Initializer, SlowQueryProcessor
+from alya.core.settings import JobManagerConfig
+from alya.db.migrate import migrate_database
+from alya.io.files import FileChecker, IncomingFile
 
 
 def __getattr__(name: str) -> Any:
     """``alya.batch_flow`` imports Prefect; a client that only submits and polls never pays for that."""
     if name == "batch_flow":
-        from alya.batchflow import batch_flow
+        from alya.prefect.flows import batch_flow
 
         return batch_flow
     raise AttributeError(f"module 'alya' has no attribute {name!r}")

@@ -132,7 +132,7 @@ def bank(rows: int = 100_000, batches: int = 10, workers: int = 2, accounts: int
         ids = [jm.batch_submit(ex.APP, ex.OP, {"user": "bench"},
                                [BatchInput(i, t) for i, t in enumerate(txns[s:s + size], 1)], wait=True)
                for s in range(0, rows, size)]
-        elapsed = _timed_release(url, penv, [sys.executable, "-m", "alya.cli", "worker", "flows.bank:jm"],
+        elapsed = _timed_release(url, penv, [sys.executable, "-m", "alya.cli.main", "worker", "flows.bank:jm"],
                                  workers, ids, {})
         expected, refused = ex.expected_balances(txns, opening)
         actual = ex.read_balances(url, expected)
@@ -206,7 +206,7 @@ def scale(rows: int = 2000, sleep_ms: int = 20, workers: str = "1,2,4", hosts: i
     rewritten) and ALYA_WORKER_THREADS (chunks at once per worker, one row at a time per chunk, today)."""
     import tempfile
 
-    from alya.logs import configure
+    from alya.core.logs import configure
     from tests.cluster import Cluster
     from tests.netns import unavailable
 

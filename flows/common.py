@@ -11,8 +11,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from alya import JobManager
-from alya.logs import get_logger
-from alya.store import sqlalchemy_url
+from alya.core.logs import get_logger
+from alya.db.store import sqlalchemy_url
 
 
 @functools.cache

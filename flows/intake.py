@@ -16,8 +16,8 @@ from typing import Any
 
 from prefect import flow
 
-from alya import names
-from alya.intakeflow import intake_dict, intake_pass, submit_file
+from alya.core import names
+from alya.prefect.intake import intake_dict, intake_pass, submit_file
 from flows import bank
 from flows.common import example_jobmanager
 

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from alya import names
+from alya.core import names
 from flows.common import deployment_of
 
 
@@ -37,7 +37,7 @@ def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
 def intake_deployments() -> list[Any]:
     """``alya-intake/alya``, every ALYA_INTAKE_EVERY_SEC when ALYA_INTAKE_URL is set (else unscheduled: a
     run needs a folder), and ``alya-submit-file/alya`` (run with parameters from the UI)."""
-    from alya.settings import IntakeSettings
+    from alya.core.settings import IntakeSettings
     from flows import intake
 
     settings = IntakeSettings()
@@ -56,7 +56,7 @@ def take_over(deployments: Iterable[Any]) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from alya.logs import get_logger
+    from alya.core.logs import get_logger
 
     taken = []
     with get_client(sync_client=True) as client:

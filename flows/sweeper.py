@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 
 from alya import JobManager
-from alya.names import SWEEPER_FLOW
+from alya.core.names import SWEEPER_FLOW
 from flows import bank, mail, report
 from flows.common import example_jobmanager
 
@@ -31,7 +31,7 @@ def sweep(jm: JobManager) -> dict[str, Any]:
 
 @flow(name=SWEEPER_FLOW, persist_result=False, log_prints=False, retries=0)
 def sweeper_flow() -> dict[str, Any]:
-    """Idempotent recovery of the alya database (see ``alya.recovery.cleanup``)."""
+    """Idempotent recovery of the alya database (see ``alya.engine.maintenance.cleanup``)."""
     from prefect import get_run_logger
 
     assert {bank.APP, mail.APP, report.APP} <= {r.app for r in jm.registry.batch_types()}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from alya.schema import metadata
-from alya.store import sqlalchemy_url
+from alya.db.schema import metadata
+from alya.db.store import sqlalchemy_url
 
 config = context.config
 url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(

@@ -189,7 +189,7 @@ ROOT = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
 def run_claim(jm: Any, claimed: Any) -> list[Any]:
     """Run a claim's rows on this thread, one by one, as the row pool would (tests that stage races
     between a claim, its outcomes and their write-back)."""
-    from alya.rowpool import Job
+    from alya.engine.rowpool import Job
 
     reg = jm.registry.processor(claimed.app, claimed.op)
     claimed.processor, claimed.initblock, claimed.log = reg.processor, None, jm.engine.log

@@ -19,8 +19,8 @@ import structlog.testing
 from redis.crc import key_slot
 
 from alya import BatchInput, BatchJobResult, BatchStatus, JobManager
-from alya.cache import StatusCache
-from alya.names import done_key, summary_key
+from alya.core.names import done_key, summary_key
+from alya.io.cache import StatusCache
 from tests.conftest import make_config
 from tests.services import sql
 

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alya import JobManager
-from alya.cli import app
+from alya.cli.main import app
 from tests import services
 from tests.procs import ROOT, Proc, drain
 
@@ -158,7 +158,7 @@ def test_user_errors_are_one_line_and_exit_2(env: None, tmp_path: Path, args: li
 
 def run_alya(*args: str, env: dict[str, str], cwd: str = ROOT,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "alya.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "alya.cli.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -194,7 +194,7 @@ def test_demo_on_embedded_defaults_leaves_nothing_running(tmp_path: Path) -> Non
     """What a newcomer runs: no ALYA_* or PREFECT_* set, in a fresh folder."""
     import time
 
-    from alya import embedded
+    from alya.db import embedded
 
     t = time.monotonic()
     res = run_alya("demo", "--rows", "300", "--row-ms", "1", env=clean_env(), cwd=str(tmp_path), timeout=300)

@@ -36,7 +36,7 @@ from alya import (
     SlowQueryDone,
     SlowQueryResult,
 )
-from alya.names import summary_key
+from alya.core.names import summary_key
 from tests import services
 from tests.conftest import make_config
 from tests.services import sql

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from alya import BatchStatus, JobManager
-from alya.store import Tx
+from alya.db.store import Tx
 from tests.conftest import make_config
 from tests.procs import Proc, rows, wait_until
 

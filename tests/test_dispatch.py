@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from alya import BatchInput, BatchStatus, JobManager
-from alya.dispatch import Dispatcher
+from alya.prefect.dispatch import Dispatcher
 from tests.conftest import make_config
 
 APP, OP = "disp", "work"

@@ -69,7 +69,7 @@ def test_all_success_is_success_and_mark_done_once(jm: JobManager) -> None:
     # summarising or notifying again changes nothing
     assert jm.engine.summarise(bid) is False
     assert jm.engine.notify(bid) is False
-    from alya.recovery import cleanup
+    from alya.engine.maintenance import cleanup
 
     cleanup(jm.engine, types=[("eng", "ok")])
     assert len(proc.done) == 1
@@ -223,9 +223,9 @@ def test_init_block_created_once_and_reused(database_url: str, redis_url: str, f
 
 def test_init_failure_leaves_rows_queued_without_spending_attempts(jm: JobManager,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import alya.engine
+    import alya.engine.engine
 
-    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.0)
+    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.0)
     init, proc = Init(fail_first=2), Proc()
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "initfail", proc)
@@ -244,9 +244,9 @@ def test_init_failure_leaves_rows_queued_without_spending_attempts(jm: JobManage
 
 
 def test_init_failure_is_retried_with_a_growing_delay(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    import alya.engine
+    import alya.engine.engine
 
-    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.3)
+    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.3)
     init = Init(broken=True)
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "backoff", Proc())
@@ -268,9 +268,9 @@ def test_init_failure_is_retried_with_a_growing_delay(jm: JobManager, monkeypatc
 
 
 def test_init_broken_leaves_rows_queued_not_failed(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    import alya.engine
+    import alya.engine.engine
 
-    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.0)
+    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.0)
     init, proc = Init(broken=True), Proc()
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "broken", proc)
@@ -287,7 +287,7 @@ def test_init_broken_leaves_rows_queued_not_failed(jm: JobManager, monkeypatch: 
 
 
 def test_mark_done_waits_for_a_working_init(jm: JobManager) -> None:
-    from alya.recovery import cleanup
+    from alya.engine.maintenance import cleanup
 
     init, proc = Init(), Proc()
     jm.register_initializer("eng", init)
@@ -320,14 +320,14 @@ def test_mark_done_errors_are_not_fatal(jm: JobManager) -> None:
     bid = jm.batch_submit("eng", "badmark", {}, rows(3))
     drain(jm, "eng", "badmark")
     assert jm.batch_status(bid).status is BatchStatus.SUCCESS and len(proc.done) == 1
-    from alya.recovery import cleanup
+    from alya.engine.maintenance import cleanup
 
     cleanup(jm.engine, types=[("eng", "badmark")])
     assert len(proc.done) == 1
 
 
 def test_no_processor_leaves_rows_queued(database_url: str, redis_url: str, file_store_url: str) -> None:
-    from alya.recovery import cleanup
+    from alya.engine.maintenance import cleanup
 
     jm = manager(database_url, redis_url, file_store_url)
     try:

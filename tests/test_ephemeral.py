@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from alya.reaper import TOKEN_VAR, reap, servers_of
+from alya.prefect.reaper import TOKEN_VAR, reap, servers_of
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="Linux /proc only")
 
@@ -73,7 +73,7 @@ def test_a_killed_worker_on_the_ephemeral_api_leaves_no_prefect_server(database_
             for pid, cmd in children(worker.pid):
                 if b"prefect.server.api.server" in cmd:
                     server = pid
-                elif b"alya.reaper" in cmd:
+                elif b"alya.prefect.reaper" in cmd:
                     watchdog = pid
             time.sleep(0.2)
         assert watchdog is not None, "no watchdog next to the ephemeral server"

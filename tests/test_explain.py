@@ -1,4 +1,4 @@
-"""Query plans of the hot queries on a loaded, analysed database: the named queries of ``alya.store`` must
+"""Query plans of the hot queries on a loaded, analysed database: the named queries of ``alya.db.store`` must
 walk their indexes, never scan batchrows sequentially (it holds every row of every batch)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from alya import BatchInput, JobManager
-from alya.store import queries
+from alya.db.store import queries
 from tests import services
 from tests.conftest import make_config
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from alya import BatchInput, InvalidInput, JobManager
-from alya.validate import MAX_LINE, json_text_strict
+from alya.core.validate import MAX_LINE, json_text_strict
 from tests.conftest import make_config
 from tests.services import sql
 

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from alya import BatchInput, BatchStatus, ConfigError, FileCheck, IncomingFile, InvalidInput, JobManager
-from alya.errors import ProcessorNotFound
-from alya.settings import IntakeSettings
+from alya.core.errors import ProcessorNotFound
+from alya.core.settings import IntakeSettings
 from tests import services
 from tests.intake_app import APP, FILE_TYPE, OP, RowsChecker
 
@@ -335,7 +335,7 @@ def test_intake_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatc
 FLOW_SCRIPT = """
 import json, sys
 from flows.intake import intake_flow, submit_file_flow
-from alya.errors import AlyaError
+from alya.core.errors import AlyaError
 out = {"taken": intake_flow(folder_url=sys.argv[1], patterns="*.csv=txn", min_age_sec=0)}
 try:
     submit_file_flow(file_url=sys.argv[1] + "/nothere.csv", file_type="txn")

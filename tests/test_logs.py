@@ -28,7 +28,7 @@ def test_a_bad_setting_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPat
                                                    allowed: str) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(ConfigError) as err:
-        from alya.settings import JobManagerConfig, LogSettings
+        from alya.core.settings import JobManagerConfig, LogSettings
 
         JobManagerConfig() if env != "ALYA_LOG_FORMAT" else LogSettings()  # type: ignore[call-arg]
     assert env in str(err.value) and allowed in str(err.value) and repr(value) in str(err.value)
@@ -45,7 +45,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, check=True)
 
 
-CODE = "from alya.logs import status_change; status_change('app1', 'op1', 'b-1', 'queued', nrows=3)"
+CODE = "from alya.core.logs import status_change; status_change('app1', 'op1', 'b-1', 'queued', nrows=3)"
 
 
 def test_json_lines_when_piped_and_console_when_asked() -> None:

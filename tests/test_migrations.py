@@ -1,5 +1,5 @@
 """Alembic migrations: from an empty database to head, idempotent, reversible, safe to run concurrently,
-and producing exactly the schema of ``alya.schema.metadata``."""
+and producing exactly the schema of ``alya.db.schema.metadata``."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from alya import migrate_database
-from alya.migrate import alembic_config
-from alya.schema import metadata
-from alya.store import sqlalchemy_url
+from alya.db.migrate import alembic_config
+from alya.db.schema import metadata
+from alya.db.store import sqlalchemy_url
 from tests import services
 
 

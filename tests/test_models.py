@@ -28,10 +28,10 @@ from alya import (
     ProcessorNotFound,
     SlowQueryDone,
     SlowQueryResult,
-    validate,
 )
-from alya.ingest import CopyStream, check_line, encode_input, iter_rows
-from alya.models import messages_from_json, require_status
+from alya.core import validate
+from alya.core.models import messages_from_json, require_status
+from alya.db.ingest import CopyStream, check_line, encode_input, iter_rows
 
 
 # ---------------------------------------------------------------------------------------------- contract surface

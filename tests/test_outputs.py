@@ -13,9 +13,9 @@ import fsspec
 import pytest
 
 from alya import BatchStatus, InvalidInput, JobManager
-from alya.names import batch_prefix
-from alya.outputs import ObjectStore, normalise_blobrows
-from alya.recovery import cleanup
+from alya.core.names import batch_prefix
+from alya.engine.maintenance import cleanup
+from alya.io.outputs import ObjectStore, normalise_blobrows
 from tests.conftest import make_config
 from tests.procs import FastProc, Proc, drain
 

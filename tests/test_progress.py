@@ -7,8 +7,8 @@ from __future__ import annotations
 import redis
 
 from alya import BatchStatus, JobManager
-from alya.names import summary_key
-from alya.summary import OPEN_TTL_SEC
+from alya.batch.status import OPEN_TTL_SEC
+from alya.core.names import summary_key
 from tests.procs import FastProc, rows
 
 

@@ -1,4 +1,4 @@
-"""alya.readers and alya.export on real files: every format, missing values, types, line numbers, chunks."""
+"""alya.io.readers and alya.io.export on real files: every format, missing values, types, line numbers, chunks."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from alya import BatchOutput, BatchStatus, ErrorMessage, InvalidInput
-from alya.export import export_rows
-from alya.readers import file_format, frames_to_inputs, read_frames
+from alya.io.export import export_rows
+from alya.io.readers import file_format, frames_to_inputs, read_frames
 
 
 def rows_of(path: Path | str, **kw: Any) -> list[tuple[int, dict[str, Any]]]:

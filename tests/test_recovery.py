@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from alya import BackendUnavailable, BatchStatus, JobManager
-from alya.recovery import cleanup
-from alya.store import Tx
+from alya.db.store import Tx
+from alya.engine.maintenance import cleanup
 from tests.conftest import make_config
 from tests.procs import Proc, drain, read_log, rows, run_claim, spawn_worker, wait_until
 

@@ -28,9 +28,9 @@ from alya import (
     InvalidInput,
     JobManager,
 )
-from alya.errors import ConnectionLost, DatabaseNotMigrated
-from alya.store import Store, Tx
-from alya.validate import json_text_strict, redact_url
+from alya.core.errors import ConnectionLost, DatabaseNotMigrated
+from alya.core.validate import json_text_strict, redact_url
+from alya.db.store import Store, Tx
 from tests import services
 from tests.conftest import make_config
 from tests.faults import private_postgres
@@ -487,7 +487,7 @@ def test_rows_whose_write_back_a_server_crash_lost_are_recovered_under_a_live_wo
     acknowledged, and its rows stay inprog under a worker that lives on. The heartbeat sees the server's
     new start time and the worker stops vouching for what it held before: recovery requeues those rows
     after ALYA_RECOVERY_SEC and they finish."""
-    from alya.recovery import cleanup
+    from alya.engine.maintenance import cleanup
     from tests.procs import Proc, drain, wait_until
 
     with private_postgres() as pg:

@@ -314,8 +314,9 @@ def test_a_result_too_large_fails_alone_and_large_write_backs_are_split(jm: JobM
                                                                        monkeypatch: Any) -> None:
     """A row whose result exceeds MAX_RESULT_BYTES is a fault (then failed, naming the limit), alone; a
     write-back larger than WRITE_PART_BYTES goes out in several statements of one transaction."""
-    from alya import engine, outcomes
-    from alya.store import Tx
+    from alya.batch import outcomes
+    from alya.db.store import Tx
+    from alya.engine import engine
 
     monkeypatch.setattr(outcomes, "MAX_RESULT_BYTES", 200_000)
     monkeypatch.setattr(engine, "WRITE_PART_BYTES", 250_000)

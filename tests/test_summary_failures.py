@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 import pytest
 
 from alya import BatchStatus, JobManager
-from alya.errors import BackendUnavailable
-from alya.finishing import _same_way
-from alya.names import batch_prefix
+from alya.batch.finish import _same_way
+from alya.core.errors import BackendUnavailable
+from alya.core.names import batch_prefix
 from tests.conftest import make_config
 from tests.procs import FastProc, rows
 

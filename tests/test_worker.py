@@ -235,10 +235,10 @@ def test_dispatched_flow_run_waits_out_a_failing_init(database_url: str, redis_u
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A flow run for one batch whose app's init() fails at first: it waits for the init retry instead of
     spinning through its task budget, and finishes the batch once init() works."""
-    import alya.engine
+    import alya.engine.engine
     from tests.procs import Init
 
-    monkeypatch.setattr(alya.engine, "INIT_RETRY_SEC", 0.3)
+    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.3)
     jm = manager(database_url, redis_url, file_store_url)
     try:
         init = Init(fail_first=2)

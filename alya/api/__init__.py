@@ -1,0 +1,1 @@
+"""The facade: JobManager, the client API of the contract."""

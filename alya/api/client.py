@@ -1,0 +1,439 @@
+"""JobManager: the client API of the contract (submit, append, wait-off, status, done, abort, list).
+
+Every call validates first, then writes in one transaction, then touches the cache and Prefect *after*
+the commit: a refusal or a crash can never leave a half-stored batch, and Redis only ever mirrors what
+PostgreSQL already holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Union
+
+from sqlalchemy.engine import make_url
+
+from alya.batch.intake import Intake
+from alya.batch.services import Services
+from alya.batch.status import Summaries, record_summary, row_counts
+from alya.core import names, validate
+from alya.core.errors import BatchNotFound, InvalidState
+from alya.core.logs import get_logger, status_change
+from alya.core.models import (
+    BatchDetails,
+    BatchDone,
+    BatchInput,
+    BatchOutput,
+    BatchStatus,
+    BatchSummary,
+    FileIntake,
+    SlowQueryDone,
+    messages_from_json,
+)
+from alya.core.records import BatchRecord, Counts, SlowQueryRow
+from alya.core.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
+from alya.core.settings import Backends, JobManagerConfig, default_object_store_url
+from alya.db.batches import copy_rows, insert_batch, insert_record, notify_work
+from alya.db.ingest import iter_rows
+from alya.db.store import Store, Tx, json_text, sqlalchemy_url
+from alya.engine.engine import Engine
+from alya.engine.maintenance import CleanupReport, cleanup
+from alya.io.cache import StatusCache
+from alya.io.files import FileChecker
+from alya.io.outputs import ObjectStore
+from alya.prefect import reaper
+from alya.prefect.dispatch import Dispatcher
+from alya.prefect.reaper import guard_ephemeral_server
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from prefect.flows import Flow
+
+Rows = Union[Iterable[BatchInput], Iterable[tuple[int, Any]], "pd.DataFrame"]
+
+
+class JobManager:
+    """The application's handle on alya: the contract's API, and the wiring of the layers below it
+    (store, cache, object store, summaries, engine, dispatcher), which it builds and delegates to.
+    Thread-safe; create one per process and share it."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        object_store_url: str | None = None,
+        config: JobManagerConfig | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        env = Backends()
+        self.config = config or JobManagerConfig()  # type: ignore[call-arg]  # the fields come from ALYA_* too
+        database_url = database_url or env.database_url
+        if not database_url:
+            from alya.db.embedded import embedded_database_url
+
+            store = Store(embedded_database_url)  # started on first use, not here
+        else:
+            store = Store(database_url)
+        cache = StatusCache(redis_url or env.redis_url, self.config.batchstatus_cachedur_sec)
+        objects = ObjectStore(object_store_url or env.object_store_url or default_object_store_url(),
+                              storage_options)
+        registry = Registry()
+        self.services = Services(
+            config=self.config, store=store, cache=cache, objects=objects,
+            summaries=Summaries(store, cache, self.config.done_cache_rows),
+            registry=registry, initblocks=InitBlocks(registry),
+        )
+        self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
+            else None
+        self._engine: Engine | None = None
+        self._flows: dict[tuple[str, str], Flow[..., Any]] = {}
+        self._migrated = False
+        get_logger().debug("jobmanager", database=_where(database_url) if database_url else "embedded",
+                           dispatch=self.config.dispatch)
+
+    @classmethod
+    def from_env(cls) -> JobManager:
+        """Everything from ALYA_* variables, with embedded defaults for what is unset."""
+        return cls()
+
+    # The backends, for applications and tests that look behind the API (e.g. the store's database URL).
+    @property
+    def store(self) -> Store:
+        return self.services.store
+
+    @property
+    def cache(self) -> StatusCache:
+        return self.services.cache
+
+    @property
+    def objects(self) -> ObjectStore:
+        return self.services.objects
+
+    @property
+    def registry(self) -> Registry:
+        return self.services.registry
+
+    @property
+    def initblocks(self) -> InitBlocks:
+        return self.services.initblocks
+
+    @property
+    def engine(self) -> Engine:
+        """The processing side of this JobManager (created on first use: clients never need it)."""
+        if self._engine is None:
+            self._engine = Engine(self.services)
+        return self._engine
+
+    # ------------------------------------------------------------------ registration
+    def register_initializer(self, app: str, initializer: Initializer) -> None:
+        self.registry.add_initializer(app, initializer)
+
+    def register_batch_processor(self, app: str, op: str, processor: BatchProcessor) -> None:
+        self.registry.add_processor(app, op, "B", processor)
+
+    def register_slowquery_processor(self, app: str, op: str, processor: SlowQueryProcessor) -> None:
+        self.registry.add_processor(app, op, "Q", processor)
+
+    # ------------------------------------------------------------------ batches
+    def batch_submit(
+        self,
+        app: str,
+        op: str,
+        context: dict[str, Any] | str,
+        rows: Rows,
+        wait: bool = False,
+        inputfile: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Store a batch and all its rows in one transaction (rows streamed through COPY). With an
+        ``idempotency_key`` already used by this app, the first batch's id is returned and nothing is
+        stored (the rows are not read); a concurrent call with the same key waits for the first."""
+        app, op = validate.app_name(app), validate.op_name(op)
+        ctx = validate.json_object(context, "context")
+        if inputfile is not None:
+            inputfile = validate.text_value(inputfile, "inputfile")
+        key = validate.idempotency_key(idempotency_key)
+        pairs = iter_rows(rows)
+        status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
+        with self.store.tx() as tx:
+            new = insert_batch(tx, app, op, ctx, pairs, status=status, inputfile=inputfile,
+                               max_rows=self.config.batchrowmax, idempotency_key=key)
+        if new.replayed:
+            get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
+            return new.id
+        status_change(app, op, new.id, status.value, nrows=new.nrows)
+        self._queued(app, op, new.id, new.ver, status, new.nrows)
+        return new.id
+
+    def batch_append(self, batch_id: str, rows: Rows, wait: bool = False) -> int:
+        """Add rows to a batch held in `wait`; `wait=False` then releases it. Returns the total rows."""
+        batch_id = validate.batch_id(batch_id)
+        pairs = iter_rows(rows)
+        with self.store.tx() as tx:
+            rec = _locked(tx, batch_id)
+            if rec.type != "B" or rec.status is not BatchStatus.WAIT:
+                raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
+            n = copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec.nrows)
+            total = rec.nrows + n
+            status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
+            ver = tx.value("set_nrows_status", id=batch_id, nrows=total, status=status.value)
+            if not wait:
+                notify_work(tx, rec.app, rec.op)
+        if not wait:
+            status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
+        self._queued(rec.app, rec.op, batch_id, ver, status, total)
+        return int(total)
+
+    def wait_off(self, batch_id: str) -> int:
+        """Release a batch held in `wait` to the workers; already queued is a no-op."""
+        batch_id = validate.batch_id(batch_id)
+
+        def release(tx: Tx) -> tuple[BatchRecord, int | None]:
+            rec = _locked(tx, batch_id)
+            if rec.status is BatchStatus.QUEUED:
+                return rec, None
+            if rec.status is not BatchStatus.WAIT:
+                raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
+            ver = tx.value("wait_off", id=batch_id)
+            notify_work(tx, rec.app, rec.op)
+            return rec, ver
+
+        rec, ver = self.store.run(release)
+        if ver is None:
+            return rec.nrows
+        status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
+        self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
+        return rec.nrows
+
+    def batch_status(self, batch_id: str) -> BatchSummary:
+        """Counts and status, from Redis when cached, else from PostgreSQL (and then cached)."""
+        return self.services.summaries.read(validate.batch_id(batch_id)).value
+
+    def batch_done(self, batch_id: str) -> BatchDone:
+        """The status, and once final every row ordered by line."""
+        batch_id = validate.batch_id(batch_id)
+        summary = self.services.summaries.read(batch_id)
+        s = summary.value
+        rows: list[BatchOutput] | None = None
+        if s.status.is_final:
+            rows = self.services.summaries.final_rows(batch_id, summary)
+        return BatchDone(status=s.status, rows=rows, outputfiles=s.outputfiles, nsuccess=s.nsuccess,
+                         nfailed=s.nfailed, naborted=s.naborted, error=s.error)
+
+    def batch_rows(self, batch_id: str) -> Iterator[BatchOutput]:
+        """Every row of a final batch ordered by line, streamed: ``batch_done`` returns them as one list,
+        which for a batch of millions of rows is gigabytes; this reads them a few thousand at a time from
+        a server-side cursor (exports, reports). Raises ``InvalidState`` until the batch is final.
+        Consume it fully or ``close()`` it: a read transaction is open meanwhile."""
+        batch_id = validate.batch_id(batch_id)
+        s = self.services.summaries.read(batch_id).value
+        if not s.status.is_final:
+            raise InvalidState(f"batch {batch_id} is {s.status.value}: its rows can be read once it is final")
+        return self.services.summaries.stream_rows(batch_id)
+
+    def batch_abort(self, batch_id: str) -> BatchSummary:
+        """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""
+        return self._abort(batch_id, None)
+
+    def batch_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
+        return self._list(app, op, age_days, "B")
+
+    # ------------------------------------------------------------------ slow queries
+    def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,
+                         input: dict[str, Any] | str, idempotency_key: str | None = None) -> str:
+        """A batch of exactly one row (line 0, type Q). ``idempotency_key``: as for ``batch_submit``."""
+        app, op = validate.app_name(app), validate.op_name(op)
+        ctx = validate.json_object(context, "context")
+        data = json_text(validate.json_object(input, "input"))
+        key = validate.idempotency_key(idempotency_key)
+        req_id = str(uuid.uuid4())
+
+        def submit(tx: Tx) -> tuple[str | None, int]:
+            first = insert_record(tx, key, id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
+                                  inputfile=None, status="queued")
+            if first is not None:
+                return first, 0
+            tx.run("insert_row", batch=req_id, line=0, input=data)
+            ver = tx.value("set_nrows_status", id=req_id, nrows=1, status="queued")
+            notify_work(tx, app, op)
+            return None, ver
+
+        first, ver = self.store.run(submit)
+        if first is not None:
+            get_logger().info("submit_replayed", app=app, op=op, batch=first, type="Q")
+            return first
+        status_change(app, op, req_id, "queued", type="Q")
+        self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
+        return req_id
+
+    def slowquery_done(self, req_id: str) -> SlowQueryDone:
+        req_id = validate.batch_id(req_id)
+        s = self.services.summaries.read(req_id).value
+        if not s.status.is_final:
+            return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
+        row: SlowQueryRow | None = self.store.run(lambda tx: tx.record(SlowQueryRow, "slowquery_row", id=req_id),
+                                                  readonly=True)
+        if row is None:
+            raise InvalidState(f"{req_id} is not a slow query")
+        return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
+                             outputfiles=s.outputfiles)
+
+    def slowquery_abort(self, req_id: str) -> None:
+        self._abort(req_id, "Q")
+
+    def slowquery_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
+        return self._list(app, op, age_days, "Q")
+
+    # ------------------------------------------------------------------ workers
+    def run(self, stop_when_idle: bool = False) -> None:
+        """Run this JobManager's batch-type flows in-process until stopped (or idle, if asked).
+
+        Without PREFECT_API_URL, Prefect runs a temporary server for this process; a watchdog process ends
+        it if this process is killed (``alya.prefect.reaper``). Long-running workers belong on a Prefect server."""
+        if guard_ephemeral_server() and not reaper.notice_shown:
+            get_logger().warning("prefect_ephemeral_api", advice="PREFECT_API_URL is unset: this worker runs "
+                                 "its own temporary Prefect server (ended by a watchdog if the worker is killed); "
+                                 "point long-running workers at a Prefect server")
+        from alya.prefect.flows import run_worker  # Prefect is imported only by processes that run flows
+
+        self._migrate_if_asked()
+        run_worker(self.engine, self._types, stop_when_idle=stop_when_idle, dispatcher=self.dispatcher)
+
+    def process_batches(self, app: str, op: str, batch_id: str | None = None) -> dict[str, Any]:
+        """The body of a batch-type flow (see ``alya.batch_flow``): process queued rows of batch
+        ``batch_id``, or of every batch of (app, op) when None, with the processors registered here."""
+        from alya.prefect.flows import run_batch
+
+        self._migrate_if_asked()
+        return run_batch(self.engine, validate.app_name(app), validate.op_name(op), batch_id, self.dispatcher,
+                         linger=0.0 if batch_id else self.config.linger_sec)
+
+    def flow(self, app: str, op: str) -> Flow[..., Any]:
+        """The Prefect flow of batch type (app, op), built in-process for the processors registered here."""
+        from alya.prefect.flows import make_batch_flow
+
+        key = (validate.app_name(app), validate.op_name(op))
+        if key not in self._flows:
+            self._flows[key] = make_batch_flow(self.engine, key[0], key[1], self.dispatcher)
+        return self._flows[key]
+
+    def cleanup(self, redispatch: bool = False) -> CleanupReport:
+        """One idempotent recovery pass (see ``alya.engine.maintenance.cleanup``); with ``redispatch`` and
+        ALYA_DISPATCH=prefect, queued batches that no live flow run serves get one (the sweeper's job)."""
+        report = cleanup(self.engine, types=self._types())
+        if redispatch and self.dispatcher is not None:
+            report.dispatched = self.dispatcher.redispatch_idle()
+        return report
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+        self.initblocks.close_all()
+        self.cache.close()
+        self.store.dispose()
+
+    # ------------------------------------------------------------------ file intake (alya.batch.intake)
+    @functools.cached_property
+    def intake(self) -> Intake:
+        """The file intake of this JobManager (its checkers); the methods below delegate to it."""
+        return Intake(self.store, self.config.batchrowmax, lambda b: self._queued(b.app, b.op, b.id, b.ver,
+                                                                                    b.status, b.nrows),
+                      storage_options=self.services.objects.options_for)
+
+    def register_file_checker(self, filetype: str, checker: FileChecker) -> None:
+        self.intake.register_checker(filetype, checker)
+
+    def file_submit(self, url_or_path: str, filetype: str, context: dict[str, Any] | str | None = None) -> FileIntake:
+        """Check one file and submit its batch; the file stays where it is (see ``Intake.file_submit``)."""
+        return self.intake.file_submit(url_or_path, filetype, context)
+
+    def intake_scan(self, folder_url: str, patterns: dict[str, str] | str, min_age_sec: float = 10) -> list[FileIntake]:
+        """One pass over a folder: matching files become batches exactly once (see ``Intake.scan``)."""
+        return self.intake.scan(folder_url, patterns, min_age_sec)
+
+    def file_list(self, age_days: int = 7) -> list[FileIntake]:
+        return self.intake.file_list(age_days)
+
+    # ------------------------------------------------------------------ internals
+    def _migrate_if_asked(self) -> None:
+        """ALYA_AUTO_MIGRATE: a worker brings the schema to head before its first claim (once per process;
+        safe from many processes at once: migrations serialise on an advisory lock)."""
+        if self.config.auto_migrate and not self._migrated:
+            from alya.db.migrate import migrate_database
+
+            migrate_database(self.store.database_url)
+            self._migrated = True
+
+    def _types(self) -> list[tuple[str, str]]:
+        return [(r.app, r.op) for r in self.registry.batch_types()]
+
+    def _queued(self, app: str, op: str, batch_id: str, ver: int, status: BatchStatus, nrows: int) -> None:
+        """After a commit that stored or released rows: cache the summary, and if the rows are now
+        queued, dispatch a flow run. Nothing here may raise: the call has already succeeded."""
+        self.services.summaries.put_new(batch_id, ver, status, nrows, Counts(queued=nrows))
+        if status is BatchStatus.QUEUED and self.dispatcher is not None:
+            try:
+                self.dispatcher.start_batch(app, op, batch_id)
+            except Exception as exc:  # a batch whose flow run could not be created stays queued for the sweeper
+                get_logger().warning("dispatch_failed", app=app, op=op, batch=batch_id,
+                                     error=f"{type(exc).__name__}")
+
+    def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
+        batch_id = validate.batch_id(batch_id)
+
+        def abort(tx: Tx) -> tuple[BatchRecord, BatchSummary | None, int, Counts, int]:
+            rec = _locked(tx, batch_id)
+            if type_ is not None and rec.type != type_:
+                raise InvalidState(f"{batch_id} is a batch, not a slow query")
+            if rec.status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
+                raise InvalidState(f"batch {batch_id} already ended {rec.status.value}")
+            if rec.status is BatchStatus.ABORTED:
+                return rec, record_summary(tx, rec).value, 0, Counts(), 0
+            n_aborted_now = tx.run("abort_rows", id=batch_id)
+            tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.abort_payload(batch_id))
+            counts = row_counts(tx, batch_id)
+            ver = tx.value(
+                "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
+                nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}", error=None,
+            )
+            return rec, None, n_aborted_now, counts, ver
+
+        rec, already, n_aborted_now, counts, ver = self.store.run(abort)
+        if already is not None:
+            return already
+        status_change(rec.app, rec.op, batch_id, "aborted", old=rec.status.value, rows_aborted=n_aborted_now)
+        summary = self.services.summaries.put_new(batch_id, ver, BatchStatus.ABORTED, rec.nrows, counts)
+        if self.dispatcher is not None:
+            self.dispatcher.cancel_batch(batch_id)  # never raises: the abort is committed
+            s = summary.value
+            self.dispatcher.record_abort(batch_id, {
+                "batch": batch_id, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
+                "nfailed": s.nfailed, "naborted": s.naborted})
+        return summary.value
+
+    def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:
+        app = validate.app_name(app)
+        op = validate.op_name(op) if op is not None else None
+        age_days = validate.age_days(age_days)
+        recs: list[BatchRecord] = self.store.run(
+            lambda tx: tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_, age_days=age_days),
+            readonly=True)
+        return [r.details() for r in recs]
+
+
+def _locked(tx: Tx, batch_id: str) -> BatchRecord:
+    rec: BatchRecord | None = tx.record(BatchRecord, "lock_batch", id=batch_id)
+    if rec is None:
+        raise BatchNotFound(f"no batch {batch_id}")
+    return rec
+
+
+def _where(database_url: str) -> str:
+    """host:port/database of a URL, for logs: never the URL itself (it may hold a password)."""
+    try:
+        u = make_url(sqlalchemy_url(database_url))
+    except Exception:
+        return "?"
+    return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database}"

@@ -1,0 +1,165 @@
+"""Finishing a batch, exactly once: its summary (counts, output files in line order, final status, cache)
+and then its ``mark_done``. Called by the engine after a write-back that may have been a batch's last,
+and by recovery for batches whose summary or notification was missed.
+"""
+
+from __future__ import annotations
+
+import re
+
+from alya.batch.services import Services
+from alya.batch.status import record_summary
+from alya.core.errors import AlyaError, ProcessorNotFound
+from alya.core.logs import get_logger, status_change
+from alya.core.models import BatchStatus
+from alya.core.names import batch_prefix
+from alya.core.records import BatchRecord, Counts, SlowQueryRow
+from alya.db.store import Tx, json_text
+
+
+class Finisher:
+    def __init__(self, services: Services) -> None:
+        self.svc = services
+        self.log = get_logger()
+
+    def summarise(self, batch_id: str) -> bool:
+        """Finish a batch whose rows are all final: counts, output files, status, cache (mark_done is the
+        caller's next step: ``Engine.summarise``).
+
+        Exactly once: the batch row is locked and re-read (READ COMMITTED gives each statement a fresh
+        snapshot), so the first summariser sees it open and every later one sees it final. Files are
+        written while the lock is held and before the status changes: a failed upload rolls back and
+        leaves the batch for the next attempt. A summary that keeps failing the same way is given up
+        (:meth:`_failed`): the batch then ends ``failed`` with the reason, instead of staying open for ever."""
+        try:
+            return self._summarise(batch_id)
+        except AlyaError as exc:
+            if self._failed(batch_id, exc):
+                return True
+            raise
+
+    def _summarise(self, batch_id: str) -> bool:
+        return self._finish(batch_id, error=None)
+
+    def _finish(self, batch_id: str, error: str | None) -> bool:
+        """Lock the open batch, count its rows and store its end: with ``error`` None its real summary
+        (output files written, status from the counts); with an ``error`` (a summary given up) ``failed``
+        with no output files and that reason."""
+        svc = self.svc
+        with svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "lock_open_batch", id=batch_id)
+            if rec is None or tx.value("has_open_rows", id=batch_id):
+                return False
+            counts = Counts.from_rows(tx.all("row_counts", id=batch_id))
+            if error is not None:
+                status, outputfiles = BatchStatus.FAILED, {}
+            else:
+                status, outputfiles = counts.final_status, self._outputs(tx, rec)
+            ver = tx.value("finish_batch", id=batch_id, status=status.value, nsuccess=counts.success,
+                            nfailed=counts.failed, naborted=counts.aborted, outputfiles=json_text(outputfiles),
+                            error=error)
+        status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
+                      nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles),
+                      **({"error": error} if error is not None else {}))
+        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles, error)
+        return True
+
+    def _outputs(self, tx: Tx, rec: BatchRecord) -> dict[str, str]:
+        """A slow query's output files are its row's; a batch's are written from its blob rows, in line
+        order, while the batch row is locked (a failed upload rolls the summary back)."""
+        if rec.is_query:
+            q: SlowQueryRow | None = tx.record(SlowQueryRow, "slowquery_row", id=rec.id)
+            return q.outputfiles if q else {}
+        prefix = batch_prefix(self.svc.objects.url, rec.app, rec.op, rec.id)
+        blobrows = tx.stream("batch_blobrows", id=rec.id)
+        try:
+            return self.svc.objects.write_files(prefix, (b for (b,) in blobrows))
+        finally:
+            blobrows.close()  # the server-side cursor, while its transaction is still open
+
+    def _failed(self, batch_id: str, exc: AlyaError) -> bool:
+        """Count a failed summary attempt; give the summary up (True) once the same error has repeated
+        ``summary_giveup_after`` times over at least ``summary_giveup_sec``.
+
+        Both, because an outage of the object store fails every attempt the same way too, and attempts are
+        frequent (every worker's cleanup tries every few seconds): only an error that outlasts any outage
+        worth waiting for is taken as permanent. Giving up keeps every row's result (``batch_done`` still
+        returns them) and ends the batch ``failed`` with no output files and the reason in ``error``;
+        mark_done is then called as for any finished batch. If even the count cannot be written (the
+        database is what fails), nothing is counted."""
+        cfg = self.svc.config
+        error = _same_way(exc)
+        try:
+            with self.svc.store.tx() as tx:
+                row = tx.one("summary_failed", id=batch_id, error=error)
+            if row is None:
+                return False
+            failures, seconds = int(row[0]), float(row[1])
+            if failures < cfg.summary_giveup_after or seconds < cfg.summary_giveup_sec:
+                self.log.warning("summary_failed_again", batch=batch_id, failures=failures,
+                                 seconds=round(seconds, 1), error=error,
+                                 gives_up_after=cfg.summary_giveup_after, gives_up_sec=cfg.summary_giveup_sec)
+                return False
+            return self._give_up(batch_id, failures, seconds, _describe(exc))
+        except AlyaError as again:
+            self.log.warning("summary_failure_not_counted", batch=batch_id, error=str(again))
+            return False
+
+    def _give_up(self, batch_id: str, failures: int, seconds: float, error: str) -> bool:
+        reason = (f"summary failed {failures} times over {seconds:.0f} s, the same way each time; the last: {error}; "
+                  "output files were not written (every row's result is kept)")
+        if not self._finish(batch_id, error=reason):
+            return False
+        self.log.error("summary_given_up", batch=batch_id, error=reason)
+        return True
+
+    def refresh_summary(self, batch_id: str) -> None:
+        """Cache the batch's summary as PostgreSQL has it now (after results kept past an abort)."""
+        with self.svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
+            summary = None if rec is None else record_summary(tx, rec)
+        if summary is not None:
+            self.svc.summaries.put(batch_id, summary)
+
+    def notify(self, batch_id: str) -> bool:
+        """Call mark_done once: the claim (notifiedat) is committed before the call, so no crash or race
+        can make it run twice. Only a process that has the processor claims it."""
+        svc = self.svc
+        with svc.store.tx() as tx:
+            rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
+        if rec is None:
+            return False
+        try:
+            reg = svc.registry.processor(rec.app, rec.op)
+        except ProcessorNotFound:
+            return False
+        if reg.type != rec.type:
+            return False
+        log = self.log.bind(app=rec.app, op=rec.op, batch=batch_id)
+        try:
+            initblock = svc.initblocks.get(rec.app)
+        except Exception as exc:  # not claimed: cleanup() tries again once init works
+            log.error("mark_done_init_failed", error=_describe(exc))
+            return False
+        with svc.store.tx() as tx:
+            if tx.one("claim_notify", id=batch_id) is None:
+                return False
+        try:
+            reg.processor.mark_done(initblock, rec.context, rec.details())
+            log.info("mark_done_called")
+        except Exception as exc:
+            log.error("mark_done_failed", error=_describe(exc))
+        return True
+
+
+_VARYING = re.compile(r"0x[0-9a-fA-F]+|[0-9a-fA-F]{8,}|\d+")
+
+
+def _same_way(exc: BaseException) -> str:
+    """The error as text with its numbers and ids blanked, so that failures differing only in a request
+    id, a port or a time count as the same way of failing."""
+    return _VARYING.sub("#", f"{type(exc).__name__}: {exc}")[:500]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

@@ -1,0 +1,1 @@
+"""The ``alya`` command and its demo."""

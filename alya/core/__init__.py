@@ -1,0 +1,1 @@
+"""Values everything may use: errors, the contract's types, settings, names, typed records, logs."""

@@ -1,0 +1,178 @@
+"""Value types of the public contract. Frozen dataclasses: they are built millions of times on the hot
+path, where pydantic validation would cost more than the work itself."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from alya.core.errors import InvalidInput
+
+
+class BatchStatus(enum.StrEnum):
+    """The one status enum, for batches and for rows (rows never take `wait`)."""
+
+    WAIT = "wait"
+    QUEUED = "queued"
+    INPROG = "inprog"
+    SUCCESS = "success"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED})
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInput:
+    line: int
+    input: dict[str, Any] | str | bytes  # an object, or its JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    msgid: int
+    errcode: str
+    field: str | None = None
+    vals: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"msgid": self.msgid, "errcode": self.errcode}
+        if self.field is not None:
+            d["field"] = self.field
+        if self.vals is not None:
+            d["vals"] = list(self.vals)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ErrorMessage:
+        return cls(msgid=int(d["msgid"]), errcode=str(d["errcode"]), field=d.get("field"), vals=d.get("vals"))
+
+
+def messages_from_json(raw: list[dict[str, Any]] | None) -> list[ErrorMessage]:
+    return [ErrorMessage.from_dict(m) for m in raw or []]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJobResult:
+    status: BatchStatus
+    result: dict[str, Any] | None = None
+    messages: list[ErrorMessage] = field(default_factory=list)
+    blobrows: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SlowQueryResult:
+    status: BatchStatus
+    result: dict[str, Any] | None = None
+    messages: list[ErrorMessage] = field(default_factory=list)
+    outputfiles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutput:
+    line: int
+    status: BatchStatus
+    res: dict[str, Any] | None
+    messages: list[ErrorMessage]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    status: BatchStatus
+    rows: Sequence[BatchOutput] | None
+    outputfiles: dict[str, str]
+    nsuccess: int
+    nfailed: int
+    naborted: int
+    error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    status: BatchStatus
+    outputfiles: dict[str, str]
+    nrows: int
+    nsuccess: int
+    nfailed: int
+    naborted: int
+    nqueued: int
+    ninprog: int
+    error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
+
+
+@dataclass(frozen=True, slots=True)
+class SlowQueryDone:
+    status: BatchStatus
+    result: dict[str, Any] | None
+    messages: list[ErrorMessage]
+    outputfiles: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDetails:
+    id: str
+    app: str
+    op: str
+    type: str
+    status: BatchStatus
+    context: dict[str, Any]
+    inputfile: str | None
+    reqat: datetime
+    doneat: datetime | None
+    outputfiles: dict[str, str]
+    nrows: int
+    nsuccess: int
+    nfailed: int
+    naborted: int
+    error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
+
+
+def require_status(value: Any) -> BatchStatus:
+    """Turn what a processor returned into a status, refusing anything that is not one."""
+    try:
+        return value if isinstance(value, BatchStatus) else BatchStatus(value)
+    except ValueError:
+        raise InvalidInput(f"not a batch status: {value!r}") from None
+
+
+# ---------------------------------------------------------------------------- file intake
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    """A file checker's verdict on one file. ``ok=False`` rejects the file (``error`` says why). ``ok=True``
+    submits it as a batch of (app, op) with ``context`` (None: the context given to the intake) and ``rows``:
+    BatchInputs, (line, input) tuples, a DataFrame or an iterator of DataFrames (each row's columns become
+    its input object; line = 1.. in file order, or the column ``line``), or None for the file's own rows
+    (``file.frames()``). Rows are read lazily, while they are copied into the batch."""
+
+    ok: bool
+    app: str = ""
+    op: str = ""
+    context: dict[str, Any] | None = None
+    rows: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileIntake:
+    """What happened to one file: ``submitted`` as batch ``batch_id``, or ``rejected`` with ``error``.
+    ``url`` is where the file lies now (``<folder>/done/<batch_id>/<name>``, ``<folder>/failed/<name>``, or
+    where it was found until it has been moved); ``source`` is where it was found."""
+
+    url: str
+    filetype: str
+    status: str  # "submitted" | "rejected"
+    batch_id: str | None
+    size: int
+    error: str | None
+    reqat: datetime
+    source: str = ""
+    nrows: int = 0
+    moved: bool = False

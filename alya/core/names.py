@@ -1,0 +1,125 @@
+"""Every name alya gives to something outside Python, in one place: Redis keys, PostgreSQL channels,
+Prefect flows, deployments, flow-run tags and names, artifact keys, object-store paths.
+
+Two processes that must agree on a name (a client that caches a summary and a worker that invalidates it,
+a dispatcher that creates a flow run and a deployment that serves it) both call the function here, so a
+name can never drift between them.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------- Redis
+# Every key of a batch carries the batch id as a Redis Cluster hash tag ({...}), so all of one batch's keys
+# live in one slot. Values are JSON with a "ver" field (see alya.io.cache); any key may be deleted at any time.
+
+
+def summary_key(batch_id: str) -> str:
+    """The batch's summary (status, counts, output files): what batch_status / batch_done read first."""
+    return f"alya:{{{batch_id}}}:summary"
+
+
+def done_key(batch_id: str) -> str:
+    """Every row of a small final batch (batch_done's rows), so repeated polls skip PostgreSQL."""
+    return f"alya:{{{batch_id}}}:done"
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+WORK_CHANNEL = "alya_work"
+"""LISTEN/NOTIFY channel: a commit that makes rows claimable notifies it with the payload ``app/op``."""
+
+
+def work_payload(app: str, op: str) -> str:
+    return f"{app}/{op}"
+
+
+ABORT_PREFIX = "abort:"
+
+
+def abort_payload(batch_id: str) -> str:
+    """Sent on WORK_CHANNEL by an abort: workers stop starting the batch's rows at once, not at their next
+    flush (so at most the rows already running are done but recorded aborted)."""
+    return f"{ABORT_PREFIX}{batch_id}"
+
+
+# ---------------------------------------------------------------------------- Prefect
+SWEEPER_FLOW = "alya-sweeper"
+DEFAULT_DEPLOYMENT = "alya"  # ALYA_DEPLOYMENT_NAME's default
+TAG = "alya"  # every flow run and deployment alya makes carries it
+
+
+def flow_name(app: str, op: str) -> str:
+    """The Prefect flow of batch type (app, op): each batch type is one flow."""
+    return f"alya-{app}-{op}".replace("_", "-").replace(".", "-")
+
+
+def deployment_name(app: str, op: str, deployment: str = DEFAULT_DEPLOYMENT) -> str:
+    """``{flow}/{deployment}``: the full name the dispatcher looks up and ``prefect.yaml`` declares."""
+    return f"{flow_name(app, op)}/{deployment}"
+
+
+def batch_tag(batch_id: str) -> str:
+    """The tag that finds a batch's flow runs (to cancel them on abort, or see that one is live)."""
+    return f"alya-batch:{batch_id}"
+
+
+def batch_of_tag(tag: str) -> str | None:
+    prefix = "alya-batch:"
+    return tag[len(prefix):] if tag.startswith(prefix) else None
+
+
+def type_tags(app: str, op: str) -> list[str]:
+    """Tags of a batch type's deployments and runs (filter by app or op in the Prefect UI)."""
+    return [TAG, f"alya-app:{app}", f"alya-op:{op}"]
+
+
+def run_tags(app: str, op: str, batch_id: str) -> list[str]:
+    return [*type_tags(app, op), batch_tag(batch_id)]
+
+
+def run_name(app: str, op: str, batch_id: str) -> str:
+    return f"{app}-{op}-{batch_id}"
+
+
+def dispatch_key(batch_id: str, event: str) -> str:
+    """Idempotency key of a flow run created for ``event`` (release, continue:<run>, sweep:<minute>)."""
+    return f"alya:{batch_id}:{event}"
+
+
+def progress_artifact_key(batch_id: str) -> str:
+    """Prefect artifact keys allow lower-case letters, digits and dashes only."""
+    return f"alya-progress-{batch_id}"
+
+
+def summary_artifact_key(batch_id: str) -> str:
+    return f"alya-summary-{batch_id}"
+
+
+# ---------------------------------------------------------------------------- object store
+
+
+def batch_prefix(root_url: str, app: str, op: str, batch_id: str) -> str:
+    """Where a batch's output files go: ``{root}/{app}/{op}/{batch}/{file}``."""
+    return f"{root_url.rstrip('/')}/{app}/{op}/{batch_id}"
+
+
+# ---------------------------------------------------------------------------- file intake
+INTAKE_FLOW = "alya-intake"
+"""The scheduled flow that runs one intake pass over ALYA_INTAKE_URL (deployment ``alya-intake/alya``)."""
+SUBMIT_FILE_FLOW = "alya-submit-file"
+"""The flow that makes one file (URL, file type, context) a batch: run it from the Prefect UI."""
+INTAKE_ARTIFACT_KEY = "alya-intake"
+"""The table artifact of the files one intake run took (one version per run)."""
+SUBMIT_FILE_ARTIFACT_KEY = "alya-submit-file"
+INTAKE_TAGS = [TAG, "alya-intake"]
+DONE_FOLDER = "done"
+FAILED_FOLDER = "failed"
+
+
+def intake_done_url(folder_url: str, batch_id: str, name: str) -> str:
+    """Where a submitted file goes: ``<folder>/done/<batch_id>/<name>``."""
+    return f"{folder_url.rstrip('/')}/{DONE_FOLDER}/{batch_id}/{name}"
+
+
+def intake_failed_url(folder_url: str, name: str) -> str:
+    """Where a rejected file goes: ``<folder>/failed/<name>``."""
+    return f"{folder_url.rstrip('/')}/{FAILED_FOLDER}/{name}"

@@ -1,0 +1,247 @@
+"""Typed records of what the store reads, so that no module above it indexes a raw row tuple.
+
+Each record's ``COLUMNS`` is the one place its column list is written: ``alya.db.store`` substitutes it into
+the SQL (``{batch_columns}`` in ``sql/queries.sql``), and ``from_row`` reads the columns in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from alya.core.models import BatchDetails, BatchOutput, BatchStatus, FileIntake, messages_from_json
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """One row of ``batches``."""
+
+    id: str
+    app: str
+    op: str
+    type: str  # "B" batch, "Q" slow query
+    status: BatchStatus
+    context: dict[str, Any]
+    inputfile: str | None
+    reqat: datetime
+    doneat: datetime | None
+    outputfiles: dict[str, str]
+    nrows: int
+    nsuccess: int
+    nfailed: int
+    naborted: int
+    ver: int
+    error: str | None  # why a failed batch has no summary (it kept failing), else None
+
+    COLUMNS = ("id, app, op, type, status::text, context, inputfile, reqat, doneat, outputfiles, "
+               "nrows, nsuccess, nfailed, naborted, ver, error")
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchRecord:
+        (id_, app, op, type_, status, context, inputfile, reqat, doneat, outputfiles, nrows, nsuccess, nfailed,
+         naborted, ver, error) = row
+        return cls(str(id_), app, op, type_, BatchStatus(status), context, inputfile, reqat, doneat,
+                   outputfiles or {}, nrows, nsuccess, nfailed, naborted, ver, error)
+
+    @property
+    def is_query(self) -> bool:
+        return self.type == "Q"
+
+    def details(self) -> BatchDetails:
+        return BatchDetails(
+            id=self.id, app=self.app, op=self.op, type=self.type, status=self.status, context=self.context,
+            inputfile=self.inputfile, reqat=self.reqat, doneat=self.doneat, outputfiles=self.outputfiles,
+            nrows=self.nrows, nsuccess=self.nsuccess, nfailed=self.nfailed, naborted=self.naborted,
+            error=self.error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBatch:
+    """A batch with rows to claim, as the claim sees it."""
+
+    id: str
+    status: BatchStatus
+    context: dict[str, Any]
+    ver: int
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> OpenBatch:
+        return cls(str(row[0]), BatchStatus(row[1]), row[2], int(row[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """A row this worker now holds: its input as JSON text, and the attempt it was claimed at (a write-back
+    is accepted only at that attempt)."""
+
+    line: int
+    input: str
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> ClaimedRow:
+        return cls(int(row[0]), row[1], int(row[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredRow:
+    batch: str
+    line: int
+    status: str  # queued (given to others) or failed (out of attempts)
+    worker: str | None
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> RecoveredRow:
+        return cls(str(row[0]), int(row[1]), row[2], row[3])
+
+
+@dataclass(frozen=True, slots=True)
+class SlowQueryRow:
+    status: BatchStatus
+    res: dict[str, Any] | None
+    messages: list[dict[str, Any]] | None
+    outputfiles: dict[str, str]  # a slow query's output files are stored in its row's blobrows column
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> SlowQueryRow:
+        return cls(BatchStatus(row[0]), row[1], row[2], row[3] or {})
+
+
+def batch_output(row: tuple[Any, ...]) -> BatchOutput:
+    """A row of ``batch_rows`` (line, status, res, messages) as the contract's BatchOutput."""
+    line, status, res, messages = row
+    return BatchOutput(line=line, status=BatchStatus(status), res=res, messages=messages_from_json(messages))
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Rows of a batch by status."""
+
+    queued: int = 0
+    inprog: int = 0
+    success: int = 0
+    failed: int = 0
+    aborted: int = 0
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[Any, ...]]) -> Counts:
+        return cls(**{status: int(n) for status, n in rows})
+
+    @property
+    def final_status(self) -> BatchStatus:
+        """The status of a batch whose rows are all final (and that was not aborted)."""
+        return BatchStatus.SUCCESS if self.failed == 0 and self.aborted == 0 else BatchStatus.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One row of ``batch_files``: a file taken by the intake (see ``alya.batch.intake``)."""
+
+    id: str
+    url: str  # where the file was found
+    size: int
+    version: str  # its ETag, else its modification time
+    filetype: str
+    status: str  # submitted | rejected
+    batch: str | None
+    nrows: int
+    error: str | None
+    dest: str | None  # where it is moved after the commit (None: left where it is)
+    movedat: datetime | None
+    reqat: datetime
+
+    COLUMNS = "id, url, size, version, filetype, status, batch, nrows, error, dest, movedat, reqat"
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> FileRecord:
+        (id_, url, size, version, filetype, status, batch, nrows, error, dest, movedat, reqat) = row
+        return cls(str(id_), url, int(size), version, filetype, status, None if batch is None else str(batch),
+                   int(nrows), error, dest, movedat, reqat)
+
+    def intake(self) -> FileIntake:
+        moved = self.dest is not None and self.movedat is not None
+        return FileIntake(url=self.dest if moved and self.dest else self.url, filetype=self.filetype,
+                          status=self.status, batch_id=self.batch, size=self.size, error=self.error,
+                          reqat=self.reqat, source=self.url, nrows=self.nrows, moved=moved)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What a write-back did: the batch's status (an abort check), rows written, of those rows written
+    after an abort (kept results), and the batch's new version when that moved its counts."""
+
+    status: str | None
+    written: int
+    late: int
+    ver: int | None
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> WriteResult:
+        return cls(row[0], int(row[1]), int(row[2]), row[3])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRef:
+    """A batch by id and type (app, op): what the sweeper dispatches."""
+
+    id: str
+    app: str
+    op: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchRef:
+        return cls(str(row[0]), row[1], row[2])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKind:
+    """A batch type and kind (B batch, Q slow query) with work to claim."""
+
+    app: str
+    op: str
+    type: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchKind:
+        return cls(row[0], row[1], row[2])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchState:
+    id: str
+    status: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchState:
+        return cls(str(row[0]), row[1])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKeyed:
+    """The batch that first used an idempotency key."""
+
+    id: str
+    op: str
+    type: str
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> BatchKeyed:
+        return cls(str(row[0]), row[1], row[2])
+
+
+@dataclass(frozen=True, slots=True)
+class AppLoad:
+    """An app's rows in progress (all workers, and the asking one) and the live workers: for app limits."""
+
+    total: int
+    mine: int
+    live_workers: int
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> AppLoad:
+        return cls(int(row[0]), int(row[1]), int(row[2]))
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.total, self.mine, self.live_workers

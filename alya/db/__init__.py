@@ -1,0 +1,1 @@
+"""PostgreSQL: the transport, the typed queries, the schema and its migrations."""

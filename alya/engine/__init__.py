@@ -1,0 +1,1 @@
+"""The processing engine: worker identity, claims, row execution, write-back, maintenance."""

@@ -1,0 +1,82 @@
+"""Wake-ups instead of polls: one LISTEN connection per worker process (PostgreSQL LISTEN/NOTIFY on
+``alya.core.names.WORK_CHANNEL``), and any number of threads waiting for "work was queued".
+
+Every commit that makes rows claimable (submit, append, wait-off, a slow query, recovery) notifies the
+channel; an idle worker loop or a lingering flow run wakes within milliseconds instead of at its next
+poll. Polling stays the fallback: a missed or failed notification costs at most one poll interval.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from alya.core.errors import AlyaError
+from alya.core.logs import get_logger
+from alya.core.names import ABORT_PREFIX, WORK_CHANNEL
+from alya.db.store import Listener, Store
+
+
+class Waker:
+    def __init__(self, store: Store) -> None:
+        self._listener = Listener(store, WORK_CHANNEL)
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.on_abort: Callable[[str], None] | None = None  # called with the batch id of each abort
+
+    def start(self) -> None:
+        self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._listen, name="alya-waker", daemon=True)
+                self._thread.start()
+
+    def _listen(self) -> None:
+        failed_at = 0.0
+        while not self._stop.is_set():
+            try:
+                payloads = self._listener.wait(0.5)
+            except AlyaError as exc:
+                if time.monotonic() - failed_at > 60:  # one line a minute, not one per retry
+                    get_logger().warning("wakeups_unavailable", error=str(exc), note="polling instead")
+                failed_at = time.monotonic()
+                self._stop.wait(2.0)
+                continue
+            work = [p for p in payloads if not p.startswith(ABORT_PREFIX)]
+            for p in payloads:
+                if p.startswith(ABORT_PREFIX) and self.on_abort is not None:
+                    try:
+                        self.on_abort(p[len(ABORT_PREFIX):])
+                    except Exception as exc:  # never let a callback stop the wake-ups
+                        get_logger().warning("abort_callback_failed", error=str(exc))
+            if work:
+                with self._cond:
+                    self._generation += 1
+                    self._cond.notify_all()
+
+    def generation(self) -> int:
+        """Take this before looking for work; ``wait(since=...)`` then returns at once if a notification
+        arrived in between (none is lost between the look and the wait)."""
+        self._ensure_started()
+        return self._generation
+
+    def wait(self, timeout: float, since: int | None = None) -> bool:
+        """Wait until work is notified (True) or ``timeout`` passes (False)."""
+        self._ensure_started()
+        with self._cond:
+            start = self._generation if since is None else since
+            return self._cond.wait_for(lambda: self._generation != start, timeout=max(0.0, timeout))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        self._listener.close()

@@ -1,0 +1,1 @@
+"""The other external systems: Redis (the status cache), the object store, files of rows."""

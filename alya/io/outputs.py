@@ -1,0 +1,111 @@
+"""Output files in the object store (any fsspec URL). The only module that touches fsspec.
+
+Files are streamed: blob rows arrive in line order from a server-side cursor and are written to open
+fsspec files (s3fs uploads 5 MB parts as they fill), so memory stays flat however large the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+
+from alya.core.errors import BackendUnavailable, ConfigError, InvalidInput
+from alya.core.validate import file_name, url_error
+
+WRITE_BLOCK = 5 * 2**20
+
+
+def normalise_blobrows(blobrows: Any) -> dict[str, str] | None:
+    """What the processor returned, reduced to what will be written: names checked, values stripped
+    with one newline each, empty values dropped. None when nothing is left."""
+    if not blobrows:
+        return None
+    if not isinstance(blobrows, dict):
+        raise InvalidInput(f"blobrows must be a dict of file name to text, got {type(blobrows).__name__}")
+    out: dict[str, str] = {}
+    for name, value in blobrows.items():
+        file_name(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidInput(f"blob row for {name!r} must be text, got {type(value).__name__}")
+        text = value.strip()
+        if text:
+            out[name] = text + "\n"
+    return out or None
+
+
+class ObjectStore:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(url_error("ALYA_OBJECT_STORE_URL", str(url), "not a URL: give an fsspec URL such as "
+                                        "s3://bucket/prefix or file:///absolute/path"))
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ValueError, TypeError, ImportError) as exc:
+            raise ConfigError(url_error("ALYA_OBJECT_STORE_URL", url, f"{type(exc).__name__}: {exc}")) from None
+        self._local = "file" in _protocols(self.fs)
+        self._storage_options = dict(storage_options or {})
+
+    def options_for(self, url: str) -> dict[str, Any]:
+        """The JobManager's ``storage_options`` when ``url`` is on the object store's file system (same
+        protocol), else none: a file to take in or an export on the same S3 needs the credentials and
+        endpoint given for the object store, while a local path must not get S3 options."""
+        if not self._storage_options:
+            return {}
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        return dict(self._storage_options) if protocol in _protocols(self.fs) else {}
+
+    def _open(self, url: str) -> Any:
+        path = self.root + url[len(self.url):]
+        if self._local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        # 5 MiB parts (S3's minimum): s3fs would otherwise buffer 50 MiB per open file before uploading
+        return self.fs.open(path, "wb", block_size=WRITE_BLOCK)
+
+    def write_files(self, prefix: str, blobrows: Iterable[dict[str, str]]) -> dict[str, str]:
+        """Append each row's values to its named files, in the order given; returns name -> URL.
+
+        A failure anywhere raises BackendUnavailable; the caller then leaves the batch unsummarised so
+        that the whole file set is written again later (objects are overwritten, never appended to)."""
+        handles: dict[str, Any] = {}
+        urls: dict[str, str] = {}
+        try:
+            for row in blobrows:
+                for name, text in row.items():
+                    if not text:
+                        continue
+                    fh = handles.get(name)
+                    if fh is None:
+                        urls[name] = f"{prefix}/{name}"
+                        fh = handles[name] = self._open(urls[name])
+                    fh.write(text.encode())
+            for name in list(handles):
+                handles.pop(name).close()
+        except Exception as exc:
+            for fh in handles.values():
+                _discard(fh)
+            raise BackendUnavailable(f"object store write failed: {type(exc).__name__}: {exc}") from exc
+        return urls
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _discard(fh: Any) -> None:
+    """Drop a half-written object: an aborted multipart upload leaves nothing behind on S3."""
+    try:
+        if hasattr(fh, "discard"):
+            fh.discard()
+            # discard() leaves the file "open" with no buffer: without this, its __del__ would try to
+            # upload it again and fail noisily at garbage collection
+            fh.closed = True
+        else:
+            fh.close()
+    except Exception:
+        pass

@@ -1,0 +1,1 @@
+"""Everything that talks to Prefect: batch-type flows, dispatch, the intake flows."""

@@ -1,0 +1,287 @@
+"""The only module that uses the Prefect client: create flow runs of batch-type deployments when work is
+queued, cancel them on abort, and find queued batches that no live flow run serves (for the sweeper).
+
+Dispatch is an optimisation over polling, never the source of truth: a failed dispatch leaves the batch
+queued in PostgreSQL (and says so in the log), and the sweeper dispatches it on its next run.
+
+A flow run is created with the Prefect client, not ``run_deployment(..., timeout=0, as_subflow=False)``:
+that does the same two calls, but through a client with Prefect's default 60 s request timeout and a
+deployment look-up per call, where a submit must never hang on a sick Prefect server (``API_TIMEOUT_SEC``)
+and the deployment id is cached. The run is never a subflow of the caller, and nothing waits for it. Its
+idempotency key (``alya.core.names.dispatch_key``) is deterministic per dispatch event, so a retried call never
+makes a second run:
+
+- ``alya:{batch}:release``: the batch became queued (submit, append with wait=False, wait-off; a batch
+  becomes queued exactly once);
+- ``alya:{batch}:continue:{flow_run}``: a run that used its task budget hands over to a fresh one;
+- ``alya:{batch}:sweep:{minute}``: the sweeper's re-dispatch of a batch with no live flow run.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+import uuid
+from datetime import UTC
+from typing import Any
+
+from alya.core import names
+from alya.core.logs import get_logger
+from alya.core.records import BatchRef
+from alya.core.settings import JobManagerConfig
+from alya.db.store import Store
+
+ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
+API_TIMEOUT_SEC = 10.0  # one Prefect API call; submit must never hang on a sick Prefect server
+PAGE = 200
+
+
+def _state_type(run: Any) -> str | None:
+    return None if run.state is None else str(run.state.type.value)
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class Dispatcher:
+    """Flow runs of batch types: created when work is queued, cancelled on abort, re-created by the sweeper
+    for queued batches that no live run serves."""
+
+    def __init__(self, config: JobManagerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._deployments: dict[str, uuid.UUID] = {}
+        self._lock = threading.Lock()
+
+    def deployment_name(self, app: str, op: str) -> str:
+        return names.deployment_name(app, op, self.config.deployment_name)
+
+    def _client(self) -> Any:
+        from prefect.client.orchestration import get_client
+
+        return get_client(httpx_settings={"timeout": API_TIMEOUT_SEC}, sync_client=True)
+
+    def _deployment_id(self, client: Any, name: str, refresh: bool = False) -> uuid.UUID:
+        with self._lock:
+            dep_id = None if refresh else self._deployments.get(name)
+        if dep_id is None:
+            dep_id = client.read_deployment_by_name(name).id
+            with self._lock:
+                self._deployments[name] = dep_id
+        return dep_id
+
+    # ------------------------------------------------------------------ dispatch
+    def start_batch(self, app: str, op: str, batch_id: str, key: str | None = None) -> str | None:
+        """Create a flow run (Scheduled now) of the batch type's deployment and return its id, without
+        waiting for it. ``None`` when it could not be created: the batch stays queued for the sweeper."""
+        from prefect.exceptions import ObjectNotFound
+        from prefect.states import Scheduled
+
+        log = get_logger().bind(app=app, op=op, batch=batch_id)
+        name = self.deployment_name(app, op)
+        key = key or names.dispatch_key(batch_id, "release")
+        try:
+            with self._client() as client:
+                for attempt in (0, 1):
+                    dep_id = self._deployment_id(client, name, refresh=attempt > 0)
+                    try:
+                        run = client.create_flow_run_from_deployment(
+                            dep_id,
+                            parameters={"batch_id": batch_id},
+                            state=Scheduled(),
+                            name=names.run_name(app, op, batch_id),
+                            tags=names.run_tags(app, op, batch_id),
+                            idempotency_key=key,
+                        )
+                        break
+                    except ObjectNotFound:
+                        if attempt:  # the deployment was deleted (and maybe re-created): look it up again
+                            raise
+        except Exception as exc:
+            hint = ("no such deployment: serve it (python -m flows.serve) or prefect deploy"
+                    if type(exc).__name__ == "ObjectNotFound" else "Prefect API unreachable or failing")
+            log.warning("dispatch_failed", deployment=name, error=_err(exc), reason=hint,
+                        note="the batch is stored and stays queued; the sweeper will dispatch it")
+            return None
+        log.info("dispatched", deployment=name, flow_run=str(run.id), flow_run_name=run.name, key=key)
+        return str(run.id)
+
+    def continue_batch(self, app: str, op: str, batch_id: str | None) -> None:
+        """A flow run of one batch that used its task budget hands the rest of that batch to a fresh run."""
+        if not batch_id:
+            return
+        try:
+            from prefect.runtime import flow_run
+
+            current = flow_run.id or uuid.uuid4().hex
+        except Exception:
+            current = uuid.uuid4().hex
+        self.start_batch(app, op, batch_id, key=names.dispatch_key(batch_id, f"continue:{current}"))
+
+    # ------------------------------------------------------------------ flow runs of batches
+    def active_runs(self, batch_id: str | None = None) -> list[Any]:
+        """Flow runs not yet finished, of one batch, or (None) of every alya batch."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            FlowRunFilterTags,
+        )
+
+        tags = [names.batch_tag(batch_id)] if batch_id else [names.TAG]
+        flt = FlowRunFilter(tags=FlowRunFilterTags(all_=tags),
+                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE_STATES)))  # type: ignore[arg-type]
+        runs: list[Any] = []
+        with self._client() as client:
+            while True:
+                page = list(client.read_flow_runs(flow_run_filter=flt, limit=PAGE, offset=len(runs)))
+                runs.extend(page)
+                if len(page) < PAGE:
+                    return runs
+
+    def record_abort(self, batch_id: str, table: dict[str, Any]) -> None:
+        """The Prefect UI's view of an aborted batch: its progress artifact at 100 % (it is final) and a
+        summary table saying aborted, written by the aborting process because the batch's flow run is
+        cancelled and may never get to write them. Never raises (the abort is already committed)."""
+        try:
+            from prefect.artifacts import create_table_artifact, update_progress_artifact
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            with self._client() as client:
+                found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[names.progress_artifact_key(batch_id)])), limit=1)
+            if found:
+                update_progress_artifact(found[0].id, 100.0)
+            create_table_artifact(table=[table], key=names.summary_artifact_key(batch_id),
+                                  description=f"batch {batch_id} aborted")
+        except Exception as exc:
+            get_logger().warning("abort_artifacts_failed", batch=batch_id, error=_err(exc))
+
+    def cancel_batch(self, batch_id: str) -> int:
+        """Move the batch's live flow runs to Cancelling (Scheduled ones straight to Cancelled, as nothing
+        runs them yet); runs still Cancelling after ``cancel_timeout_sec`` are forced Cancelled (here, and by
+        the sweeper should this process be gone by then). Workers stop on their own anyway: they see the
+        batch aborted in the database, so cancellation only frees Prefect's slots and shows the truth.
+        Returns how many runs were touched; never raises (the abort itself is already committed)."""
+        from prefect.states import Cancelled, Cancelling
+
+        log = get_logger().bind(batch=batch_id)
+        waiting: list[Any] = []
+        touched = 0
+        try:
+            runs = self.active_runs(batch_id)
+            with self._client() as client:
+                for run in runs:
+                    kind = _state_type(run)
+                    if kind == "SCHEDULED":
+                        client.set_flow_run_state(run.id, Cancelled(message="batch aborted"), force=True)
+                    elif kind != "CANCELLING":  # already cancelling: keep its clock running
+                        client.set_flow_run_state(run.id, Cancelling(message="batch aborted"), force=True)
+                    if kind != "SCHEDULED":
+                        waiting.append(run.id)
+                    touched += 1
+                    log.info("flow_run_cancel", flow_run=str(run.id), was=kind,
+                             now="CANCELLED" if kind == "SCHEDULED" else "CANCELLING")
+        except Exception as exc:
+            log.warning("cancel_failed", error=_err(exc),
+                        note="batch aborted anyway: its runs stop by themselves; sweeper forces stuck ones")
+        if waiting:  # the thread sees the caller's Prefect settings (a temporary_settings context, say)
+            ctx = contextvars.copy_context()
+            threading.Thread(target=ctx.run, args=(self._force_later, waiting), name="alya-force-cancel",
+                             daemon=True).start()
+        return touched
+
+    def _force_later(self, run_ids: list[Any]) -> None:
+        time.sleep(self.config.cancel_timeout_sec)
+        self.force_stuck_cancelling(run_ids)
+
+    def force_stuck_cancelling(self, run_ids: list[Any] | None = None) -> int:
+        """Runs left in Cancelling (a process worker with a Pending run never finishes them) become
+        Cancelled: the given runs, or (None) every alya run Cancelling for over ``cancel_timeout_sec``."""
+        from prefect.states import Cancelled
+
+        forced = 0
+        try:
+            if run_ids is None:
+                runs = [r for r in self.active_runs() if _state_type(r) == "CANCELLING"
+                        and _age_sec(r.state.timestamp) >= self.config.cancel_timeout_sec]
+            with self._client() as client:
+                if run_ids is not None:
+                    runs = [client.read_flow_run(i) for i in run_ids]
+                for run in runs:
+                    if _state_type(run) == "CANCELLING":
+                        why = f"forced by alya after {self.config.cancel_timeout_sec:g}s in Cancelling"
+                        client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
+                        get_logger().warning("flow_run_forced_cancelled", flow_run=str(run.id))
+                        forced += 1
+        except Exception as exc:
+            get_logger().warning("force_cancel_failed", error=_err(exc))
+        return forced
+
+    def redispatch_idle(self) -> list[str]:
+        """Queued/in-progress batches that no flow run serves get one (at most one per batch and minute):
+        those with no live run, and stalled ones, whose rows wait to be claimed while no live worker holds
+        any of them although their runs have been Running for over ALYA_RECOVERY_SEC (a run whose machine
+        was lost stays Running in Prefect; its rows come back to the queue, and nothing would claim them)."""
+        try:
+            runs: dict[str, list[Any]] = {}
+            for r in self.active_runs():
+                for t in r.tags or []:
+                    if (b := names.batch_of_tag(t)) is not None:
+                        runs.setdefault(b, []).append(r)
+        except Exception as exc:
+            get_logger().warning("sweeper_prefect_unreachable", error=_err(exc))
+            return []
+        with self.store.tx() as tx:
+            open_batches: list[BatchRef] = tx.records(BatchRef, "open_batches_all")
+            stalled = {str(b) for b in tx.column("stalled_batches", sec=self.config.recovery_sec)}
+        live_batches = {b for b, rs in runs.items()
+                        if not (b in stalled and all(self._running_long(r) for r in rs))}
+        for b in stalled - live_batches:
+            if b in runs:
+                get_logger().warning("batch_stalled_redispatch", batch=b, runs=[str(r.id) for r in runs[b]],
+                                     note="its runs show Running but no live worker holds its rows")
+        minute = int(time.time() // 60)
+        started: list[str] = []
+        deployed: set[str] = set()  # each type's deployment is looked up once per sweep, not once per batch
+        undeployed: dict[str, int] = {}
+        for ref in open_batches:
+            batch, app, op = ref.id, ref.app, ref.op
+            if str(batch) in live_batches:
+                continue
+            name = self.deployment_name(app, op)
+            if name in undeployed or (name not in deployed and not self._deployed(name)):
+                undeployed[name] = undeployed.get(name, 0) + 1
+                continue
+            deployed.add(name)
+            if self.start_batch(app, op, str(batch), key=names.dispatch_key(str(batch), f"sweep:{minute}")):
+                started.append(str(batch))
+        for name, n in undeployed.items():
+            get_logger().warning("sweeper_no_deployment", deployment=name, open_batches=n,
+                                 note="serve or deploy it, or run jm.run workers for this batch type")
+        return started
+
+    def _running_long(self, run: Any) -> bool:
+        started = getattr(run, "start_time", None)
+        return _state_type(run) == "RUNNING" and started is not None and \
+            _age_sec(started) >= self.config.recovery_sec
+
+    def _deployed(self, name: str) -> bool:
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            with self._client() as client:
+                self._deployment_id(client, name, refresh=True)
+            return True
+        except ObjectNotFound:
+            return False
+        except Exception:
+            return True  # let start_batch try, and log what went wrong
+
+
+def _age_sec(ts: Any) -> float:
+    from datetime import datetime
+
+    return (datetime.now(UTC) - ts).total_seconds() if ts else 0.0

@@ -1,0 +1,272 @@
+"""Each batch type (app, op) is one Prefect flow; its mapped tasks run the engine's claim loop.
+
+A batch-type flow is a plain module-level ``@flow`` where Prefect needs to import it (a deployment's
+entrypoint), declared with :func:`batch_flow` and calling :func:`run_batch`::
+
+    @alya.batch_flow("bank", "txn")
+    def bank_txn_flow(batch_id: str | None = None) -> dict:
+        return jm.process_batches("bank", "txn", batch_id)
+
+``jm.run`` builds the same flow in-process (:func:`make_batch_flow`) for the types registered on it.
+
+Prefect only ever sees tasks that each claim and process chunks for up to ``task_seconds``: a flow run
+maps at most ``flow_max_tasks`` of them (the Prefect server drops events past ~1,000 task runs per flow
+run) in waves sized to a bounded thread pool. Tasks take and return only small values; the database
+connections stay inside the engine.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.flows import Flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from alya.core import names, validate
+from alya.core.errors import AlyaError
+from alya.core.logs import get_logger
+from alya.core.settings import JobManagerConfig
+from alya.engine.engine import Engine
+from alya.engine.maintenance import cleanup
+from alya.prefect.dispatch import Dispatcher
+
+RETRY_WAIT_MAX_SEC = 60.0
+
+
+def batch_flow(app: str, op: str,
+               config: JobManagerConfig | None = None) -> Callable[[Callable[..., Any]], Flow[..., Any]]:
+    """The ``@flow`` decorator of batch type (app, op): its name (``alya-{app}-{op}``), a task runner
+    bounded to ``ALYA_WORKER_THREADS`` (never Prefect's default), no result persistence."""
+    cfg = config or JobManagerConfig()  # type: ignore[call-arg]  # the fields come from ALYA_* too
+    return flow(  # type: ignore[no-any-return]
+        name=names.flow_name(app, op),
+        task_runner=ThreadPoolTaskRunner(max_workers=cfg.worker_threads),  # type: ignore[arg-type]
+        persist_result=False,
+        validate_parameters=False,
+        log_prints=False,
+    )
+
+
+@task(name="alya-rows", cache_policy=NO_CACHE, persist_result=False, retries=0)
+def process_rows(engine: Engine, app: str, op: str, only: str | None, linger: float) -> dict[str, Any]:
+    """The engine's claim loop for ``task_seconds`` (claims of about half a second of work each, rows run
+    by the process's row pool): Prefect's fixed cost per task run is then small next to the work. With
+    ``linger``, an idle task waits for work to be notified until its time is up."""
+    return engine.work(app, op, only, linger=linger).as_dict()
+
+
+def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
+              dispatcher: Dispatcher | None = None, linger: float = 0.0) -> dict[str, Any]:
+    """The body of a batch-type flow run: process queued rows of batch ``batch_id`` (a dispatched run),
+    or of any batch of this type (``jm.run``), until none is left or the run has used its task budget;
+    then, if work is left, hand over to a fresh flow run. With ``linger`` (runs serving any batch), an
+    idle run waits that long for new work before it ends, so a stream of slow queries is served by one
+    warm flow run instead of a new run each."""
+    cfg = engine.svc.config
+    if batch_id is not None:  # a run started from the UI with a bad parameter fails with one clear line
+        batch_id = validate.batch_id(batch_id)
+    engine.start()
+    progress = _Progress(engine, batch_id)
+    chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
+    total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
+                             "summarised": []}
+    wave = cfg.worker_threads * 2
+    while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
+        n = min(wave, cfg.flow_max_tasks - total["tasks"])
+        futures = chunk_task.map(unmapped(engine), unmapped(app), unmapped(op), [batch_id] * n, unmapped(linger))
+        reports = [f.result() for f in futures]
+        total["tasks"] += n
+        for r in reports:
+            for k in ("nrows", "nsuccess", "nfailed", "nretry"):
+                total[k] += r[k]
+            total["summarised"].extend(r["summarised"])
+        progress.update(total["nrows"] if batch_id else 0)
+        if any(r["nrows"] == 0 for r in reports):
+            # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
+            # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
+            # batches that have no live run.
+            if not batch_id:
+                if any(r["nrows"] or r["summarised"] for r in reports):
+                    continue
+                if linger and engine.wait_for_work(linger):
+                    continue
+                break
+            wait = engine.next_claimable_in(batch_id)
+            if wait is not None:  # and an init() that failed is retried after its own delay
+                wait = max(wait, engine.init_retry_in(app))
+            if wait is None or wait > RETRY_WAIT_MAX_SEC:
+                break
+            engine.stopping.wait(wait + 0.05)
+    else:
+        if dispatcher is not None and batch_id and not engine.stopping.is_set():
+            dispatcher.continue_batch(app, op, batch_id)
+    progress.finish(total["summarised"])
+    return total
+
+
+def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | None = None,
+                    linger: float = 0.0) -> Flow[..., Any]:
+    """The flow of one batch type, built in-process (``jm.run``, tests). Deployed flows are module-level
+    functions decorated with :func:`batch_flow` instead, so that Prefect can import them."""
+
+    def batch_type_flow(batch_id: str | None = None) -> dict[str, Any]:
+        return run_batch(engine, app, op, batch_id, dispatcher, linger=0.0 if batch_id else linger)
+
+    batch_type_flow.__doc__ = f"Batch type {app}/{op}: process its queued rows."
+    return batch_flow(app, op, engine.svc.config)(batch_type_flow)
+
+
+class _Progress:
+    """A progress artifact kept up to date per wave, and a summary table at the end (Prefect UI)."""
+
+    def __init__(self, engine: Engine, batch_id: str | None) -> None:
+        self.summaries = engine.svc.summaries
+        self.batch_id = batch_id
+        self.nrows = 0
+        self.artifact_id: Any = None
+        if batch_id:
+            try:
+                self.nrows = self.summaries.read(batch_id).value.nrows
+                from prefect.artifacts import create_progress_artifact
+
+                self.artifact_id = create_progress_artifact(
+                    progress=0.0, key=names.progress_artifact_key(batch_id),
+                    description=f"rows done of batch {batch_id}"
+                )
+            except Exception as exc:
+                get_logger().debug("progress_artifact_failed", error=str(exc))
+
+    def update(self, done: int) -> None:
+        if self.nrows:
+            self._set(min(100.0, 100.0 * done / self.nrows))
+
+    def _set(self, percent: float) -> None:
+        if self.artifact_id is None:
+            return
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, percent)
+        except Exception as exc:
+            get_logger().debug("progress_artifact_failed", error=str(exc))
+
+    def finish(self, summarised: list[str]) -> None:
+        ids = list(dict.fromkeys(([self.batch_id] if self.batch_id else []) + summarised))
+        if not ids:
+            return
+        try:
+            from prefect.artifacts import create_table_artifact
+
+            table = []
+            for bid in ids:
+                s = self.summaries.read(bid).value
+                if bid == self.batch_id and s.status.is_final:
+                    self._set(100.0)  # other runs may have done part of it
+                table.append({"batch": bid, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
+                              "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued,
+                              "ninprog": s.ninprog, "outputfiles": ", ".join(s.outputfiles.values())})
+            key = names.summary_artifact_key(self.batch_id) if self.batch_id else None
+            create_table_artifact(table=table, key=key, description="batches touched by this run")
+        except Exception as exc:
+            get_logger().debug("summary_artifact_failed", error=str(exc))
+
+
+def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_when_idle: bool = False,
+               dispatcher: Dispatcher | None = None) -> None:
+    """The in-process worker behind ``jm.run``: runs the flows of the batch types ``types()`` returns
+    whenever their work is queued, and the idempotent cleanup every few seconds.
+
+    Flows run on a helper thread, so the main thread keeps alya's SIGTERM handler: Prefect only installs
+    its own (which crashes the flow run mid-chunk) when a flow runs on the main thread."""
+    engine.stopping.clear()
+    if threading.current_thread() is not threading.main_thread():
+        _worker_loop(engine, types, stop_when_idle, dispatcher)
+        return
+    restore = _install_sigterm(engine)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _worker_loop(engine, types, stop_when_idle, dispatcher)
+        except BaseException as exc:  # re-raised on the caller's thread
+            errors.append(exc)
+
+    loop = threading.Thread(target=target, name="alya-worker", daemon=True)
+    loop.start()
+    try:
+        while loop.is_alive():
+            loop.join(0.2)
+    except KeyboardInterrupt:
+        engine.stopping.set()
+        loop.join()
+        raise
+    finally:
+        restore()
+    if errors:
+        raise errors[0]
+
+
+def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], stop_when_idle: bool,
+                 dispatcher: Dispatcher | None) -> None:
+    cfg = engine.svc.config
+    log = get_logger().bind(worker=engine.worker_id)
+    flows: dict[tuple[str, str], Flow[..., Any]] = {}
+    engine.start()
+    log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
+    next_cleanup = 0.0
+    try:
+        while not engine.stopping.is_set():
+            types = types_of()
+            try:
+                if time.monotonic() >= next_cleanup:
+                    cleanup(engine, types=types)
+                    next_cleanup = time.monotonic() + max(1.0, cfg.recovery_sec / 4)
+                todo = engine.types_with_work(types)
+            except AlyaError as exc:  # an outage: log, back off, try again
+                log.error("worker_loop_failed", error=str(exc))
+                engine.stopping.wait(max(1.0, cfg.poll_sec))
+                continue
+            worked = False
+            for app, op in todo:
+                if (app, op) not in flows:  # a worker that stops when idle does not linger
+                    flows[(app, op)] = make_batch_flow(engine, app, op, dispatcher,
+                                                       linger=0.0 if stop_when_idle else cfg.linger_sec)
+                try:
+                    result = cast(dict[str, Any], flows[(app, op)](batch_id=None))
+                except Exception as exc:  # an outage: log, back off, try again
+                    log.error("flow_failed", app=app, op=op, error=f"{type(exc).__name__}: {exc}")
+                    engine.stopping.wait(max(1.0, cfg.poll_sec))
+                    continue
+                worked = worked or bool(result["nrows"] or result["summarised"])
+            try:
+                if stop_when_idle and not worked and not engine.open_work(types):
+                    break
+            except AlyaError as exc:  # an outage: a worker asked to stop when idle waits it out too
+                log.error("worker_loop_failed", error=str(exc), note="waiting for the database")
+                engine.stopping.wait(max(1.0, cfg.poll_sec))
+                continue
+            if not worked:
+                engine.wait_for_work(cfg.poll_sec)  # woken at once when work is queued
+    finally:
+        engine.shutdown()
+        log.info("worker_stopped")
+
+
+def _install_sigterm(engine: Engine) -> Callable[[], Any]:
+    """SIGTERM: finish the current row, give back the rest of the chunk, exit the loop."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        get_logger().info("sigterm_received", worker=engine.worker_id)
+        engine.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,78 @@
+"""The Prefect side of the file intake: the bodies of the flows ``alya-intake`` (one scheduled pass over
+``ALYA_INTAKE_URL``) and ``alya-submit-file`` (one file becomes a batch, run from the Prefect UI), and the
+table artifact that shows in the UI which files a run took.
+
+The flows themselves are module-level ``@flow`` functions of the application (``flows/intake.py`` for the
+examples), because Prefect loads a deployment's flow by import path and the checkers must be registered on
+the application's JobManager; they call these functions with ``jm.intake``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from alya.batch.intake import Intake
+from alya.core import names, validate
+from alya.core.errors import ConfigError, InvalidInput
+from alya.core.logs import get_logger
+from alya.core.models import FileIntake
+from alya.core.settings import IntakeSettings
+
+
+def intake_pass(intake: Intake, folder_url: str | None = None, patterns: dict[str, str] | str | None = None,
+                min_age_sec: float | None = None) -> list[FileIntake]:
+    """One pass with the ALYA_INTAKE_* settings (arguments win), publishing the files taken as a table
+    artifact when run inside a flow. An unset folder or pattern list is a ConfigError naming the variable."""
+    settings = IntakeSettings()  # type: ignore[call-arg]  # the fields come from ALYA_INTAKE_*
+    folder = folder_url or settings.intake_url
+    if not folder:
+        raise ConfigError("ALYA_INTAKE_URL is not set: the folder the intake scans (a path or fsspec URL)")
+    pats = patterns or settings.patterns
+    if not pats:
+        raise ConfigError('ALYA_INTAKE_PATTERNS is not set: GLOB=FILETYPE,... e.g. "*.csv=txn,*.parquet=txn"')
+    min_age = settings.intake_min_age_sec if min_age_sec is None else min_age_sec
+    taken = intake.scan(folder, pats, min_age)
+    publish_artifact(names.INTAKE_ARTIFACT_KEY, taken, f"Files the intake took from {_shown(folder)} in this run")
+    return taken
+
+
+def submit_file(intake: Intake, file_url: Any, file_type: Any, context: Any = None) -> FileIntake:
+    """The body of ``alya-submit-file``: parameters checked first, each bad one a one-line InvalidInput;
+    a rejected file fails the run with its reason (the rejection is recorded all the same)."""
+    if not isinstance(file_url, str) or not file_url.strip():
+        raise InvalidInput(f"file_url must be the path or fsspec URL of a file, got {file_url!r}")
+    ftype = validate.file_type(file_type)
+    ctx = validate.json_object(context if context not in (None, "") else {}, "context")
+    fi = intake.file_submit(file_url.strip(), ftype, ctx)
+    publish_artifact(names.SUBMIT_FILE_ARTIFACT_KEY, [fi], f"{_shown(file_url)} as file type {ftype}")
+    if fi.status != "submitted":
+        raise InvalidInput(f"{_shown(file_url)} was rejected: {fi.error}")
+    return fi
+
+
+def intake_dict(fi: FileIntake) -> dict[str, Any]:
+    """A FileIntake as JSON-ready values (a flow's result)."""
+    d = asdict(fi)
+    d["reqat"] = fi.reqat.isoformat()
+    return d
+
+
+def publish_artifact(key: str, files: list[FileIntake], description: str) -> None:
+    """A table artifact of ``files`` in the current flow run (nothing outside a run; never raises)."""
+    try:
+        from prefect.artifacts import create_table_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is None:
+            return
+        table = [{"file": fi.source.rsplit("/", 1)[-1], "type": fi.filetype, "status": fi.status,
+                  "batch": fi.batch_id or "", "rows": fi.nrows, "error": fi.error or "", "now at": fi.url}
+                 for fi in files]
+        create_table_artifact(table=table, key=key, description=description)
+    except Exception as exc:  # an artifact is a view: the files are taken whatever happens to it
+        get_logger().warning("intake_artifact_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _shown(url: str) -> str:
+    return url.split("?", 1)[0]
