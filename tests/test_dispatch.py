@@ -230,7 +230,7 @@ def test_sweeper_redispatches_a_batch_whose_running_run_is_lost(djm: JobManager,
             client.set_flow_run_state(run.id, Pending(), force=True)
             client.set_flow_run_state(run.id, Running(), force=True)
     djm.engine.start()
-    held = djm.engine._claim(APP, OP, "B", busy)  # a live worker holds busy's rows
+    held = djm.engine.producer.take(APP, OP, "B", busy)  # a live worker holds busy's rows
     assert held is not None
     sweeper = Dispatcher(make_config(dispatch="prefect", recovery_sec=1), djm.store)
     assert sweeper.redispatch_idle() == []  # Running for less than ALYA_RECOVERY_SEC: let it be

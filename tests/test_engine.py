@@ -223,9 +223,9 @@ def test_init_block_created_once_and_reused(database_url: str, redis_url: str, f
 
 def test_init_failure_leaves_rows_queued_without_spending_attempts(jm: JobManager,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import alya.engine.engine
+    import alya.engine.producer
 
-    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.0)
+    monkeypatch.setattr(alya.engine.producer, "INIT_RETRY_SEC", 0.0)
     init, proc = Init(fail_first=2), Proc()
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "initfail", proc)
@@ -244,9 +244,9 @@ def test_init_failure_leaves_rows_queued_without_spending_attempts(jm: JobManage
 
 
 def test_init_failure_is_retried_with_a_growing_delay(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    import alya.engine.engine
+    import alya.engine.producer
 
-    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.3)
+    monkeypatch.setattr(alya.engine.producer, "INIT_RETRY_SEC", 0.3)
     init = Init(broken=True)
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "backoff", Proc())
@@ -268,9 +268,9 @@ def test_init_failure_is_retried_with_a_growing_delay(jm: JobManager, monkeypatc
 
 
 def test_init_broken_leaves_rows_queued_not_failed(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
-    import alya.engine.engine
+    import alya.engine.producer
 
-    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.0)
+    monkeypatch.setattr(alya.engine.producer, "INIT_RETRY_SEC", 0.0)
     init, proc = Init(broken=True), Proc()
     jm.register_initializer("eng", init)
     jm.register_batch_processor("eng", "broken", proc)

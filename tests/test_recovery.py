@@ -37,10 +37,7 @@ def age_worker(jm: JobManager, worker: str, sec: int = 3600) -> None:
 
 
 def stop_heartbeat(jm: JobManager) -> None:
-    eng = jm.engine
-    eng._hb_stop.set()
-    if eng._hb_thread is not None:
-        eng._hb_thread.join(5)
+    jm.engine.identity.stop(forget=False)
 
 
 # ---------------------------------------------------------------------------------- a killed worker
@@ -101,7 +98,7 @@ def test_rows_of_a_live_worker_are_not_recovered(jm: JobManager) -> None:
     jm.register_batch_processor("rec", "live", Proc())
     bid = jm.batch_submit("rec", "live", {}, rows(5))
     jm.engine.start()
-    claimed = jm.engine._claim("rec", "live", "B", None)
+    claimed = jm.engine.producer.take("rec", "live", "B", None)
     assert claimed is not None
     rep = cleanup(jm.engine, types=[("rec", "live")])
     assert rep.requeued == 0 and all(s[0] == "inprog" for s in states(jm, bid).values())
@@ -112,7 +109,7 @@ def test_recovery_fails_rows_that_used_their_attempts(jm: JobManager) -> None:
     whose attempts are used up fails; the other rows of a dead worker get their attempt back as suspects."""
     jm.register_batch_processor("rec", "poison", Proc())
     bid = jm.batch_submit("rec", "poison", {}, rows(3))
-    claimed = jm.engine._claim("rec", "poison", "B", None)
+    claimed = jm.engine.producer.take("rec", "poison", "B", None)
     assert claimed is not None
     with jm.store.tx() as tx:
         tx.cur.execute("UPDATE batchrows SET attempts = 3, suspect = true WHERE batch = %s AND line = 2", (bid,))
@@ -123,7 +120,7 @@ def test_recovery_fails_rows_that_used_their_attempts(jm: JobManager) -> None:
     st = states(jm, bid)
     assert st[1][:2] == ("queued", 0) and st[3][:2] == ("queued", 0) and st[2][:2] == ("failed", 3)
     assert cleanup(jm.engine).requeued == 0  # idempotent
-    jm.engine._forget(claimed)  # the claim died with its (simulated) worker
+    jm.engine.producer.forget(claimed)  # the claim died with its (simulated) worker
     jm.engine.start()
     drain(jm, "rec", "poison")
     done = jm.batch_done(bid)
@@ -187,25 +184,25 @@ def test_late_write_while_another_worker_holds_the_rows(jm: JobManager, database
         other.register_batch_processor("rec", "held", Proc())
         bid = jm.batch_submit("rec", "held", {}, rows(4))
         eng = jm.engine
-        old = eng._claim("rec", "held", "B", None)
+        old = eng.producer.take("rec", "held", "B", None)
         assert old is not None
         results = run_claim(jm, old)
         # requeued as if A had died, then claimed by the other worker
         with jm.store.tx() as tx:
             tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
-        again = other.engine._claim("rec", "held", "B", None)
+        again = other.engine.producer.take("rec", "held", "B", None)
         assert again is not None and len(again.rows) == 4
-        assert eng._write(old, results, eng.log).written == 0
+        assert eng.completer.write(old, results, eng.log).written == 0
         assert all(s[:3] == ("inprog", 2, other.engine.worker_id) for s in states(jm, bid).values())
         # and the same worker re-claiming at a newer attempt: the old attempt's answer is refused too
         with jm.store.tx() as tx:
             tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
-        newer = eng._claim("rec", "held", "B", None)
+        newer = eng.producer.take("rec", "held", "B", None)
         assert newer is not None
-        assert eng._write(old, results, eng.log).written == 0
+        assert eng.completer.write(old, results, eng.log).written == 0
         assert all(s[:3] == ("inprog", 3, eng.worker_id) for s in states(jm, bid).values())
         newer_results = run_claim(jm, newer)
-        assert eng._write(newer, newer_results, eng.log).written == 4
+        assert eng.completer.write(newer, newer_results, eng.log).written == 4
         assert all(s[:2] == ("success", 3) for s in states(jm, bid).values())
     finally:
         other.close()
@@ -217,16 +214,16 @@ def test_results_finished_before_an_abort_are_kept(jm: JobManager) -> None:
     jm.register_batch_processor("rec", "abortlate", Proc())
     bid = jm.batch_submit("rec", "abortlate", {}, rows(6))
     eng = jm.engine
-    claimed = eng._claim("rec", "abortlate", "B", None)
+    claimed = eng.producer.take("rec", "abortlate", "B", None)
     assert claimed is not None
     results = run_claim(jm, claimed)
     before, after = results[:4], results[4:]
     aborted = jm.batch_abort(bid)
     assert aborted.naborted == 6
-    res = eng._write(claimed, before, eng.log)
+    res = eng.completer.write(claimed, before, eng.log)
     assert (res.status, res.written, res.late) == ("aborted", 4, 4)
     after = [o._replace(finished=time.time()) for o in after]  # these returned after the abort
-    assert eng._write(claimed, after, eng.log).written == 0
+    assert eng.completer.write(claimed, after, eng.log).written == 0
     st = states(jm, bid)
     assert [st[n][0] for n in sorted(st)] == ["success"] * 4 + ["aborted"] * 2
     s = jm.batch_status(bid)
@@ -317,16 +314,16 @@ def test_stale_release_leaves_a_newer_claim_alone(jm: JobManager) -> None:
     bid = jm.batch_submit("rec", "rel", {}, rows(4))
     eng = jm.engine
     eng.start()
-    old = eng._claim("rec", "rel", "B", None)
+    old = eng.producer.take("rec", "rel", "B", None)
     assert old is not None
     with jm.store.tx() as tx:
         tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
-    eng._claim_hint.clear()
-    newer = eng._claim("rec", "rel", "B", None)
+    eng.producer.forget_hints()
+    newer = eng.producer.take("rec", "rel", "B", None)
     assert newer is not None
-    assert eng._release(old, [r.line for r in old.rows])
+    assert eng.completer.release(old, [r.line for r in old.rows])
     assert all(s[:3] == ("inprog", 2, eng.worker_id) for s in states(jm, bid).values())
-    assert eng._release(newer, [r.line for r in newer.rows])
+    assert eng.completer.release(newer, [r.line for r in newer.rows])
     assert all(s[:3] == ("queued", 1, None) for s in states(jm, bid).values())
 
 

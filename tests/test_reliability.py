@@ -499,16 +499,16 @@ def test_rows_whose_write_back_a_server_crash_lost_are_recovered_under_a_live_wo
             bid = jm.batch_submit("rel", "lost", {}, [(n, {"x": n}) for n in range(1, 21)])
             eng = jm.engine
             eng.start()
-            held = eng._claim("rel", "lost", "B", None)  # as if its write-back had been lost in the crash
+            held = eng.producer.take("rel", "lost", "B", None)  # as if its write-back had been lost in the crash
             assert held is not None and len(held.rows) == 20
-            eng._beat()  # a synchronous commit: the claim (asynchronous) is on disk before the crash
+            eng.identity.beat()  # a synchronous commit: the claim (asynchronous) is on disk before the crash
             old_id = eng.worker_id
             pg.restart("immediate")
             t = time.monotonic()
             wait_until(lambda: eng.worker_id != old_id, timeout=20, every=0.1, what="the restart noticed")
             wait_until(lambda: cleanup(eng).requeued == 20, timeout=30, every=0.5, what="the rows recovered")
             took = time.monotonic() - t
-            eng._forget(held)  # that claim's rows were given to recovery (they come back as suspects)
+            eng.producer.forget(held)  # that claim's rows were given to recovery (they come back as suspects)
             drain(jm, "rel", "lost")
             s = jm.batch_status(bid)
             print(f"\nrows lost under a live worker: recovered and finished {took:.1f} s after the restart")

@@ -316,10 +316,10 @@ def test_a_result_too_large_fails_alone_and_large_write_backs_are_split(jm: JobM
     write-back larger than WRITE_PART_BYTES goes out in several statements of one transaction."""
     from alya.batch import outcomes
     from alya.db.store import Tx
-    from alya.engine import engine
+    from alya.engine import completer
 
     monkeypatch.setattr(outcomes, "MAX_RESULT_BYTES", 200_000)
-    monkeypatch.setattr(engine, "WRITE_PART_BYTES", 250_000)
+    monkeypatch.setattr(completer, "WRITE_PART_BYTES", 250_000)
     statements: list[str] = []
     real = Tx._execute
 

@@ -172,7 +172,7 @@ def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis
         b.register_batch_processor("wrk", "held", pb)
         bid = a.batch_submit("wrk", "held", {}, rows(10))
         b.engine.start()
-        claimed = b.engine._claim("wrk", "held", "B", None)
+        claimed = b.engine.producer.take("wrk", "held", "B", None)
         assert claimed is not None
         returned = threading.Event()
         t = threading.Thread(daemon=True, target=lambda: (a.run(stop_when_idle=True), returned.set()))
@@ -180,8 +180,8 @@ def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis
         time.sleep(3.0)
         assert not returned.is_set()
         results = run_claim(b, claimed)
-        b.engine._write(claimed, results, b.engine.log)
-        assert b.engine._all_final(bid) and b.engine.summarise(bid)
+        b.engine.completer.write(claimed, results, b.engine.log)
+        assert b.engine.all_final(bid) and b.engine.summarise(bid)
         t.join(20)
         assert returned.is_set()
         assert a.batch_status(bid).status is BatchStatus.SUCCESS
@@ -235,10 +235,10 @@ def test_dispatched_flow_run_waits_out_a_failing_init(database_url: str, redis_u
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A flow run for one batch whose app's init() fails at first: it waits for the init retry instead of
     spinning through its task budget, and finishes the batch once init() works."""
-    import alya.engine.engine
+    import alya.engine.producer
     from tests.procs import Init
 
-    monkeypatch.setattr(alya.engine.engine, "INIT_RETRY_SEC", 0.3)
+    monkeypatch.setattr(alya.engine.producer, "INIT_RETRY_SEC", 0.3)
     jm = manager(database_url, redis_url, file_store_url)
     try:
         init = Init(fail_first=2)

@@ -50,3 +50,8 @@ class ConfigError(AlyaError, ValueError):
 
 class DatabaseNotMigrated(ConfigError):
     """The database lacks alya's tables (or an up-to-date version of them): run ``alya migrate``."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an exception and its message, short enough for a log line or a stored error."""
+    return f"{type(exc).__name__}: {exc}"[:500]

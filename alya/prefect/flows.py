@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -33,7 +32,6 @@ from alya.core.errors import AlyaError
 from alya.core.logs import get_logger
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
-from alya.engine.maintenance import cleanup
 from alya.prefect.dispatch import Dispatcher
 
 RETRY_WAIT_MAX_SEC = 60.0
@@ -180,7 +178,7 @@ class _Progress:
 def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_when_idle: bool = False,
                dispatcher: Dispatcher | None = None) -> None:
     """The in-process worker behind ``jm.run``: runs the flows of the batch types ``types()`` returns
-    whenever their work is queued, and the idempotent cleanup every few seconds.
+    whenever their work is queued, and the maintenance duties this worker holds.
 
     Flows run on a helper thread, so the main thread keeps alya's SIGTERM handler: Prefect only installs
     its own (which crashes the flow run mid-chunk) when a flow runs on the main thread."""
@@ -219,14 +217,13 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
     flows: dict[tuple[str, str], Flow[..., Any]] = {}
     engine.start()
     log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
-    next_cleanup = 0.0
+    # Recovery, missed summaries and mark_done calls: on a thread of their own, so that a long flow run
+    # never delays them, and each done by one worker of the cluster at a time (alya.engine.maintenance).
+    engine.maintenance.start(engine, types_of, every=max(1.0, cfg.recovery_sec / 4))
     try:
         while not engine.stopping.is_set():
             types = types_of()
             try:
-                if time.monotonic() >= next_cleanup:
-                    cleanup(engine, types=types)
-                    next_cleanup = time.monotonic() + max(1.0, cfg.recovery_sec / 4)
                 todo = engine.types_with_work(types)
             except AlyaError as exc:  # an outage: log, back off, try again
                 log.error("worker_loop_failed", error=str(exc))

@@ -1,0 +1,213 @@
+"""The producer: which rows this process claims next, and the gate in front of the claim.
+
+- **Claim sizing.** A claim is about ``CLAIM_TARGET_SEC`` of work at the measured row rate (capped by
+  ``ALYA_BATCHCHUNK_NROWS``), taken while earlier claims still run, so the slots never starve and no worker
+  hoards rows.
+- **The gate.** An app whose ``init()`` fails is not claimed for (its rows stay queued, untouched) until its
+  retry delay passes; ``ALYA_APP_LIMITS`` caps an app's rows in progress over all workers, a fair share
+  each; a *suspect* row (held by a worker that died) is claimed only while this process holds and claims
+  nothing else, and nothing else is claimed while it runs: a death while holding it is then its own.
+- **The claim.** One statement per batch tried (FOR UPDATE SKIP LOCKED over the partial index of queued
+  rows), starting after the last line this process claimed of the batch.
+
+Lock order everywhere: the batch row before its rows (claim of a queued batch, write-back, release, abort,
+summary), so that no two of them can deadlock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+from alya.batch.services import Services
+from alya.core.errors import describe
+from alya.core.logs import status_change
+from alya.core.models import BatchStatus
+from alya.core.records import AppLoad, ClaimedRow, OpenBatch
+from alya.core.registry import Registration
+from alya.engine.claim import Claimed
+from alya.engine.executor import Executor
+from alya.engine.identity import Identity
+
+CLAIM_TARGET_SEC = 0.5  # work per claim at the measured rate: short enough that no worker hoards rows
+INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per failure
+INIT_RETRY_MAX_SEC = 30.0
+HINTS_KEPT = 1000  # batches whose last claimed line is remembered
+
+
+class Producer:
+    """Claims for every claim loop of the process. One lock (with its condition) guards the claims in
+    flight, the suspect gate, the per-batch scan hints and the apps whose init() is failing."""
+
+    def __init__(self, services: Services, identity: Identity, executor: Executor) -> None:
+        self.svc = services
+        self.identity = identity
+        self.executor = executor
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
+        self._claims: dict[str, set[Claimed]] = {}  # batch -> claims in flight here (abort notices, suspects)
+        self._claiming = 0  # claim statements under way in this process
+        self._alone_claiming = False  # one of them may take a suspect: the others wait
+        self._suspect_active = False
+        self._hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
+        self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
+
+    # ------------------------------------------------------------------ sizing
+    def wants_rows(self, app: str, op: str) -> bool:
+        """Whether to claim more now: when fewer rows wait unstarted than the slots will run through
+        before the next claim could be ready (so they never starve)."""
+        return self.executor.backlog() < max(2 * self.executor.concurrency, self.claim_size(app, op) // 2)
+
+    def claim_size(self, app: str, op: str) -> int:
+        """About CLAIM_TARGET_SEC of work for this process's slots at the measured row rate, shared by the
+        claim loops running at once (``ALYA_WORKER_THREADS``)."""
+        cfg = self.svc.config
+        stats = self.executor.row_stats(app, op)
+        if stats is None or stats.row_sec <= 0:
+            return min(cfg.batchchunk_nrows, 2 * cfg.concurrency)
+        rate = cfg.concurrency / stats.row_sec
+        n = math.ceil(CLAIM_TARGET_SEC * rate / max(1, cfg.worker_threads))
+        return max(1, min(cfg.batchchunk_nrows, max(cfg.concurrency, n)))
+
+    # ------------------------------------------------------------------ init blocks
+    def init_retry_in(self, app: str) -> float:
+        """Seconds until the app's failed init() is tried again (0: not waiting)."""
+        failures, retry_at = self._init_failures.get(app, (0, 0.0))
+        return max(0.0, retry_at - time.monotonic()) if failures else 0.0
+
+    def waiting_apps(self) -> set[str]:
+        """Apps whose init() failed and whose retry delay has not passed."""
+        now = time.monotonic()
+        return {app for app, (n, at) in list(self._init_failures.items()) if n and now < at}
+
+    def _initblock(self, app: str) -> tuple[bool, Any]:
+        """The app's init block, or (False, None) while init() fails (and during its retry delay)."""
+        failures, retry_at = self._init_failures.get(app, (0, 0.0))
+        if failures and time.monotonic() < retry_at:
+            return False, None
+        try:
+            block = self.svc.initblocks.get(app)
+        except Exception as exc:
+            failures += 1
+            delay = min(INIT_RETRY_MAX_SEC, INIT_RETRY_SEC * 2 ** (failures - 1))
+            with self._lock:
+                self._init_failures[app] = (failures, time.monotonic() + delay)
+            self.identity.log.error("init_failed", app=app, error=describe(exc), failures=failures,
+                                    retry_in=delay)
+            return False, None
+        with self._lock:
+            self._init_failures.pop(app, None)
+        return True, block
+
+    # ------------------------------------------------------------------ claims in flight
+    def claims_of(self, batch: str) -> list[Claimed]:
+        with self._lock:
+            return list(self._claims.get(batch, ()))
+
+    def forget(self, c: Claimed) -> None:
+        """The claim ended (or was abandoned): it no longer counts as held here."""
+        with self._turn:
+            claims = self._claims.get(c.batch)
+            if claims is not None:
+                claims.discard(c)
+                if not claims:
+                    del self._claims[c.batch]
+            if c.suspect:
+                self._suspect_active = False
+            self._turn.notify_all()
+
+    # ------------------------------------------------------------------ claiming
+    def claim(self, reg: Registration, only: str | None, size: int | None, log: Any) -> Claimed | None:
+        """A claim of (app, op) rows (of batch ``only`` if given) with its init block; None when there is
+        nothing to claim, the gate is shut, or the app's init() is failing."""
+        ok, initblock = self._initblock(reg.app)
+        if not ok:
+            return None
+        claimed = self.take(reg.app, reg.op, reg.type, only, size or self.claim_size(reg.app, reg.op))
+        if claimed is None:
+            return None
+        claimed.processor, claimed.initblock, claimed.log = reg.processor, initblock, log
+        if claimed.suspect:
+            log.warning("suspect_row_alone", batch=claimed.batch, line=claimed.rows[0].line,
+                        attempt=claimed.rows[0].attempts, note="its worker died holding it; run with nothing else")
+        return claimed
+
+    def take(self, app: str, op: str, type_: str, only: str | None, n: int | None = None) -> Claimed | None:
+        """One claim of up to ``n`` rows (default ``ALYA_BATCHCHUNK_NROWS``) through the suspect gate: a
+        claim that starts while this process holds and claims nothing else may take a suspect (the others
+        wait for it, a few ms); while a suspect runs, nothing else is claimed."""
+        n = n or self.svc.config.batchchunk_nrows
+        with self._turn:
+            self._turn.wait_for(lambda: not self._alone_claiming, timeout=5.0)
+            if self._suspect_active or self._alone_claiming:
+                return None  # a suspect runs alone in this process
+            alone = not self._claims and self._claiming == 0
+            self._alone_claiming = alone
+            self._claiming += 1
+        claimed = None
+        try:
+            claimed = self._claim(app, op, type_, only, n, alone=alone)
+        finally:
+            with self._turn:
+                self._claiming -= 1
+                if alone:
+                    self._alone_claiming = False
+                if claimed is not None:
+                    self._claims.setdefault(claimed.batch, set()).add(claimed)
+                    self._suspect_active = claimed.suspect
+                self._turn.notify_all()
+        return claimed
+
+    def _claim(self, app: str, op: str, type_: str, only: str | None, n: int, alone: bool) -> Claimed | None:
+        worker = self.identity.worker_id
+        moved: list[tuple[str, int]] = []
+        claimed = None
+        limit = self.svc.config.app_limits.get(app)
+        with self.svc.store.tx() as tx:
+            if limit is not None:  # ALYA_APP_LIMITS: never more of the app's rows in progress, all workers together
+                total, mine, live = tx.record(AppLoad, "app_rows_in_progress", app=app, worker=worker,
+                                              sec=self.svc.config.recovery_sec).as_tuple()
+                fair = -(-limit // max(1, live))  # a fair share each, so that every live worker gets some
+                n = min(n, limit - total, fair - mine)
+                if n <= 0:
+                    return None
+            for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
+                batch, ver = ob.id, ob.ver
+                if ob.status is BatchStatus.QUEUED and (bumped := tx.value("batch_to_inprog", batch=batch)) is not None:
+                    # The batch row is locked before its rows, the order abort takes them in: rows first
+                    # would deadlock with an abort arriving during the claim (and fail one of the two).
+                    ver = int(bumped)
+                    moved.append((batch, ver))
+                if alone:
+                    suspect: list[ClaimedRow] = tx.records(ClaimedRow, "claim_suspect", batch=batch, worker=worker)
+                    if suspect:
+                        claimed = Claimed(batch, app, op, type_, ob.context, suspect, worker, ver, suspect=True)
+                        break
+                after = self._hint.get(batch, 0)
+                rows: list[ClaimedRow] = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker,
+                                                    after=after)
+                if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
+                    rows += tx.records(ClaimedRow, "claim_rows", batch=batch, n=n - len(rows), worker=worker,
+                                       after=0)
+                if rows:
+                    self._remember(batch, max(r.line for r in rows))
+                    claimed = Claimed(batch, app, op, type_, ob.context, sorted(rows, key=lambda r: r.line),
+                                      worker, ver)
+                    break
+        for batch, ver in moved:
+            status_change(app, op, batch, "inprog", old="queued")
+            self.svc.summaries.invalidate(batch, ver)
+        return claimed
+
+    def forget_hints(self) -> None:
+        """Start every batch's next scan from its first line (rows were requeued behind the hints)."""
+        with self._lock:
+            self._hint.clear()
+
+    def _remember(self, batch: str, line: int) -> None:
+        with self._lock:
+            if len(self._hint) > HINTS_KEPT:
+                self._hint.clear()
+            self._hint[batch] = line
