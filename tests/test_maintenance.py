@@ -41,8 +41,8 @@ def test_each_duty_is_held_once_and_given_up_on_close(jm: JobManager, database_u
     other = JobManager(database_url=database_url, object_store_url=file_store_url,
                        config=make_config())
     try:
-        a = Maintenance(jm.store, jm.engine.identity)
-        b = Maintenance(other.store, other.engine.identity)
+        a = Maintenance(jm.store, jm.engine.identity, 60)
+        b = Maintenance(other.store, other.engine.identity, 60)
         duties = [RECOVERY, mark_done_duty("app", "op")]
         assert a.hold(duties) == set(duties)
         assert b.hold(duties) == set()

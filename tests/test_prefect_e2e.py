@@ -213,6 +213,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, template_db: str) -> Iterat
             env = base_env(work / "prefect-home", url, ALYA_DATABASE_URL=database_url,
                            ALYA_REDIS_URL=services.REDIS_URL, ALYA_OBJECT_STORE_URL=store_url,
                            ALYA_DISPATCH="prefect", ALYA_BATCHCHUNK_NROWS="100", ALYA_WORKER_THREADS="2")
+            env["PYTHONPATH"] = str(REPO)  # the example apps (flows/) run from a checkout: they are not installed
             serve = Proc([sys.executable, str(script)], env, work / "serve.log")
             try:
                 t0 = time.monotonic()

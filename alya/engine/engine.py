@@ -55,7 +55,7 @@ class Engine:
         self.executor = Executor(services.config)
         self.producer = Producer(services, self.identity, self.executor)
         self.completer = Completer(services, self.identity, self.finisher)
-        self.maintenance = Maintenance(services.store, self.identity)
+        self.maintenance = Maintenance(services.store, self.identity, services.config.recovery_sec)
         self.waker = Waker(services.store)
         self.waker.on_abort = self._abort_notified
         self._wake = threading.Condition()

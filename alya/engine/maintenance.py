@@ -115,9 +115,13 @@ class Maintenance:
     """The duties this worker holds, and the thread that does them. One lock guards the connection and the
     set of duties held."""
 
-    def __init__(self, store: Store, identity: Identity) -> None:
+    def __init__(self, store: Store, identity: Identity, recovery_sec: float) -> None:
         self._store = store
         self._identity = identity
+        # A holder cut off from the network (not dead) keeps its session, and so its duties, until the server
+        # sees the peer is gone: TCP keepalives on both ends make that take about a quarter of
+        # ALYA_RECOVERY_SEC plus a few probes, so its duties move before its rows are due for recovery.
+        self._keepalive_idle = max(1, int(recovery_sec / 4))
         self._lock = threading.Lock()
         self._conn: Any = None
         self._held: set[str] = set()
@@ -132,9 +136,16 @@ class Maintenance:
             try:
                 if self._conn is None or self._conn.closed:
                     self._held = set()
-                    self._conn = psycopg2.connect(self._store.database_url,
-                                                  application_name=maintenance_app_name(self._identity.worker_id))
+                    idle = self._keepalive_idle
+                    self._conn = psycopg2.connect(
+                        self._store.database_url, application_name=maintenance_app_name(self._identity.worker_id),
+                        connect_timeout=10, keepalives=1, keepalives_idle=idle, keepalives_interval=1,
+                        keepalives_count=3)
                     self._conn.autocommit = True
+                    with self._conn.cursor() as cur:  # the server's end of the same rule
+                        cur.execute("SET tcp_keepalives_idle = %s; SET tcp_keepalives_interval = 1; "
+                                    "SET tcp_keepalives_count = 3; SET tcp_user_timeout = %s",
+                                    (idle, 3000 + 1000 * idle))
                 with self._conn.cursor() as cur:
                     cur.execute("SELECT 1")  # the session is alive: what it holds is still held
                     for duty in duties:
