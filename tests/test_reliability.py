@@ -29,7 +29,8 @@ from alya import (
     JobManager,
 )
 from alya.core.errors import ConnectionLost, DatabaseNotMigrated
-from alya.core.validate import json_text_strict, redact_url
+from alya.core.redact import redact_url
+from alya.core.validate import json_text_strict
 from alya.db.store import Store, Tx
 from tests import services
 from tests.conftest import make_config

@@ -12,8 +12,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy.engine import make_url
-
 from alya.batch.intake import Intake
 from alya.batch.services import Services
 from alya.batch.status import Summaries, record_summary, row_counts
@@ -32,11 +30,12 @@ from alya.core.models import (
     messages_from_json,
 )
 from alya.core.records import BatchRecord, Counts, SlowQueryRow
+from alya.core.redact import shown_url
 from alya.core.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
 from alya.core.settings import Backends, JobManagerConfig, default_object_store_url
 from alya.db.batches import copy_rows, insert_batch, insert_record, notify_work
 from alya.db.ingest import iter_rows
-from alya.db.store import Store, Tx, json_text, sqlalchemy_url
+from alya.db.store import Store, Tx, json_text
 from alya.engine.engine import Engine
 from alya.engine.maintenance import CleanupReport, cleanup
 from alya.io.cache import StatusCache
@@ -90,7 +89,7 @@ class JobManager:
         self._engine: Engine | None = None
         self._flows: dict[tuple[str, str], Flow[..., Any]] = {}
         self._migrated = False
-        get_logger().debug("jobmanager", database=_where(database_url) if database_url else "embedded",
+        get_logger().debug("jobmanager", database=shown_url(database_url) if database_url else "embedded",
                            dispatch=self.config.dispatch)
 
     @classmethod
@@ -428,12 +427,3 @@ def _locked(tx: Tx, batch_id: str) -> BatchRecord:
     if rec is None:
         raise BatchNotFound(f"no batch {batch_id}")
     return rec
-
-
-def _where(database_url: str) -> str:
-    """host:port/database of a URL, for logs: never the URL itself (it may hold a password)."""
-    try:
-        u = make_url(sqlalchemy_url(database_url))
-    except Exception:
-        return "?"
-    return f"{u.host or 'localhost'}:{u.port or 5432}/{u.database}"

@@ -9,7 +9,7 @@ import re
 
 from alya.batch.services import Services
 from alya.batch.status import record_summary
-from alya.core.errors import AlyaError, ProcessorNotFound
+from alya.core.errors import AlyaError, ProcessorNotFound, describe
 from alya.core.logs import get_logger, status_change
 from alya.core.models import BatchStatus
 from alya.core.names import batch_prefix
@@ -100,7 +100,7 @@ class Finisher:
                                  seconds=round(seconds, 1), error=error,
                                  gives_up_after=cfg.summary_giveup_after, gives_up_sec=cfg.summary_giveup_sec)
                 return False
-            return self._give_up(batch_id, failures, seconds, _describe(exc))
+            return self._give_up(batch_id, failures, seconds, describe(exc))
         except AlyaError as again:
             self.log.warning("summary_failure_not_counted", batch=batch_id, error=str(again))
             return False
@@ -139,7 +139,7 @@ class Finisher:
         try:
             initblock = svc.initblocks.get(rec.app)
         except Exception as exc:  # not claimed: cleanup() tries again once init works
-            log.error("mark_done_init_failed", error=_describe(exc))
+            log.error("mark_done_init_failed", error=describe(exc))
             return False
         with svc.store.tx() as tx:
             if tx.one("claim_notify", id=batch_id) is None:
@@ -148,7 +148,7 @@ class Finisher:
             reg.processor.mark_done(initblock, rec.context, rec.details())
             log.info("mark_done_called")
         except Exception as exc:
-            log.error("mark_done_failed", error=_describe(exc))
+            log.error("mark_done_failed", error=describe(exc))
         return True
 
 
@@ -159,7 +159,3 @@ def _same_way(exc: BaseException) -> str:
     """The error as text with its numbers and ids blanked, so that failures differing only in a request
     id, a port or a time count as the same way of failing."""
     return _VARYING.sub("#", f"{type(exc).__name__}: {exc}")[:500]
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]

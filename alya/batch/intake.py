@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from alya.core import validate
-from alya.core.errors import BackendUnavailable, InvalidInput, ProcessorNotFound
+from alya.core.errors import BackendUnavailable, InvalidInput, ProcessorNotFound, describe
 from alya.core.logs import get_logger, status_change
 from alya.core.models import BatchStatus, FileCheck, FileIntake
 from alya.core.records import FileRecord
+from alya.core.redact import shown_url
 from alya.db.batches import NewBatch, insert_batch
 from alya.db.ingest import iter_rows
 from alya.db.store import Store, Tx
@@ -126,12 +126,12 @@ class Intake:
                 continue
             age = info.age_sec()
             if age is not None and age < min_age:
-                log.debug("file_waits", url=_safe(info.url), filetype=ftype, age_sec=round(age, 1))
+                log.debug("file_waits", url=shown_url(info.url), filetype=ftype, age_sec=round(age, 1))
                 continue
             try:
                 result = self._take(info, ftype, checkers[ftype], ctx, folder=folder, wait=False)
             except _Unreadable as exc:
-                log.warning("file_unreadable", url=_safe(info.url), filetype=ftype, error=str(exc),
+                log.warning("file_unreadable", url=shown_url(info.url), filetype=ftype, error=str(exc),
                             next="a later pass tries again")
                 continue
             if result is None:  # another scan is taking it right now
@@ -175,13 +175,13 @@ class Intake:
         assert rec is not None
         log = get_logger()
         if batch is not None:
-            log.info("file_submitted", url=_safe(info.url), filetype=ftype, app=batch.app, op=batch.op,
+            log.info("file_submitted", url=shown_url(info.url), filetype=ftype, app=batch.app, op=batch.op,
                      batch=batch.id, nrows=batch.nrows, size=info.size)
             status_change(batch.app, batch.op, batch.id, batch.status.value, nrows=batch.nrows,
-                          inputfile=_safe(info.url))
+                          inputfile=shown_url(info.url))
             self.on_batch(batch)
         else:
-            log.warning("file_rejected", url=_safe(info.url), filetype=ftype, size=info.size, error=error)
+            log.warning("file_rejected", url=shown_url(info.url), filetype=ftype, size=info.size, error=error)
         return _Taken(rec, new=True)
 
     def _check_and_insert(self, tx: Tx, file: IncomingFile, ftype: str, checker: FileChecker,
@@ -210,16 +210,16 @@ class Intake:
         try:
             folder.move(rec.url, dest)
         except Exception as exc:
-            log.error("file_move_failed", url=_safe(rec.url), dest=_safe(dest), filetype=rec.filetype,
-                      batch=rec.batch, error=f"{type(exc).__name__}: {exc}", next="the next pass moves it")
+            log.error("file_move_failed", url=shown_url(rec.url), dest=shown_url(dest), filetype=rec.filetype,
+                      batch=rec.batch, error=describe(exc), next="the next pass moves it")
             return rec
         try:
             with self.store.tx() as tx:
                 moved: FileRecord = tx.record(FileRecord, "file_moved", id=rec.id, dest=dest)
         except BackendUnavailable as exc:
-            log.error("file_move_not_recorded", url=_safe(rec.url), dest=_safe(dest), error=str(exc))
+            log.error("file_move_not_recorded", url=shown_url(rec.url), dest=shown_url(dest), error=str(exc))
             return rec
-        log.info("file_move_completed" if completing else "file_moved", url=_safe(rec.url), dest=_safe(dest),
+        log.info("file_move_completed" if completing else "file_moved", url=shown_url(rec.url), dest=shown_url(dest),
                  filetype=rec.filetype, status=rec.status, batch=rec.batch)
         return moved
 
@@ -317,13 +317,3 @@ def _min_age(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise InvalidInput(f"min_age_sec must be a number >= 0, got {value!r}")
     return float(value)
-
-
-def _safe(url: str) -> str:
-    """A URL for the logs: without user info and query (they may hold credentials or signatures)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "?"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -81,25 +81,6 @@ def text_value(value: Any, what: str, max_len: int | None = None) -> str:
     return value
 
 
-_USERINFO = re.compile(r"(?<=://)([^/@?#]*)@")
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for messages and logs: any user:password part becomes ``***``."""
-    return _USERINFO.sub("***@", url)
-
-
-def url_error(variable: str, url: str, problem: str) -> str:
-    """A ConfigError message about a URL setting that never echoes its credentials."""
-    text = f"{variable}={redact_url(url)!r}: {problem}"
-    m = _USERINFO.search(url)
-    if m and m.group(1):
-        for secret in {m.group(1), *m.group(1).split(":")}:
-            if secret:
-                text = text.replace(secret, "***")
-    return text
-
-
 MAX_IDEMPOTENCY_KEY = 255
 
 

@@ -22,7 +22,7 @@ import redis
 
 from alya.core.errors import ConfigError
 from alya.core.logs import get_logger
-from alya.core.validate import url_error
+from alya.core.redact import url_error
 
 _PUT = """
 local cur = redis.call('GET', KEYS[1])

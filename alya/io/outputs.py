@@ -12,7 +12,8 @@ from typing import Any
 import fsspec
 
 from alya.core.errors import BackendUnavailable, ConfigError, InvalidInput
-from alya.core.validate import file_name, url_error
+from alya.core.redact import url_error
+from alya.core.validate import file_name
 
 WRITE_BLOCK = 5 * 2**20
 

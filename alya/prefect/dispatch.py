@@ -27,6 +27,7 @@ from datetime import UTC
 from typing import Any
 
 from alya.core import names
+from alya.core.errors import describe
 from alya.core.logs import get_logger
 from alya.core.records import BatchRef
 from alya.core.settings import JobManagerConfig
@@ -39,10 +40,6 @@ PAGE = 200
 
 def _state_type(run: Any) -> str | None:
     return None if run.state is None else str(run.state.type.value)
-
-
-def _err(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 class Dispatcher:
@@ -102,7 +99,7 @@ class Dispatcher:
         except Exception as exc:
             hint = ("no such deployment: serve it (python -m flows.serve) or prefect deploy"
                     if type(exc).__name__ == "ObjectNotFound" else "Prefect API unreachable or failing")
-            log.warning("dispatch_failed", deployment=name, error=_err(exc), reason=hint,
+            log.warning("dispatch_failed", deployment=name, error=describe(exc), reason=hint,
                         note="the batch is stored and stays queued; the sweeper will dispatch it")
             return None
         log.info("dispatched", deployment=name, flow_run=str(run.id), flow_run_name=run.name, key=key)
@@ -157,7 +154,7 @@ class Dispatcher:
             create_table_artifact(table=[table], key=names.summary_artifact_key(batch_id),
                                   description=f"batch {batch_id} aborted")
         except Exception as exc:
-            get_logger().warning("abort_artifacts_failed", batch=batch_id, error=_err(exc))
+            get_logger().warning("abort_artifacts_failed", batch=batch_id, error=describe(exc))
 
     def cancel_batch(self, batch_id: str) -> int:
         """Move the batch's live flow runs to Cancelling (Scheduled ones straight to Cancelled, as nothing
@@ -185,7 +182,7 @@ class Dispatcher:
                     log.info("flow_run_cancel", flow_run=str(run.id), was=kind,
                              now="CANCELLED" if kind == "SCHEDULED" else "CANCELLING")
         except Exception as exc:
-            log.warning("cancel_failed", error=_err(exc),
+            log.warning("cancel_failed", error=describe(exc),
                         note="batch aborted anyway: its runs stop by themselves; sweeper forces stuck ones")
         if waiting:  # the thread sees the caller's Prefect settings (a temporary_settings context, say)
             ctx = contextvars.copy_context()
@@ -217,7 +214,7 @@ class Dispatcher:
                         get_logger().warning("flow_run_forced_cancelled", flow_run=str(run.id))
                         forced += 1
         except Exception as exc:
-            get_logger().warning("force_cancel_failed", error=_err(exc))
+            get_logger().warning("force_cancel_failed", error=describe(exc))
         return forced
 
     def redispatch_idle(self) -> list[str]:
@@ -232,7 +229,7 @@ class Dispatcher:
                     if (b := names.batch_of_tag(t)) is not None:
                         runs.setdefault(b, []).append(r)
         except Exception as exc:
-            get_logger().warning("sweeper_prefect_unreachable", error=_err(exc))
+            get_logger().warning("sweeper_prefect_unreachable", error=describe(exc))
             return []
         with self.store.tx() as tx:
             open_batches: list[BatchRef] = tx.records(BatchRef, "open_batches_all")

@@ -28,7 +28,7 @@ from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alya.core import names, validate
-from alya.core.errors import AlyaError
+from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
@@ -237,7 +237,7 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
                 try:
                     result = cast(dict[str, Any], flows[(app, op)](batch_id=None))
                 except Exception as exc:  # an outage: log, back off, try again
-                    log.error("flow_failed", app=app, op=op, error=f"{type(exc).__name__}: {exc}")
+                    log.error("flow_failed", app=app, op=op, error=describe(exc))
                     engine.stopping.wait(max(1.0, cfg.poll_sec))
                     continue
                 worked = worked or bool(result["nrows"] or result["summarised"])

@@ -14,9 +14,10 @@ from typing import Any
 
 from alya.batch.intake import Intake
 from alya.core import names, validate
-from alya.core.errors import ConfigError, InvalidInput
+from alya.core.errors import ConfigError, InvalidInput, describe
 from alya.core.logs import get_logger
 from alya.core.models import FileIntake
+from alya.core.redact import shown_url
 from alya.core.settings import IntakeSettings
 
 
@@ -33,7 +34,7 @@ def intake_pass(intake: Intake, folder_url: str | None = None, patterns: dict[st
         raise ConfigError('ALYA_INTAKE_PATTERNS is not set: GLOB=FILETYPE,... e.g. "*.csv=txn,*.parquet=txn"')
     min_age = settings.intake_min_age_sec if min_age_sec is None else min_age_sec
     taken = intake.scan(folder, pats, min_age)
-    publish_artifact(names.INTAKE_ARTIFACT_KEY, taken, f"Files the intake took from {_shown(folder)} in this run")
+    publish_artifact(names.INTAKE_ARTIFACT_KEY, taken, f"Files the intake took from {shown_url(folder)} in this run")
     return taken
 
 
@@ -45,9 +46,9 @@ def submit_file(intake: Intake, file_url: Any, file_type: Any, context: Any = No
     ftype = validate.file_type(file_type)
     ctx = validate.json_object(context if context not in (None, "") else {}, "context")
     fi = intake.file_submit(file_url.strip(), ftype, ctx)
-    publish_artifact(names.SUBMIT_FILE_ARTIFACT_KEY, [fi], f"{_shown(file_url)} as file type {ftype}")
+    publish_artifact(names.SUBMIT_FILE_ARTIFACT_KEY, [fi], f"{shown_url(file_url)} as file type {ftype}")
     if fi.status != "submitted":
-        raise InvalidInput(f"{_shown(file_url)} was rejected: {fi.error}")
+        raise InvalidInput(f"{shown_url(file_url)} was rejected: {fi.error}")
     return fi
 
 
@@ -71,8 +72,4 @@ def publish_artifact(key: str, files: list[FileIntake], description: str) -> Non
                  for fi in files]
         create_table_artifact(table=table, key=key, description=description)
     except Exception as exc:  # an artifact is a view: the files are taken whatever happens to it
-        get_logger().warning("intake_artifact_failed", error=f"{type(exc).__name__}: {exc}")
-
-
-def _shown(url: str) -> str:
-    return url.split("?", 1)[0]
+        get_logger().warning("intake_artifact_failed", error=describe(exc))
