@@ -30,7 +30,9 @@ from alya import (
     SlowQueryResult,
 )
 from alya.core import validate
-from alya.core.models import messages_from_json, require_status
+from alya.core.errors import describe
+from alya.core.models import messages_from_json
+from alya.core.records import BatchRecord
 from alya.db.ingest import CopyStream, check_line, encode_input, iter_rows
 
 
@@ -82,9 +84,32 @@ def test_batch_status() -> None:
     assert BatchStatus("success") is BatchStatus.SUCCESS
     assert BatchStatus.SUCCESS == "success" and str(BatchStatus.INPROG) == "inprog" and f"{BatchStatus.WAIT}" == "wait"
     assert orjson.dumps({"s": BatchStatus.FAILED}) == b'{"s":"failed"}'
-    assert require_status("failed") is BatchStatus.FAILED
-    with pytest.raises(InvalidInput):
-        require_status("done")
+
+
+def test_a_summary_is_spelled_out_once() -> None:
+    """as_row is every field of BatchSummary (the cached form, the Prefect and CLI tables); from_row reads it
+    back, also without the defaulted ``error`` (values cached before it existed); done() carries the shared
+    fields into BatchDone; a BatchRecord's details are every BatchDetails field by name."""
+    s = BatchSummary(BatchStatus.FAILED, {"a.txt": "s3://b/a.txt"}, 10, 7, 2, 1, 0, 0, error="boom")
+    row = s.as_row()
+    assert list(row) == [f.name for f in dataclasses.fields(BatchSummary)] and row["status"] == "failed"
+    assert orjson.loads(orjson.dumps(row)) == row
+    assert BatchSummary.from_row({**row, "ver": 3, "final": True}) == s
+    assert BatchSummary.from_row({k: v for k, v in row.items() if k != "error"}) == dataclasses.replace(s, error=None)
+    rows = [BatchOutput(1, BatchStatus.SUCCESS, {}, [])]
+    assert s.done(rows) == BatchDone(BatchStatus.FAILED, rows, {"a.txt": "s3://b/a.txt"}, 7, 2, 1, error="boom")
+    rec = BatchRecord.from_row(("00000000-0000-4000-8000-000000000001", "app", "op", "B", "failed", {"k": 1},
+                                None, "reqat", "doneat", None, 10, 7, 2, 1, 5, "boom"))
+    assert rec.outputfiles == {} and rec.ver == 5 and rec.status is BatchStatus.FAILED
+    details = rec.details()
+    assert all(getattr(details, f.name) == getattr(rec, f.name) for f in dataclasses.fields(BatchDetails))
+    assert BatchRecord.COLUMNS.split(", ") == [
+        "status::text" if f.name == "status" else f.name for f in dataclasses.fields(BatchRecord)]
+
+
+def test_describe_names_the_error_in_one_capped_line() -> None:
+    assert describe(ValueError("bad value")) == "ValueError: bad value"
+    assert describe(RuntimeError("x" * 2000)) == "RuntimeError: " + "x" * 486
 
 
 def test_error_message_serialisation_omits_absent_keys() -> None:

@@ -131,7 +131,7 @@ def test_client_calls_reconnect_after_the_server_ended_every_connection(client: 
             client.batch_submit(APP, "op", {}, rows(2))
         else:
             # the first statement of this transaction is a server-side cursor's
-            assert len(client.services.summaries.final_rows(big, client.services.summaries.read(big))) == 1500
+            assert len(client.services.statuses.final_rows(big, client.services.statuses.read(big))) == 1500
         print(f"\nreconnect after pg_terminate_backend ({call}): {1000 * (time.monotonic() - t):.1f} ms")
     fill_pool(client)
     terminate_all(database_url)

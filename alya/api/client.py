@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from alya.batch.intake import Intake
 from alya.batch.services import Services
-from alya.batch.status import Summaries, record_summary, row_counts
+from alya.batch.status import Statuses, record_summary, row_counts
 from alya.core import names, validate
 from alya.core.errors import BatchNotFound, InvalidState
 from alya.core.logs import get_logger, status_change
@@ -54,7 +54,7 @@ Rows = Union[Iterable[BatchInput], Iterable[tuple[int, Any]], "pd.DataFrame"]
 
 class JobManager:
     """The application's handle on alya: the contract's API, and the wiring of the layers below it
-    (store, cache, object store, summaries, engine, dispatcher), which it builds and delegates to.
+    (store, cache, object store, statuses, engine, dispatcher), which it builds and delegates to.
     Thread-safe; create one per process and share it."""
 
     def __init__(
@@ -81,7 +81,7 @@ class JobManager:
         registry = Registry()
         self.services = Services(
             config=self.config, store=store, cache=cache, objects=objects,
-            summaries=Summaries(store, cache, self.config.done_cache_rows),
+            statuses=Statuses(store, cache, self.config.done_cache_rows),
             registry=registry, initblocks=InitBlocks(registry),
         )
         self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
@@ -208,18 +208,16 @@ class JobManager:
 
     def batch_status(self, batch_id: str) -> BatchSummary:
         """Counts and status, from Redis when cached, else from PostgreSQL (and then cached)."""
-        return self.services.summaries.read(validate.batch_id(batch_id)).value
+        return self.services.statuses.read(validate.batch_id(batch_id)).value
 
     def batch_done(self, batch_id: str) -> BatchDone:
         """The status, and once final every row ordered by line."""
         batch_id = validate.batch_id(batch_id)
-        summary = self.services.summaries.read(batch_id)
-        s = summary.value
+        summary = self.services.statuses.read(batch_id)
         rows: list[BatchOutput] | None = None
-        if s.status.is_final:
-            rows = self.services.summaries.final_rows(batch_id, summary)
-        return BatchDone(status=s.status, rows=rows, outputfiles=s.outputfiles, nsuccess=s.nsuccess,
-                         nfailed=s.nfailed, naborted=s.naborted, error=s.error)
+        if summary.value.status.is_final:
+            rows = self.services.statuses.final_rows(batch_id, summary)
+        return summary.value.done(rows)
 
     def batch_rows(self, batch_id: str) -> Iterator[BatchOutput]:
         """Every row of a final batch ordered by line, streamed: ``batch_done`` returns them as one list,
@@ -227,10 +225,10 @@ class JobManager:
         a server-side cursor (exports, reports). Raises ``InvalidState`` until the batch is final.
         Consume it fully or ``close()`` it: a read transaction is open meanwhile."""
         batch_id = validate.batch_id(batch_id)
-        s = self.services.summaries.read(batch_id).value
+        s = self.services.statuses.read(batch_id).value
         if not s.status.is_final:
             raise InvalidState(f"batch {batch_id} is {s.status.value}: its rows can be read once it is final")
-        return self.services.summaries.stream_rows(batch_id)
+        return self.services.statuses.stream_rows(batch_id)
 
     def batch_abort(self, batch_id: str) -> BatchSummary:
         """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""
@@ -269,7 +267,7 @@ class JobManager:
 
     def slowquery_done(self, req_id: str) -> SlowQueryDone:
         req_id = validate.batch_id(req_id)
-        s = self.services.summaries.read(req_id).value
+        s = self.services.statuses.read(req_id).value
         if not s.status.is_final:
             return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
         row: SlowQueryRow | None = self.store.run(lambda tx: tx.record(SlowQueryRow, "slowquery_row", id=req_id),
@@ -371,7 +369,7 @@ class JobManager:
     def _queued(self, app: str, op: str, batch_id: str, ver: int, status: BatchStatus, nrows: int) -> None:
         """After a commit that stored or released rows: cache the summary, and if the rows are now
         queued, dispatch a flow run. Nothing here may raise: the call has already succeeded."""
-        self.services.summaries.put_new(batch_id, ver, status, nrows, Counts(queued=nrows))
+        self.services.statuses.put_new(batch_id, ver, status, nrows, Counts(queued=nrows))
         if status is BatchStatus.QUEUED and self.dispatcher is not None:
             try:
                 self.dispatcher.start_batch(app, op, batch_id)

@@ -61,7 +61,7 @@ class Finisher:
         status_change(rec.app, rec.op, batch_id, status.value, old=rec.status.value, nsuccess=counts.success,
                       nfailed=counts.failed, naborted=counts.aborted, files=sorted(outputfiles),
                       **({"error": error} if error is not None else {}))
-        svc.summaries.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles, error)
+        svc.statuses.put_new(batch_id, ver, status, rec.nrows, counts, outputfiles, error)
         return True
 
     def _outputs(self, tx: Tx, rec: BatchRecord) -> dict[str, str]:
@@ -119,7 +119,7 @@ class Finisher:
             rec: BatchRecord | None = tx.record(BatchRecord, "get_batch", id=batch_id)
             summary = None if rec is None else record_summary(tx, rec)
         if summary is not None:
-            self.svc.summaries.put(batch_id, summary)
+            self.svc.statuses.put(batch_id, summary)
 
     def notify(self, batch_id: str) -> bool:
         """Call mark_done once: the claim (notifiedat) is committed before the call, so no crash or race

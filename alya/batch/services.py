@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alya.batch.status import Summaries
+from alya.batch.status import Statuses
 from alya.core.registry import InitBlocks, Registry
 from alya.core.settings import JobManagerConfig
 from alya.db.store import Store
@@ -20,6 +20,12 @@ class Services:
     store: Store
     cache: StatusCache
     objects: ObjectStore
-    summaries: Summaries
+    statuses: Statuses
     registry: Registry
     initblocks: InitBlocks
+
+    @property
+    def summaries(self) -> Statuses:
+        """The former name of ``statuses``, still used by ``alya.engine``; drop it once the engine says
+        ``statuses`` ("summary" is finishing a batch: ``alya.batch.finish``)."""
+        return self.statuses

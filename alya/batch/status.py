@@ -1,9 +1,10 @@
-"""A batch's summary (status, counts, output files) and final rows: read from Redis when cached, from
-PostgreSQL otherwise, and written to Redis after every status change.
+"""The status read model: a batch's status, counts and output files (the contract's ``BatchSummary``) and
+its final rows, read from Redis when cached, from PostgreSQL otherwise, and written to Redis after every
+status change.
 
-This is the one place that builds a summary: clients (batch_status, batch_done), the engine (after a
-claim, a write-back, a summary) and the facade (after submit, abort) all go through ``Summaries``, so the
-cached form and the version rule cannot differ between writers.
+This is the one place that builds a status: clients (batch_status, batch_done), the engine (after a claim,
+a write-back, finishing a batch: ``alya.batch.finish``) and the facade (after submit, abort) all go through
+``Statuses``, so the cached form and the version rule cannot differ between writers.
 """
 
 from __future__ import annotations
@@ -29,17 +30,11 @@ class Summary:
     ver: int
 
     def as_cached(self) -> dict[str, Any]:
-        s = self.value
-        return {"status": s.status.value, "outputfiles": s.outputfiles, "nrows": s.nrows, "nsuccess": s.nsuccess,
-                "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued, "ninprog": s.ninprog,
-                "error": s.error}
+        return self.value.as_row()  # the cache adds ``ver`` and ``final``
 
     @classmethod
     def from_cached(cls, d: dict[str, Any]) -> Summary:
-        return cls(BatchSummary(status=BatchStatus(d["status"]), outputfiles=d["outputfiles"], nrows=d["nrows"],
-                                nsuccess=d["nsuccess"], nfailed=d["nfailed"], naborted=d["naborted"],
-                                nqueued=d["nqueued"], ninprog=d["ninprog"], error=d.get("error")),
-                   int(d.get("ver", 0)))
+        return cls(BatchSummary.from_row(d), int(d.get("ver", 0)))
 
 
 def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: dict[str, str], ver: int,
@@ -62,13 +57,17 @@ def record_summary(tx: Tx, rec: BatchRecord) -> Summary:
     return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error)
 
 
-# A summary of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
-# worker that cannot reach Redis cannot invalidate it, so it must expire by itself (issue 10, item 10).
+# The status of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
+# worker that cannot reach Redis cannot invalidate it, so it must expire by itself; and since workers do not
+# invalidate it per write-back (each invalidation cost a recount of the whole batch), this expiry is also
+# how pollers see progress.
 OPEN_TTL_SEC = 5
 _WORKED_ON = (BatchStatus.QUEUED, BatchStatus.INPROG)
 
 
-class Summaries:
+class Statuses:
+    """Batch statuses (``BatchSummary`` at a version) and final rows: Redis first, PostgreSQL behind it."""
+
     def __init__(self, store: Store, cache: StatusCache, done_cache_rows: int) -> None:
         self.store = store
         self.cache = cache
@@ -90,7 +89,7 @@ class Summaries:
         return summary
 
     def put(self, batch_id: str, summary: Summary) -> None:
-        """Cache a summary unless a newer version is cached (never raises: the cache is optional)."""
+        """Cache a status unless a newer version is cached (never raises: the cache is optional)."""
         status = summary.value.status
         self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, status.is_final,
                        ttl=OPEN_TTL_SEC if status in _WORKED_ON else None)

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any, Optional
 
 import typer
@@ -193,8 +193,7 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
         return
     d = _jm().batch_done(batch_id)
     if as_json:
-        _print_json({"status": d.status.value, "outputfiles": d.outputfiles, "nsuccess": d.nsuccess,
-                     "nfailed": d.nfailed, "naborted": d.naborted, "error": d.error, "rows": d.rows})
+        _print_json({**{f.name: getattr(d, f.name) for f in fields(d) if f.name != "rows"}, "rows": d.rows})
         return
     from alya.cli.views import styled
 

@@ -24,25 +24,36 @@ def styled(status: BatchStatus | str) -> str:
     return f"[{STATUS_STYLE.get(value, 'white')}]{value}[/]"
 
 
+# How summary_table names BatchSummary's fields (any other field shows under its own name), which it shows
+# only when set, which only while the batch is open, and which last (after the counts).
+_LABELS = {"nrows": "rows", "nsuccess": "success", "nfailed": "failed", "naborted": "aborted", "nqueued": "queued",
+          "ninprog": "in progress", "outputfiles": "output file"}
+_WHEN_SET = {"naborted", "error"}
+_WHILE_OPEN = {"nqueued", "ninprog"}
+_LAST = ("outputfiles", "error")
+
+
 def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> Table:
-    """A batch's status and counts, one per line."""
+    """A batch's status and counts, one per line: every field of ``s.as_row()``."""
     t = Table(show_header=False, title=title, title_justify="left", box=None, padding=(0, 2))
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
     t.add_row("batch", batch_id)
-    t.add_row("status", styled(s.status))
-    t.add_row("rows", f"{s.nrows:,}")
-    t.add_row("success", f"{s.nsuccess:,}")
-    t.add_row("failed", f"{s.nfailed:,}")
-    if s.naborted:
-        t.add_row("aborted", f"{s.naborted:,}")
-    if not s.status.is_final:
-        t.add_row("queued", f"{s.nqueued:,}")
-        t.add_row("in progress", f"{s.ninprog:,}")
-    for name, url in s.outputfiles.items():
-        t.add_row("output file", f"{name}: {url}")
-    if s.error:
-        t.add_row("error", f"[red]{s.error}[/]")
+    for name, value in sorted(s.as_row().items(), key=lambda item: item[0] in _LAST):
+        if (name in _WHEN_SET and not value) or (name in _WHILE_OPEN and s.status.is_final):
+            continue
+        label = _LABELS.get(name, name)
+        if name == "status":
+            t.add_row(label, styled(s.status))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                t.add_row(label, f"{key}: {item}")
+        elif name == "error":
+            t.add_row(label, f"[red]{value}[/]")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            t.add_row(label, f"{value:,}")
+        else:
+            t.add_row(label, str(value))
     return t
 
 

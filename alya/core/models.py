@@ -4,12 +4,10 @@ path, where pydantic validation would cost more than the work itself."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from typing import Any
-
-from alya.core.errors import InvalidInput
 
 
 class BatchStatus(enum.StrEnum):
@@ -107,6 +105,24 @@ class BatchSummary:
     ninprog: int
     error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
 
+    def as_row(self) -> dict[str, Any]:
+        """Every field by name, in their order, as JSON values (the status as its text): the cached form, a
+        row of a flow run's table in the Prefect UI, and what ``alya status`` shows. A field added to the
+        class reaches all three from here."""
+        return {name: getattr(self, name) for name in _SUMMARY_FIELDS} | {"status": self.status.value}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> BatchSummary:
+        """The summary :meth:`as_row` gave (other keys are ignored; a field with a default may be missing)."""
+        values = {name: row[name] for name in _SUMMARY_REQUIRED}
+        values.update((name, row[name]) for name in _SUMMARY_OPTIONAL if name in row)
+        values["status"] = BatchStatus(values["status"])
+        return cls(**values)
+
+    def done(self, rows: Sequence[BatchOutput] | None) -> BatchDone:
+        """The BatchDone of this summary, with ``rows`` (None until the batch is final)."""
+        return BatchDone(rows=rows, **{name: getattr(self, name) for name in _DONE_FROM_SUMMARY})
+
 
 @dataclass(frozen=True, slots=True)
 class SlowQueryDone:
@@ -135,12 +151,12 @@ class BatchDetails:
     error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
 
 
-def require_status(value: Any) -> BatchStatus:
-    """Turn what a processor returned into a status, refusing anything that is not one."""
-    try:
-        return value if isinstance(value, BatchStatus) else BatchStatus(value)
-    except ValueError:
-        raise InvalidInput(f"not a batch status: {value!r}") from None
+_SUMMARY_FIELDS = tuple(f.name for f in fields(BatchSummary))
+_SUMMARY_REQUIRED = tuple(f.name for f in fields(BatchSummary) if f.default is MISSING)
+_SUMMARY_OPTIONAL = tuple(f.name for f in fields(BatchSummary) if f.default is not MISSING)
+_DONE_FROM_SUMMARY = tuple(f.name for f in fields(BatchDone) if f.name != "rows")  # all of them BatchSummary's
+DETAILS_FIELDS = tuple(f.name for f in fields(BatchDetails))
+"""BatchDetails' fields: a BatchRecord has each of them, and builds its details from this list."""
 
 
 # ---------------------------------------------------------------------------- file intake

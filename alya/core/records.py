@@ -1,21 +1,22 @@
 """Typed records of what the store reads, so that no module above it indexes a raw row tuple.
 
-Each record's ``COLUMNS`` is the one place its column list is written: ``alya.db.store`` substitutes it into
-the SQL (``{batch_columns}`` in ``sql/queries.sql``), and ``from_row`` reads the columns in that order.
+Each record's ``COLUMNS`` is the one place its column list is written (BatchRecord's is made from its
+fields, which are BatchDetails' and ``ver``): ``alya.db.store`` substitutes it into the SQL
+(``{batch_columns}`` in ``sql/queries.sql``), and ``from_row`` reads the columns in that order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
-from alya.core.models import BatchDetails, BatchOutput, BatchStatus, FileIntake, messages_from_json
+from alya.core.models import DETAILS_FIELDS, BatchDetails, BatchOutput, BatchStatus, FileIntake, messages_from_json
 
 
 @dataclass(frozen=True, slots=True)
 class BatchRecord:
-    """One row of ``batches``."""
+    """One row of ``batches``: every field of the contract's BatchDetails (same names), and ``ver``."""
 
     id: str
     app: str
@@ -34,28 +35,26 @@ class BatchRecord:
     ver: int
     error: str | None  # why a failed batch has no summary (it kept failing), else None
 
-    COLUMNS = ("id, app, op, type, status::text, context, inputfile, reqat, doneat, outputfiles, "
-               "nrows, nsuccess, nfailed, naborted, ver, error")
+    COLUMNS: ClassVar[str]  # the fields above, in their order (set below the class)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> BatchRecord:
-        (id_, app, op, type_, status, context, inputfile, reqat, doneat, outputfiles, nrows, nsuccess, nfailed,
-         naborted, ver, error) = row
-        return cls(str(id_), app, op, type_, BatchStatus(status), context, inputfile, reqat, doneat,
-                   outputfiles or {}, nrows, nsuccess, nfailed, naborted, ver, error)
+        values = dict(zip(_BATCH_FIELDS, row, strict=True))
+        values.update(id=str(values["id"]), status=BatchStatus(values["status"]),
+                      outputfiles=values["outputfiles"] or {})
+        return cls(**values)
 
     @property
     def is_query(self) -> bool:
         return self.type == "Q"
 
     def details(self) -> BatchDetails:
-        return BatchDetails(
-            id=self.id, app=self.app, op=self.op, type=self.type, status=self.status, context=self.context,
-            inputfile=self.inputfile, reqat=self.reqat, doneat=self.doneat, outputfiles=self.outputfiles,
-            nrows=self.nrows, nsuccess=self.nsuccess, nfailed=self.nfailed, naborted=self.naborted,
-            error=self.error,
-        )
+        """The contract's view of this batch: a field added to BatchDetails is taken from here by name."""
+        return BatchDetails(**{name: getattr(self, name) for name in DETAILS_FIELDS})
 
+
+_BATCH_FIELDS = tuple(f.name for f in fields(BatchRecord))
+BatchRecord.COLUMNS = ", ".join("status::text" if name == "status" else name for name in _BATCH_FIELDS)
 
 @dataclass(frozen=True, slots=True)
 class OpenBatch:

@@ -1,5 +1,5 @@
-"""Redis cache of batch summaries in front of PostgreSQL. Throw-away: every failure falls back to the
-database, and every key can be deleted at any time.
+"""Redis cache of batch statuses (and of small batches' final rows) in front of PostgreSQL. Throw-away:
+every failure falls back to the database, and every key can be deleted at any time.
 
 Each cached value carries the batch's ``ver`` (bumped by every status change in PostgreSQL). A Lua script
 stores a value only if its version is not older than the cached one, and never puts a non-final value

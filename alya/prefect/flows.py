@@ -124,13 +124,13 @@ class _Progress:
     """A progress artifact kept up to date per wave, and a summary table at the end (Prefect UI)."""
 
     def __init__(self, engine: Engine, batch_id: str | None) -> None:
-        self.summaries = engine.svc.summaries
+        self.statuses = engine.svc.statuses
         self.batch_id = batch_id
         self.nrows = 0
         self.artifact_id: Any = None
         if batch_id:
             try:
-                self.nrows = self.summaries.read(batch_id).value.nrows
+                self.nrows = self.statuses.read(batch_id).value.nrows
                 from prefect.artifacts import create_progress_artifact
 
                 self.artifact_id = create_progress_artifact(
@@ -163,16 +163,21 @@ class _Progress:
 
             table = []
             for bid in ids:
-                s = self.summaries.read(bid).value
+                s = self.statuses.read(bid).value
                 if bid == self.batch_id and s.status.is_final:
                     self._set(100.0)  # other runs may have done part of it
-                table.append({"batch": bid, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
-                              "nfailed": s.nfailed, "naborted": s.naborted, "nqueued": s.nqueued,
-                              "ninprog": s.ninprog, "outputfiles": ", ".join(s.outputfiles.values())})
+                table.append({"batch": bid, **{k: _cell(v) for k, v in s.as_row().items()}})
             key = names.summary_artifact_key(self.batch_id) if self.batch_id else None
             create_table_artifact(table=table, key=key, description="batches touched by this run")
         except Exception as exc:
             get_logger().debug("summary_artifact_failed", error=str(exc))
+
+
+def _cell(value: Any) -> Any:
+    """A table cell of the Prefect UI: output files as their URLs, nothing as an empty cell."""
+    if isinstance(value, dict):
+        return ", ".join(map(str, value.values()))
+    return "" if value is None else value
 
 
 def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_when_idle: bool = False,
