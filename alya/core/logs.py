@@ -4,11 +4,12 @@
   always present and named the same way.
 - On stderr: JSON lines for machines, or a readable console format on a terminal
   (``ALYA_LOG_FORMAT=json|console|auto``; auto picks console when stderr is a terminal).
-- Inside a Prefect flow or task run, alya's lines also reach that run's logs in the Prefect UI: the
-  :class:`PrefectRunHandler` forwards them to Prefect's API log handler. Rows run on alya's own threads,
-  which do not carry Prefect's run context, so the engine binds ``flow_run_id``/``task_run_id`` (see
-  :func:`prefect_run_ids`) to the loggers it hands them.
-- Credentials are never logged: alya logs host:port/database, never a URL.
+- Inside a flow or task run, alya's lines also reach that run's logs in the Prefect UI. This module knows
+  no Prefect: the Prefect layer (``alya.prefect.logging``) installs a *run log* with :func:`install_run_log`,
+  a handler that forwards lines to the run they belong to and a function that tells which run this thread
+  is in. Rows run on alya's own threads, which do not carry Prefect's run context, so the engine binds the
+  run ids to the loggers it hands them (:func:`run_logger`).
+- Credentials are never logged: URLs only as ``alya.core.redact`` shows them, Redis as host:port/db.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -24,6 +25,37 @@ import structlog
 LOGGER = "alya"
 _configured = False
 _lock = threading.Lock()
+RunIds = Callable[[], tuple[Any, Any]]
+
+
+def _no_run() -> tuple[Any, Any]:
+    return None, None
+
+
+_run_handler: logging.Handler | None = None  # forwards lines to a flow/task run's logs (installed)
+_run_ids: RunIds = _no_run  # (flow_run_id, task_run_id) of the run this thread is in
+
+
+def install_run_log(handler: logging.Handler, run_ids: RunIds) -> None:
+    """Send alya's lines to the logs of the run they belong to as well: ``handler`` receives each line
+    (formatted as key=value pairs, with ``flow_run_id``/``task_run_id`` in the event when bound) and
+    ``run_ids()`` tells :func:`run_logger` which run this thread is in. Installed once, by the Prefect layer
+    when it is imported; installing again replaces the handler."""
+    global _run_handler, _run_ids
+    with _lock:
+        handler.setFormatter(_run_formatter())
+        logger = logging.getLogger(LOGGER)
+        if _run_handler is not None:
+            logger.removeHandler(_run_handler)
+        _run_handler, _run_ids = handler, run_ids
+        if _configured:
+            logger.addHandler(handler)
+
+
+def _run_formatter() -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        processors=[_drop_run_ids, _remove_meta, structlog.processors.KeyValueRenderer(
+            key_order=["event", "app", "op", "batch", "line", "old", "new"], drop_missing=True)])
 
 
 def configure(level: str | None = None, fmt: str | None = None, *, force: bool = False) -> None:
@@ -55,15 +87,12 @@ def configure(level: str | None = None, fmt: str | None = None, *, force: bool =
                          else structlog.processors.JSONRenderer())
         stderr = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
         stderr.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[_drop_run_ids, _remove_meta, renderer]))
-        prefect = PrefectRunHandler()
-        prefect.setFormatter(structlog.stdlib.ProcessorFormatter(
-            processors=[_drop_run_ids, _remove_meta, structlog.processors.KeyValueRenderer(
-                key_order=["event", "app", "op", "batch", "line", "old", "new"], drop_missing=True)]))
         logger = logging.getLogger(LOGGER)
         for h in list(logger.handlers):
             logger.removeHandler(h)
         logger.addHandler(stderr)
-        logger.addHandler(prefect)
+        if _run_handler is not None:
+            logger.addHandler(_run_handler)
         logger.setLevel(lvl)
         logger.propagate = False  # Prefect's root console handler would print every line twice
         _configured = True
@@ -99,65 +128,16 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-class PrefectRunHandler(logging.Handler):
-    """Forwards alya's records to the logs of the Prefect flow/task run they belong to: the run ids bound
-    to the line, else the current run context; outside any run, the line is not sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._api: logging.Handler | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "prefect" not in sys.modules:  # no Prefect loaded: no run to send to
-            return
-        event = record.msg if isinstance(record.msg, dict) else {}
-        flow_run_id = event.get("flow_run_id")
-        task_run_id = event.get("task_run_id")
-        if flow_run_id is None:
-            flow_run_id, task_run_id = prefect_run_ids()
-            if flow_run_id is None:
-                return
-        try:
-            if self._api is None:
-                from prefect.logging.handlers import APILogHandler
-
-                self._api = APILogHandler()
-            record.flow_run_id = flow_run_id
-            record.task_run_id = task_run_id
-            assert self._api is not None
-            self._api.setFormatter(self.formatter)  # type: ignore[arg-type]
-            self._api.emit(record)
-        except Exception:  # a log line must never break the work
-            pass
-
-
-def prefect_run_ids() -> tuple[Any, Any]:
-    """(flow_run_id, task_run_id) of the Prefect run this thread is in, or (None, None)."""
-    if "prefect" not in sys.modules:
-        return None, None
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
-
-        task_ctx = TaskRunContext.get()
-        if task_ctx is not None:
-            return task_ctx.task_run.flow_run_id, task_ctx.task_run.id
-        flow_ctx = FlowRunContext.get()
-        if flow_ctx is not None and flow_ctx.flow_run is not None:
-            return flow_ctx.flow_run.id, None
-    except Exception:
-        pass
-    return None, None
-
-
 def get_logger() -> Any:
     configure()
     return structlog.get_logger(LOGGER)
 
 
 def run_logger(**fields: Any) -> Any:
-    """A logger bound to ``fields`` and to the current Prefect run (if any), for work that continues on
-    other threads: its lines reach this run's logs in the Prefect UI from wherever they are written."""
-    flow_run_id, task_run_id = prefect_run_ids()
+    """A logger bound to ``fields`` and to the current flow/task run (if any, and if a run log is installed),
+    for work that continues on other threads: its lines reach this run's logs in the Prefect UI from wherever
+    they are written."""
+    flow_run_id, task_run_id = _run_ids()
     if flow_run_id is not None:
         fields = {**fields, "flow_run_id": str(flow_run_id)}
         if task_run_id is not None:
