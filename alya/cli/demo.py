@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -66,7 +66,6 @@ class _Block(dict):  # type: ignore[type-arg]
 @dataclass
 class _Tour:
     console: Console
-    timings: dict[str, float] = field(default_factory=dict)
 
     def step(self, what: str, detail: str, seconds: float | None = None) -> None:
         took = f"  [dim]{seconds:.1f} s[/]" if seconds is not None else ""

@@ -41,15 +41,6 @@ return 1
 _DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
-def summary_key(batch_id: str) -> str:
-    # The hash tag keeps all of a batch's keys in one Redis Cluster slot.
-    return f"alya:{{{batch_id}}}:summary"
-
-
-def done_key(batch_id: str) -> str:
-    return f"alya:{{{batch_id}}}:done"
-
-
 class StatusCache:
     def __init__(self, url: str | None, ttl_sec: int, *, cooldown_sec: float = 5.0, timeout_sec: float = 1.0,
                  max_stale_keys: int = 100_000) -> None:

@@ -95,7 +95,7 @@ class Folder:
             raise InvalidInput(f"not a folder URL: {url!r} ({exc})") from None
         self.path = self.path.rstrip("/") or self.path
         self.url = self.fs.unstrip_protocol(self.path).rstrip("/")
-        self.local = "file" in _protocols(self.fs)
+        self.local = "file" in protocols(self.fs)
 
     def files(self) -> list[FileInfo]:
         """The folder's own files, by name; hidden files (``.name``) are left alone (uploads in progress).
@@ -212,6 +212,7 @@ def _mtime(entry: dict[str, Any]) -> float | None:
     return None
 
 
-def _protocols(fs: Any) -> tuple[str, ...]:
+def protocols(fs: Any) -> tuple[str, ...]:
+    """The protocols an fsspec file system answers to (``file``, ``local``; ``s3``, ``s3a``; ...)."""
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)

@@ -14,6 +14,7 @@ import fsspec
 from alya.core.errors import BackendUnavailable, ConfigError, InvalidInput
 from alya.core.redact import url_error
 from alya.core.validate import file_name
+from alya.io.files import protocols
 
 WRITE_BLOCK = 5 * 2**20
 
@@ -48,7 +49,7 @@ class ObjectStore:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         except (ValueError, TypeError, ImportError) as exc:
             raise ConfigError(url_error("ALYA_OBJECT_STORE_URL", url, f"{type(exc).__name__}: {exc}")) from None
-        self._local = "file" in _protocols(self.fs)
+        self._local = "file" in protocols(self.fs)
         self._storage_options = dict(storage_options or {})
 
     def options_for(self, url: str) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class ObjectStore:
         if not self._storage_options:
             return {}
         protocol = url.split("://", 1)[0] if "://" in url else "file"
-        return dict(self._storage_options) if protocol in _protocols(self.fs) else {}
+        return dict(self._storage_options) if protocol in protocols(self.fs) else {}
 
     def _open(self, url: str) -> Any:
         path = self.root + url[len(self.url):]
@@ -91,11 +92,6 @@ class ObjectStore:
                 _discard(fh)
             raise BackendUnavailable(f"object store write failed: {type(exc).__name__}: {exc}") from exc
         return urls
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
 def _discard(fh: Any) -> None:
