@@ -1,5 +1,5 @@
-"""Issue 10, item 12: a worker on Prefect's ephemeral API (no PREFECT_API_URL) that is SIGKILLed must not
-leave its temporary Prefect server running."""
+"""A worker on Prefect's ephemeral API (no PREFECT_API_URL) that is SIGKILLed must not leave its temporary
+Prefect server running: nothing else would ever stop it, and every killed worker would leave one more."""
 
 from __future__ import annotations
 

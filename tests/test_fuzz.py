@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing of what callers hand in (issue 10): contexts, inputs (dicts and JSON text), line
+"""Hypothesis fuzzing of what callers hand in: contexts, inputs (dicts and JSON text), line
 numbers, unicode, NUL, NaN and Infinity, huge integers, nesting. Every submit or append either raises
 InvalidInput and stores nothing, or stores exactly what was given and reads back equal. Processor results
 go through ``validate.json_text_strict`` with the same rule (refused, or written back equal)."""

@@ -1,7 +1,7 @@
-"""Faults of issue 10 that are not the engine's: lost database connections under clients (item 4), errors
-that were not AlyaErrors (8), NaN and Infinity (9), a status cache that workers cannot reach (10) and
-retried submits (11). Services a test breaks are its own (tests.faults); the shared ones are never stopped.
-The figures the README's "Reliability" table reports are printed (``pytest -s``)."""
+"""Faults outside the engine: lost database connections under clients, errors that were not AlyaErrors,
+NaN and Infinity, a status cache that workers cannot reach, and retried submits. Services a test breaks are
+its own (tests.faults); the shared ones are never stopped. The figures the README's "Reliability" table
+reports are printed (``pytest -s``)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def client(database_url: str, file_store_url: str) -> Iterator[JobManager]:
     jm.close()
 
 
-# ------------------------------------------------------------------------------------------------ item 4
+# ------------------------------------------------------------------------ lost connections under clients
 def every_client_call(jm: JobManager, big: str) -> None:
     bid = jm.batch_submit(APP, "op", {}, rows(3), wait=True)
     assert jm.batch_status(bid).status is S.WAIT
@@ -221,7 +221,7 @@ def test_client_reconnects_after_a_private_server_restart(mode: str, tmp_path: A
             jm.close()
 
 
-# ------------------------------------------------------------------------------------------------ item 8
+# --------------------------------------------------------------------------- every error is an AlyaError
 @pytest.mark.parametrize("url", ["garbage", "http://user:s3cr3t@host/0", "redis://:s3cr3t@host:notaport/0",
                                  "redis://h:6379/0?socket_timeout=abc"])
 def test_a_garbage_redis_url_is_a_config_error(url: str, database_url: str, file_store_url: str,
@@ -276,7 +276,7 @@ def test_a_bad_inputfile_is_invalid_input(client: JobManager, database_url: str,
     assert stored(database_url) == (0, 0)
 
 
-# ------------------------------------------------------------------------------------------------ item 9
+# -------------------------------------------------------------------------------------- NaN and Infinity
 NONFINITE = [math.nan, math.inf, -math.inf]
 
 
@@ -345,7 +345,7 @@ def test_json_text_strict_for_results() -> None:
         json_text_strict({"a": math.nan}, "blob")
 
 
-# ------------------------------------------------------------------------------------------------ item 10
+# ------------------------------------------------------------------- a status cache workers cannot reach
 @pytest.mark.slow
 def test_workers_without_redis_leave_no_stale_status(database_url: str, redis_url: str, file_store_url: str) -> None:
     """The client caches `queued` at submit; the worker cannot reach Redis (its URL points nowhere), so it
@@ -375,7 +375,7 @@ def test_workers_without_redis_leave_no_stale_status(database_url: str, redis_ur
         client.close()
 
 
-# ------------------------------------------------------------------------------------------------ item 11
+# --------------------------------------------------------------------------------------- retried submits
 def never_read() -> Iterator[BatchInput]:
     raise AssertionError("a replayed submit must not read its rows")
     yield BatchInput(1, {})  # pragma: no cover

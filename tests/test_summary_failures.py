@@ -1,5 +1,5 @@
 """A summary that keeps failing the same way fails its batch with a clear reason instead of leaving it open
-for ever (issue 10, item 5); one that fails for a while and then works (an outage) changes nothing.
+for ever; one that fails for a while and then works (an outage) changes nothing.
 
 The failure is real: a regular file sits where the batch's output folder must go, so every attempt to
 write the output files fails with the same error, as a permission or naming problem in a real store would.

@@ -1,4 +1,4 @@
-"""Issue 10, item 3: a PostgreSQL outage must not kill ``jm.run(stop_when_idle=True)`` workers (it used to
+"""A PostgreSQL outage must not kill ``jm.run(stop_when_idle=True)`` workers (it used to
 raise BackendUnavailable from ``open_work`` and leave rows inprog with no worker). A worker process, run as
 a user runs it (tests/worker_main.py ``--idle``), is mid-batch when its PostgreSQL (a private one: the
 shared server is never stopped) goes down for 10 s. It must live through the outage, say that it is

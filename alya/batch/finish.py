@@ -1,6 +1,6 @@
 """Finishing a batch, exactly once: its summary (counts, output files in line order, final status, cache)
 and then its ``mark_done``. Called by the engine after a write-back that may have been a batch's last,
-and by recovery for batches whose summary or notification was missed.
+and by maintenance (``alya.engine.maintenance``) for batches whose summary or notification was missed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Output files in the object store (any fsspec URL). The only module that touches fsspec.
+"""Output files in the object store (any fsspec URL): what a batch's summary writes. (fsspec is used by
+``alya.io.files`` and ``alya.io.readers`` too, which read the intake's files, and by ``alya.io.export``.)
 
 Files are streamed: blob rows arrive in line order from a server-side cursor and are written to open
 fsspec files (s3fs uploads 5 MB parts as they fill), so memory stays flat however large the batch.

@@ -1,5 +1,7 @@
-"""The only module that uses the Prefect client: create flow runs of batch-type deployments when work is
-queued, cancel them on abort, and find queued batches that no live flow run serves (for the sweeper).
+"""Dispatch through the Prefect client: create flow runs of batch-type deployments when work is queued,
+cancel them on abort, and find queued batches that no live flow run serves (for the sweeper). Artifacts and
+run logs go through Prefect's own helpers instead (``alya.prefect.flows``, ``alya.prefect.intake``,
+``alya.prefect.logging``); the demo reads its flow runs with the client too (``alya.cli.demo_prefect``).
 
 Dispatch is an optimisation over polling, never the source of truth: a failed dispatch leaves the batch
 queued in PostgreSQL (and says so in the log), and the sweeper dispatches it on its next run.

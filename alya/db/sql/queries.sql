@@ -1,5 +1,5 @@
--- All of alya's SQL, run by name through alya.store. psycopg2 parameters: %(name)s.
--- {batch_columns} is alya.records.BatchRecord.COLUMNS, the one list of a batch record's columns.
+-- All of alya's SQL, run by name through alya.db.store. psycopg2 parameters: %(name)s.
+-- {batch_columns} is alya.core.records.BatchRecord.COLUMNS, the one list of a batch record's columns.
 -- Hot paths (claim, write_results) are one statement per chunk, never one per row.
 
 -- name: insert_batch
@@ -215,7 +215,7 @@ SELECT (SELECT count(*) FROM late), (SELECT ver FROM fix);
 SELECT id, status::text FROM batches WHERE id = ANY(%(ids)s::uuid[]);
 
 -- name: notify_work
--- Wakes idle workers (alya.waker) when the transaction commits; the payload is app/op, or * for any.
+-- Wakes idle workers (alya.engine.waker) when the transaction commits; the payload is app/op, or * for any.
 SELECT pg_notify(%(channel)s, %(payload)s);
 
 -- name: release_rows
@@ -342,7 +342,7 @@ ROLLBACK TO SAVEPOINT alya_savepoint;
 -- name: release_savepoint
 RELEASE SAVEPOINT alya_savepoint;
 
--- ---------------------------------------------------------------------------- file intake (alya.intake)
+-- ---------------------------------------------------------------------------- file intake (alya.batch.intake)
 -- name: lock_file
 -- Everyone who takes the file at this URL (a scan on any machine, file_submit) queues here until the
 -- transaction that records it ends; the look-up that follows then sees the winner's record.
