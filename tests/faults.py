@@ -9,9 +9,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -143,3 +144,22 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield r
     finally:
         r.stop()
+
+
+def on_statement(monkeypatch: Any, *, before: Callable[[str], None] | None = None,
+                 after: Callable[[str], None] | None = None) -> None:
+    """Call ``before(name)`` / ``after(name)`` around every named statement that any transaction of this
+    process runs (``alya.db.transport.Tx._execute``, the one place every query of ``alya.db.queries`` goes
+    through), to inject a fault or hold a transaction open at a chosen statement, or to count statements."""
+    from alya.db.transport import Tx
+
+    real = Tx._execute
+
+    def execute(self: Tx, name: str, params: dict[str, Any]) -> None:
+        if before is not None:
+            before(name)
+        real(self, name, params)
+        if after is not None:
+            after(name)
+
+    monkeypatch.setattr(Tx, "_execute", execute)

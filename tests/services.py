@@ -53,6 +53,20 @@ def sql(database_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def store_sql(store: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement on a pooled connection of an ``alya.db.store.Store`` (no connect per call, so a
+    test reading rows while workers run sees them as promptly as the library's own reads do)."""
+    conn = store.engine.raw_connection()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall() if cur.description else []
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
 def create_template(name: str) -> str:
     from alya import migrate_database
 

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from alya import BatchStatus, JobManager
-from alya.db.store import Tx
 from tests.conftest import make_config
+from tests.faults import on_statement
 from tests.procs import Proc, rows, wait_until
+from tests.services import store_sql
 
 
 def two_managers(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> tuple[JobManager, JobManager]:
@@ -55,24 +56,19 @@ def test_two_workers_commit_last_rows_together(database_url: str, redis_url: str
         b.register_batch_processor("conc", "last", procs[1])
         bid = a.batch_submit("conc", "last", {}, rows(4, blobs={"f.txt": "v"}))
         before_commit = threading.Barrier(2, timeout=20)
-        real_run = Tx.run
 
-        def run(self: Tx, name: str, **params: Any) -> int:
-            n = real_run(self, name, **params)
+        def written(name: str) -> None:
             if name == "write_results":
                 before_commit.wait()  # both writes done, neither committed
-            return n
 
-        monkeypatch.setattr(Tx, "run", run)
+        on_statement(monkeypatch, after=written)
         reports = run_both(a, b, "last")
         assert sorted(r.nrows for r in reports) == [2, 2]
         assert sum(len(r.summarised) for r in reports) == 1
         assert len(procs[0].done) + len(procs[1].done) == 1
         s = a.batch_status(bid)
         assert (s.status, s.nsuccess) == (BatchStatus.SUCCESS, 4)
-        with a.store.tx() as tx:
-            tx.cur.execute("SELECT notifiedat IS NOT NULL FROM batches WHERE id = %s", (bid,))
-            assert tx.cur.fetchone()[0]
+        assert store_sql(a.store, "SELECT notifiedat IS NOT NULL FROM batches WHERE id = %s", bid) == [(True,)]
         assert a.batch_done(bid).outputfiles["f.txt"]
     finally:
         a.close()
@@ -136,9 +132,7 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
                for i in range(3)]
     try:
         def registered() -> bool:
-            with jm.store.tx() as tx:
-                tx.cur.execute("SELECT count(*) FROM workers")
-                return int(tx.cur.fetchone()[0]) >= 3
+            return int(store_sql(jm.store, "SELECT count(*) FROM workers")[0][0]) >= 3
 
         wait_until(registered, timeout=180, what="three workers registered")
         for bid in ids.values():
@@ -164,12 +158,10 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
     try:
         for tag, bid in ids.items():
             n = sizes[tag][1]
-            with jm.store.tx() as tx:
-                tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
-                actual = dict(tx.cur.fetchall())
-                tx.cur.execute("SELECT status::text, nsuccess, nfailed, naborted FROM batches WHERE id = %s",
-                               (bid,))
-                stored = tx.cur.fetchone()
+            actual = dict(store_sql(jm.store, "SELECT status::text, count(*) FROM batchrows WHERE batch = %s "
+                                    "GROUP BY 1", bid))
+            [stored] = store_sql(jm.store, "SELECT status::text, nsuccess, nfailed, naborted FROM batches "
+                                 "WHERE id = %s", bid)
             nfail = n // 13
             assert actual == {"success": n - nfail, "failed": nfail}
             assert stored == ("failed", n - nfail, nfail, 0)
@@ -192,16 +184,13 @@ def test_abort_racing_the_first_claim_does_not_deadlock(jm: JobManager, monkeypa
     jm.register_batch_processor("conc", "dead", proc)
     bid = jm.batch_submit("conc", "dead", {}, rows(30))
     claimed_rows, go = threading.Event(), threading.Event()
-    real_all = Tx.all
 
-    def all_(self: Tx, name: str, **params: Any) -> list[Any]:
-        out = real_all(self, name, **params)
+    def claimed(name: str) -> None:
         if name == "claim_rows" and not claimed_rows.is_set():
             claimed_rows.set()
             go.wait(10)  # the abort starts while this claim's transaction is open
-        return out
 
-    monkeypatch.setattr(Tx, "all", all_)
+    on_statement(monkeypatch, after=claimed)
     errors: list[BaseException] = []
     reports: list[Any] = []
 
@@ -274,9 +263,8 @@ def test_aborts_during_busy_write_backs(database_url: str, redis_url: str, file_
             # rows whose call returned before the abort keep their results when written after it
             at_abort, s = s, client.batch_status(bid)
             assert s.nsuccess + s.nfailed + s.naborted == 2000 and s.nsuccess >= at_abort.nsuccess
-            with client.store.tx() as tx:
-                tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
-                actual = dict(tx.cur.fetchall())
+            actual = dict(store_sql(client.store,
+                                    "SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", bid))
             assert actual.get("success", 0) == s.nsuccess and actual.get("aborted", 0) == s.naborted
     finally:
         for m in managers:

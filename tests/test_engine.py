@@ -12,19 +12,19 @@ import pytest
 from alya import BatchStatus, JobManager
 from tests.conftest import make_config
 from tests.procs import Init, Proc, QueryProc, drain, rows
+from tests.services import store_sql
 
 
 def row_state(jm: JobManager, batch: str) -> dict[int, tuple[str, int, str | None]]:
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT line, status::text, attempts, doneby FROM batchrows WHERE batch = %s", (batch,))
-        return {line: (st, att, by) for line, st, att, by in tx.cur.fetchall()}
+    found = store_sql(jm.store, "SELECT line, status::text, attempts, doneby FROM batchrows WHERE batch = %s",
+                      batch)
+    return {line: (st, att, by) for line, st, att, by in found}
 
 
 def batch_row(jm: JobManager, batch: str) -> dict[str, Any]:
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT status::text, nsuccess, nfailed, naborted, notifiedat IS NOT NULL, outputfiles "
-                       "FROM batches WHERE id = %s", (batch,))
-        st, ns, nf, na, notified, files = tx.cur.fetchone()
+    [(st, ns, nf, na, notified, files)] = store_sql(
+        jm.store, "SELECT status::text, nsuccess, nfailed, naborted, notifiedat IS NOT NULL, outputfiles "
+        "FROM batches WHERE id = %s", batch)
     return {"status": st, "nsuccess": ns, "nfailed": nf, "naborted": na, "notified": notified, "files": files}
 
 
@@ -125,10 +125,9 @@ def test_retry_waits_for_backoff(database_url: str, redis_url: str, file_store_u
         drain(jm, "eng", "slowretry")
         assert proc.calls[1] == 1  # not retried before notbefore
         assert row_state(jm, bid)[1][0] == "queued"
-        with jm.store.tx() as tx:
-            tx.cur.execute("SELECT notbefore > now() + interval '20 seconds' FROM batchrows WHERE batch = %s", (bid,))
-            assert tx.cur.fetchone()[0]
-            tx.cur.execute("UPDATE batchrows SET notbefore = now() WHERE batch = %s", (bid,))
+        assert store_sql(jm.store, "SELECT notbefore > now() + interval '20 seconds' FROM batchrows "
+                         "WHERE batch = %s", bid) == [(True,)]
+        store_sql(jm.store, "UPDATE batchrows SET notbefore = now() WHERE batch = %s", bid)
         drain(jm, "eng", "slowretry")
         assert jm.batch_status(bid).status is BatchStatus.SUCCESS
     finally:
@@ -413,9 +412,8 @@ def test_summary_counts_equal_row_statuses(jm: JobManager) -> None:
     data = [(i, {"mode": "fail" if i % 7 == 0 else ("raise" if i % 31 == 0 else "ok")}) for i in range(1, 301)]
     bid = jm.batch_submit("eng", "count", {}, data)
     drain(jm, "eng", "count")
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
-        actual = dict(tx.cur.fetchall())
+    actual = dict(store_sql(jm.store, "SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1",
+                            bid))
     s = jm.batch_status(bid)
     assert (s.nsuccess, s.nfailed, s.naborted) == (actual.get("success", 0), actual["failed"], 0)
     assert s.nsuccess + s.nfailed == 300 and s.status is BatchStatus.FAILED

@@ -16,6 +16,7 @@ import fsspec
 import pytest
 
 from alya import BatchInput, BatchStatus, JobManager
+from tests import services
 from tests.conftest import make_config
 
 
@@ -162,9 +163,9 @@ def test_report_summarises_batches(ejm: JobManager) -> None:
 
 def test_sweeper_finishes_a_missed_summary(ejm: JobManager, examples: dict[str, ModuleType]) -> None:
     bid = ejm.batch_submit("mail", "send", {}, [BatchInput(1, {"to": "a@b.org"})])
-    with ejm.store.tx() as tx:  # a worker wrote the row and died before summarising
-        tx.cur.execute("UPDATE batchrows SET status = 'success', doneat = now(), "
-                       "blobrows = '{\"sent.csv\": \"1,a@b.org\\n\"}' WHERE batch = %s", (bid,))
+    # a worker wrote the row and died before summarising
+    services.store_sql(ejm.store, "UPDATE batchrows SET status = 'success', doneat = now(), "
+                       "blobrows = '{\"sent.csv\": \"1,a@b.org\\n\"}' WHERE batch = %s", bid)
     first = examples["sweeper"].sweep(ejm)
     again = examples["sweeper"].sweep(ejm)
     assert first["summarised"] == [bid] and first["forced_cancelled"] == 0

@@ -1,4 +1,4 @@
-"""Query plans of the hot queries on a loaded, analysed database: the named queries of ``alya.db.store`` must
+"""Query plans of the hot queries on a loaded, analysed database: the named queries of ``sql/queries.sql`` must
 walk their indexes, never scan batchrows sequentially (it holds every row of every batch)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from alya import BatchInput, JobManager
-from alya.db.store import queries
+from alya.db.transport import named_sql
 from tests import services
 from tests.conftest import make_config
 
@@ -57,7 +57,7 @@ def loaded(template_db: str) -> Iterator[dict[str, Any]]:
 def explain(conn: Any, name: str, cursor: bool = False, **params: Any) -> list[dict[str, Any]]:
     """The plan of a named query (after its SET LOCAL preamble, as it runs), flattened to its nodes.
     ``cursor``: planned as the server-side cursor ``Tx.stream`` declares (which favours fast-start plans)."""
-    body = "\n".join(line for line in queries()[name].splitlines() if not line.lstrip().startswith("--"))
+    body = "\n".join(line for line in named_sql()[name].splitlines() if not line.lstrip().startswith("--"))
     statements = [s.strip() for s in body.split(";") if s.strip()]
     conn.autocommit = False
     try:

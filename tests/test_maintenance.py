@@ -25,6 +25,7 @@ def holders(database_url: str, duty: str) -> list[str]:
     found = sql(database_url, """
         SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = %s::bigint
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.objid::bigint = (hashtext(%s)::bigint & 4294967295) AND l.objsubid = 2""",
                 MAINTENANCE_LOCK_CLASS, duty)
     return [r[0].split(" ", 1)[1] for r in found]

@@ -18,6 +18,7 @@ from alya.engine.maintenance import cleanup
 from alya.io.outputs import ObjectStore, normalise_blobrows
 from tests.conftest import make_config
 from tests.procs import FastProc, Proc, drain
+from tests.services import store_sql
 
 
 def manager(database_url: str, redis_url: str, store_url: str, storage_options: dict[str, Any] | None = None,
@@ -158,9 +159,8 @@ def test_failed_upload_leaves_batch_open_until_a_working_store(
         assert s.status is BatchStatus.INPROG and s.nsuccess == 20 and s.nqueued == s.ninprog == 0
         assert s.outputfiles == {} and broken.batch_done(bid).rows is None
         assert pb.done == [] and pg.done == []
-        with broken.store.tx() as tx:
-            tx.cur.execute("SELECT status::text, doneat, notifiedat, outputfiles FROM batches WHERE id = %s", (bid,))
-            assert tx.cur.fetchone() == ("inprog", None, None, {})
+        assert store_sql(broken.store, "SELECT status::text, doneat, notifiedat, outputfiles FROM batches "
+                         "WHERE id = %s", bid) == [("inprog", None, None, {})]
         # retrying with the same broken store changes nothing and does not raise
         rep = cleanup(broken.engine, types=[("out", "upload")])
         assert rep.summarised == [] and broken.batch_status(bid).status is BatchStatus.INPROG
@@ -260,14 +260,13 @@ def test_200k_rows_summary_memory_is_flat(database_url: str, redis_url: str, s3_
         # The rows' results are set in one statement (the engine's own path is tested elsewhere): what is
         # measured here is the summary alone.
         pad = "x" * 400
-        with jm.store.tx() as tx:
-            tx.cur.execute(
-                "UPDATE batchrows SET status = 'success', doneat = now(), attempts = 1, "
-                "blobrows = jsonb_strip_nulls(jsonb_build_object("
-                "  'big.txt', lpad(line::text, 8, '0') || %s || E'\\n', "
-                "  'small.txt', CASE WHEN line %% 1000 = 0 THEN line::text || E'\\n' END)) "
-                "WHERE batch = %s", (pad, bid))
-            tx.cur.execute("UPDATE batches SET status = 'inprog' WHERE id = %s", (bid,))
+        store_sql(jm.store,
+                  "UPDATE batchrows SET status = 'success', doneat = now(), attempts = 1, "
+                  "blobrows = jsonb_strip_nulls(jsonb_build_object("
+                  "  'big.txt', lpad(line::text, 8, '0') || %s || E'\\n', "
+                  "  'small.txt', CASE WHEN line %% 1000 = 0 THEN line::text || E'\\n' END)) "
+                  "WHERE batch = %s", pad, bid)
+        store_sql(jm.store, "UPDATE batches SET status = 'inprog' WHERE id = %s", bid)
         gc.collect()
         t0 = time.monotonic()
         with _RssSampler() as rss:

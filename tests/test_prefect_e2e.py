@@ -188,9 +188,8 @@ def example(name: str) -> Any:
 
 
 def row_counts(jm: JobManager, bid: str) -> dict[str, int]:
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", (bid,))
-        return dict(tx.cur.fetchall())
+    return dict(services.store_sql(jm.store,
+                                   "SELECT status::text, count(*) FROM batchrows WHERE batch = %s GROUP BY 1", bid))
 
 
 def final_status(jm: JobManager, bid: str) -> BatchStatus | None:

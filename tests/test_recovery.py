@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from alya import BackendUnavailable, BatchStatus, JobManager
-from alya.db.store import Tx
 from alya.engine.maintenance import cleanup
 from tests.conftest import make_config
+from tests.faults import on_statement
 from tests.procs import Proc, drain, read_log, rows, run_claim, spawn_worker, wait_until
+from tests.services import store_sql
 
 
 def manager(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> JobManager:
@@ -24,16 +25,14 @@ def manager(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> Jo
 
 
 def states(jm: JobManager, batch: str) -> dict[int, tuple[Any, ...]]:
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT line, status::text, attempts, doneby, res FROM batchrows WHERE batch = %s",
-                       (batch,))
-        return {r[0]: tuple(r[1:]) for r in tx.cur.fetchall()}
+    found = store_sql(jm.store, "SELECT line, status::text, attempts, doneby, res FROM batchrows "
+                      "WHERE batch = %s", batch)
+    return {r[0]: tuple(r[1:]) for r in found}
 
 
 def age_worker(jm: JobManager, worker: str, sec: int = 3600) -> None:
-    with jm.store.tx() as tx:
-        tx.cur.execute("UPDATE workers SET lastseen = now() - make_interval(secs => %s) WHERE id = %s",
-                       (sec, worker))
+    store_sql(jm.store, "UPDATE workers SET lastseen = now() - make_interval(secs => %s) WHERE id = %s",
+              sec, worker)
 
 
 def stop_heartbeat(jm: JobManager) -> None:
@@ -111,8 +110,7 @@ def test_recovery_fails_rows_that_used_their_attempts(jm: JobManager) -> None:
     bid = jm.batch_submit("rec", "poison", {}, rows(3))
     claimed = jm.engine.producer.take("rec", "poison", "B", None)
     assert claimed is not None
-    with jm.store.tx() as tx:
-        tx.cur.execute("UPDATE batchrows SET attempts = 3, suspect = true WHERE batch = %s AND line = 2", (bid,))
+    store_sql(jm.store, "UPDATE batchrows SET attempts = 3, suspect = true WHERE batch = %s AND line = 2", bid)
     stop_heartbeat(jm)
     age_worker(jm, claimed.worker)
     rep = cleanup(jm.engine, types=[("rec", "poison")])
@@ -188,15 +186,13 @@ def test_late_write_while_another_worker_holds_the_rows(jm: JobManager, database
         assert old is not None
         results = run_claim(jm, old)
         # requeued as if A had died, then claimed by the other worker
-        with jm.store.tx() as tx:
-            tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
+        store_sql(jm.store, "UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", bid)
         again = other.engine.producer.take("rec", "held", "B", None)
         assert again is not None and len(again.rows) == 4
         assert eng.completer.write(old, results, eng.log).written == 0
         assert all(s[:3] == ("inprog", 2, other.engine.worker_id) for s in states(jm, bid).values())
         # and the same worker re-claiming at a newer attempt: the old attempt's answer is refused too
-        with jm.store.tx() as tx:
-            tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
+        store_sql(jm.store, "UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", bid)
         newer = eng.producer.take("rec", "held", "B", None)
         assert newer is not None
         assert eng.completer.write(old, results, eng.log).written == 0
@@ -234,16 +230,14 @@ def test_results_finished_before_an_abort_are_kept(jm: JobManager) -> None:
 
 # ---------------------------------------------------------------------------------- write failures
 def _failing_writes(monkeypatch: pytest.MonkeyPatch, names: set[str], times: int) -> list[str]:
-    real = Tx._execute
     failed: list[str] = []
 
-    def execute(self: Tx, name: str, params: dict[str, Any]) -> None:
+    def fail(name: str) -> None:
         if name in names and len(failed) < times:
             failed.append(name)
             raise BackendUnavailable("PostgreSQL failed: connection lost")
-        real(self, name, params)
 
-    monkeypatch.setattr(Tx, "_execute", execute)
+    on_statement(monkeypatch, before=fail)
     return failed
 
 
@@ -316,8 +310,7 @@ def test_stale_release_leaves_a_newer_claim_alone(jm: JobManager) -> None:
     eng.start()
     old = eng.producer.take("rec", "rel", "B", None)
     assert old is not None
-    with jm.store.tx() as tx:
-        tx.cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", (bid,))
+    store_sql(jm.store, "UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s", bid)
     eng.producer.forget_hints()
     newer = eng.producer.take("rec", "rel", "B", None)
     assert newer is not None

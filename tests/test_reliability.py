@@ -31,7 +31,8 @@ from alya import (
 from alya.core.errors import ConnectionLost, DatabaseNotMigrated
 from alya.core.redact import redact_url
 from alya.core.validate import json_text_strict
-from alya.db.store import Store, Tx
+from alya.db.queries import Queries
+from alya.db.store import Store
 from tests import services
 from tests.conftest import make_config
 from tests.faults import private_postgres
@@ -175,13 +176,13 @@ def test_a_transaction_that_loses_its_connection_runs_once_more_and_stores_once(
     store = Store(database_url)
     calls = [0]
 
-    def body(tx: Tx) -> str:
+    def body(q: Queries) -> str:
         calls[0] += 1
         bid = str(uuid.uuid4())
-        tx.run("insert_batch", id=bid, app=APP, op="op", type="B", context="{}", inputfile=None, status="wait")
+        q.insert_batch(id=bid, app=APP, op="op", type="B", context="{}", inputfile=None, status=BatchStatus.WAIT)
         if calls[0] == 1:  # the connection dies after a write, before the commit
             terminate_all(database_url)
-            tx.one("get_batch", id=bid)
+            q.get_batch(id=bid)
         return bid
 
     try:
@@ -189,10 +190,10 @@ def test_a_transaction_that_loses_its_connection_runs_once_more_and_stores_once(
         assert calls[0] == 2
         assert sql(database_url, "SELECT id::text FROM batches") == [(bid,)]  # the first attempt left nothing
 
-        def lost(tx: Tx) -> None:
-            tx.one("get_batch", id=bid)
+        def lost(q: Queries) -> None:
+            q.get_batch(id=bid)
             terminate_all(database_url)
-            tx.one("get_batch", id=bid)
+            q.get_batch(id=bid)
 
         with pytest.raises(ConnectionLost) as err:  # out of attempts: a BackendUnavailable, nothing stored
             store.run(lost, attempts=2)

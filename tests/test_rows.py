@@ -315,19 +315,13 @@ def test_a_result_too_large_fails_alone_and_large_write_backs_are_split(jm: JobM
     """A row whose result exceeds MAX_RESULT_BYTES is a fault (then failed, naming the limit), alone; a
     write-back larger than WRITE_PART_BYTES goes out in several statements of one transaction."""
     from alya.batch import outcomes
-    from alya.db.store import Tx
     from alya.engine import completer
+    from tests.faults import on_statement
 
     monkeypatch.setattr(outcomes, "MAX_RESULT_BYTES", 200_000)
     monkeypatch.setattr(completer, "WRITE_PART_BYTES", 250_000)
     statements: list[str] = []
-    real = Tx._execute
-
-    def spy(self: Tx, name: str, params: dict[str, Any]) -> None:
-        statements.append(name)
-        real(self, name, params)
-
-    monkeypatch.setattr(Tx, "_execute", spy)
+    on_statement(monkeypatch, before=statements.append)
 
     class Big(Proc):
         def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:

@@ -13,6 +13,7 @@ import pytest
 from alya import BatchStatus, JobManager
 from tests.conftest import make_config
 from tests.procs import Proc, drain, read_log, rows, run_claim, spawn_worker, wait_until
+from tests.services import store_sql
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -23,9 +24,9 @@ def manager(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> Jo
 
 
 def states(jm: JobManager, batch: str) -> dict[int, tuple[Any, ...]]:
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT line, status::text, attempts, doneby FROM batchrows WHERE batch = %s", (batch,))
-        return {r[0]: tuple(r[1:]) for r in tx.cur.fetchall()}
+    found = store_sql(jm.store, "SELECT line, status::text, attempts, doneby FROM batchrows WHERE batch = %s",
+                      batch)
+    return {r[0]: tuple(r[1:]) for r in found}
 
 
 def test_sigterm_finishes_the_row_releases_the_rest_and_exits_0(jm: JobManager, database_url: str,
@@ -60,9 +61,7 @@ def test_sigterm_finishes_the_row_releases_the_rest_and_exits_0(jm: JobManager, 
     assert all(st[line] == ("queued", 0, None) for line in st if line not in set(ended))  # attempts restored
     print(f"\nSIGTERM: exited 0 after {took:.2f}s; {len(ended)} rows finished, {len(released)} released")
     assert took < 20
-    with jm.store.tx() as tx:
-        tx.cur.execute("SELECT count(*) FROM workers")
-        assert tx.cur.fetchone()[0] == 0  # it said goodbye
+    assert store_sql(jm.store, "SELECT count(*) FROM workers") == [(0,)]  # it said goodbye
     drain(jm, "wrk", "term")
     s = jm.batch_status(bid)
     assert (s.status, s.nsuccess) == (BatchStatus.SUCCESS, 120)

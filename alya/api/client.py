@@ -12,11 +12,12 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Union
 
+from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
 from alya.batch.services import Services
-from alya.batch.status import Statuses, record_summary, row_counts
-from alya.core import names, validate
-from alya.core.errors import BatchNotFound, InvalidState
+from alya.batch.status import Statuses
+from alya.core import validate
+from alya.core.errors import InvalidState
 from alya.core.logs import get_logger, status_change
 from alya.core.models import (
     BatchDetails,
@@ -29,13 +30,13 @@ from alya.core.models import (
     SlowQueryDone,
     messages_from_json,
 )
-from alya.core.records import BatchRecord, Counts, SlowQueryRow
+from alya.core.records import Counts
 from alya.core.redact import shown_url
 from alya.core.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
 from alya.core.settings import Backends, JobManagerConfig, default_object_store_url
-from alya.db.batches import copy_rows, insert_batch, insert_record, notify_work
+from alya.db.batches import append_rows, insert_batch, insert_slowquery, release_batch
 from alya.db.ingest import iter_rows
-from alya.db.store import Store, Tx, json_text
+from alya.db.store import Store, json_text
 from alya.engine.engine import Engine
 from alya.engine.maintenance import CleanupReport, cleanup
 from alya.io.cache import StatusCache
@@ -84,6 +85,7 @@ class JobManager:
             statuses=Statuses(store, cache, self.config.done_cache_rows),
             registry=registry, initblocks=InitBlocks(registry),
         )
+        self._finisher = Finisher(self.services)  # ends batches (here: aborts)
         self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
             else None
         self._engine: Engine | None = None
@@ -156,8 +158,8 @@ class JobManager:
         key = validate.idempotency_key(idempotency_key)
         pairs = iter_rows(rows)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
-        with self.store.tx() as tx:
-            new = insert_batch(tx, app, op, ctx, pairs, status=status, inputfile=inputfile,
+        with self.store.tx() as q:
+            new = insert_batch(q, app, op, ctx, pairs, status=status, inputfile=inputfile,
                                max_rows=self.config.batchrowmax, idempotency_key=key)
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
@@ -170,16 +172,9 @@ class JobManager:
         """Add rows to a batch held in `wait`; `wait=False` then releases it. Returns the total rows."""
         batch_id = validate.batch_id(batch_id)
         pairs = iter_rows(rows)
-        with self.store.tx() as tx:
-            rec = _locked(tx, batch_id)
-            if rec.type != "B" or rec.status is not BatchStatus.WAIT:
-                raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
-            n = copy_rows(tx, batch_id, pairs, self.config.batchrowmax - rec.nrows)
-            total = rec.nrows + n
-            status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
-            ver = tx.value("set_nrows_status", id=batch_id, nrows=total, status=status.value)
-            if not wait:
-                notify_work(tx, rec.app, rec.op)
+        with self.store.tx() as q:
+            rec, total, ver = append_rows(q, batch_id, pairs, max_rows=self.config.batchrowmax, wait=wait)
+        status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         if not wait:
             status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
         self._queued(rec.app, rec.op, batch_id, ver, status, total)
@@ -188,18 +183,7 @@ class JobManager:
     def wait_off(self, batch_id: str) -> int:
         """Release a batch held in `wait` to the workers; already queued is a no-op."""
         batch_id = validate.batch_id(batch_id)
-
-        def release(tx: Tx) -> tuple[BatchRecord, int | None]:
-            rec = _locked(tx, batch_id)
-            if rec.status is BatchStatus.QUEUED:
-                return rec, None
-            if rec.status is not BatchStatus.WAIT:
-                raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
-            ver = tx.value("wait_off", id=batch_id)
-            notify_work(tx, rec.app, rec.op)
-            return rec, ver
-
-        rec, ver = self.store.run(release)
+        rec, ver = self.store.run(lambda q: release_batch(q, batch_id))
         if ver is None:
             return rec.nrows
         status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
@@ -245,24 +229,13 @@ class JobManager:
         ctx = validate.json_object(context, "context")
         data = json_text(validate.json_object(input, "input"))
         key = validate.idempotency_key(idempotency_key)
-        req_id = str(uuid.uuid4())
-
-        def submit(tx: Tx) -> tuple[str | None, int]:
-            first = insert_record(tx, key, id=req_id, app=app, op=op, type="Q", context=json_text(ctx),
-                                  inputfile=None, status="queued")
-            if first is not None:
-                return first, 0
-            tx.run("insert_row", batch=req_id, line=0, input=data)
-            ver = tx.value("set_nrows_status", id=req_id, nrows=1, status="queued")
-            notify_work(tx, app, op)
-            return None, ver
-
-        first, ver = self.store.run(submit)
-        if first is not None:
-            get_logger().info("submit_replayed", app=app, op=op, batch=first, type="Q")
-            return first
+        req_id = str(uuid.uuid4())  # chosen outside the transaction: Store.run may run it again
+        new = self.store.run(lambda q: insert_slowquery(q, req_id, app, op, ctx, data, idempotency_key=key))
+        if new.replayed:
+            get_logger().info("submit_replayed", app=app, op=op, batch=new.id, type="Q")
+            return new.id
         status_change(app, op, req_id, "queued", type="Q")
-        self._queued(app, op, req_id, ver, BatchStatus.QUEUED, 1)
+        self._queued(app, op, req_id, new.ver, BatchStatus.QUEUED, 1)
         return req_id
 
     def slowquery_done(self, req_id: str) -> SlowQueryDone:
@@ -270,8 +243,7 @@ class JobManager:
         s = self.services.statuses.read(req_id).value
         if not s.status.is_final:
             return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
-        row: SlowQueryRow | None = self.store.run(lambda tx: tx.record(SlowQueryRow, "slowquery_row", id=req_id),
-                                                  readonly=True)
+        row = self.store.run(lambda q: q.slowquery_row(id=req_id), readonly=True)
         if row is None:
             raise InvalidState(f"{req_id} is not a slow query")
         return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
@@ -378,50 +350,22 @@ class JobManager:
                                      error=f"{type(exc).__name__}")
 
     def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
-        batch_id = validate.batch_id(batch_id)
-
-        def abort(tx: Tx) -> tuple[BatchRecord, BatchSummary | None, int, Counts, int]:
-            rec = _locked(tx, batch_id)
-            if type_ is not None and rec.type != type_:
-                raise InvalidState(f"{batch_id} is a batch, not a slow query")
-            if rec.status in (BatchStatus.SUCCESS, BatchStatus.FAILED):
-                raise InvalidState(f"batch {batch_id} already ended {rec.status.value}")
-            if rec.status is BatchStatus.ABORTED:
-                return rec, record_summary(tx, rec).value, 0, Counts(), 0
-            n_aborted_now = tx.run("abort_rows", id=batch_id)
-            tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.abort_payload(batch_id))
-            counts = row_counts(tx, batch_id)
-            ver = tx.value(
-                "finish_batch", id=batch_id, status="aborted", nsuccess=counts.success,
-                nfailed=counts.failed, naborted=counts.aborted, outputfiles="{}", error=None,
-            )
-            return rec, None, n_aborted_now, counts, ver
-
-        rec, already, n_aborted_now, counts, ver = self.store.run(abort)
-        if already is not None:
-            return already
-        status_change(rec.app, rec.op, batch_id, "aborted", old=rec.status.value, rows_aborted=n_aborted_now)
-        summary = self.services.summaries.put_new(batch_id, ver, BatchStatus.ABORTED, rec.nrows, counts)
-        if self.dispatcher is not None:
-            self.dispatcher.cancel_batch(batch_id)  # never raises: the abort is committed
-            s = summary.value
-            self.dispatcher.record_abort(batch_id, {
-                "batch": batch_id, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
+        """The abort is the batch layer's (``Finisher.abort``); its flow runs are cancelled here, after the
+        commit (Prefect is this layer's business)."""
+        aborted = self._finisher.abort(validate.batch_id(batch_id), type_)
+        s = aborted.summary.value
+        if aborted.now and self.dispatcher is not None:
+            self.dispatcher.cancel_batch(aborted.rec.id)  # never raises: the abort is committed
+            self.dispatcher.record_abort(aborted.rec.id, {
+                "batch": aborted.rec.id, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
                 "nfailed": s.nfailed, "naborted": s.naborted})
-        return summary.value
+        return s
 
     def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:
         app = validate.app_name(app)
         op = validate.op_name(op) if op is not None else None
         age_days = validate.age_days(age_days)
-        recs: list[BatchRecord] = self.store.run(
-            lambda tx: tx.records(BatchRecord, "list_batches", app=app, op=op, type=type_, age_days=age_days),
-            readonly=True)
+        recs = self.store.run(lambda q: q.list_batches(app=app, op=op, type=type_, age_days=age_days), readonly=True)
         return [r.details() for r in recs]
 
 
-def _locked(tx: Tx, batch_id: str) -> BatchRecord:
-    rec: BatchRecord | None = tx.record(BatchRecord, "lock_batch", id=batch_id)
-    if rec is None:
-        raise BatchNotFound(f"no batch {batch_id}")
-    return rec

@@ -36,7 +36,8 @@ from alya.core.records import FileRecord
 from alya.core.redact import shown_url
 from alya.db.batches import NewBatch, insert_batch
 from alya.db.ingest import iter_rows
-from alya.db.store import Store, Tx
+from alya.db.queries import Queries
+from alya.db.store import Store
 from alya.io.files import FileChecker, FileInfo, Folder, IncomingFile, stat
 from alya.io.readers import frames_to_inputs
 
@@ -115,8 +116,8 @@ class Intake:
         listed = [(info, ftype) for info in folder.files() if (ftype := _file_type_of(info.name, pats))]
         if not listed:
             return []
-        with self.store.tx() as tx:
-            known = {_key_of(r): r for r in tx.records(FileRecord, "files_at", urls=[i.url for i, _ in listed])}
+        with self.store.tx() as q:
+            known = {_key_of(r): r for r in q.files_at(urls=[i.url for i, _ in listed])}
         log = get_logger()
         taken: list[FileIntake] = []
         for info, ftype in listed:
@@ -144,8 +145,8 @@ class Intake:
     def file_list(self, age_days: int = 7) -> list[FileIntake]:
         """Every file taken in the last ``age_days`` days, newest first."""
         age_days = validate.age_days(age_days)
-        with self.store.tx() as tx:
-            recs: list[FileRecord] = tx.records(FileRecord, "list_files", age_days=age_days)
+        with self.store.tx() as q:
+            recs = q.list_files(age_days=age_days)
         return [r.intake() for r in recs]
 
     # ------------------------------------------------------------------ taking one file
@@ -154,25 +155,22 @@ class Intake:
         """Claim, check, submit and record one file in one transaction. None: a scan found it claimed by
         another one. Otherwise its record, new or (``new=False``) the one an earlier taker committed."""
         file = IncomingFile(info, self.options_for(info.url))
-        with self.store.tx() as tx:
+        with self.store.tx() as q:
             if wait:
-                tx.one("lock_file", url=info.url)
-            elif not tx.value("try_lock_file", url=info.url):
+                q.lock_file(url=info.url)
+            elif not q.try_lock_file(url=info.url):
                 return None
-            rec: FileRecord | None = tx.record(FileRecord, "get_file", url=info.url, size=info.size,
-                                               version=info.version)
-            if rec is not None:
-                return _Taken(rec, new=False)
+            found = q.get_file(url=info.url, size=info.size, version=info.version)
+            if found is not None:
+                return _Taken(found, new=False)
             file_id = str(uuid.uuid4())
-            batch, error = self._check_and_insert(tx, file, ftype, checker, ctx)
+            batch, error = self._check_and_insert(q, file, ftype, checker, ctx)
             dest = None
             if folder is not None:
                 dest = folder.done_url(batch.id, info.name) if batch else folder.failed_url(info.name, file_id[:8])
-            rec = tx.record(FileRecord, "insert_file", id=file_id, url=info.url, size=info.size,
-                            version=info.version, filetype=ftype, status=SUBMITTED if batch else REJECTED,
-                            batch=batch.id if batch else None, nrows=batch.nrows if batch else 0, error=error,
-                            dest=dest)
-        assert rec is not None
+            rec = q.insert_file(id=file_id, url=info.url, size=info.size, version=info.version, filetype=ftype,
+                                status=SUBMITTED if batch else REJECTED, batch=batch.id if batch else None,
+                                nrows=batch.nrows if batch else 0, error=error, dest=dest)
         log = get_logger()
         if batch is not None:
             log.info("file_submitted", url=shown_url(info.url), filetype=ftype, app=batch.app, op=batch.op,
@@ -184,17 +182,17 @@ class Intake:
             log.warning("file_rejected", url=shown_url(info.url), filetype=ftype, size=info.size, error=error)
         return _Taken(rec, new=True)
 
-    def _check_and_insert(self, tx: Tx, file: IncomingFile, ftype: str, checker: FileChecker,
+    def _check_and_insert(self, q: Queries, file: IncomingFile, ftype: str, checker: FileChecker,
                           ctx: dict[str, Any]) -> tuple[NewBatch | None, str | None]:
         """(the batch, None) for a good file; (None, the reason) for a rejected one, whose half-stored batch
         the savepoint has undone. Unreadable files and PostgreSQL failures raise."""
         try:
-            with tx.savepoint():
+            with q.savepoint():
                 check = _run_checker(checker, file, ctx)
                 app, op = validate.app_name(check.app), validate.op_name(check.op)
                 bctx = validate.json_object(check.context if check.context is not None else ctx, "context")
                 pairs = _guarded(_pairs_of(check.rows, file))
-                batch = insert_batch(tx, app, op, bctx, pairs, status=BatchStatus.QUEUED, inputfile=file.url,
+                batch = insert_batch(q, app, op, bctx, pairs, status=BatchStatus.QUEUED, inputfile=file.url,
                                      max_rows=self.batchrowmax)
         except (_Rejected, InvalidInput) as exc:
             return None, _reason(exc)
@@ -214,14 +212,14 @@ class Intake:
                       batch=rec.batch, error=describe(exc), next="the next pass moves it")
             return rec
         try:
-            with self.store.tx() as tx:
-                moved: FileRecord = tx.record(FileRecord, "file_moved", id=rec.id, dest=dest)
+            with self.store.tx() as q:
+                moved = q.file_moved(id=rec.id, dest=dest)
         except BackendUnavailable as exc:
             log.error("file_move_not_recorded", url=shown_url(rec.url), dest=shown_url(dest), error=str(exc))
             return rec
         log.info("file_move_completed" if completing else "file_moved", url=shown_url(rec.url), dest=shown_url(dest),
                  filetype=rec.filetype, status=rec.status, batch=rec.batch)
-        return moved
+        return moved if moved is not None else rec  # (records are never deleted: it is there)
 
 
 @dataclass(frozen=True, slots=True)

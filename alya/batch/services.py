@@ -23,9 +23,3 @@ class Services:
     statuses: Statuses
     registry: Registry
     initblocks: InitBlocks
-
-    @property
-    def summaries(self) -> Statuses:
-        """The former name of ``statuses``, still used by ``alya.engine``; drop it once the engine says
-        ``statuses`` ("summary" is finishing a batch: ``alya.batch.finish``)."""
-        return self.statuses

@@ -10,7 +10,6 @@ a write-back, finishing a batch: ``alya.batch.finish``) and the facade (after su
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,8 @@ from alya.core.errors import BatchNotFound
 from alya.core.models import BatchOutput, BatchStatus, BatchSummary
 from alya.core.names import done_key, summary_key
 from alya.core.records import BatchRecord, Counts, batch_output
-from alya.db.store import Store, Tx
+from alya.db.queries import Queries
+from alya.db.store import Store
 from alya.io.cache import StatusCache
 
 
@@ -44,16 +44,12 @@ def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: d
                                 ninprog=counts.inprog, error=error), ver)
 
 
-def row_counts(tx: Tx, batch_id: str) -> Counts:
-    return Counts.from_rows(tx.all("row_counts", id=batch_id))
-
-
-def record_summary(tx: Tx, rec: BatchRecord) -> Summary:
+def record_summary(q: Queries, rec: BatchRecord) -> Summary:
     """A final batch's counts are stored on it; an open one's are counted from its rows."""
     if rec.status.is_final:
         counts = Counts(success=rec.nsuccess, failed=rec.nfailed, aborted=rec.naborted)
     else:
-        counts = row_counts(tx, rec.id)
+        counts = q.row_counts(id=rec.id)
     return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error)
 
 
@@ -78,11 +74,11 @@ class Statuses:
         cached = self.cache.get(summary_key(batch_id))
         if cached is not None:
             return Summary.from_cached(cached)
-        def read(tx: Tx) -> Summary:
-            rec = tx.record(BatchRecord, "get_batch", id=batch_id)
+        def read(q: Queries) -> Summary:
+            rec = q.get_batch(id=batch_id)
             if rec is None:
                 raise BatchNotFound(f"no batch {batch_id}")
-            return record_summary(tx, rec)
+            return record_summary(q, rec)
 
         summary = self.store.run(read, readonly=True)
         self.put(batch_id, summary)
@@ -110,21 +106,16 @@ class Statuses:
             cached = self.cache.get(done_key(batch_id))
             if cached is not None:
                 return [batch_output(r) for r in cached["rows"]]
-            raw = self.store.run(lambda tx: tx.all("batch_rows", id=batch_id), readonly=True)
-            self.cache.put(done_key(batch_id), {"rows": raw}, summary.ver, final=True)
-            return [batch_output(r) for r in raw]
+            stored = self.store.run(lambda q: q.batch_rows(id=batch_id), readonly=True)
+            self.cache.put(done_key(batch_id), {"rows": [r.as_cached() for r in stored]}, summary.ver, final=True)
+            return [r.output() for r in stored]
 
         # Large: rows go from a server-side cursor straight into the result, never held twice.
-        def rows(tx: Tx) -> list[BatchOutput]:
-            with closing(tx.stream("batch_rows", id=batch_id)) as cursor:
-                return [batch_output(r) for r in cursor]
-
-        return self.store.run(rows, readonly=True)
+        return self.store.run(lambda q: list(q.stream_batch_rows(id=batch_id)), readonly=True)
 
     def stream_rows(self, batch_id: str, itersize: int = 5000) -> Iterator[BatchOutput]:
         """Every row of a final batch, ordered by line, read ``itersize`` at a time from a server-side
         cursor: memory stays flat however large the batch. The read transaction stays open while the
         caller iterates; closing the iterator early ends it."""
-        with self.store.tx() as tx, closing(tx.stream("batch_rows", itersize=itersize, id=batch_id)) as cursor:
-            for r in cursor:
-                yield batch_output(r)
+        with self.store.tx() as q:
+            yield from q.stream_batch_rows(id=batch_id, itersize=itersize)

@@ -42,6 +42,10 @@ def maintenance_app_name(worker_id: str) -> str:
     return f"alya-maintenance {worker_id}"[:63]
 
 
+ANY_WORK_PAYLOAD = "*"
+"""Sent on WORK_CHANNEL when rows of any type may have become claimable (recovery requeued rows)."""
+
+
 ABORT_PREFIX = "abort:"
 
 

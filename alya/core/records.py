@@ -108,10 +108,44 @@ class SlowQueryRow:
         return cls(BatchStatus(row[0]), row[1], row[2], row[3] or {})
 
 
-def batch_output(row: tuple[Any, ...]) -> BatchOutput:
+def batch_output(row: tuple[Any, ...] | list[Any]) -> BatchOutput:
     """A row of ``batch_rows`` (line, status, res, messages) as the contract's BatchOutput."""
     line, status, res, messages = row
     return BatchOutput(line=line, status=BatchStatus(status), res=res, messages=messages_from_json(messages))
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """A final row as stored (``batch_rows``): its result and messages as the JSON values PostgreSQL holds,
+    which is also the form the done cache keeps (``as_cached``), so a cached row reads back the same."""
+
+    line: int
+    status: str
+    res: dict[str, Any] | None
+    messages: list[dict[str, Any]] | None
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> RowResult:
+        return cls(int(row[0]), row[1], row[2], row[3])
+
+    def as_cached(self) -> list[Any]:
+        return [self.line, self.status, self.res, self.messages]
+
+    def output(self) -> BatchOutput:
+        return BatchOutput(line=self.line, status=BatchStatus(self.status), res=self.res,
+                           messages=messages_from_json(self.messages))
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryFailures:
+    """A batch's failed summary attempts in a row (failing the same way), and seconds since the first."""
+
+    failures: int
+    seconds: float
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> SummaryFailures:
+        return cls(int(row[0]), float(row[1]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Storing a new batch inside a caller's transaction: the batch record, its rows streamed through COPY, and
-its row count and status, so that ``batch_submit`` and the file intake (which commits a file's record in the
-same transaction as its batch) store batches the same way."""
+its row count and status, so that ``batch_submit``, ``slowquery_submit`` and the file intake (which commits a
+file's record in the same transaction as its batch) store batches the same way."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from alya.core import names
-from alya.core.errors import InvalidInput, InvalidState
+from alya.core.errors import BatchNotFound, InvalidInput, InvalidState
 from alya.core.models import BatchStatus
-from alya.core.records import BatchKeyed
-from alya.db.ingest import COPY_ROWS, CopyStream
-from alya.db.store import Tx, json_text
+from alya.core.records import BatchRecord
+from alya.db.ingest import CopyStream
+from alya.db.queries import Queries
+from alya.db.store import json_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class NewBatch:
     replayed: bool = False  # an earlier submit with the same idempotency key: nothing was stored
 
 
-def insert_batch(tx: Tx, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
+def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
                  status: BatchStatus, inputfile: str | None, max_rows: int,
                  idempotency_key: str | None = None) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
@@ -38,49 +38,95 @@ def insert_batch(tx: Tx, app: str, op: str, context: dict[str, Any], pairs: Iter
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
     already used, nothing is stored and the first batch is returned (``replayed``; its rows are not read)."""
     batch_id = str(uuid.uuid4())
-    first = insert_record(tx, idempotency_key, id=batch_id, app=app, op=op, type="B",
-                          context=json_text(context), inputfile=inputfile, status=status.value)
+    first = insert_record(q, idempotency_key, id=batch_id, app=app, op=op, type="B",
+                          context=json_text(context), inputfile=inputfile, status=status)
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
-    n = copy_rows(tx, batch_id, pairs, max_rows)
-    ver = tx.value("set_nrows_status", id=batch_id, nrows=n, status=status.value)
+    n = copy_rows(q, batch_id, pairs, max_rows)
+    ver = q.set_nrows_status(id=batch_id, nrows=n, status=status)
     if status is BatchStatus.QUEUED:
-        notify_work(tx, app, op)
-    return NewBatch(batch_id, app, op, status, n, int(ver))
+        q.notify_work(app, op)
+    return NewBatch(batch_id, app, op, status, n, ver)
 
 
-def notify_work(tx: Tx, app: str, op: str) -> None:
-    """Idle workers wake when this transaction commits (PostgreSQL NOTIFY; see alya.engine.waker)."""
-    tx.one("notify_work", channel=names.WORK_CHANNEL, payload=names.work_payload(app, op))
+def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[str, Any], input: str, *,
+                     idempotency_key: str | None = None) -> NewBatch:
+    """Insert a slow query, queued: a batch of exactly one row (line 0, type Q) whose ``input`` is JSON text.
+    Safe to run again on a fresh transaction (``Store.run``): the caller chose ``req_id``. With an
+    idempotency key this app already used, nothing is stored and the first one is returned (``replayed``)."""
+    queued = BatchStatus.QUEUED
+    first = insert_record(q, idempotency_key, id=req_id, app=app, op=op, type="Q", context=json_text(context),
+                          inputfile=None, status=queued)
+    if first is not None:
+        return NewBatch(first, app, op, queued, 0, 0, replayed=True)
+    q.insert_row(batch=req_id, line=0, input=input)
+    ver = q.set_nrows_status(id=req_id, nrows=1, status=queued)
+    q.notify_work(app, op)
+    return NewBatch(req_id, app, op, queued, 1, ver)
 
 
-def insert_record(tx: Tx, key: str | None, **batch: Any) -> str | None:
+def append_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], *, max_rows: int,
+                wait: bool) -> tuple[BatchRecord, int, int]:
+    """Add rows to a batch held in ``wait`` (locked meanwhile, so appends queue), then release it unless
+    ``wait``. (the batch as it was, its new row total, its new version); ``max_rows``: the batch's limit."""
+    rec = locked_batch(q, batch_id)
+    if rec.type != "B" or rec.status is not BatchStatus.WAIT:
+        raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
+    total = rec.nrows + copy_rows(q, batch_id, pairs, max_rows - rec.nrows)
+    ver = q.set_nrows_status(id=batch_id, nrows=total, status=BatchStatus.WAIT if wait else BatchStatus.QUEUED)
+    if not wait:
+        q.notify_work(rec.app, rec.op)
+    return rec, total, ver
+
+
+def release_batch(q: Queries, batch_id: str) -> tuple[BatchRecord, int | None]:
+    """Release a batch held in ``wait`` to the workers: (the batch as it was, its new version, or None when
+    it was already queued: a no-op)."""
+    rec = locked_batch(q, batch_id)
+    if rec.status is BatchStatus.QUEUED:
+        return rec, None
+    if rec.status is not BatchStatus.WAIT:
+        raise InvalidState(f"batch {batch_id} is {rec.status.value}: only a wait batch can be released")
+    ver = q.wait_off(id=batch_id)
+    q.notify_work(rec.app, rec.op)
+    return rec, ver
+
+
+def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, type: str, context: str,
+                  inputfile: str | None, status: BatchStatus) -> str | None:
     """Insert the batch record; with an idempotency key that this app already used, insert nothing and
     return the first batch's id (refused if that was another kind of call). A concurrent insert of the
     same key waits on the unique index until the first commits (or rolls back: then this one wins)."""
     if key is None:
-        tx.run("insert_batch", **batch)
+        q.insert_batch(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status)
         return None
     for _ in range(3):
-        if tx.one("insert_batch_keyed", key=key, **batch) is not None:
+        if q.insert_batch_keyed(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile,
+                                status=status, key=key):
             return None
-        found: BatchKeyed | None = tx.record(BatchKeyed, "batch_by_key", app=batch["app"], key=key)
+        found = q.batch_by_key(app=app, key=key)
         if found is None:
             continue  # the holder of the key was deleted meanwhile: try to take it again
-        first, op, type_ = found.id, found.op, found.type
-        if (op, type_) != (batch["op"], batch["type"]):
-            kind = "a slow query" if type_ == "Q" else "a batch"
-            raise InvalidInput(f"idempotency_key {key!r} of app {batch['app']} was already used by {kind} "
-                               f"of op {op}")
-        return str(first)
+        if (found.op, found.type) != (op, type):
+            kind = "a slow query" if found.type == "Q" else "a batch"
+            raise InvalidInput(f"idempotency_key {key!r} of app {app} was already used by {kind} of op {found.op}")
+        return found.id
     raise InvalidState(f"idempotency_key {key!r}: its batch keeps appearing and disappearing")
 
 
-def copy_rows(tx: Tx, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int) -> int:
+def copy_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int) -> int:
     """COPY rows into a batch; returns how many. A batch needs at least one row."""
     stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
-    tx.copy_in(COPY_ROWS, stream)
+    q.copy_rows(stream)
     n = stream.count
     if n == 0:
         raise InvalidInput("a batch needs at least one row")
     return n
+
+
+def locked_batch(q: Queries, batch_id: str) -> BatchRecord:
+    """The batch, locked until the transaction ends (appends, releases and aborts of one batch queue here)."""
+    rec = q.lock_batch(id=batch_id)
+    if rec is None:
+        raise BatchNotFound(f"no batch {batch_id}")
+    return rec

@@ -18,10 +18,10 @@ from typing import Any
 from alya.batch.finish import Finisher
 from alya.batch.outcomes import Outcome, stored_size
 from alya.batch.services import Services
-from alya.core import names
 from alya.core.errors import AlyaError, describe
 from alya.core.models import BatchStatus
-from alya.core.records import BatchState, WriteResult
+from alya.core.records import WriteResult
+from alya.db.queries import Queries
 from alya.engine.claim import ChunkReport, Claimed
 from alya.engine.identity import Identity
 
@@ -87,8 +87,7 @@ class Completer:
                                       sum(r.late for r in results),
                                       next((r.ver for r in reversed(results) if r.ver is not None), None))
                     if any(o.status == "queued" for o in outcomes):  # retries become claimable later
-                        tx.one("notify_work", channel=names.WORK_CHANNEL,
-                               payload=names.work_payload(claimed.app, claimed.op))
+                        tx.notify_work(claimed.app, claimed.op)
                 if res.late:  # results kept past an abort changed the final counts: re-cache them
                     self.finisher.refresh_summary(claimed.batch)
                 return res
@@ -108,8 +107,7 @@ class Completer:
             return
         try:
             with self.svc.store.tx() as tx:
-                states: list[BatchState] = tx.records(BatchState, "batch_statuses",
-                                                      ids=list({c.batch for c in open_claims}))
+                states = tx.batch_statuses(ids=list({c.batch for c in open_claims}))
             statuses = {s.id: s.status for s in states}
         except AlyaError as exc:
             log.warning("abort_check_failed", error=str(exc))
@@ -125,10 +123,9 @@ class Completer:
         try:
             with self.svc.store.tx() as tx:
                 attempts = {r.line: r.attempts for r in claimed.rows}
-                tx.run("release_rows", batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
-                       worker=claimed.worker)
-                tx.one("notify_work", channel=names.WORK_CHANNEL,
-                       payload=names.work_payload(claimed.app, claimed.op))
+                tx.release_rows(batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
+                                worker=claimed.worker)
+                tx.notify_work(claimed.app, claimed.op)
             return True
         except Exception as exc:
             self.identity.log.error("release_failed", batch=claimed.batch, rows=len(lines), error=describe(exc))
@@ -144,14 +141,14 @@ def aborted_seen(claims: list[Claimed], log: Any) -> None:
             log.info("batch_aborted_seen", batch=c.batch, rows_unfinished=c.pending)
 
 
-def _write_part(tx: Any, claimed: Claimed, params: dict[str, list[Any]]) -> WriteResult:
+def _write_part(tx: Queries, claimed: Claimed, params: dict[str, list[Any]]) -> WriteResult:
     """The usual write-back; after an abort, a second statement keeps the results of rows whose call
     returned before the abort committed (the hot path never pays for that case)."""
-    res: WriteResult = tx.record(WriteResult, "write_results", batch=claimed.batch, worker=claimed.worker, **params)
+    res = tx.write_results(batch=claimed.batch, worker=claimed.worker, **params)
     if res.status != BatchStatus.ABORTED.value or res.written == len(params["lines"]):
         return res
-    late, ver = tx.one("write_results_late", batch=claimed.batch, worker=claimed.worker, **params)
-    return WriteResult(res.status, res.written + int(late), int(late), ver)
+    late, ver = tx.write_results_late(batch=claimed.batch, worker=claimed.worker, **params)
+    return WriteResult(res.status, res.written + late, late, ver)
 
 
 def _by_size(outcomes: list[Outcome], limit: int) -> list[list[Outcome]]:

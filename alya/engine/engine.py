@@ -30,7 +30,6 @@ from alya.batch.finish import Finisher
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, ProcessorNotFound
 from alya.core.logs import run_logger
-from alya.core.records import BatchKind
 from alya.engine.claim import ChunkReport, Claimed
 from alya.engine.completer import Completer
 from alya.engine.executor import Executor
@@ -109,19 +108,19 @@ class Engine:
         waiting = self.producer.waiting_apps()
         kinds = self._kinds([t for t in types if t[0] not in waiting])
         with self.svc.store.tx() as tx:
-            open_types = {(k.app, k.op, k.type) for k in tx.records(BatchKind, "claimable_batch_types")}
+            open_types = {(k.app, k.op, k.type) for k in tx.claimable_batch_types()}
         return [t for k, t in kinds.items() if k in open_types]
 
     def open_work(self, types: list[tuple[str, str]]) -> bool:
         keys = ["/".join(k) for k in self._kinds(types)]
         with self.svc.store.tx() as tx:
-            return bool(tx.value("open_work_exists", types=keys))
+            return tx.open_work_exists(types=keys)
 
     def next_claimable_in(self, batch_id: str) -> float | None:
         """Seconds until a queued row of the batch may be claimed (0: now); None when none is queued."""
         with self.svc.store.tx() as tx:
-            wait = tx.value("next_claimable_in", id=batch_id)
-        return None if wait is None else max(0.0, float(wait))
+            wait = tx.next_claimable_in(id=batch_id)
+        return None if wait is None else max(0.0, wait)
 
     def init_retry_in(self, app: str) -> float:
         return self.producer.init_retry_in(app)
@@ -272,9 +271,9 @@ class Engine:
         is the usual case; only near the end of a batch is the full check (both partial indexes from the
         start, past the index entries of rows already done) worth its cost."""
         with self.svc.store.tx() as tx:
-            if after is not None and tx.one("queued_after", id=batch, after=after) is not None:
+            if after is not None and tx.queued_after(id=batch, after=after):
                 return False
-            return not tx.value("has_open_rows", id=batch)
+            return not tx.has_open_rows(id=batch)
 
     def summarise(self, batch_id: str) -> bool:
         """Finish the batch if all its rows are final (exactly once), then call its mark_done."""

@@ -60,7 +60,7 @@ class Identity:
             return
         try:
             with self._store.tx() as tx:
-                tx.run("forget_worker", id=self.worker_id)
+                tx.forget_worker(id=self.worker_id)
         except AlyaError as exc:
             self.log.warning("forget_worker_failed", error=str(exc))
 
@@ -71,8 +71,8 @@ class Identity:
         identity): recovery requeues those rows after ALYA_RECOVERY_SEC, as for a dead worker, and rows
         whose results did land stay as they are."""
         with self._store.tx() as tx:
-            started = tx.value("server_started")
-            tx.run("heartbeat", id=self.worker_id, host=socket.gethostname(), pid=os.getpid())
+            started = tx.server_started()
+            tx.heartbeat(id=self.worker_id, host=socket.gethostname(), pid=os.getpid())
         previous, self._server_started = self._server_started, started
         if previous is not None and started != previous:
             self.log.warning("postgres_restarted", previous=str(previous), now=str(started),

@@ -30,8 +30,7 @@ from alya.batch.services import Services
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
 from alya.core.models import ErrorMessage
-from alya.core.names import MAINTENANCE_LOCK_CLASS, WORK_CHANNEL, maintenance_app_name
-from alya.core.records import RecoveredRow
+from alya.core.names import MAINTENANCE_LOCK_CLASS, maintenance_app_name
 from alya.db.store import Store, json_text
 from alya.engine.identity import Identity
 
@@ -70,7 +69,7 @@ def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recove
         _recover(engine, report)
     for app, op in types or []:
         with engine.svc.store.tx() as tx:
-            pending = [str(b) for b in tx.column("unnotified_batches", app=app, op=op)]
+            pending = tx.unnotified_batches(app=app, op=op)
         for batch in pending:
             if engine.notify(batch):
                 report.notified.append(batch)
@@ -84,11 +83,11 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
     fail_messages = json_text([ErrorMessage(msgid=0, errcode="processing_error",
                                             vals=["worker lost while processing the row"]).to_dict()])
     with svc.store.tx() as tx:
-        recovered: list[RecoveredRow] = tx.records(RecoveredRow, "recover_rows", sec=cfg.recovery_sec,
-                                                   max_attempts=cfg.max_attempts, fail_messages=fail_messages)
-        tx.run("forget_dead_workers", sec=cfg.recovery_sec)
+        recovered = tx.recover_rows(sec=cfg.recovery_sec, max_attempts=cfg.max_attempts,
+                                    fail_messages=fail_messages)
+        tx.forget_dead_workers(sec=cfg.recovery_sec)
         if any(r.status == "queued" for r in recovered):
-            tx.one("notify_work", channel=WORK_CHANNEL, payload="*")
+            tx.notify_any_work()
     # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
     lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
     for r in recovered:
@@ -102,7 +101,7 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
             log.warning("rows_recovered", batch=batch, dead_worker=worker, new=status, rows=len(lines),
                         first_line=min(lines), last_line=max(lines))
     with svc.store.tx() as tx:
-        missed = [str(b) for b in tx.column("unsummarised_batches")]
+        missed = tx.unsummarised_batches()
     for batch in missed:
         try:
             if engine.summarise(batch):

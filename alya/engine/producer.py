@@ -25,7 +25,6 @@ from alya.batch.services import Services
 from alya.core.errors import describe
 from alya.core.logs import status_change
 from alya.core.models import BatchStatus
-from alya.core.records import AppLoad, ClaimedRow, OpenBatch
 from alya.core.registry import Registration
 from alya.engine.claim import Claimed
 from alya.engine.executor import Executor
@@ -167,30 +166,28 @@ class Producer:
         limit = self.svc.config.app_limits.get(app)
         with self.svc.store.tx() as tx:
             if limit is not None:  # ALYA_APP_LIMITS: never more of the app's rows in progress, all workers together
-                total, mine, live = tx.record(AppLoad, "app_rows_in_progress", app=app, worker=worker,
-                                              sec=self.svc.config.recovery_sec).as_tuple()
+                total, mine, live = tx.app_rows_in_progress(app=app, worker=worker,
+                                                            sec=self.svc.config.recovery_sec).as_tuple()
                 fair = -(-limit // max(1, live))  # a fair share each, so that every live worker gets some
                 n = min(n, limit - total, fair - mine)
                 if n <= 0:
                     return None
-            for ob in tx.records(OpenBatch, "open_batches", app=app, op=op, type=type_, only=only):
+            for ob in tx.open_batches(app=app, op=op, type=type_, only=only):
                 batch, ver = ob.id, ob.ver
-                if ob.status is BatchStatus.QUEUED and (bumped := tx.value("batch_to_inprog", batch=batch)) is not None:
+                if ob.status is BatchStatus.QUEUED and (bumped := tx.batch_to_inprog(batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
-                    ver = int(bumped)
+                    ver = bumped
                     moved.append((batch, ver))
                 if alone:
-                    suspect: list[ClaimedRow] = tx.records(ClaimedRow, "claim_suspect", batch=batch, worker=worker)
+                    suspect = tx.claim_suspect(batch=batch, worker=worker)
                     if suspect:
                         claimed = Claimed(batch, app, op, type_, ob.context, suspect, worker, ver, suspect=True)
                         break
                 after = self._hint.get(batch, 0)
-                rows: list[ClaimedRow] = tx.records(ClaimedRow, "claim_rows", batch=batch, n=n, worker=worker,
-                                                    after=after)
+                rows = tx.claim_rows(batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
-                    rows += tx.records(ClaimedRow, "claim_rows", batch=batch, n=n - len(rows), worker=worker,
-                                       after=0)
+                    rows += tx.claim_rows(batch=batch, n=n - len(rows), worker=worker, after=0)
                 if rows:
                     self._remember(batch, max(r.line for r in rows))
                     claimed = Claimed(batch, app, op, type_, ob.context, sorted(rows, key=lambda r: r.line),
@@ -198,7 +195,7 @@ class Producer:
                     break
         for batch, ver in moved:
             status_change(app, op, batch, "inprog", old="queued")
-            self.svc.summaries.invalidate(batch, ver)
+            self.svc.statuses.invalidate(batch, ver)
         return claimed
 
     def forget_hints(self) -> None:

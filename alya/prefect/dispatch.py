@@ -31,7 +31,6 @@ from typing import Any
 from alya.core import names
 from alya.core.errors import describe
 from alya.core.logs import get_logger
-from alya.core.records import BatchRef
 from alya.core.settings import JobManagerConfig
 from alya.db.store import Store
 
@@ -233,9 +232,9 @@ class Dispatcher:
         except Exception as exc:
             get_logger().warning("sweeper_prefect_unreachable", error=describe(exc))
             return []
-        with self.store.tx() as tx:
-            open_batches: list[BatchRef] = tx.records(BatchRef, "open_batches_all")
-            stalled = {str(b) for b in tx.column("stalled_batches", sec=self.config.recovery_sec)}
+        with self.store.tx() as q:
+            open_batches = q.open_batches_all()
+            stalled = set(q.stalled_batches(sec=self.config.recovery_sec))
         live_batches = {b for b, rs in runs.items()
                         if not (b in stalled and all(self._running_long(r) for r in rs))}
         for b in stalled - live_batches:
