@@ -31,7 +31,7 @@ from bench.common import fresh_database, prefect_server, wait_registered
 
 
 @contextmanager
-def _warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *args: str) -> Iterator[list[Any]]:
+def warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *args: str) -> Iterator[list[Any]]:
     """``n`` probe workers, registered, each having run a flow (a warm-up batch, two rows per slot)."""
     full = {**os.environ, **penv, "ALYA_DATABASE_URL": url, "ALYA_LOG_LEVEL": "warning",
             "PREFECT_LOGGING_LEVEL": "WARNING", **env}
@@ -82,7 +82,7 @@ def _until_final(jm: JobManager, bid: str, every: float = 0.02) -> float:
 def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: int = 16) -> None:
     """I/O-bound rows (each sleeps SLEEP_MS): rows/s against the ideal workers x concurrency x 1000/ms."""
     with fresh_database() as url, prefect_server() as penv, \
-            _warm_workers(url, penv, workers, {"ALYA_CONCURRENCY": str(concurrency)}):
+            warm_workers(url, penv, workers, {"ALYA_CONCURRENCY": str(concurrency)}):
         jm, bid = _held_batch(url, rows, sleep_ms)
         t = time.perf_counter()
         jm.wait_off(bid)
@@ -100,7 +100,7 @@ def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: 
 def latency(queries: int = 100, workers: int = 2, poll_ms: float = 1.0) -> None:
     """Slow queries with an instant processor, one after another, against warm workers: time from submit
     until slowquery_done reports a final status (polled every POLL_MS)."""
-    with fresh_database() as url, prefect_server() as penv, _warm_workers(url, penv, workers, {}):
+    with fresh_database() as url, prefect_server() as penv, warm_workers(url, penv, workers, {}):
         jm = JobManager(database_url=url)
         took = []
         for i in range(queries + 5):
@@ -130,7 +130,7 @@ def abort(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int
     returned end up recorded `aborted` (and how many kept their results)."""
     log = tempfile.mktemp(prefix="alya-bench-abort-")
     with fresh_database() as url, prefect_server() as penv, \
-            _warm_workers(url, penv, workers, {}, "--log", log):
+            warm_workers(url, penv, workers, {}, "--log", log):
         open(log, "w").close()  # the warm-up's calls out (truncated in place: the workers keep appending)
         jm, bid = _held_batch(url, rows, sleep_ms)
         jm.wait_off(bid)
@@ -158,7 +158,7 @@ def crash(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int
     ALYA_RECOVERY_SEC=5) finish the batch: how many processor calls were made twice."""
     log = tempfile.mktemp(prefix="alya-bench-crash-")
     with fresh_database() as url, prefect_server() as penv, \
-            _warm_workers(url, penv, workers, {"ALYA_RECOVERY_SEC": "5"}, "--log", log) as procs:
+            warm_workers(url, penv, workers, {"ALYA_RECOVERY_SEC": "5"}, "--log", log) as procs:
         open(log, "w").close()  # the warm-up's calls out (truncated in place: the workers keep appending)
         jm, bid = _held_batch(url, rows, sleep_ms)
         jm.wait_off(bid)
@@ -181,6 +181,8 @@ def crash(rows: int = 20_000, sleep_ms: float = 10, workers: int = 2, after: int
 
 
 def register(app: Any) -> None:
-    for fn in (io, latency, abort, crash):
+    from bench.mixed import mixed
+
+    for fn in (io, latency, abort, crash, mixed):
         app.command()(fn)
 

@@ -1,6 +1,7 @@
 """A benchmark worker process for the engine benchmarks (io, latency, abort, crash): ``jm.run()`` until
 SIGTERM, serving the batch type ``bench/probe`` (each row sleeps ``input["ms"]`` or ``--sleep-ms``) and the
-slow-query type ``bench/query`` (instant). With ``--log FILE`` every processor call that returns appends
+slow-query type ``bench/query`` (instant), and for ``bench.mixed`` the types ``other/instant``,
+``other/query`` and ``fresh/first``. With ``--log FILE`` every processor call that returns appends
 "end <line> <pid> <monotonic-ns>" to FILE (O_APPEND, one write per line), so a benchmark can count calls
 made, and made twice, across processes.
 
@@ -52,6 +53,11 @@ def main() -> None:
     jm = JobManager(database_url=a.database_url)
     jm.register_batch_processor("bench", "probe", Probe(a.sleep_ms, a.log))
     jm.register_slowquery_processor("bench", "query", Query())
+    # the "many at once" bench (bench.mixed): another app's batch and slow-query types, and a type that
+    # no warm-up runs (the first batch of a type a running worker has not seen yet)
+    jm.register_batch_processor("other", "instant", Probe(0, None))
+    jm.register_slowquery_processor("other", "query", Query())
+    jm.register_batch_processor("fresh", "first", Probe(0, None))
     jm.run()
 
 

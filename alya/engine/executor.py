@@ -36,11 +36,12 @@ class Executor:
         """Queue the claim's rows on the pool's slots (its processor's coroutine slots if it is async)."""
         method = reg.processor.do_slow_query if reg.type == "Q" else reg.processor.do_batch_job
         is_async = inspect.iscoroutinefunction(method)
-        self.pool.submit([Job(claimed, row, is_async) for row in claimed.rows], stats_key=(reg.app, reg.op))
+        self.pool.submit([Job(claimed, row, is_async) for row in claimed.rows], stats_key=(reg.app, reg.op),
+                         lane=claimed.batch)
 
-    def backlog(self) -> int:
-        """Rows queued on the pool and not yet started."""
-        return self.pool.backlog()
+    def backlog(self, app: str | None = None, op: str | None = None) -> int:
+        """Rows queued on the pool and not yet started (of batch type (app, op) if given)."""
+        return self.pool.backlog(None if app is None else (app, op))
 
     def row_stats(self, app: str, op: str) -> PoolStats | None:
         return self.pool.stats.get((app, op))

@@ -25,6 +25,7 @@ from alya.batch.services import Services
 from alya.core.errors import describe
 from alya.core.logs import status_change
 from alya.core.models import BatchStatus
+from alya.core.records import OpenBatch
 from alya.core.registry import Registration
 from alya.engine.claim import Claimed
 from alya.engine.executor import Executor
@@ -51,13 +52,15 @@ class Producer:
         self._alone_claiming = False  # one of them may take a suspect: the others wait
         self._suspect_active = False
         self._hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
+        self._turn_of: dict[tuple[str, str], str] = {}  # type -> the batch its last claim came from
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
 
     # ------------------------------------------------------------------ sizing
     def wants_rows(self, app: str, op: str) -> bool:
-        """Whether to claim more now: when fewer rows wait unstarted than the slots will run through
-        before the next claim could be ready (so they never starve)."""
-        return self.executor.backlog() < max(2 * self.executor.concurrency, self.claim_size(app, op) // 2)
+        """Whether to claim more of (app, op) now: when fewer of its rows wait unstarted than the slots will
+        run through before the next claim could be ready (so they never starve). Counted per type: another
+        type's backlog must not keep this one from claiming (the pool takes their rows in turn)."""
+        return self.executor.backlog(app, op) < max(2 * self.executor.concurrency, self.claim_size(app, op) // 2)
 
     def claim_size(self, app: str, op: str) -> int:
         """About CLAIM_TARGET_SEC of work for this process's slots at the measured row rate, shared by the
@@ -172,7 +175,7 @@ class Producer:
                 n = min(n, limit - total, fair - mine)
                 if n <= 0:
                     return None
-            for ob in tx.open_batches(app=app, op=op, type=type_, only=only):
+            for ob in self._in_turn((app, op), tx.open_batches(app=app, op=op, type=type_, only=only)):
                 batch, ver = ob.id, ob.ver
                 if ob.status is BatchStatus.QUEUED and (bumped := tx.batch_to_inprog(batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
@@ -183,13 +186,14 @@ class Producer:
                     suspect = tx.claim_suspect(batch=batch, worker=worker)
                     if suspect:
                         claimed = Claimed(batch, app, op, type_, ob.context, suspect, worker, ver, suspect=True)
+                        self._remember(batch, 0, (app, op))
                         break
                 after = self._hint.get(batch, 0)
                 rows = tx.claim_rows(batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
                     rows += tx.claim_rows(batch=batch, n=n - len(rows), worker=worker, after=0)
                 if rows:
-                    self._remember(batch, max(r.line for r in rows))
+                    self._remember(batch, max(r.line for r in rows), (app, op))
                     claimed = Claimed(batch, app, op, type_, ob.context, sorted(rows, key=lambda r: r.line),
                                       worker, ver)
                     break
@@ -203,8 +207,23 @@ class Producer:
         with self._lock:
             self._hint.clear()
 
-    def _remember(self, batch: str, line: int) -> None:
+    def _in_turn(self, type_: tuple[str, str], batches: list[OpenBatch]) -> list[OpenBatch]:
+        """The type's open batches (oldest first), starting after the one its last claim came from: claims
+        take the open batches of a type in turn, so a 10-row batch submitted behind a big one is claimed
+        at the next claim instead of when the big one runs out of rows."""
+        with self._lock:
+            last = self._turn_of.get(type_)
+        ids = [b.id for b in batches]
+        if last not in ids:
+            return batches
+        i = ids.index(last) + 1
+        return batches[i:] + batches[:i]
+
+    def _remember(self, batch: str, line: int, type_: tuple[str, str]) -> None:
         with self._lock:
             if len(self._hint) > HINTS_KEPT:
                 self._hint.clear()
-            self._hint[batch] = line
+                self._turn_of.clear()
+            if line:
+                self._hint[batch] = line
+            self._turn_of[type_] = batch

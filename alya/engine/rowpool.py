@@ -2,8 +2,10 @@
 every batch the process works on. The chunk stays the unit of database work (one claim, one write-back);
 the row is the unit of concurrency.
 
-- Synchronous processors run on slot threads (processors must be thread-safe). Slots pull the next row
-  from one FIFO queue, so the rows of several claims interleave and a slow claim never idles a slot.
+- Synchronous processors run on slot threads (processors must be thread-safe). Slots take the next row
+  round-robin across *lanes* (the engine makes each batch a lane): a slow query or a 10-row batch submitted
+  behind a big batch's backlog gets the next free slot instead of waiting for that backlog to drain, and a
+  slow claim never idles a slot.
 - ``async def`` processors run on one event loop thread with the same number of slots (coroutines).
 - A call that runs past ``row_timeout_sec`` is finished as a timeout fault by :meth:`RowPool.expire`; a
   thread cannot be killed, so its slot is handed to a fresh thread and the stuck one is abandoned (its
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +52,52 @@ class RowRunner(Protocol):
     def run(self, job: Job) -> Any: ...
     def run_async(self, job: Job) -> Awaitable[Any]: ...
     def timed_out(self, job: Job, seconds: float) -> Any: ...
+
+
+class FairQueue:
+    """Rows waiting for a slot: FIFO within a lane, round-robin across lanes. Not thread-safe (the pool's
+    lock guards it). Also counts waiting rows per stats key, so that each batch type's claim loop sizes its
+    claims by its own backlog, not by another type's."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[Any, deque[tuple[Job, Any]]] = {}
+        self._ring: deque[Any] = deque()  # lanes with rows, in turn order
+        self._keys: Counter[Any] = Counter()
+        self._n = 0
+
+    def extend(self, lane: Any, items: list[tuple[Job, Any]]) -> None:
+        if not items:
+            return
+        q = self._lanes.get(lane)
+        if q is None:
+            q = self._lanes[lane] = deque()
+            self._ring.append(lane)
+        q.extend(items)
+        for _, key in items:
+            self._keys[key] += 1
+        self._n += len(items)
+
+    def popleft(self) -> tuple[Job, Any]:
+        lane = self._ring[0]
+        q = self._lanes[lane]
+        item = q.popleft()
+        if q:
+            self._ring.rotate(-1)  # the next row comes from the next lane
+        else:
+            self._ring.popleft()
+            del self._lanes[lane]
+        self._n -= 1
+        self._keys[item[1]] -= 1
+        if not self._keys[item[1]]:
+            del self._keys[item[1]]
+        return item
+
+    def waiting(self, key: Any = None) -> int:
+        """Rows waiting (of stats key ``key`` if given)."""
+        return self._n if key is None else self._keys.get(key, 0)
+
+    def __len__(self) -> int:
+        return self._n
 
 
 @dataclass(eq=False)
@@ -84,39 +132,40 @@ class RowPool:
         self.concurrency = concurrency
         self.row_timeout_sec = row_timeout_sec
         self.stats: dict[Any, PoolStats] = {}  # by a key the engine picks: (app, op)
-        self._queue: deque[tuple[Job, Any]] = deque()
+        self._queue = FairQueue()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # slots wait here for rows
         self._slots: list[_Slot] = []
         self._closed = False
         self._abandoned = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: deque[tuple[Job, Any]] = deque()
+        self._aqueue = FairQueue()  # under the same lock
         self._aevent: asyncio.Event | None = None
         self._atasks: dict[Job, asyncio.Task[Any]] = {}
         self.log = get_logger()
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, jobs: list[Job], stats_key: Any = None) -> None:
+    def submit(self, jobs: list[Job], stats_key: Any = None, lane: Any = None) -> None:
+        """Queue rows on ``lane`` (rows of different lanes are taken in turn); ``stats_key`` groups their
+        durations and backlog (the engine uses the batch type)."""
         sync = [(j, stats_key) for j in jobs if not j.is_async]
         asyn = [(j, stats_key) for j in jobs if j.is_async]
         if sync:
             with self._lock:
                 self._closed = False  # a closed pool is reopened by new work (a worker run again)
                 self._ensure_threads()
-                self._queue.extend(sync)
+                self._queue.extend(lane, sync)
                 self._work.notify(min(len(sync), self.concurrency))
         if asyn:
             loop = self._ensure_loop()
-            self._aqueue.extend(asyn)
+            with self._lock:
+                self._aqueue.extend(lane, asyn)
             loop.call_soon_threadsafe(self._poke)
 
-    def backlog(self) -> int:
-        """Rows submitted and not yet started."""
-        return len(self._queue) + len(self._aqueue)
-
-    def running(self) -> int:
-        return sum(1 for s in self._slots if s.job is not None and not s.abandoned) + len(self._atasks)
+    def backlog(self, stats_key: Any = None) -> int:
+        """Rows submitted and not yet started (of ``stats_key`` if given)."""
+        with self._lock:
+            return self._queue.waiting(stats_key) + self._aqueue.waiting(stats_key)
 
     # ------------------------------------------------------------------ threads
     def _ensure_threads(self) -> None:
@@ -223,11 +272,13 @@ class RowPool:
     async def _async_slot(self) -> None:
         assert self._aevent is not None
         while not self._closed:
-            if not self._aqueue:
+            with self._lock:
+                item = self._aqueue.popleft() if len(self._aqueue) else None
+            if item is None:
                 self._aevent.clear()
                 await self._aevent.wait()
                 continue
-            job, key = self._aqueue.popleft()
+            job, key = item
             if job.owner.cancelled:
                 job.owner.finish(job, None)
                 continue

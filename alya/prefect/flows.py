@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -215,49 +216,96 @@ def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_
         raise errors[0]
 
 
+class _TypeRuns:
+    """The flow runs of one worker process, one thread per batch type: a type with queued work gets its flow
+    run at once, whatever the other types' runs are doing (a slow query never waits for a big batch of
+    another type to end). Rows of all of them share the process's row pool, which takes them in turn."""
+
+    def __init__(self, engine: Engine, dispatcher: Dispatcher | None, linger: float, log: Any) -> None:
+        self.engine = engine
+        self.dispatcher = dispatcher
+        self.linger = linger
+        self.log = log
+        self.flows: dict[tuple[str, str], Flow[..., Any]] = {}
+        self.threads: dict[tuple[str, str], threading.Thread] = {}
+        self.retry_at: dict[tuple[str, str], float] = {}
+        self.ended = threading.Event()  # a run ended: look again at once
+        self.worked = False  # some run processed rows or finished a batch since the last look
+
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self.threads.values())
+
+    def start(self, app: str, op: str) -> None:
+        t = self.threads.get((app, op))
+        if (t is not None and t.is_alive()) or time.monotonic() < self.retry_at.get((app, op), 0.0):
+            return
+        if (app, op) not in self.flows:
+            self.flows[(app, op)] = make_batch_flow(self.engine, app, op, self.dispatcher, linger=self.linger)
+        thread = threading.Thread(target=self._run, args=(app, op), name=f"alya-flow-{app}-{op}", daemon=True)
+        self.threads[(app, op)] = thread
+        thread.start()
+
+    def _run(self, app: str, op: str) -> None:
+        try:
+            result = cast(dict[str, Any], self.flows[(app, op)](batch_id=None))
+            if result["nrows"] or result["summarised"]:
+                self.worked = True
+        except Exception as exc:  # an outage: log, back off this type, try again
+            self.log.error("flow_failed", app=app, op=op, error=describe(exc))
+            self.retry_at[(app, op)] = time.monotonic() + max(1.0, self.engine.svc.config.poll_sec)
+        finally:
+            self.ended.set()
+
+    def join(self) -> None:
+        for t in list(self.threads.values()):
+            t.join()
+
+
 def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], stop_when_idle: bool,
                  dispatcher: Dispatcher | None) -> None:
     cfg = engine.svc.config
     log = get_logger().bind(worker=engine.worker_id)
-    flows: dict[tuple[str, str], Flow[..., Any]] = {}
     engine.start()
     log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
     # Recovery, missed summaries and mark_done calls: on a thread of their own, so that a long flow run
     # never delays them, and each done by one worker of the cluster at a time (alya.engine.maintenance).
     engine.maintenance.start(engine, types_of, every=max(1.0, cfg.recovery_sec / 4))
+    runs = _TypeRuns(engine, dispatcher, 0.0 if stop_when_idle else cfg.linger_sec, log)  # no lingering then
     try:
         while not engine.stopping.is_set():
             types = types_of()
+            since = engine.waker.generation()  # a notification after this look wakes the wait below
+            runs.ended.clear()
             try:
                 todo = engine.types_with_work(types)
             except AlyaError as exc:  # an outage: log, back off, try again
-                log.error("worker_loop_failed", error=str(exc))
+                log.error("worker_loop_failed", error=str(exc), note="waiting for the database")
                 engine.stopping.wait(max(1.0, cfg.poll_sec))
                 continue
-            worked = False
             for app, op in todo:
-                if (app, op) not in flows:  # a worker that stops when idle does not linger
-                    flows[(app, op)] = make_batch_flow(engine, app, op, dispatcher,
-                                                       linger=0.0 if stop_when_idle else cfg.linger_sec)
-                try:
-                    result = cast(dict[str, Any], flows[(app, op)](batch_id=None))
-                except Exception as exc:  # an outage: log, back off, try again
-                    log.error("flow_failed", app=app, op=op, error=describe(exc))
-                    engine.stopping.wait(max(1.0, cfg.poll_sec))
-                    continue
-                worked = worked or bool(result["nrows"] or result["summarised"])
+                runs.start(app, op)
             try:
-                if stop_when_idle and not worked and not engine.open_work(types):
+                if stop_when_idle and not todo and not runs.running() and not engine.open_work(types):
                     break
             except AlyaError as exc:  # an outage: a worker asked to stop when idle waits it out too
                 log.error("worker_loop_failed", error=str(exc), note="waiting for the database")
                 engine.stopping.wait(max(1.0, cfg.poll_sec))
                 continue
-            if not worked:
-                engine.wait_for_work(cfg.poll_sec)  # woken at once when work is queued
+            _wait(engine, runs, since, cfg.poll_sec)
     finally:
+        engine.stopping.set()
+        runs.join()  # runs stop claiming, finish their rows and give back the unstarted ones
         engine.shutdown()
         log.info("worker_stopped")
+
+
+def _wait(engine: Engine, runs: _TypeRuns, since: int, poll_sec: float) -> None:
+    """Until work is notified, a flow run ends, or ``poll_sec`` passes (the polling fallback)."""
+    deadline = time.monotonic() + poll_sec
+    while not engine.stopping.is_set() and not runs.ended.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0 or engine.waker.wait(min(left, 0.05), since=since):
+            return
 
 
 def _install_sigterm(engine: Engine) -> Callable[[], Any]:
