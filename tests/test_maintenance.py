@@ -1,7 +1,7 @@
 """Maintenance duties are done by one worker at a time, and move to another when that one dies.
 
-Real worker processes (``jm.run()``), real PostgreSQL advisory locks: the holder of a duty is read from
-``pg_locks`` joined to the ``application_name`` of its maintenance session."""
+Real worker processes (``jm.run()``) and real leases: the holder of a duty is read from
+``maintenance_leases``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from alya import BatchStatus, JobManager
-from alya.core.names import MAINTENANCE_LOCK_CLASS
 from alya.engine.maintenance import RECOVERY, Maintenance, mark_done_duty
 from tests.conftest import make_config
 from tests.procs import Proc, read_log, spawn_worker, wait_until
@@ -21,14 +20,9 @@ from tests.services import sql
 
 
 def holders(database_url: str, duty: str) -> list[str]:
-    """The worker ids whose maintenance session holds ``duty``."""
-    found = sql(database_url, """
-        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = %s::bigint
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND l.objid::bigint = (hashtext(%s)::bigint & 4294967295) AND l.objsubid = 2""",
-                MAINTENANCE_LOCK_CLASS, duty)
-    return [r[0].split(" ", 1)[1] for r in found]
+    """The worker whose lease on ``duty`` has not run out (none or one)."""
+    return [r[0] for r in sql(database_url, "SELECT holder FROM maintenance_leases WHERE duty = %s AND expires > now()",
+                              duty)]
 
 
 def pid_of(worker_id: str) -> int:
@@ -37,8 +31,8 @@ def pid_of(worker_id: str) -> int:
 
 def test_each_duty_is_held_once_and_given_up_on_close(jm: JobManager, database_url: str,
                                                       file_store_url: str) -> None:
-    """In one process: two engines' maintenance compete for the same duties; only one gets each, and
-    closing it lets the other take them at its next try."""
+    """In one process: two engines' maintenance compete for the same duties; only one gets each, closing it
+    gives them up at once, and a lease that is not renewed runs out."""
     other = JobManager(database_url=database_url, object_store_url=file_store_url,
                        config=make_config())
     try:
@@ -53,6 +47,11 @@ def test_each_duty_is_held_once_and_given_up_on_close(jm: JobManager, database_u
         assert holders(database_url, RECOVERY) == [other.engine.worker_id]
         b.close()
         assert holders(database_url, RECOVERY) == []
+        # a holder that stops renewing (dead, hung, cut off) loses its duties when the lease runs out
+        assert a.hold(duties) == set(duties)
+        sql(database_url, "UPDATE maintenance_leases SET expires = now() - interval '1 second'")
+        assert b.hold(duties) == set(duties)
+        assert a.hold(duties) == set()
     finally:
         other.close()
 
@@ -89,7 +88,8 @@ def test_maintenance_moves_to_a_live_worker_when_its_holder_is_killed(
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
         t0 = time.monotonic()
-        new = wait_until(lambda: holders(database_url, RECOVERY), timeout=30, what="the duty to move")
+        new = wait_until(lambda: [h for h in holders(database_url, RECOVERY) if pid_of(h) != victim.pid],
+                         timeout=30, what="the duty to move")  # once the dead holder's lease ran out
         assert pid_of(new[0]) == survivor.pid
         took_over = time.monotonic() - t0
 

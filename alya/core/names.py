@@ -32,16 +32,6 @@ def work_payload(app: str, op: str) -> str:
     return f"{app}/{op}"
 
 
-# PostgreSQL advisory locks: (class, hashtext(duty)) for maintenance duties (alya.engine.maintenance). The
-# two-int form never meets the migrations' one-bigint lock (migrations/env.py).
-MAINTENANCE_LOCK_CLASS = 0x616C7961  # "alya"
-
-
-def maintenance_app_name(worker_id: str) -> str:
-    """``application_name`` of a worker's maintenance session: pg_stat_activity shows who holds the duties."""
-    return f"alya-maintenance {worker_id}"[:63]
-
-
 ANY_WORK_PAYLOAD = "*"
 """Sent on WORK_CHANNEL when rows of any type may have become claimable (recovery requeued rows)."""
 

@@ -264,6 +264,13 @@ class Queries:
     def forget_dead_workers(self, *, sec: float) -> int:
         return self._tx.run("forget_dead_workers", sec=sec)
 
+    def take_leases(self, *, holder: str, duties: list[str], sec: float) -> set[str]:
+        """The maintenance duties ``holder`` has for ``sec`` more seconds (renewed, or taken as expired)."""
+        return {str(r[0]) for r in self._tx.all("take_leases", holder=holder, duties=duties, sec=sec)}
+
+    def drop_leases(self, *, holder: str) -> int:
+        return self._tx.run("drop_leases", holder=holder)
+
     # ------------------------------------------------------------------ wake-ups (sent at commit)
     # One SQL statement, three callers' meanings; the channel and payloads are alya.core.names'.
     def notify_work(self, app: str, op: str) -> None:

@@ -114,6 +114,14 @@ batchrows = Table(
     Index("batchrows_suspect", "batch", "line", postgresql_where=text("status = 'queued' AND suspect")),
 )
 
+maintenance_leases = Table(
+    "maintenance_leases",
+    metadata,
+    Column("duty", Text, primary_key=True),
+    Column("holder", Text, nullable=False),
+    Column("expires", DateTime(timezone=True), nullable=False),
+)
+
 workers = Table(
     "workers",
     metadata,

@@ -4,13 +4,12 @@
 scheduled sweeper flow, ``jm.cleanup()``); each step changes only what is still wrong.
 
 :class:`Maintenance` runs it in every ``jm.run`` worker, on a thread of its own (so that a long flow run
-never delays recovery), but each *duty* is done by one worker at a time: the worker that holds the duty's
-PostgreSQL advisory lock, on a connection of its own. The duties are ``recovery`` (requeue rows of silent
+never delays recovery), but each *duty* is done by one worker at a time: the worker holding the duty's
+lease (table ``maintenance_leases``: holder and expiry). The duties are ``recovery`` (requeue rows of silent
 workers, forget them, summarise batches whose summary was missed: work for the whole cluster) and one
 ``mark_done:<app>/<op>`` per batch type (only a worker that has that type's processor can call its
-``mark_done``). When the holder dies, PostgreSQL ends its session and releases the locks; another worker
-takes the duty at its next tick. ``application_name`` of the holding session is ``alya-maintenance
-<worker id>``, so ``pg_stat_activity`` shows who holds what.
+``mark_done``). When the holder dies or is cut off, its leases run out and another worker takes the duties
+at its next tick; a holder that stops gives them up at once.
 
 Re-dispatching queued batches that have no live flow run is Prefect's business, one layer up: the facade
 (``JobManager.cleanup(redispatch=True)``) and the sweeper add it after this.
@@ -20,17 +19,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import psycopg2
+from typing import Protocol
 
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
 from alya.core.models import ErrorMessage
-from alya.core.names import MAINTENANCE_LOCK_CLASS, maintenance_app_name
 from alya.db.store import Store, json_text
 from alya.engine.identity import Identity
 
@@ -111,56 +106,45 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
 
 
 class Maintenance:
-    """The duties this worker holds, and the thread that does them. One lock guards the connection and the
-    set of duties held."""
+    """The duties this worker holds, and the thread that does them. One lock guards the set of duties held.
+
+    A duty is held by lease (table ``maintenance_leases``): the holder renews its leases at every tick for
+    ``lease_sec`` (half of ALYA_RECOVERY_SEC, at least 3 s, always more than a tick), and any worker takes a
+    lease that ran out. A holder that dies, hangs or is cut off from the database stops renewing; its duties
+    move within ``lease_sec`` plus a tick, before the rows it held are due for recovery. A lease is a row
+    in the database, so it works through a connection pooler or proxy (a session-level advisory lock does
+    not: its holder keeps it while a proxy keeps the connection open, which the multi-host test showed)."""
 
     def __init__(self, store: Store, identity: Identity, recovery_sec: float) -> None:
         self._store = store
-        self._identity = identity
-        # A holder cut off from the network (not dead) keeps its session, and so its duties, until the server
-        # sees the peer is gone: TCP keepalives on both ends make that take about a quarter of
-        # ALYA_RECOVERY_SEC plus a few probes, so its duties move before its rows are due for recovery.
-        self._keepalive_idle = max(1, int(recovery_sec / 4))
+        self._holder = identity.worker_id  # stable for the process: a retired identity keeps its leases
+        self._log = identity.log
+        self.every = max(1.0, recovery_sec / 4)
+        self.lease_sec = max(3.0, recovery_sec / 2, 2 * self.every)
         self._lock = threading.Lock()
-        self._conn: Any = None
         self._held: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    # ------------------------------------------------------------------ leadership
+    @property
+    def holder(self) -> str:
+        return self._holder
+
+    # ------------------------------------------------------------------ leases
     def hold(self, duties: list[str]) -> set[str]:
-        """Try to hold each duty; returns the ones held now. A duty held stays held while this session
-        lives; if the session is gone (a restart, a network cut), every duty is lost and tried again."""
+        """Renew or take each duty's lease; returns the duties held now (none if the database fails)."""
+        try:
+            with self._store.tx() as tx:
+                held = tx.take_leases(holder=self._holder, duties=duties, sec=self.lease_sec)
+        except AlyaError as exc:
+            held = set()
+            if self._held:
+                self._log.warning("maintenance_duties_lost", duties=sorted(self._held), error=describe(exc))
         with self._lock:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._held = set()
-                    idle = self._keepalive_idle
-                    self._conn = psycopg2.connect(
-                        self._store.database_url, application_name=maintenance_app_name(self._identity.worker_id),
-                        connect_timeout=10, keepalives=1, keepalives_idle=idle, keepalives_interval=1,
-                        keepalives_count=3)
-                    self._conn.autocommit = True
-                    with self._conn.cursor() as cur:  # the server's end of the same rule
-                        cur.execute("SET tcp_keepalives_idle = %s; SET tcp_keepalives_interval = 1; "
-                                    "SET tcp_keepalives_count = 3; SET tcp_user_timeout = %s",
-                                    (idle, 3000 + 1000 * idle))
-                with self._conn.cursor() as cur:
-                    cur.execute("SELECT 1")  # the session is alive: what it holds is still held
-                    for duty in duties:
-                        if duty in self._held:
-                            continue
-                        cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (MAINTENANCE_LOCK_CLASS, duty))
-                        row = cur.fetchone()
-                        if row is not None and row[0]:
-                            self._held.add(duty)
-                            self._identity.log.info("maintenance_duty_taken", duty=duty)
-            except (psycopg2.Error, OSError) as exc:
-                if self._held:
-                    self._identity.log.warning("maintenance_duties_lost", duties=sorted(self._held),
-                                               error=describe(exc))
-                self._close_locked()
-            return set(self._held)
+            for duty in sorted(held - self._held):
+                self._log.info("maintenance_duty_taken", duty=duty, holder=self._holder)
+            self._held = held
+        return set(held)
 
     def held(self) -> set[str]:
         with self._lock:
@@ -175,7 +159,7 @@ class Maintenance:
         return cleanup(engine, types=mine, recover=RECOVERY in held)
 
     # ------------------------------------------------------------------ the thread
-    def start(self, engine: Finishes, types_of: Callable[[], list[tuple[str, str]]], every: float) -> None:
+    def start(self, engine: Finishes, types_of: Callable[[], list[tuple[str, str]]]) -> None:
         """Tick every ``every`` seconds on a thread until :meth:`close`."""
         if self._thread is not None and self._thread.is_alive():
             return
@@ -186,8 +170,8 @@ class Maintenance:
                 try:
                     self.tick(engine, types_of())
                 except Exception as exc:  # an outage: the next tick tries again
-                    self._identity.log.error("maintenance_failed", error=describe(exc))
-                if self._stop.wait(every):
+                    self._log.error("maintenance_failed", error=describe(exc))
+                if self._stop.wait(self.every):
                     return
 
         self._thread = threading.Thread(target=loop, name="alya-maintenance", daemon=True)
@@ -200,14 +184,10 @@ class Maintenance:
             self._thread.join(timeout=10)
         self._thread = None
         with self._lock:
-            self._close_locked()
-
-    def _close_locked(self) -> None:
-        if self._conn is not None:
-            # released at once, not when the server notices the closed socket
-            with suppress(Exception), self._conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock_all()")
-            with suppress(Exception):
-                self._conn.close()
-        self._conn = None
-        self._held = set()
+            had, self._held = self._held, set()
+        if had:
+            try:
+                with self._store.tx() as tx:
+                    tx.drop_leases(holder=self._holder)
+            except AlyaError as exc:  # they run out by themselves
+                self._log.warning("maintenance_leases_kept", error=describe(exc))

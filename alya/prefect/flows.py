@@ -269,7 +269,7 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
     log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
     # Recovery, missed summaries and mark_done calls: on a thread of their own, so that a long flow run
     # never delays them, and each done by one worker of the cluster at a time (alya.engine.maintenance).
-    engine.maintenance.start(engine, types_of, every=max(1.0, cfg.recovery_sec / 4))
+    engine.maintenance.start(engine, types_of)
     runs = _TypeRuns(engine, dispatcher, 0.0 if stop_when_idle else cfg.linger_sec, log)  # no lingering then
     try:
         while not engine.stopping.is_set():

@@ -308,6 +308,19 @@ SET status = CASE WHEN r.suspect AND r.attempts >= %(max_attempts)s THEN 'failed
 FROM dead WHERE r.batch = dead.batch AND r.line = dead.line
 RETURNING r.batch, r.line, r.status::text, dead.worker;
 
+-- name: take_leases
+-- Maintenance duties this holder has now: each one it held (renewed) or whose lease ran out (taken), for
+-- `sec` more seconds. A lease held by another, not yet expired, is left alone (no row returned).
+INSERT INTO maintenance_leases AS l (duty, holder, expires)
+SELECT d, %(holder)s, now() + make_interval(secs => %(sec)s) FROM unnest(%(duties)s::text[]) AS d
+ON CONFLICT (duty) DO UPDATE SET holder = EXCLUDED.holder, expires = EXCLUDED.expires
+WHERE l.holder = EXCLUDED.holder OR l.expires < now()
+RETURNING duty;
+
+-- name: drop_leases
+-- A holder that stops gives its duties up at once (another worker takes them at its next tick).
+DELETE FROM maintenance_leases WHERE holder = %(holder)s;
+
 -- name: forget_dead_workers
 DELETE FROM workers WHERE lastseen < now() - make_interval(secs => %(sec)s * 10);
 
