@@ -498,3 +498,19 @@ def test_rollback_and_savepoints(h: Harness) -> None:
     assert h.row(b, 1).attempts == 1 and h.row(b, 2).attempts == 0
     assert h.notes() == [f"{APP}/kept"]
     assert h.batch(b).nrows == 5
+
+
+def test_maintenance_leases(h: Harness) -> None:
+    """A lease is held by one holder: renewed by it, refused to others until it runs out, given up."""
+    duties = ["recovery", "mark_done:a/b"]
+    with h.store.tx() as q:
+        assert q.take_leases(holder="w1", duties=duties, sec=60) == set(duties)
+    with h.store.tx() as q:
+        assert q.take_leases(holder="w2", duties=duties + ["mark_done:c/d"], sec=60) == {"mark_done:c/d"}
+        assert q.take_leases(holder="w1", duties=duties, sec=60) == set(duties)  # renewed
+    with h.store.tx() as q:
+        assert q.take_leases(holder="w1", duties=["recovery"], sec=-1) == {"recovery"}  # renewed into the past
+    with h.store.tx() as q:
+        assert q.take_leases(holder="w2", duties=duties, sec=60) == {"recovery"}  # taken once run out
+        assert q.drop_leases(holder="w1") == 1
+        assert q.take_leases(holder="w2", duties=duties, sec=60) == set(duties)

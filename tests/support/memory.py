@@ -277,6 +277,7 @@ class _State:
     rows: dict[str, dict[int, _Row]] = field(default_factory=dict)  # batch -> line -> row
     workers: dict[str, _Worker] = field(default_factory=dict)
     files: dict[str, _File] = field(default_factory=dict)
+    leases: dict[str, tuple[str, datetime]] = field(default_factory=dict)  # duty -> (holder, expires)
     seq: int = 0
 
 
@@ -835,6 +836,26 @@ class MemoryQueries(Queries):
         for id in dead:
             self._drop_worker(id)
         return len(dead)
+
+    def take_leases(self, *, holder: str, duties: list[str], sec: float) -> set[str]:
+        self._q("take_leases")
+        now, leases = self._now, self._s.leases
+        taken = set()
+        for duty in duties:
+            old = leases.get(duty)
+            if old is None or old[0] == holder or old[1] < now:
+                leases[duty] = (holder, now + timedelta(seconds=sec))
+                self._journal.undo.append(lambda d=duty, o=old: leases.__setitem__(d, o) if o else leases.pop(d, None))
+                taken.add(duty)
+        return taken
+
+    def drop_leases(self, *, holder: str) -> int:
+        self._q("drop_leases")
+        mine = {d: v for d, v in self._s.leases.items() if v[0] == holder}
+        for d in mine:
+            del self._s.leases[d]
+        self._journal.undo.append(lambda: self._s.leases.update(mine))
+        return len(mine)
 
     # ------------------------------------------------------------------ wake-ups (sent at commit)
     def _notify(self, payload: str) -> None:

@@ -188,7 +188,7 @@ def test_more_rows_are_wanted_while_the_backlog_is_short(make_engine: Callable[.
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(concurrency=8, worker_threads=2, batchchunk_nrows=1000)
     backlog = [0]
-    monkeypatch.setattr(engine.executor, "backlog", lambda: backlog[0])
+    monkeypatch.setattr(engine.executor, "backlog", lambda app=None, op=None: backlog[0])
 
     def wants(n: int) -> bool:
         backlog[0] = n
