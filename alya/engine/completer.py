@@ -40,10 +40,12 @@ class Completer:
 
     def flush(self, claims: list[Claimed], report: ChunkReport, log: Any) -> None:
         """One write-back statement per batch for the outcomes of these claims (an abort check too)."""
-        by_batch: dict[str, list[Claimed]] = {}
+        # One statement per batch and identity: after a retire, one batch can have claims under the old and
+        # the new worker id, and each row is written back as the identity it was claimed under.
+        by_batch: dict[tuple[str, str], list[Claimed]] = {}
         for c in claims:
-            by_batch.setdefault(c.batch, []).append(c)
-        for batch, group in by_batch.items():
+            by_batch.setdefault((c.batch, c.worker), []).append(c)
+        for (batch, _), group in by_batch.items():
             outcomes = [o for c in group for o in c.take()]
             if not outcomes:
                 if not any(c.aborted for c in group):
@@ -93,8 +95,8 @@ class Completer:
                 return res
             except AlyaError as exc:
                 log.warning("write_failed", batch=claimed.batch, attempt=attempt, error=str(exc))
-                if attempt == WRITE_TRIES:
-                    self.release(claimed, [o.line for o in outcomes])
+                if attempt == WRITE_TRIES:  # the outcomes may be of several claims: their own attempts
+                    self.release(claimed, [o.line for o in outcomes], [o.attempts for o in outcomes])
                     raise
                 time.sleep(delay)
                 delay *= 2
@@ -116,15 +118,17 @@ class Completer:
             if statuses.get(c.batch) in (None, BatchStatus.ABORTED.value):
                 aborted_seen([c], log)
 
-    def release(self, claimed: Claimed, lines: list[int]) -> bool:
+    def release(self, claimed: Claimed, lines: list[int], attempts: list[int] | None = None) -> bool:
         """Give claimed rows back to the queue, their attempt restored (they were not tried). If even that
         fails, this worker stops vouching for them (a new identity): rows must never stay inprog under a
-        live heartbeat, and recovery requeues them after ALYA_RECOVERY_SEC as for a dead worker."""
+        live heartbeat, and recovery requeues them after ALYA_RECOVERY_SEC as for a dead worker. ``attempts``:
+        each line's claimed attempt (default: looked up in the claim's rows)."""
         try:
+            if attempts is None:
+                of = {r.line: r.attempts for r in claimed.rows}
+                attempts = [of[x] for x in lines]
             with self.svc.store.tx() as tx:
-                attempts = {r.line: r.attempts for r in claimed.rows}
-                tx.release_rows(batch=claimed.batch, lines=lines, attempts=[attempts[x] for x in lines],
-                                worker=claimed.worker)
+                tx.release_rows(batch=claimed.batch, lines=lines, attempts=attempts, worker=claimed.worker)
                 tx.notify_work(claimed.app, claimed.op)
             return True
         except Exception as exc:

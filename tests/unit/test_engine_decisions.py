@@ -519,10 +519,9 @@ def test_a_whole_run_summarises_the_batch(make_engine: Callable[..., Engine], st
     assert len(proc.done) == 1
 
 
-# ---------------------------------------------------------------------------------------------- known faults
-# Both xfail strictly: each shows a fault of the completer, and fails (XPASS) once it is fixed.
-@pytest.mark.xfail(strict=True, reason="Completer.write gives back a group's rows with the first claim's attempts: "
-                   "a KeyError for the other claims' lines, so nothing is given back and the identity is retired")
+# ---------------------------------------------------------------------------------------------- faults found
+# The first two were faults of the completer, found by these tests and fixed; the last two xfail strictly
+# (they fail, XPASS, once fixed).
 def test_a_failed_write_back_of_two_claims_of_one_batch_gives_all_rows_back(make_engine: Callable[..., Engine],
                                                                             store: MemoryStore,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -546,8 +545,6 @@ def test_a_failed_write_back_of_two_claims_of_one_batch_gives_all_rows_back(make
     assert set(statuses(store, b).values()) == {"queued"}
 
 
-@pytest.mark.xfail(strict=True, reason="Completer.flush writes one batch's claims as the first claim's worker: "
-                   "rows claimed under a newer identity are discarded and stay inprog under a live heartbeat")
 def test_claims_of_one_batch_under_two_identities_are_all_written(make_engine: Callable[..., Engine],
                                                                   store: MemoryStore) -> None:
     engine = make_engine()
