@@ -655,7 +655,8 @@ class MemoryQueries(Queries):
     def open_batches(self, *, app: str, op: str, type: str, only: str | None) -> list[OpenBatch]:
         self._q("open_batches")
         found = [b for b in self._open_batches()
-                 if b.app == app and b.op == op and b.type == type and (only is None or b.id == only)]
+                 if b.app == app and b.op == op and b.type == type and (only is None or b.id == only)
+                 and any(r.claimable(self._now) for r in self._s.rows.get(b.id, {}).values())]
         return [OpenBatch.from_row((b.id, b.status, _load(b.context), b.ver)) for b in found[:100]]
 
     def open_batches_all(self) -> list[BatchRef]:

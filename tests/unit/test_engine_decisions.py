@@ -520,8 +520,8 @@ def test_a_whole_run_summarises_the_batch(make_engine: Callable[..., Engine], st
 
 
 # ---------------------------------------------------------------------------------------------- faults found
-# The first two were faults of the completer, found by these tests and fixed; the last two xfail strictly
-# (they fail, XPASS, once fixed).
+# The first three were faults, found by these tests and fixed; the last xfails strictly (it fails, XPASS,
+# once fixed).
 def test_a_failed_write_back_of_two_claims_of_one_batch_gives_all_rows_back(make_engine: Callable[..., Engine],
                                                                             store: MemoryStore,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -561,9 +561,6 @@ def test_claims_of_one_batch_under_two_identities_are_all_written(make_engine: C
     assert statuses(store, b) == {1: "success", 2: "success", 3: "success", 4: "success"}
 
 
-@pytest.mark.xfail(strict=True, reason="open_batches takes the 100 oldest open batches whether or not they have a "
-                   "row to claim now: a batch behind 100 with nothing claimable is not claimed, although "
-                   "claimable_batch_types offers its type (fixing it changes queries.sql and the fake alike)")
 def test_a_claimable_batch_behind_a_hundred_waiting_ones_is_claimed(make_engine: Callable[..., Engine],
                                                                     store: MemoryStore) -> None:
     engine = make_engine()

@@ -80,13 +80,17 @@ WHERE app = %(app)s AND type = %(type)s AND (%(op)s::text IS NULL OR op = %(op)s
 ORDER BY reqat DESC;
 
 -- name: open_batches
--- Batches of one batch type that have rows to claim, oldest first; `only` (a dispatched flow run's
+-- Batches of one batch type that have rows to claim now, oldest first; `only` (a dispatched flow run's
 -- batch) restricts to that batch, so that cancelling one batch's run never interrupts another batch.
 -- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
-SELECT id, status::text, context, ver FROM batches
-WHERE app = %(app)s AND op = %(op)s AND type = %(type)s AND status IN ('queued', 'inprog')
-  AND (%(only)s::uuid IS NULL OR id = %(only)s::uuid)
-ORDER BY reqat
+-- The EXISTS (one probe of the partial index of queued rows per batch) keeps batches whose rows are all
+-- held or waiting out a retry delay from filling the 100 and hiding a claimable batch behind them.
+SELECT b.id, b.status::text, b.context, b.ver FROM batches b
+WHERE b.app = %(app)s AND b.op = %(op)s AND b.type = %(type)s AND b.status IN ('queued', 'inprog')
+  AND (%(only)s::uuid IS NULL OR b.id = %(only)s::uuid)
+  AND EXISTS (SELECT 1 FROM batchrows r
+              WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
+ORDER BY b.reqat
 LIMIT 100;
 
 -- name: claim_rows
