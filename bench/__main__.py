@@ -157,7 +157,7 @@ def _scale_run(cluster: Any, nworkers: int, rows: int, sleep_ms: int, chunk: int
     """One count: a fresh database, ``nworkers`` ``alya worker bench.sleeper:jm`` processes spread round-robin
     over the hosts, warmed up (each has run a flow: a process's first Prefect flow run costs seconds), then
     the held batch released and timed until final."""
-    from tests.cluster import wait_for
+    from tests.support.cluster import wait_for
 
     with fresh_database() as url:
         database = url.rsplit("/", 1)[1]
@@ -207,8 +207,8 @@ def scale(rows: int = 2000, sleep_ms: int = 20, workers: str = "1,2,4", hosts: i
     import tempfile
 
     from alya.core.logs import configure
-    from tests.cluster import Cluster
-    from tests.netns import unavailable
+    from tests.support.cluster import Cluster
+    from tests.support.netns import unavailable
 
     configure("warning")  # this process's own status-change lines would drown the figures
     reason = unavailable()

@@ -1,0 +1,181 @@
+"""Query plans of the hot queries on a loaded, analysed database: the named queries of ``sql/queries.sql`` must
+walk their indexes, never scan batchrows sequentially (it holds every row of every batch)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+
+from alya import BatchInput, JobManager
+from alya.db.transport import named_sql
+from tests.support import services
+from tests.support.config import make_config
+
+APP = "explain"
+NBATCHES, NROWS = 20, 1000  # 20k rows: enough for the planner to prefer indexes when they fit
+
+
+@pytest.fixture(scope="module")
+def loaded(template_db: str) -> Iterator[dict[str, Any]]:
+    name = services.clone_database(template_db)
+    url = f"{services.PG_SERVER}/{name}"
+    jm = JobManager(database_url=url, redis_url=None, object_store_url="memory://alya-explain",
+                    config=make_config())
+    ids = [jm.batch_submit(APP, f"op{i % 4}", {}, (BatchInput(n, {"n": n}) for n in range(1, NROWS + 1)))
+           for i in range(NBATCHES)]
+    jm.close()
+    done, half, running = ids[:-2], ids[-2], ids[-1]
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        # Most of the table is history: finished batches, as in production.
+        cur.execute("UPDATE batchrows SET status = 'success', doneat = now() WHERE batch = ANY(%s::uuid[])",
+                    (done,))
+        cur.execute("UPDATE batches SET status = 'success' WHERE id = ANY(%s::uuid[])", (done,))
+        cur.execute("UPDATE batchrows SET status = 'success' WHERE batch = %s AND line <= 500", (half,))
+        cur.execute("UPDATE batchrows SET status = 'inprog', doneby = 'w' WHERE batch = %s AND line <= 10",
+                    (running,))
+        cur.execute("UPDATE batches SET status = 'inprog' WHERE id IN (%s, %s)", (half, running))
+        # Many batches of many apps, so that batch look-ups have a table worth indexing too.
+        cur.execute("""
+            INSERT INTO batches (id, app, op, type, context, status, reqat, nrows)
+            SELECT gen_random_uuid(), 'app' || (i % 50), 'op' || (i % 7), CASE WHEN i % 5 = 0 THEN 'Q' ELSE 'B' END,
+                   '{}', CASE WHEN i % 100 = 0 THEN 'queued' ELSE 'success' END::batch_status,
+                   now() - make_interval(hours => i % 2000), 1
+            FROM generate_series(1, 20000) AS i""")
+        cur.execute("VACUUM ANALYZE batches")
+        cur.execute("VACUUM ANALYZE batchrows")
+    yield {"url": url, "conn": conn, "half": half, "running": running, "done": done[0]}
+    conn.close()
+    services.drop_database(name)
+
+
+def explain(conn: Any, name: str, cursor: bool = False, **params: Any) -> list[dict[str, Any]]:
+    """The plan of a named query (after its SET LOCAL preamble, as it runs), flattened to its nodes.
+    ``cursor``: planned as the server-side cursor ``Tx.stream`` declares (which favours fast-start plans)."""
+    body = "\n".join(line for line in named_sql()[name].splitlines() if not line.lstrip().startswith("--"))
+    statements = [s.strip() for s in body.split(";") if s.strip()]
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            for s in statements[:-1]:
+                cur.execute(s, params)
+            declare = "DECLARE alya_explain NO SCROLL CURSOR WITHOUT HOLD FOR " if cursor else ""
+            cur.execute("EXPLAIN (FORMAT JSON) " + declare + statements[-1], params)
+            plan = cur.fetchone()[0][0]["Plan"]
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+    nodes: list[dict[str, Any]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        nodes.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan)
+    return nodes
+
+
+def indexes(nodes: list[dict[str, Any]]) -> set[str]:
+    return {n["Index Name"] for n in nodes if "Index Name" in n}
+
+
+def seq_scans(nodes: list[dict[str, Any]]) -> set[str]:
+    return {n.get("Relation Name", "?") for n in nodes if n["Node Type"] == "Seq Scan"}
+
+
+def sorts(nodes: list[dict[str, Any]]) -> list[str]:
+    return [n["Node Type"] for n in nodes if "Sort" in n["Node Type"]]
+
+
+def test_claim_rows_walks_the_queued_index_in_line_order(loaded: dict[str, Any]) -> None:
+    for after in (0, 700):
+        nodes = explain(loaded["conn"], "claim_rows", batch=loaded["half"], n=100, worker="w1", after=after)
+        assert "batchrows_queued" in indexes(nodes), nodes
+        assert "batchrows" not in seq_scans(nodes)
+        assert sorts(nodes) == []
+
+
+def test_claim_rows_on_a_batch_the_statistics_have_never_seen(loaded: dict[str, Any]) -> None:
+    jm = JobManager(database_url=loaded["url"], redis_url=None, object_store_url="memory://alya-explain",
+                    config=make_config())
+    try:
+        fresh = jm.batch_submit(APP, "fresh", {}, (BatchInput(n, {}) for n in range(1, 5001)))
+    finally:
+        jm.close()
+    nodes = explain(loaded["conn"], "claim_rows", batch=fresh, n=100, worker="w1", after=0)
+    assert "batchrows_queued" in indexes(nodes)
+    assert "batchrows" not in seq_scans(nodes)
+    assert sorts(nodes) == []
+
+
+def test_has_open_rows_uses_the_partial_indexes(loaded: dict[str, Any]) -> None:
+    for batch in (loaded["half"], loaded["running"], loaded["done"], str(uuid.uuid4())):
+        nodes = explain(loaded["conn"], "has_open_rows", id=batch)
+        assert {"batchrows_queued", "batchrows_inprog"} <= indexes(nodes), batch
+        assert "batchrows" not in seq_scans(nodes)
+
+
+def test_queued_after_probes_the_queued_index(loaded: dict[str, Any]) -> None:
+    for batch in (loaded["half"], str(uuid.uuid4())):
+        nodes = explain(loaded["conn"], "queued_after", id=batch, after=10)
+        assert "batchrows_queued" in indexes(nodes), batch
+        assert "batchrows" not in seq_scans(nodes)
+
+
+@pytest.mark.parametrize("name", ["row_counts", "batch_rows", "abort_rows", "slowquery_row", "batch_blobrows"])
+def test_per_batch_row_queries_use_an_index(loaded: dict[str, Any], name: str) -> None:
+    nodes = explain(loaded["conn"], name, id=loaded["half"])
+    assert indexes(nodes) & {"batchrows_pkey", "batchrows_queued", "batchrows_inprog"}, nodes
+    assert "batchrows" not in seq_scans(nodes)
+
+
+@pytest.mark.parametrize("name", ["batch_rows", "batch_blobrows"])
+def test_streamed_rows_come_in_index_order(loaded: dict[str, Any], name: str) -> None:
+    """batch_done and the output files of a million rows stream them through a server-side cursor from
+    the primary key, in line order, without collecting and sorting them first."""
+    nodes = explain(loaded["conn"], name, cursor=True, id=loaded["half"])
+    assert "batchrows_pkey" in indexes(nodes)
+    assert sorts(nodes) == [], [(n["Node Type"], n.get("Index Name")) for n in nodes]
+
+
+@pytest.mark.parametrize("name", ["get_batch", "lock_batch", "lock_open_batch"])
+def test_batch_look_ups_use_the_primary_key(loaded: dict[str, Any], name: str) -> None:
+    assert indexes(explain(loaded["conn"], name, id=loaded["half"])) == {"batches_pkey"}
+
+
+def test_open_batches_uses_the_open_index(loaded: dict[str, Any]) -> None:
+    nodes = explain(loaded["conn"], "open_batches", app="app3", op="op3", type="B", only=None)
+    assert "batches_open" in indexes(nodes)
+    assert "batches" not in seq_scans(nodes)
+
+
+@pytest.mark.parametrize("op", [None, "op3"])
+def test_list_batches_uses_the_app_op_reqat_index(loaded: dict[str, Any], op: str | None) -> None:
+    nodes = explain(loaded["conn"], "list_batches", app="app3", op=op, type="B", age_days=7)
+    assert "batches_app_op_reqat" in indexes(nodes), nodes
+    assert "batches" not in seq_scans(nodes)
+
+
+def test_write_results_probes_the_primary_key_per_line(loaded: dict[str, Any]) -> None:
+    """The write-back must reach its rows by the primary key per line (then by tuple id), never by reading
+    every row of the batch (that made 200k-row batches 10x slower) nor through the partial index of
+    in-progress rows (on `batch` alone, it holds an entry for every row done since the last VACUUM: that
+    made each write-back O(rows done so far))."""
+    import time
+
+    lines = list(range(1, 11))
+    nodes = explain(loaded["conn"], "write_results", batch=loaded["running"], worker="w", lines=lines,
+                    attempts=[0] * 10, statuses=["success"] * 10, res=[None] * 10, messages=[None] * 10,
+                    blobrows=[None] * 10, delays=[0.0] * 10, finished=[time.time()] * 10)
+    scans = [n for n in nodes if n.get("Relation Name") == "batchrows" and "Scan" in n["Node Type"]]
+    assert scans and "batchrows" not in seq_scans(nodes)
+    for n in scans:
+        if n["Node Type"] == "Tid Scan":
+            continue
+        assert n.get("Index Name") == "batchrows_pkey" and "line" in n.get("Index Cond", ""), n
