@@ -14,6 +14,7 @@ import pytest
 import structlog.testing
 
 from alya import ConfigError, JobManagerConfig
+from alya.core.logs import configure
 from alya.core.names import summary_key
 from alya.core.settings import IntakeSettings
 from alya.io.cache import StatusCache
@@ -77,6 +78,7 @@ def test_intake_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatc
 
 
 def test_logs_never_show_the_redis_password() -> None:
+    configure()  # as a JobManager does first: configuring inside capture_logs would undo the capture
     with structlog.testing.capture_logs() as logs:
         cache = StatusCache("redis://:s3cret@127.0.0.1:1/0", ttl_sec=60)
         assert cache.get(summary_key("00000000-0000-4000-8000-000000000001")) is None

@@ -55,11 +55,25 @@ def test_sigterm_finishes_the_row_releases_the_rest_and_exits_0(jm: JobManager, 
     assert (s.status, s.nsuccess) == (BatchStatus.SUCCESS, 120)
 
 
-def test_run_returns_when_idle_with_nothing_to_do(jm: JobManager) -> None:
-    jm.register_batch_processor("wrk", "idle", Proc())
-    t0 = time.monotonic()
+def test_run_when_idle_finishes_every_row_then_returns(jm: JobManager) -> None:
+    """jm.run(stop_when_idle=True) returns once nothing is left to do, not before: every row final, each
+    called once, counts and mark_done exact. Run again with nothing to do, it returns and changes nothing."""
+    proc = Proc()
+    jm.register_batch_processor("wrk", "idle", proc)
+    bid = jm.batch_submit("wrk", "idle", {}, rows(150) + [(151, {"x": 151, "mode": "fail"})])
     jm.run(stop_when_idle=True)
+    st = states(jm, bid)
+    assert sorted(st) == list(range(1, 152))
+    assert {st[n][:2] for n in range(1, 151)} == {("success", 1)} and st[151][:2] == ("failed", 1)
+    s = jm.batch_status(bid)
+    assert (s.status, s.nrows, s.nsuccess, s.nfailed, s.naborted, s.nqueued, s.ninprog) == (
+        BatchStatus.FAILED, 151, 150, 1, 0, 0, 0)
+    assert len(proc.calls) == 151 and set(proc.calls.values()) == {1}
+    assert [(d.id, d.status, d.nsuccess, d.nfailed) for d in proc.done] == [(bid, BatchStatus.FAILED, 150, 1)]
+    t0 = time.monotonic()
+    jm.run(stop_when_idle=True)  # nothing left: it returns at once and changes nothing
     assert time.monotonic() - t0 < 10
+    assert states(jm, bid) == st and sum(proc.calls.values()) == 151 and len(proc.done) == 1
 
 
 def test_run_waits_for_rows_held_by_another_live_worker(database_url: str, redis_url: str,
