@@ -209,6 +209,9 @@ def serve_examples(work: Path, template_db: str) -> Iterator[dict[str, Any]]:
             env = base_env(work / "prefect-home", url, ALYA_DATABASE_URL=database_url,
                            ALYA_REDIS_URL=services.REDIS_URL, ALYA_OBJECT_STORE_URL=store_url,
                            ALYA_DISPATCH="prefect", ALYA_BATCHCHUNK_NROWS="100", ALYA_WORKER_THREADS="2")
+            # the script is in a temporary folder, and flows/ is importable from the checkout only (the
+            # wheel, and so the editable install, hold alya alone)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
             serve = Proc([sys.executable, str(script)], env, work / "serve.log")
             try:
                 t0 = time.monotonic()

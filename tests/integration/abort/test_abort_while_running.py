@@ -41,7 +41,8 @@ def test_abort_while_running(database_url: str, redis_url: str, file_store_url: 
         at_abort = states(jm, bid)
         assert summary.status is BatchStatus.ABORTED
         assert summary.nsuccess + summary.nfailed + summary.naborted == 1000
-        assert summary.naborted == sum(1 for s in at_abort.values() if s[0] == "aborted") > 0
+        # (rows whose call returned before the abort may be written back between the two reads: <=)
+        assert summary.naborted >= sum(1 for s in at_abort.values() if s[0] == "aborted") > 0
         runner.join(30)
         assert not runner.is_alive(), "jm.run(stop_when_idle=True) did not return after the abort"
         t_stopped = time.monotonic()
