@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from alya.core.records import ClaimedRow
-from alya.engine.rowpool import Job, RowPool
+from alya.engine.rowpool import FairQueue, Job, RowPool
 
 
 class Owner:
@@ -108,7 +108,7 @@ def test_rows_run_on_every_slot_at_once_and_each_is_answered_once(runner: Runner
     assert runner.most == 4  # the configured slots, all used, never more
     assert took < 2.0  # 3 rounds of 0.2 s, not 12
     stats = pool.stats[("app", "op")]
-    assert stats.rows == 12 and stats.row_sec >= 0.15 and pool.backlog() == 0
+    assert stats.rows == 12 and stats.row_sec >= 0.15 and pool.backlog(("app", "op")) == pool.backlog() == 0
 
 
 def test_a_cancelled_owner_gets_its_unstarted_rows_back_unrun(runner: Runner) -> None:
@@ -117,7 +117,7 @@ def test_a_cancelled_owner_gets_its_unstarted_rows_back_unrun(runner: Runner) ->
     try:
         pool.submit(jobs(owner, ["hang", "0", "0"]))
         deadline = time.monotonic() + 10
-        while pool.running() == 0:
+        while runner.now == 0:  # the first row's call has begun
             assert time.monotonic() < deadline
             time.sleep(0.01)
         owner.cancelled = True  # an aborted batch: the running row finishes, the others never start
@@ -170,3 +170,18 @@ def test_async_rows_run_on_one_event_loop_with_the_same_slots(runner: Runner) ->
             loop.close()
     assert outcomes == {**{n: ("done", n) for n in range(1, 10)}, 10: ("timeout", 10)}
     assert runner.most == 3
+
+
+# ------------------------------------------------------------------------------------------ the pool's queue
+def test_fair_queue_takes_lanes_in_turn_and_counts_per_key() -> None:
+    q = FairQueue()
+    big = [(Job(None, None), "A") for _ in range(5)]  # type: ignore[arg-type]
+    small = [(Job(None, None), "B") for _ in range(2)]  # type: ignore[arg-type]
+    q.extend("big", big)
+    q.extend("small", small)
+    assert (len(q), q.waiting("A"), q.waiting("B")) == (7, 5, 2)
+    order = [q.popleft() for _ in range(7)]
+    # the small batch's two rows go second and fourth, not after the big batch's five
+    assert [o[1] for o in order] == ["A", "B", "A", "B", "A", "A", "A"]
+    assert order[0] is big[0] and order[2] is big[1] and order[1] is small[0]  # FIFO within a lane
+    assert (len(q), q.waiting("A"), q.waiting()) == (0, 0, 0)

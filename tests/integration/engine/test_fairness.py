@@ -1,7 +1,8 @@
 """Many at once: a small batch or a slow query is not held behind a big batch, of its own type or another.
 
-The row pool takes rows of different batches in turn (``FairQueue``), claims take a type's open batches in
-turn, and a worker runs each batch type's flow run on its own thread over the one pool."""
+The row pool takes rows of different batches in turn (``FairQueue``, alone: tests/unit/test_rowpool.py),
+claims take a type's open batches in turn, and a worker runs each batch type's flow run on its own thread
+over the one pool."""
 
 from __future__ import annotations
 
@@ -10,23 +11,7 @@ import time
 from typing import Any
 
 from alya import BatchJobResult, BatchStatus, JobManager, SlowQueryResult
-from alya.engine.rowpool import FairQueue, Job
-from tests.procs import wait_until
-
-
-# ------------------------------------------------------------------------------------------ the pool's queue
-def test_fair_queue_takes_lanes_in_turn_and_counts_per_key() -> None:
-    q = FairQueue()
-    big = [(Job(None, None), "A") for _ in range(5)]  # type: ignore[arg-type]
-    small = [(Job(None, None), "B") for _ in range(2)]  # type: ignore[arg-type]
-    q.extend("big", big)
-    q.extend("small", small)
-    assert (len(q), q.waiting("A"), q.waiting("B")) == (7, 5, 2)
-    order = [q.popleft() for _ in range(7)]
-    # the small batch's two rows go second and fourth, not after the big batch's five
-    assert [o[1] for o in order] == ["A", "B", "A", "B", "A", "A", "A"]
-    assert order[0] is big[0] and order[2] is big[1] and order[1] is small[0]  # FIFO within a lane
-    assert (len(q), q.waiting("A"), q.waiting()) == (0, 0, 0)
+from tests.support.procs import wait_until
 
 
 # ------------------------------------------------------------------------------------------ whole workers
