@@ -2,7 +2,7 @@
 the engine, the finisher and the status reader use of ``alya.db.store.Store`` (``tx()``, ``run(body)``,
 ``database_url``, ``dispose()``), and ``MemoryQueries`` implements every method of ``alya.db.queries.Queries``
 over plain Python objects, following ``alya/db/sql/queries.sql`` statement by statement (each method is
-named as its query there; read the two side by side). tests/integration/test_query_conformance.py runs the
+named as its query there; read the two side by side). tests/integration/db/test_query_conformance.py runs the
 same scenarios against PostgreSQL and against this, so a divergence fails there. Records come out through
 the same ``from_row`` converters as the real ones (``alya.core.records``), so their types match too.
 

@@ -2,7 +2,7 @@
 the suspect gate, app limits, init() back-off, aborts, write-back splitting and give-backs, and one whole
 ``Engine.work`` run to a summarised batch. No PostgreSQL, no Redis: the whole file runs in about a second.
 
-The fake follows sql/queries.sql (tests/integration/test_query_conformance.py holds it to that), so what is
+The fake follows sql/queries.sql (tests/integration/db/test_query_conformance.py holds it to that), so what is
 decided here is what the engine decides on PostgreSQL."""
 
 from __future__ import annotations

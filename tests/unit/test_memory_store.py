@@ -1,5 +1,5 @@
 """The in-memory query layer itself (tests/support/memory.py): that it has every query ``Queries`` has, and
-its transactions. What each query does is held to PostgreSQL's by tests/integration/test_query_conformance.py."""
+its transactions. What each query does is held to PostgreSQL's by tests/integration/db/test_query_conformance.py."""
 
 from __future__ import annotations
 
