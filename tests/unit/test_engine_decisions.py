@@ -208,13 +208,14 @@ def test_flush_due_by_age_and_by_count() -> None:
     finish(c, 1, outcome(1))
     t0 = c.first_outcome_at
     assert not c.flush_due(t0 + 0.5, 1.0)
-    assert c.flush_due(t0 + 1.0, 1.0)  # ALYA_FLUSH_SEC after the oldest unwritten outcome
+    eps = 1e-6  # (t0 + x) - t0 may round to a hair under x
+    assert c.flush_due(t0 + 1.0 + eps, 1.0)  # ALYA_FLUSH_SEC after the oldest unwritten outcome
     for line in range(2, FLUSH_ROWS):
         finish(c, line, outcome(line))
     assert not c.flush_due(t0 + FLUSH_ROWS_AGE_SEC, 1.0)  # FLUSH_ROWS - 1: wait for the age
     finish(c, FLUSH_ROWS, outcome(FLUSH_ROWS))
     assert not c.flush_due(t0 + FLUSH_ROWS_AGE_SEC / 2, 1.0)
-    assert c.flush_due(t0 + FLUSH_ROWS_AGE_SEC, 1.0)  # FLUSH_ROWS of them, a little old: written early
+    assert c.flush_due(t0 + FLUSH_ROWS_AGE_SEC + eps, 1.0)  # FLUSH_ROWS of them, a little old: written early
     assert len(c.take()) == FLUSH_ROWS
     assert not c.flush_due(t0 + 100, 1.0)
     finish(c, 101, outcome(101))
