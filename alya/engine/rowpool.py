@@ -109,7 +109,7 @@ class _Slot:
 
 @dataclass
 class PoolStats:
-    """Row durations, for sizing claims (about a second of work each)."""
+    """Row durations, for sizing claims (about half a second of work each: producer.CLAIM_TARGET_SEC)."""
 
     rows: int = 0
     busy_sec: float = 0.0
