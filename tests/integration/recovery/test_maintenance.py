@@ -77,14 +77,25 @@ def test_maintenance_moves_to_a_live_worker_when_its_holder_is_killed(
         survivor = next(w for w in workers if w is not victim)
         assert holders(database_url, mark_done_duty("mnt", "op")) == leader  # the first to try got both
 
-        bid = jm.batch_submit("mnt", "op", {"tag": "m"}, [(n, {"x": n}) for n in range(1, 301)])
-
-        def victim_busy() -> bool:
+        def victim_busy(bid: str) -> bool:
             rows = sql(database_url, "SELECT count(*) FROM batchrows WHERE batch = %s AND status = 'inprog' "
                        "AND doneby LIKE %s", bid, f"%:{victim.pid}:%")
             return rows[0][0] > 0
 
-        wait_until(victim_busy, timeout=60, every=0.02, what="the leader to hold rows")
+        # Under load one worker can take a whole small batch before the other claims: submit another until
+        # the leader is caught holding rows.
+        for _ in range(5):
+            bid = jm.batch_submit("mnt", "op", {"tag": "m"}, [(n, {"x": n}) for n in range(1, 601)])
+            try:
+                wait_until(lambda b=bid: victim_busy(b) or jm.batch_status(b).status.is_final, timeout=60,
+                           every=0.02, what="the leader to hold rows")
+            except AssertionError:
+                tails = [(tmp_path / f"w{i}.out").read_text()[-2000:] for i in range(2)]
+                raise AssertionError(f"no rows claimed in 60 s; the workers said: {tails}") from None
+            if victim_busy(bid):
+                break
+        else:
+            raise AssertionError("the leader never held rows of 5 batches")
         victim.send_signal(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
         t0 = time.monotonic()
@@ -98,9 +109,9 @@ def test_maintenance_moves_to_a_live_worker_when_its_holder_is_killed(
             return s if s.status.is_final else None
 
         s = wait_until(final, timeout=90, every=0.2, what="the batch to finish")
-        assert s.status is BatchStatus.SUCCESS and s.nsuccess == 300 and s.nfailed == s.naborted == 0
-        done = [r for r in read_log(log) if r[0] == "done"]
-        assert len(done) == 1 and done[0][1] == bid and done[0][2] == str(survivor.pid)
+        assert s.status is BatchStatus.SUCCESS and s.nsuccess == 600 and s.nfailed == s.naborted == 0
+        done = [r for r in read_log(log) if r[0] == "done" and r[1] == bid]
+        assert len(done) == 1 and done[0][2] == str(survivor.pid)
         assert took_over < 15  # the survivor's next tick (every recovery_sec / 4, at least 1 s)
     finally:
         for w in workers:
