@@ -48,8 +48,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from alya.core.errors import ConnectionLost, InvalidInput
-from alya.core.logs import get_logger
+from alya.core.errors import InvalidInput
 from alya.core.models import BatchOutput, BatchStatus
 from alya.core.records import (
     AppLoad,
@@ -320,19 +319,6 @@ class MemoryStore(Store):
                 q.end(commit=True)
             finally:
                 self._local.open = False
-
-    def run(self, body: Callable[[Queries], T], *, readonly: bool = False, attempts: int = 3) -> T:
-        """As ``Store.run``: a ``ConnectionLost`` (raised by a ``hook``) runs ``body`` again, unless it was
-        lost at commit and the body writes."""
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.tx() as q:
-                    return body(q)
-            except ConnectionLost as exc:
-                if attempt == attempts or (exc.at_commit and not readonly):
-                    raise
-                get_logger().info("postgres_reconnect", attempt=attempt, error=str(exc))
-        raise AssertionError("unreachable")
 
     def dispose(self) -> None:
         pass
