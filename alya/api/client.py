@@ -147,20 +147,24 @@ class JobManager:
         wait: bool = False,
         inputfile: str | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
     ) -> str:
         """Store a batch and all its rows in one transaction (rows streamed through COPY). With an
         ``idempotency_key`` already used by this app, the first batch's id is returned and nothing is
-        stored (the rows are not read); a concurrent call with the same key waits for the first."""
+        stored (the rows are not read); a concurrent call with the same key waits for the first.
+        ``priority`` (-1000..1000): among queued work a worker serves, higher starts first; equal
+        priorities share the slots in turn, and lower ones keep a reserved share (README, "Scheduling")."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
         if inputfile is not None:
             inputfile = validate.text_value(inputfile, "inputfile")
         key = validate.idempotency_key(idempotency_key)
+        prio = validate.priority(priority)
         pairs = iter_rows(rows)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as q:
             new = insert_batch(q, app, op, ctx, pairs, status=status, inputfile=inputfile,
-                               max_rows=self.config.batchrowmax, idempotency_key=key)
+                               max_rows=self.config.batchrowmax, idempotency_key=key, priority=prio)
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
             return new.id
@@ -223,14 +227,19 @@ class JobManager:
 
     # ------------------------------------------------------------------ slow queries
     def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,
-                         input: dict[str, Any] | str, idempotency_key: str | None = None) -> str:
-        """A batch of exactly one row (line 0, type Q). ``idempotency_key``: as for ``batch_submit``."""
+                         input: dict[str, Any] | str, idempotency_key: str | None = None,
+                         priority: int = 10) -> str:
+        """A batch of exactly one row (line 0, type Q). ``idempotency_key``: as for ``batch_submit``.
+        ``priority`` defaults above batches' 0: a slow query starts on the next free slot of a worker
+        busy with batches."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context")
         data = json_text(validate.json_object(input, "input"))
         key = validate.idempotency_key(idempotency_key)
+        prio = validate.priority(priority)
         req_id = str(uuid.uuid4())  # chosen outside the transaction: Store.run may run it again
-        new = self.store.run(lambda q: insert_slowquery(q, req_id, app, op, ctx, data, idempotency_key=key))
+        new = self.store.run(lambda q: insert_slowquery(q, req_id, app, op, ctx, data, idempotency_key=key,
+                                                        priority=prio))
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id, type="Q")
             return new.id

@@ -64,10 +64,11 @@ class OpenBatch:
     status: BatchStatus
     context: dict[str, Any]
     ver: int
+    priority: int = 0
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> OpenBatch:
-        return cls(str(row[0]), BatchStatus(row[1]), row[2], int(row[3]))
+        return cls(str(row[0]), BatchStatus(row[1]), row[2], int(row[3]), int(row[4]) if len(row) > 4 else 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,18 @@ def idempotency_key(value: Any) -> str | None:
     return key
 
 
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000  # a smallint column; a wide range nobody needs would only mislead
+
+
+def priority(value: Any) -> int:
+    """An int in [-1000, 1000] (bool refused: ``priority=True`` is a mistake, not 1)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"priority must be an int, got {type(value).__name__}")
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise InvalidInput(f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, got {value}")
+    return value
+
+
 def app_name(app: Any) -> str:
     if not isinstance(app, str) or not _APP.fullmatch(app):
         raise InvalidInput(f"app must match [a-z][a-z0-9_]* (at most 64 chars), got {app!r}")

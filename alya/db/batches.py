@@ -32,14 +32,14 @@ class NewBatch:
 
 def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
                  status: BatchStatus, inputfile: str | None, max_rows: int,
-                 idempotency_key: str | None = None) -> NewBatch:
+                 idempotency_key: str | None = None, priority: int = 0) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
     while they stream). Raises InvalidInput for a bad or missing row; the caller's transaction then holds
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
     already used, nothing is stored and the first batch is returned (``replayed``; its rows are not read)."""
     batch_id = str(uuid.uuid4())
     first = insert_record(q, idempotency_key, id=batch_id, app=app, op=op, type="B",
-                          context=json_text(context), inputfile=inputfile, status=status)
+                          context=json_text(context), inputfile=inputfile, status=status, priority=priority)
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
     n = copy_rows(q, batch_id, pairs, max_rows)
@@ -50,13 +50,13 @@ def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: 
 
 
 def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[str, Any], input: str, *,
-                     idempotency_key: str | None = None) -> NewBatch:
+                     idempotency_key: str | None = None, priority: int = 10) -> NewBatch:
     """Insert a slow query, queued: a batch of exactly one row (line 0, type Q) whose ``input`` is JSON text.
     Safe to run again on a fresh transaction (``Store.run``): the caller chose ``req_id``. With an
     idempotency key this app already used, nothing is stored and the first one is returned (``replayed``)."""
     queued = BatchStatus.QUEUED
     first = insert_record(q, idempotency_key, id=req_id, app=app, op=op, type="Q", context=json_text(context),
-                          inputfile=None, status=queued)
+                          inputfile=None, status=queued, priority=priority)
     if first is not None:
         return NewBatch(first, app, op, queued, 0, 0, replayed=True)
     q.insert_row(batch=req_id, line=0, input=input)
@@ -93,16 +93,17 @@ def release_batch(q: Queries, batch_id: str) -> tuple[BatchRecord, int | None]:
 
 
 def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, type: str, context: str,
-                  inputfile: str | None, status: BatchStatus) -> str | None:
+                  inputfile: str | None, status: BatchStatus, priority: int = 0) -> str | None:
     """Insert the batch record; with an idempotency key that this app already used, insert nothing and
     return the first batch's id (refused if that was another kind of call). A concurrent insert of the
     same key waits on the unique index until the first commits (or rolls back: then this one wins)."""
     if key is None:
-        q.insert_batch(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status)
+        q.insert_batch(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status,
+                       priority=priority)
         return None
     for _ in range(3):
         if q.insert_batch_keyed(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile,
-                                status=status, key=key):
+                                status=status, key=key, priority=priority):
             return None
         found = q.batch_by_key(app=app, key=key)
         if found is None:

@@ -63,15 +63,15 @@ class Queries:
 
     # ------------------------------------------------------------------ storing a batch
     def insert_batch(self, *, id: str, app: str, op: str, type: str, context: str, inputfile: str | None,
-                     status: BatchStatus) -> None:
+                     status: BatchStatus, priority: int = 0) -> None:
         self._tx.run("insert_batch", id=id, app=app, op=op, type=type, context=context, inputfile=inputfile,
-                     status=status.value)
+                     status=status.value, priority=priority)
 
     def insert_batch_keyed(self, *, id: str, app: str, op: str, type: str, context: str, inputfile: str | None,
-                           status: BatchStatus, key: str) -> bool:
+                           status: BatchStatus, key: str, priority: int = 0) -> bool:
         """False: this app already holds the key (a retry), and nothing was inserted."""
         return self._tx.one("insert_batch_keyed", id=id, app=app, op=op, type=type, context=context,
-                            inputfile=inputfile, status=status.value, key=key) is not None
+                            inputfile=inputfile, status=status.value, key=key, priority=priority) is not None
 
     def batch_by_key(self, *, app: str, key: str) -> BatchKeyed | None:
         row = self._tx.one("batch_by_key", app=app, key=key)

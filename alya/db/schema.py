@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -61,6 +62,8 @@ batches = Table(
     Column("sumerror", Text),
     Column("sumsince", DateTime(timezone=True)),
     Column("error", Text),
+    # Higher first among queued work; slow queries default to 10, batches to 0 (migration 0007).
+    Column("priority", SmallInteger, nullable=False, server_default=text("0")),
     CheckConstraint("op = lower(op)", name="batches_op_lower"),
     CheckConstraint("app ~ '^[a-z][a-z0-9_]*$'", name="batches_app_ident"),
     CheckConstraint("type IN ('B', 'Q')", name="batches_type"),

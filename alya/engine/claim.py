@@ -56,6 +56,7 @@ class Claimed:
     rows: list[ClaimedRow]  # ordered by line
     worker: str  # the identity the rows were claimed under (and are written back as)
     ver: int = 0  # the batch's status version when claimed (for cache invalidation)
+    priority: int = 0  # the batch's: the row pool takes higher first
     cancelled: bool = False  # unstarted rows are not run (stopping worker, aborted batch)
     suspect: bool = False  # one row held by a worker that died: this process holds nothing else meanwhile
     aborted: bool = False  # the batch was aborted: nothing is given back, no summary

@@ -37,7 +37,7 @@ class Executor:
         method = reg.processor.do_slow_query if reg.type == "Q" else reg.processor.do_batch_job
         is_async = inspect.iscoroutinefunction(method)
         self.pool.submit([Job(claimed, row, is_async) for row in claimed.rows], stats_key=(reg.app, reg.op),
-                         lane=claimed.batch)
+                         lane=claimed.batch, priority=claimed.priority)
 
     def backlog(self, app: str | None = None, op: str | None = None) -> int:
         """Rows queued on the pool and not yet started (of batch type (app, op) if given)."""

@@ -30,6 +30,7 @@ from alya.core.registry import Registration
 from alya.engine.claim import Claimed
 from alya.engine.executor import Executor
 from alya.engine.identity import Identity
+from alya.engine.rowpool import RESERVED_TURN
 
 CLAIM_TARGET_SEC = 0.5  # work per claim at the measured rate: short enough that no worker hoards rows
 INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per failure
@@ -52,7 +53,8 @@ class Producer:
         self._alone_claiming = False  # one of them may take a suspect: the others wait
         self._suspect_active = False
         self._hint: dict[str, int] = {}  # batch -> last line claimed here: where the next scan starts
-        self._turn_of: dict[tuple[str, str], str] = {}  # type -> the batch its last claim came from
+        self._turn_of: dict[tuple[str, str, int], str] = {}  # (type, priority) -> batch of its last claim
+        self._turns: dict[tuple[str, str], int] = {}  # type -> claims made while several priorities waited
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
 
     # ------------------------------------------------------------------ sizing
@@ -185,17 +187,18 @@ class Producer:
                 if alone:
                     suspect = tx.claim_suspect(batch=batch, worker=worker)
                     if suspect:
-                        claimed = Claimed(batch, app, op, type_, ob.context, suspect, worker, ver, suspect=True)
-                        self._remember(batch, 0, (app, op))
+                        claimed = Claimed(batch, app, op, type_, ob.context, suspect, worker, ver,
+                                          priority=ob.priority, suspect=True)
+                        self._remember(batch, 0, (app, op, ob.priority))
                         break
                 after = self._hint.get(batch, 0)
                 rows = tx.claim_rows(batch=batch, n=n, worker=worker, after=after)
                 if len(rows) < n and after > 0:  # rows requeued behind the hint (faults, recovery)
                     rows += tx.claim_rows(batch=batch, n=n - len(rows), worker=worker, after=0)
                 if rows:
-                    self._remember(batch, max(r.line for r in rows), (app, op))
+                    self._remember(batch, max(r.line for r in rows), (app, op, ob.priority))
                     claimed = Claimed(batch, app, op, type_, ob.context, sorted(rows, key=lambda r: r.line),
-                                      worker, ver)
+                                      worker, ver, priority=ob.priority)
                     break
         for batch, ver in moved:
             status_change(app, op, batch, "inprog", old="queued")
@@ -208,22 +211,40 @@ class Producer:
             self._hint.clear()
 
     def _in_turn(self, type_: tuple[str, str], batches: list[OpenBatch]) -> list[OpenBatch]:
-        """The type's open batches (oldest first), starting after the one its last claim came from: claims
-        take the open batches of a type in turn, so a 10-row batch submitted behind a big one is claimed
-        at the next claim instead of when the big one runs out of rows."""
-        with self._lock:
-            last = self._turn_of.get(type_)
-        ids = [b.id for b in batches]
-        if last not in ids:
+        """The order to try the type's open batches in (they come highest priority first, then oldest):
+        the highest priority first, its batches in turn, starting after the one that priority's last claim
+        came from, so a 10-row batch submitted behind a big one is claimed at the next claim instead of when
+        the big one runs out of rows. While several priorities wait, every ``RESERVED_TURN``-th claim tries
+        a lower priority first (each lower one in turn, its batches in turn): higher-priority work slows
+        lower-priority work down, never stops it (the row pool takes their rows by the same rule)."""
+        if not batches:
             return batches
-        i = ids.index(last) + 1
-        return batches[i:] + batches[:i]
+        levels = sorted({b.priority for b in batches}, reverse=True)
+        first = levels[0]
+        with self._lock:
+            if len(levels) > 1:
+                n = self._turns.get(type_, 0) + 1
+                self._turns[type_] = n
+                if n % RESERVED_TURN == 0:
+                    first = levels[1 + (n // RESERVED_TURN - 1) % (len(levels) - 1)]
+            last = self._turn_of.get((*type_, first))
+        level = [b for b in batches if b.priority == first]
+        return _rotated(level, last) + [b for b in batches if b.priority != first]
 
-    def _remember(self, batch: str, line: int, type_: tuple[str, str]) -> None:
+    def _remember(self, batch: str, line: int, level: tuple[str, str, int]) -> None:
         with self._lock:
             if len(self._hint) > HINTS_KEPT:
                 self._hint.clear()
                 self._turn_of.clear()
+                self._turns.clear()
             if line:
                 self._hint[batch] = line
-            self._turn_of[type_] = batch
+            self._turn_of[level] = batch
+
+
+def _rotated(batches: list[OpenBatch], last: str | None) -> list[OpenBatch]:
+    """``batches`` starting after ``last`` (as they are when ``last`` is not among them)."""
+    for i, b in enumerate(batches):
+        if b.id == last:
+            return batches[i + 1:] + batches[:i + 1]
+    return batches

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -54,47 +54,78 @@ class RowRunner(Protocol):
     def timed_out(self, job: Job, seconds: float) -> Any: ...
 
 
+RESERVED_TURN = 10  # one row in this many goes to lower-priority lanes while higher ones wait
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    items: deque[tuple[Job, Any]]
+    key: Any  # the stats key of its rows (a lane is one batch, so one batch type)
+    priority: int
+
+
 class FairQueue:
-    """Rows waiting for a slot: FIFO within a lane, round-robin across lanes. Not thread-safe (the pool's
-    lock guards it). Also counts waiting rows per stats key, so that each batch type's claim loop sizes its
-    claims by its own backlog, not by another type's."""
+    """Rows waiting for a slot: FIFO within a lane, the highest priority first, round-robin across the lanes
+    of one priority, and every ``RESERVED_TURN``-th row taken from the lower priorities (each lower level
+    in turn), so that a stream of higher-priority work slows lower-priority work down but never stops it.
+    Not thread-safe (the pool's lock guards it).
+
+    Also counts waiting rows per stats key, so that each batch type's claim loop sizes its claims by its
+    own backlog, not by another type's: by summing its lanes' lengths (a handful of batches in memory),
+    which keeps the per-row path to a deque pop and, with several lanes, a rotation."""
 
     def __init__(self) -> None:
-        self._lanes: dict[Any, deque[tuple[Job, Any]]] = {}
-        self._ring: deque[Any] = deque()  # lanes with rows, in turn order
-        self._keys: Counter[Any] = Counter()
+        self._lanes: dict[Any, _Lane] = {}
+        self._rings: dict[int, deque[Any]] = {}  # priority -> its lanes with rows, in turn order
+        self._levels: list[int] = []  # priorities with rows, highest first
         self._n = 0
+        self._turns = 0  # rows taken while several priorities waited
+        self._reserved = 0  # reserved turns taken (which lower level is next)
 
-    def extend(self, lane: Any, items: list[tuple[Job, Any]]) -> None:
+    def extend(self, lane: Any, items: list[tuple[Job, Any]], priority: int = 0) -> None:
         if not items:
             return
-        q = self._lanes.get(lane)
-        if q is None:
-            q = self._lanes[lane] = deque()
-            self._ring.append(lane)
-        q.extend(items)
-        for _, key in items:
-            self._keys[key] += 1
+        ln = self._lanes.get(lane)
+        if ln is None:
+            ln = self._lanes[lane] = _Lane(deque(), items[0][1], priority)
+            ring = self._rings.get(ln.priority)
+            if ring is None:
+                ring = self._rings[ln.priority] = deque()
+                self._levels.append(ln.priority)
+                self._levels.sort(reverse=True)
+            ring.append(lane)
+        ln.items.extend(items)
         self._n += len(items)
 
     def popleft(self) -> tuple[Job, Any]:
-        lane = self._ring[0]
-        q = self._lanes[lane]
-        item = q.popleft()
-        if q:
-            self._ring.rotate(-1)  # the next row comes from the next lane
+        levels = self._levels
+        level = levels[0]
+        if len(levels) > 1:
+            self._turns += 1
+            if self._turns % RESERVED_TURN == 0:
+                level = levels[1 + self._reserved % (len(levels) - 1)]
+                self._reserved += 1
+        ring = self._rings[level]
+        lane = ring[0]
+        ln = self._lanes[lane]
+        item = ln.items.popleft()
+        if ln.items:
+            if len(ring) > 1:
+                ring.rotate(-1)  # the next row of this priority comes from the next lane
         else:
-            self._ring.popleft()
+            ring.popleft()
             del self._lanes[lane]
+            if not ring:
+                del self._rings[level]
+                levels.remove(level)
         self._n -= 1
-        self._keys[item[1]] -= 1
-        if not self._keys[item[1]]:
-            del self._keys[item[1]]
         return item
 
     def waiting(self, key: Any = None) -> int:
         """Rows waiting (of stats key ``key`` if given)."""
-        return self._n if key is None else self._keys.get(key, 0)
+        if key is None:
+            return self._n
+        return sum(len(ln.items) for ln in self._lanes.values() if ln.key == key)
 
     def __len__(self) -> int:
         return self._n
@@ -145,21 +176,22 @@ class RowPool:
         self.log = get_logger()
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, jobs: list[Job], stats_key: Any = None, lane: Any = None) -> None:
-        """Queue rows on ``lane`` (rows of different lanes are taken in turn); ``stats_key`` groups their
-        durations and backlog (the engine uses the batch type)."""
+    def submit(self, jobs: list[Job], stats_key: Any = None, lane: Any = None, priority: int = 0) -> None:
+        """Queue rows on ``lane`` (rows of different lanes are taken in turn, higher ``priority`` first: see
+        :class:`FairQueue`); ``stats_key`` groups their durations and backlog (the engine uses the batch
+        type)."""
         sync = [(j, stats_key) for j in jobs if not j.is_async]
         asyn = [(j, stats_key) for j in jobs if j.is_async]
         if sync:
             with self._lock:
                 self._closed = False  # a closed pool is reopened by new work (a worker run again)
                 self._ensure_threads()
-                self._queue.extend(lane, sync)
+                self._queue.extend(lane, sync, priority)
                 self._work.notify(min(len(sync), self.concurrency))
         if asyn:
             loop = self._ensure_loop()
             with self._lock:
-                self._aqueue.extend(lane, asyn)
+                self._aqueue.extend(lane, asyn, priority)
             loop.call_soon_threadsafe(self._poke)
 
     def backlog(self, stats_key: Any = None) -> int:

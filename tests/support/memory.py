@@ -146,6 +146,7 @@ class _Batch:
     sumerror: str | None = None
     sumsince: datetime | None = None
     error: str | None = None
+    priority: int = 0
 
     @property
     def open(self) -> bool:
@@ -353,9 +354,10 @@ class MemoryStore(Store):
     # ------------------------------------------------------------------ setting up and reading back
     def add_batch(self, app: str, op: str, rows: Iterable[tuple[int, Any] | dict[str, Any]], *,
                   type: str = "B", status: str = "queued", context: dict[str, Any] | None = None,
-                  inputfile: str | None = None) -> str:
+                  inputfile: str | None = None, priority: int | None = None) -> str:
         """See :func:`add_batch`."""
-        return add_batch(self, app, op, rows, type=type, status=status, context=context, inputfile=inputfile)
+        return add_batch(self, app, op, rows, type=type, status=status, context=context, inputfile=inputfile,
+                         priority=priority)
 
     def batch(self, batch_id: str) -> StoredBatch:
         with self.lock:
@@ -387,7 +389,7 @@ class MemoryStore(Store):
 
 def add_batch(store: Store, app: str, op: str, rows: Iterable[tuple[int, Any] | dict[str, Any]], *,
               type: str = "B", status: str = "queued", context: dict[str, Any] | None = None,
-              inputfile: str | None = None) -> str:
+              inputfile: str | None = None, priority: int | None = None) -> str:
     """Store a batch as a submit does (``alya.db.batches``: insert, COPY of its rows, count, notify), in
     ``store`` (a ``MemoryStore`` or PostgreSQL's ``Store``); ``rows`` as (line, input) pairs, or inputs
     numbered from line 1. A slow query (type Q) takes the first input as its one row. Returns its id."""
@@ -395,9 +397,10 @@ def add_batch(store: Store, app: str, op: str, rows: Iterable[tuple[int, Any] | 
     with store.tx() as q:
         if type == "Q":
             return db_batches.insert_slowquery(q, str(uuid.uuid4()), app, op, context or {},
-                                               orjson.dumps(pairs[0][1]).decode()).id
+                                               orjson.dumps(pairs[0][1]).decode(),
+                                               priority=10 if priority is None else priority).id
         return db_batches.insert_batch(q, app, op, context or {}, iter(pairs), status=BatchStatus(status),
-                                       inputfile=inputfile, max_rows=10_000_000).id
+                                       inputfile=inputfile, max_rows=10_000_000, priority=priority or 0).id
 
 
 # ---------------------------------------------------------------------------------------------- the queries
@@ -464,27 +467,30 @@ class MemoryQueries(Queries):
 
     # ------------------------------------------------------------------ storing a batch
     def insert_batch(self, *, id: str, app: str, op: str, type: str, context: str, inputfile: str | None,
-                     status: BatchStatus) -> None:
+                     status: BatchStatus, priority: int = 0) -> None:
         self._q("insert_batch")
-        self._insert(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status, key=None)
+        self._insert(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status, key=None,
+                     priority=priority)
 
     def _insert(self, *, id: str, app: str, op: str, type: str, context: str, inputfile: str | None,
-                status: BatchStatus, key: str | None) -> None:
+                status: BatchStatus, key: str | None, priority: int = 0) -> None:
         if id in self._s.batches:
             raise InvalidInput("refused by the database: duplicate key value violates constraint batches_pkey")
         if op != op.lower() or not _APP.match(app) or type not in ("B", "Q"):
             raise InvalidInput("refused by the database: batches violates a check constraint")
         self._s.seq += 1
         self._s.batches[id] = _Batch(id, app, op, type, _jsonb(context) or "null", inputfile,
-                                     _status(str(status)), self._now, self._s.seq, idempotency_key=key)
+                                     _status(str(status)), self._now, self._s.seq, idempotency_key=key,
+                                     priority=priority)
         self._journal.undo.append(lambda: self._s.batches.pop(id, None))
 
     def insert_batch_keyed(self, *, id: str, app: str, op: str, type: str, context: str, inputfile: str | None,
-                           status: BatchStatus, key: str) -> bool:
+                           status: BatchStatus, key: str, priority: int = 0) -> bool:
         self._q("insert_batch_keyed")
         if any(b.app == app and b.idempotency_key == key for b in self._s.batches.values()):
             return False  # ON CONFLICT DO NOTHING
-        self._insert(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status, key=key)
+        self._insert(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status, key=key,
+                     priority=priority)
         return True
 
     def batch_by_key(self, *, app: str, key: str) -> BatchKeyed | None:
@@ -643,7 +649,10 @@ class MemoryQueries(Queries):
         found = [b for b in self._open_batches()
                  if b.app == app and b.op == op and b.type == type and (only is None or b.id == only)
                  and any(r.claimable(self._now) for r in self._s.rows.get(b.id, {}).values())]
-        return [OpenBatch.from_row((b.id, b.status, _load(b.context), b.ver)) for b in found[:100]]
+        # The 100 first by priority then age, and the 10 oldest whatever their priority (as the SQL lists them).
+        listed = {b.id: b for b in sorted(found, key=lambda b: -b.priority)[:100] + found[:10]}
+        ordered = sorted(listed.values(), key=lambda b: (-b.priority, b.reqat, b.seq))
+        return [OpenBatch.from_row((b.id, b.status, _load(b.context), b.ver, b.priority)) for b in ordered]
 
     def open_batches_all(self) -> list[BatchRef]:
         self._q("open_batches_all")

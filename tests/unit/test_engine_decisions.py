@@ -597,3 +597,30 @@ def test_shutdown_leaves_the_workers_table_after_the_claim_loops(make_engine: Ca
     engine.shutdown()  # as JobManager.close() from another thread
     loop.join(10)
     assert held_when_leaving == []
+
+
+# ------------------------------------------------------------------------------------------ priorities
+def test_claims_take_higher_priority_first_in_turn_and_lower_every_reserved_turn(
+        make_engine: Callable[..., Engine], store: MemoryStore) -> None:
+    engine = make_engine()
+    low = store.add_batch(APP, OP, rows(50))  # oldest, priority 0
+    high1 = store.add_batch(APP, OP, rows(50), priority=5)
+    high2 = store.add_batch(APP, OP, rows(50), priority=5)
+    got = []
+    for _ in range(20):
+        c = take(engine, 1)
+        assert c is not None
+        got.append(c.batch)
+        engine.producer.forget(c)
+    assert [i for i, b in enumerate(got, 1) if b == low] == [10, 20]  # the reserved share of claims
+    assert [b for b in got if b != low] == [high1, high2] * 9  # equal priorities in turn
+    c = take(engine, 1)
+    assert c is not None and c.priority == 5  # the claim carries its batch's priority to the row pool
+
+
+def test_the_oldest_batches_are_listed_whatever_their_priority(store: MemoryStore) -> None:
+    old = store.add_batch(APP, OP, rows(1), priority=-5)
+    newer = [store.add_batch(APP, OP, rows(1), priority=1) for _ in range(105)]
+    with store.tx() as q:
+        listed = q.open_batches(app=APP, op=OP, type="B", only=None)
+    assert [b.id for b in listed[:100]] == newer[:100] and listed[-1].id == old  # last, but listed

@@ -185,3 +185,29 @@ def test_fair_queue_takes_lanes_in_turn_and_counts_per_key() -> None:
     assert [o[1] for o in order] == ["A", "B", "A", "B", "A", "A", "A"]
     assert order[0] is big[0] and order[2] is big[1] and order[1] is small[0]  # FIFO within a lane
     assert (len(q), q.waiting("A"), q.waiting()) == (0, 0, 0)
+
+
+def test_fair_queue_takes_higher_priority_first_and_lower_ones_every_reserved_turn() -> None:
+    q = FairQueue()
+    low = [(Job(None, None), "A") for _ in range(30)]  # type: ignore[arg-type]
+    high1 = [(Job(None, None), "B") for _ in range(20)]  # type: ignore[arg-type]
+    high2 = [(Job(None, None), "C") for _ in range(20)]  # type: ignore[arg-type]
+    q.extend("low", low, priority=0)
+    q.extend("high1", high1, priority=10)
+    q.extend("high2", high2, priority=10)
+    order = [q.popleft()[1] for _ in range(40)]
+    # the two high-priority lanes in turn; every RESERVED_TURN-th row from the low lane
+    assert [i for i, k in enumerate(order, 1) if k == "A"] == [10, 20, 30, 40]
+    highs = [k for k in order if k != "A"]
+    assert highs == ["B", "C"] * 18
+    assert q.waiting("A") == 26 and q.waiting("B") == 2 and len(q) == 30
+    rest = [q.popleft()[1] for _ in range(30)]
+    assert rest[:4].count("A") == 0 and rest[-26:] == ["A"] * 26  # alone, the low lane takes every slot
+
+
+def test_fair_queue_reserved_turns_go_to_each_lower_level_in_turn() -> None:
+    q = FairQueue()
+    for name, prio in (("p0", 0), ("p5", 5), ("p9", 9)):
+        q.extend(name, [(Job(None, None), name) for _ in range(100)], priority=prio)  # type: ignore[arg-type]
+    order = [q.popleft()[1] for _ in range(100)]
+    assert order.count("p9") == 90 and order.count("p5") == 5 and order.count("p0") == 5

@@ -3,15 +3,15 @@
 -- Hot paths (claim, write_results) are one statement per chunk, never one per row.
 
 -- name: insert_batch
-INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows)
-VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0);
+INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows, priority)
+VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0, %(priority)s);
 
 -- name: insert_batch_keyed
 -- insert_batch with the client's idempotency key. A batch of this app already holding the key (or one
 -- being inserted by a concurrent call: the unique index makes this statement wait for that transaction)
 -- means this is a retry: nothing is inserted and no row returned.
-INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows, idempotency_key)
-VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0, %(key)s)
+INSERT INTO batches (id, app, op, type, context, inputfile, status, nrows, idempotency_key, priority)
+VALUES (%(id)s, %(app)s, %(op)s, %(type)s, %(context)s::jsonb, %(inputfile)s, %(status)s, 0, %(key)s, %(priority)s)
 ON CONFLICT (app, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
 
@@ -80,18 +80,26 @@ WHERE app = %(app)s AND type = %(type)s AND (%(op)s::text IS NULL OR op = %(op)s
 ORDER BY reqat DESC;
 
 -- name: open_batches
--- Batches of one batch type that have rows to claim now, oldest first; `only` (a dispatched flow run's
--- batch) restricts to that batch, so that cancelling one batch's run never interrupts another batch.
--- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
--- The EXISTS (one probe of the partial index of queued rows per batch) keeps batches whose rows are all
--- held or waiting out a retry delay from filling the 100 and hiding a claimable batch behind them.
-SELECT b.id, b.status::text, b.context, b.ver FROM batches b
-WHERE b.app = %(app)s AND b.op = %(op)s AND b.type = %(type)s AND b.status IN ('queued', 'inprog')
-  AND (%(only)s::uuid IS NULL OR b.id = %(only)s::uuid)
-  AND EXISTS (SELECT 1 FROM batchrows r
-              WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
-ORDER BY b.reqat
-LIMIT 100;
+-- Batches of one batch type that have rows to claim now: the 100 first by priority (higher first), then
+-- age, and always the 10 oldest whatever their priority (the producer gives a reserved share of claims to
+-- lower priorities: they must be in the list to get it, however many higher ones are open). `only` (a
+-- dispatched flow run's batch) restricts to that batch, so that cancelling one batch's run never
+-- interrupts another batch. Only batches of the registered kind (B or Q): a processor of the other kind is
+-- not this worker's. The EXISTS (one probe of the partial index of queued rows per batch) keeps batches
+-- whose rows are all held or waiting out a retry delay from filling the list and hiding a claimable one.
+WITH open AS (
+    SELECT b.id, b.priority, b.reqat FROM batches b
+    WHERE b.app = %(app)s AND b.op = %(op)s AND b.type = %(type)s AND b.status IN ('queued', 'inprog')
+      AND (%(only)s::uuid IS NULL OR b.id = %(only)s::uuid)
+      AND EXISTS (SELECT 1 FROM batchrows r
+                  WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
+), listed AS (
+    (SELECT * FROM open ORDER BY priority DESC, reqat LIMIT 100)
+    UNION
+    (SELECT * FROM open ORDER BY reqat LIMIT 10)
+)
+SELECT b.id, b.status::text, b.context, b.ver, b.priority FROM listed JOIN batches b ON b.id = listed.id
+ORDER BY listed.priority DESC, listed.reqat;
 
 -- name: claim_rows
 -- One chunk of one batch: queued rows in line order from `after` (the worker's last claim, so that the
