@@ -25,6 +25,7 @@ import typer
 from alya import BatchInput, JobManager, JobManagerConfig
 from bench import engine_bench
 from bench.common import PG_SERVER, fresh_database, prefect_server, wait_registered
+from bench.worker import WARMUP_OP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
@@ -63,9 +64,12 @@ def submit(rows: int = 1_000_000) -> None:
 
 
 def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], workers: int, batch_ids: list[str],
-                   extra_env: dict[str, str]) -> float:
+                   extra_env: dict[str, str], warmup: tuple[str, str] | None = None) -> float:
     """Start worker processes, wait until all are registered, release the held batches, and time until
-    every batch is final. Start-up (imports, Prefect client) is not in the figure; everything after is."""
+    every batch is final. Start-up (imports, Prefect client) is not in the figure; everything after is.
+    With ``warmup`` (app, op), a batch of that *other* type runs on every worker first: workers that have
+    been running, as a user meets them, but have not run the timed batch's type (its first flow run on
+    each worker is in the figure)."""
     env = {**os.environ, **penv, "ALYA_DATABASE_URL": url, "ALYA_LOG_LEVEL": "warning",
            "PREFECT_LOGGING_LEVEL": "WARNING", **extra_env}
     jm = JobManager(database_url=url)
@@ -74,12 +78,21 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
     conn.autocommit = True
     try:
         wait_registered(conn, procs, workers)
+        if warmup is not None:
+            _warm_up(jm, conn, warmup, workers)
         t = time.perf_counter()
+        with conn.cursor() as cur:
+            cur.execute("SELECT clock_timestamp()")
+            released = cur.fetchone()[0]
         for bid in batch_ids:
             jm.wait_off(bid)
         while not all(jm.batch_status(b).status.is_final for b in batch_ids):
             time.sleep(0.05)
         elapsed = time.perf_counter() - t
+        with conn.cursor() as cur:
+            cur.execute("SELECT min(doneat) - %s FROM batchrows WHERE batch = ANY(%s::uuid[])", (released, batch_ids))
+            first = cur.fetchone()[0]
+        print(f"first row done {first.total_seconds() * 1000:.0f} ms after the release")
         peaks = [_peak_rss_mib(p.pid) for p in procs]
         print(f"worker peak RSS (MiB): {', '.join(f'{m:.0f}' for m in peaks)}")
         return elapsed
@@ -90,6 +103,20 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
             p.wait(60)
         conn.close()
         jm.close()
+
+
+def _warm_up(jm: JobManager, conn: Any, type_: tuple[str, str], workers: int) -> None:
+    """Run batches of ``type_`` until every worker has run rows of it (so each has made a flow run)."""
+    for _ in range(20):
+        bid = jm.batch_submit(*type_, {}, [(i, {"i": i}) for i in range(1, 5000 * workers + 1)])
+        while not jm.batch_status(bid).status.is_final:
+            time.sleep(0.05)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(DISTINCT doneby) FROM batchrows b JOIN batches t ON t.id = b.batch"
+                        " WHERE t.app = %s AND t.op = %s", type_)
+            if cur.fetchone()[0] >= workers:
+                return
+    print("warm-up: not every worker ran rows")
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -104,17 +131,20 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 @app.command()
-def noop(rows: int = 200_000, workers: int = 2, chunk: int = 1000, threads: int = 2) -> None:
-    """End-to-end: N no-op rows processed by W worker processes (jm.run) against a Prefect server."""
+def noop(rows: int = 200_000, workers: int = 2, chunk: int = 1000, threads: int = 2, cold: bool = False) -> None:
+    """End-to-end: N no-op rows processed by W worker processes (jm.run) against a Prefect server. The
+    workers have run another type first (``--cold``: not even that, their first flow run ever is timed);
+    the no-op type's first flow run on each of them is in the figure either way."""
     with fresh_database() as url, prefect_server() as penv:
         jm = JobManager(database_url=url, config=JobManagerConfig(batchrowmax=rows))
         bid = jm.batch_submit("bench", "noop", {}, _rows(rows), wait=True)
         elapsed = _timed_release(url, penv, [sys.executable, "-m", "bench.worker", url, "bench", "noop"], workers,
-                                 [bid], {"ALYA_BATCHCHUNK_NROWS": str(chunk), "ALYA_WORKER_THREADS": str(threads)})
+                                 [bid], {"ALYA_BATCHCHUNK_NROWS": str(chunk), "ALYA_WORKER_THREADS": str(threads)},
+                                 warmup=None if cold else ("bench", WARMUP_OP))
         s = jm.batch_status(bid)
         jm.close()
-    print(f"noop  {rows} rows, {workers} workers, chunk {chunk}, threads {threads}: {elapsed:.2f} s = "
-          f"{rows / elapsed:.0f} rows/s  (status {s.status.value}, nsuccess {s.nsuccess})")
+    print(f"noop  {rows} rows, {workers} workers, chunk {chunk}, threads {threads}{', cold' if cold else ''}: "
+          f"{elapsed:.2f} s = {rows / elapsed:.0f} rows/s  (status {s.status.value}, nsuccess {s.nsuccess})")
 
 
 @app.command()

@@ -8,6 +8,7 @@ from typing import Any
 from alya import BatchJobResult, BatchStatus, JobManager, JobManagerConfig
 
 OK = BatchJobResult(BatchStatus.SUCCESS)
+WARMUP_OP = "warmup"
 
 
 class NoOp:
@@ -22,6 +23,7 @@ def main() -> None:
     database_url, app, op = sys.argv[1:4]
     jm = JobManager(database_url=database_url, config=JobManagerConfig())
     jm.register_batch_processor(app, op, NoOp())
+    jm.register_batch_processor(app, WARMUP_OP, NoOp())  # another type, run before the clock starts
     jm.run()
 
 
