@@ -31,12 +31,15 @@ class ChunkReport:
     nfailed: int = 0
     nretry: int = 0
     summarised: list[str] = field(default_factory=list)
+    batches: dict[str, int] = field(default_factory=dict)  # every batch it wrote rows of: rows written
 
     def as_dict(self) -> dict[str, Any]:
         return {"batch": self.batch, "nrows": self.nrows, "nsuccess": self.nsuccess, "nfailed": self.nfailed,
-                "nretry": self.nretry, "summarised": self.summarised}
+                "nretry": self.nretry, "summarised": self.summarised, "batches": self.batches}
 
-    def add(self, statuses: list[str]) -> None:
+    def add(self, statuses: list[str], batch: str | None = None) -> None:
+        if batch is not None:
+            self.batches[batch] = self.batches.get(batch, 0) + len(statuses)
         self.nrows += len(statuses)
         self.nsuccess += statuses.count("success")
         self.nfailed += statuses.count("failed")

@@ -58,7 +58,7 @@ class Completer:
                     c.cancelled = c.lost = True
                 continue
             statuses = [o.status for o in outcomes]
-            report.add(statuses)
+            report.add(statuses, batch)
             if res.written < len(outcomes):  # recovered from under us, or aborted: those answers are dropped
                 log.warning("results_discarded", batch=batch, rows=len(outcomes) - res.written, written=res.written)
             if res.status == BatchStatus.ABORTED.value:

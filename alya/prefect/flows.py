@@ -33,6 +33,7 @@ from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
+from alya.prefect.artifacts import RunArtifacts
 from alya.prefect.dispatch import Dispatcher
 
 RETRY_WAIT_MAX_SEC = 60.0
@@ -67,14 +68,25 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
     then, if work is left, hand over to a fresh flow run. With ``linger`` (runs serving any batch), an
     idle run waits that long for new work before it ends, so a stream of slow queries is served by one
     warm flow run instead of a new run each."""
-    cfg = engine.svc.config
     if batch_id is not None:  # a run started from the UI with a bad parameter fails with one clear line
         batch_id = validate.batch_id(batch_id)
     engine.start()
-    progress = _Progress(engine, batch_id)
-    chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
     total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
                              "summarised": []}
+    artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id)  # the Prefect UI's view, per batch
+    try:
+        _waves(engine, app, op, batch_id, dispatcher, linger, total, artifacts)
+    finally:  # a failed task too: the artifacts of what was done, and no publishing thread left behind
+        artifacts.finish(total["summarised"])
+    return total
+
+
+def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: Dispatcher | None,
+           linger: float, total: dict[str, Any], artifacts: RunArtifacts) -> None:
+    """Waves of chunk tasks until no work is left, the task budget is used or the engine stops; counts go
+    into ``total``, each wave's reports to ``artifacts``."""
+    cfg = engine.svc.config
+    chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
     wave = cfg.worker_threads * 2
     while total["tasks"] < cfg.flow_max_tasks and not engine.stopping.is_set():
         n = min(wave, cfg.flow_max_tasks - total["tasks"])
@@ -85,7 +97,7 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
             for k in ("nrows", "nsuccess", "nfailed", "nretry"):
                 total[k] += r[k]
             total["summarised"].extend(r["summarised"])
-        progress.update(total["nrows"] if batch_id else 0)
+        artifacts.wave(reports)
         if any(r["nrows"] == 0 for r in reports):
             # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
             # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
@@ -105,8 +117,6 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
     else:
         if dispatcher is not None and batch_id and not engine.stopping.is_set():
             dispatcher.continue_batch(app, op, batch_id)
-    progress.finish(total["summarised"])
-    return total
 
 
 def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | None = None,
@@ -119,66 +129,6 @@ def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | 
 
     batch_type_flow.__doc__ = f"Batch type {app}/{op}: process its queued rows."
     return batch_flow(app, op, engine.svc.config)(batch_type_flow)
-
-
-class _Progress:
-    """A progress artifact kept up to date per wave, and a summary table at the end (Prefect UI)."""
-
-    def __init__(self, engine: Engine, batch_id: str | None) -> None:
-        self.statuses = engine.svc.statuses
-        self.batch_id = batch_id
-        self.nrows = 0
-        self.artifact_id: Any = None
-        if batch_id:
-            try:
-                self.nrows = self.statuses.read(batch_id).value.nrows
-                from prefect.artifacts import create_progress_artifact
-
-                self.artifact_id = create_progress_artifact(
-                    progress=0.0, key=names.progress_artifact_key(batch_id),
-                    description=f"rows done of batch {batch_id}"
-                )
-            except Exception as exc:
-                get_logger().debug("progress_artifact_failed", error=str(exc))
-
-    def update(self, done: int) -> None:
-        if self.nrows:
-            self._set(min(100.0, 100.0 * done / self.nrows))
-
-    def _set(self, percent: float) -> None:
-        if self.artifact_id is None:
-            return
-        try:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self.artifact_id, percent)
-        except Exception as exc:
-            get_logger().debug("progress_artifact_failed", error=str(exc))
-
-    def finish(self, summarised: list[str]) -> None:
-        ids = list(dict.fromkeys(([self.batch_id] if self.batch_id else []) + summarised))
-        if not ids:
-            return
-        try:
-            from prefect.artifacts import create_table_artifact
-
-            table = []
-            for bid in ids:
-                s = self.statuses.read(bid).value
-                if bid == self.batch_id and s.status.is_final:
-                    self._set(100.0)  # other runs may have done part of it
-                table.append({"batch": bid, **{k: _cell(v) for k, v in s.as_row().items()}})
-            key = names.summary_artifact_key(self.batch_id) if self.batch_id else None
-            create_table_artifact(table=table, key=key, description="batches touched by this run")
-        except Exception as exc:
-            get_logger().debug("summary_artifact_failed", error=str(exc))
-
-
-def _cell(value: Any) -> Any:
-    """A table cell of the Prefect UI: output files as their URLs, nothing as an empty cell."""
-    if isinstance(value, dict):
-        return ", ".join(map(str, value.values()))
-    return "" if value is None else value
 
 
 def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_when_idle: bool = False,

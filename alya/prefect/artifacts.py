@@ -1,0 +1,180 @@
+"""What a batch-type flow run shows in the Prefect UI: per batch it works on, a progress artifact and, once
+the run has summarised it, a summary table; in every mode, a dispatched run (one batch) as a ``jm.run`` /
+``alya worker`` run (any batch of its type, many at once).
+
+- **Progress** (key ``alya-progress-<batch>``): made when the run first wrote rows of the batch (a dispatched
+  run: when it starts), then set once per wave of chunk tasks to the batch's done fraction (its final rows of
+  all workers, read from the status read model, not this run's own count), 100 once the batch is final.
+- **Summary** (key ``alya-summary-<batch>``): a one-row table of the batch's counts, status and output files
+  (``BatchSummary.as_row``) for each batch the run summarised, and for a dispatched run's batch whatever its
+  state at the end of the run.
+- **Overview** (no key, worker runs only): one table of every batch the run wrote rows of or summarised.
+
+Each artifact is created with the flow run's id, so it is linked to the run, and only inside a run: outside
+one nothing is published. The Prefect calls and status reads run on one helper thread per flow run, so that
+a wave of chunk tasks never waits for them (the rows' hot path has none of it); the flow run waits for that
+thread at its end, so the final artifacts exist when the run ends. An artifact is a view: a failure is
+logged and never stops the run.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from alya.batch.status import Statuses
+from alya.core import names
+from alya.core.errors import describe
+from alya.core.logs import get_logger
+from alya.core.models import BatchSummary
+
+FINISH_WAIT_SEC = 30.0  # the run's end waits this long for its final artifacts
+
+
+class RunArtifacts:
+    """The artifacts of one flow run of batch type (app, op); ``batch_id`` for a dispatched run. Call
+    :meth:`wave` with the chunk reports of each wave and :meth:`finish` once, at the end of the run."""
+
+    def __init__(self, statuses: Statuses, app: str, op: str, batch_id: str | None) -> None:
+        self.statuses = statuses
+        self.type = f"{app}/{op}"
+        self.batch_id = batch_id
+        self.log = get_logger().bind(app=app, op=op)
+        self.flow_run_id = _flow_run_id()
+        self.progress_ids: dict[str, Any] = {}  # batch -> its progress artifact (made by this run)
+        self.percent: dict[str, float] = {}  # batch -> the progress last published
+        self.seen: dict[str, BatchSummary] = {}  # batch -> its summary as last read
+        self.touched: dict[str, int] = {}  # batch -> rows this run wrote back (the flow's thread only)
+        self._cond = threading.Condition()
+        self._news: set[str] = {batch_id} if batch_id else set()  # batches to look at again
+        self._summarised: list[str] | None = None  # set by finish()
+        self._thread: threading.Thread | None = None
+        if self.flow_run_id is not None:  # never outside a run (Prefect deprecates it)
+            self._thread = threading.Thread(target=self._publish, name=f"alya-artifacts-{app}-{op}", daemon=True)
+            self._thread.start()
+
+    def wave(self, reports: list[dict[str, Any]]) -> None:
+        """One wave of chunk tasks ended: the batches they wrote rows of (or summarised) get their progress."""
+        news: set[str] = {self.batch_id} if self.batch_id else set()
+        for r in reports:
+            for batch, n in r["batches"].items():
+                self.touched[batch] = self.touched.get(batch, 0) + n
+                news.add(batch)
+            for batch in r["summarised"]:
+                self.touched.setdefault(batch, 0)
+                news.add(batch)
+        if news and self._thread is not None:
+            with self._cond:
+                self._news |= news
+                self._cond.notify()
+
+    def finish(self, summarised: list[str]) -> None:
+        """The run ends: progress brought up to date, the summary tables made; waits for them (bounded)."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._summarised = list(dict.fromkeys(summarised))
+            self._news |= set(self.touched)
+            self._cond.notify()
+        self._thread.join(FINISH_WAIT_SEC)
+        if self._thread.is_alive():
+            self.log.warning("artifacts_late", note=f"still publishing after {FINISH_WAIT_SEC:.0f} s; left to finish")
+
+    # ------------------------------------------------------------------ on the helper thread
+    def _publish(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                while True:
+                    with self._cond:
+                        while not self._news and self._summarised is None:
+                            self._cond.wait()
+                        news, self._news = self._news, set()
+                        summarised = self._summarised
+                    for batch in sorted(news):
+                        self._progress(client, batch)
+                    if summarised is not None:
+                        self._tables(client, summarised)
+                        return
+        except Exception as exc:  # no client at all (Prefect unreachable): the rows do not care
+            self.log.warning("artifacts_failed", error=describe(exc))
+
+    def _progress(self, client: Any, batch: str) -> None:
+        """Read the batch's counts and publish its done fraction where it changed."""
+        if self.percent.get(batch) == 100.0:
+            return
+        try:
+            s = self.statuses.read(batch).value
+            self.seen[batch] = s
+            percent = 100.0 if s.status.is_final else done_percent(s)
+            if batch not in self.progress_ids:
+                from prefect.client.schemas.actions import ArtifactCreate
+
+                art = client.create_artifact(ArtifactCreate(
+                    key=names.progress_artifact_key(batch), type="progress", data=percent,
+                    description=f"{self.type} batch {batch}: rows done", flow_run_id=self.flow_run_id))
+                self.progress_ids[batch] = art.id
+            elif percent != self.percent.get(batch):
+                from prefect.client.schemas.actions import ArtifactUpdate
+
+                client.update_artifact(self.progress_ids[batch], ArtifactUpdate(data=percent))
+            self.percent[batch] = percent
+        except Exception as exc:
+            self.log.debug("progress_artifact_failed", batch=batch, error=describe(exc))
+
+    def _tables(self, client: Any, summarised: list[str]) -> None:
+        """A keyed summary table per batch summarised (and the dispatched batch); the worker run's overview."""
+        from prefect.client.schemas.actions import ArtifactCreate
+
+        keyed = list(dict.fromkeys(([self.batch_id] if self.batch_id else []) + summarised))
+        for batch in keyed:
+            try:
+                s = self.statuses.read(batch).value
+                self.seen[batch] = s
+                client.create_artifact(ArtifactCreate(
+                    key=names.summary_artifact_key(batch), type="table", data=_json_table([table_row(batch, s)]),
+                    description=f"{self.type} batch {batch}: {s.status.value}", flow_run_id=self.flow_run_id))
+            except Exception as exc:
+                self.log.warning("summary_artifact_failed", batch=batch, error=describe(exc))
+        if self.batch_id is None and self.seen:
+            try:
+                rows = [table_row(b, self.seen[b]) for b in sorted(self.seen)]
+                client.create_artifact(ArtifactCreate(
+                    type="table", data=_json_table(rows), flow_run_id=self.flow_run_id,
+                    description=f"{self.type}: the {len(rows)} batches this run worked on"))
+            except Exception as exc:
+                self.log.debug("overview_artifact_failed", error=describe(exc))
+
+
+def done_percent(s: BatchSummary) -> float:
+    """The share of the batch's rows that are final, in percent (0 for a batch without rows)."""
+    if s.nrows <= 0:
+        return 0.0
+    return min(100.0, round(100.0 * (s.nsuccess + s.nfailed + s.naborted) / s.nrows, 2))
+
+
+def table_row(batch: str, s: BatchSummary) -> dict[str, Any]:
+    """A row of a summary table: the batch, then every field of its summary as a cell."""
+    return {"batch": batch, **{k: _cell(v) for k, v in s.as_row().items()}}
+
+
+def _cell(value: Any) -> Any:
+    """A table cell of the Prefect UI: output files as their URLs, nothing as an empty cell."""
+    if isinstance(value, dict):
+        return ", ".join(map(str, value.values()))
+    return "" if value is None else value
+
+
+def _json_table(rows: list[dict[str, Any]]) -> str:
+    import json
+
+    return json.dumps(rows, default=str)
+
+
+def _flow_run_id() -> Any:
+    """The id of the flow run this code runs in, or None outside one."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return ctx.flow_run.id if ctx is not None and ctx.flow_run is not None else None

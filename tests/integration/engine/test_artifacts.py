@@ -1,0 +1,113 @@
+"""The Prefect UI's view of batches served by ``jm.run`` (worker mode: one flow run per batch type serves
+every batch of it): each batch gets its own progress artifact and summary table, linked to the flow run of
+its type, read back here through the Prefect API of the session's test server. (A dispatched run's:
+tests/integration/engine/test_worker.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from typing import Any
+
+import pytest
+
+from alya import BatchStatus, JobManager
+from alya.core import names
+from tests.support.procs import Proc, manager, rows
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def artifacts_of(key: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))
+
+
+def test_worker_run_makes_a_summary_and_a_progress_artifact_per_batch(jm: JobManager) -> None:
+    """Two batches of one type and one of another, all served by one jm.run: each batch has its summary
+    table (its own counts, status and output file) and its progress at 100, made inside its type's flow run;
+    each run also lists the batches it worked on. No artifact is made outside a run (no FutureWarning)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    jm.register_batch_processor("art", "one", Proc())
+    jm.register_batch_processor("art", "two", Proc())
+    a1 = jm.batch_submit("art", "one", {}, [(n, {"x": n, "blobs": {"f.txt": str(n)}}) for n in range(1, 251)]
+                         + [(251, {"x": 251, "mode": "fail"})])
+    a2 = jm.batch_submit("art", "one", {}, rows(120))
+    b = jm.batch_submit("art", "two", {}, rows(40))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jm.run(stop_when_idle=True)
+    assert not [w for w in caught if "Artifact creation outside" in str(w.message)]
+    expected = {a1: ("alya-art-one", BatchStatus.FAILED, 251, 250, 1),
+                a2: ("alya-art-one", BatchStatus.SUCCESS, 120, 120, 0),
+                b: ("alya-art-two", BatchStatus.SUCCESS, 40, 40, 0)}
+    runs: dict[str, Any] = {}
+    with get_client(sync_client=True) as client:
+        for bid, (flow, status, nrows, nsuccess, nfailed) in expected.items():
+            s = jm.batch_status(bid)
+            assert (s.status, s.nrows, s.nsuccess, s.nfailed) == (status, nrows, nsuccess, nfailed)
+            summaries = artifacts_of(names.summary_artifact_key(bid))
+            assert len(summaries) == 1, summaries  # one worker: the batch was summarised once
+            summary = summaries[0]
+            assert summary.type == "table" and summary.flow_run_id is not None
+            table = json.loads(summary.data)  # type: ignore[arg-type]
+            assert len(table) == 1
+            row = table[0]
+            assert row["batch"] == bid and row["status"] == status.value
+            assert (row["nrows"], row["nsuccess"], row["nfailed"], row["naborted"], row["nqueued"],
+                    row["ninprog"]) == (nrows, nsuccess, nfailed, 0, 0, 0)
+            if bid == a1:
+                assert row["outputfiles"] == s.outputfiles["f.txt"] and row["outputfiles"].endswith("/f.txt")
+            run = client.read_flow_run(summary.flow_run_id)
+            assert client.read_flow(run.flow_id).name == flow
+            assert run.parameters.get("batch_id") is None  # a worker run, not a dispatched one
+            runs[bid] = run.id
+            progress = artifacts_of(names.progress_artifact_key(bid))
+            assert progress, f"no progress artifact for {bid}"
+            for p in progress:
+                assert p.type == "progress" and float(p.data) == 100.0  # type: ignore[arg-type]
+                assert p.flow_run_id is not None
+                assert client.read_flow(client.read_flow_run(p.flow_run_id).flow_id).name == flow
+        for bid, run_id in runs.items():  # the run's overview lists the batch among those it worked on
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            overviews = [a for a in arts if a.key is None and a.type == "table"]
+            assert any(bid in {r["batch"] for r in json.loads(a.data)} for a in overviews), overviews  # type: ignore[arg-type]
+
+
+def test_worker_run_progress_follows_the_batch_per_wave(database_url: str, redis_url: str, file_store_url: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a worker run works on a batch, its progress artifact moves with the batch's done rows (per
+    wave of chunk tasks), never back, and ends at 100."""
+    import alya.batch.status
+
+    monkeypatch.setattr(alya.batch.status, "OPEN_TTL_SEC", 0.2)  # counts of an open batch cached 0.2 s, not 5
+    jm = manager(database_url, redis_url, file_store_url, batchchunk_nrows=10, task_seconds=0.2)
+    try:
+        jm.register_batch_processor("art", "slow", Proc())
+        bid = jm.batch_submit("art", "slow", {}, rows(400, sleep=0.04))  # about 2 s at 8 rows at once
+        key = names.progress_artifact_key(bid)
+        seen: list[float] = []
+        worker = threading.Thread(target=lambda: jm.run(stop_when_idle=True), daemon=True)
+        worker.start()
+        while worker.is_alive():
+            found = artifacts_of(key)
+            if found:
+                assert len(found) == 1  # made once, then updated in place
+                seen.append(float(found[0].data))  # type: ignore[arg-type]
+            time.sleep(0.05)
+        worker.join()
+        assert jm.batch_status(bid).status is BatchStatus.SUCCESS
+        final = artifacts_of(key)
+        assert len(final) == 1 and float(final[0].data) == 100.0  # type: ignore[arg-type]
+        assert seen == sorted(seen), seen
+        assert any(0.0 < v < 100.0 for v in seen), seen
+    finally:
+        jm.close()
