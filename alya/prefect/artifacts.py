@@ -48,6 +48,8 @@ class RunArtifacts:
         self._cond = threading.Condition()
         self._news: set[str] = {batch_id} if batch_id else set()  # batches to look at again
         self._summarised: list[str] | None = None  # set by finish()
+        self._done: list[str] = []  # summarised batches whose table is still to be made
+        self._tabled: set[str] = set()  # batches whose summary table this run made
         self._thread: threading.Thread | None = None
         if self.flow_run_id is not None:  # never outside a run (Prefect deprecates it)
             self._thread = threading.Thread(target=self._publish, name=f"alya-artifacts-{app}-{op}", daemon=True)
@@ -56,6 +58,7 @@ class RunArtifacts:
     def wave(self, reports: list[dict[str, Any]]) -> None:
         """One wave of chunk tasks ended: the batches they wrote rows of (or summarised) get their progress."""
         news: set[str] = {self.batch_id} if self.batch_id else set()
+        done: list[str] = []  # summarised in this wave: their tables now, not at the end of a long run
         for r in reports:
             for batch, n in r["batches"].items():
                 self.touched[batch] = self.touched.get(batch, 0) + n
@@ -63,9 +66,11 @@ class RunArtifacts:
             for batch in r["summarised"]:
                 self.touched.setdefault(batch, 0)
                 news.add(batch)
-        if news and self._thread is not None:
+                done.append(batch)
+        if (news or done) and self._thread is not None:
             with self._cond:
                 self._news |= news
+                self._done.extend(done)
                 self._cond.notify()
 
     def finish(self, summarised: list[str]) -> None:
@@ -88,12 +93,14 @@ class RunArtifacts:
             with get_client(sync_client=True) as client:
                 while True:
                     with self._cond:
-                        while not self._news and self._summarised is None:
+                        while not self._news and not self._done and self._summarised is None:
                             self._cond.wait()
                         news, self._news = self._news, set()
+                        done, self._done = self._done, []
                         summarised = self._summarised
                     for batch in sorted(news):
                         self._progress(client, batch)
+                    self._summaries(client, done)
                     if summarised is not None:
                         self._tables(client, summarised)
                         return
@@ -127,16 +134,7 @@ class RunArtifacts:
         """A keyed summary table per batch summarised (and the dispatched batch); the worker run's overview."""
         from prefect.client.schemas.actions import ArtifactCreate
 
-        keyed = list(dict.fromkeys(([self.batch_id] if self.batch_id else []) + summarised))
-        for batch in keyed:
-            try:
-                s = self.statuses.read(batch).value
-                self.seen[batch] = s
-                client.create_artifact(ArtifactCreate(
-                    key=names.summary_artifact_key(batch), type="table", data=_json_table([table_row(batch, s)]),
-                    description=f"{self.type} batch {batch}: {s.status.value}", flow_run_id=self.flow_run_id))
-            except Exception as exc:
-                self.log.warning("summary_artifact_failed", batch=batch, error=describe(exc))
+        self._summaries(client, ([self.batch_id] if self.batch_id else []) + summarised)
         if self.batch_id is None and self.seen:
             try:
                 rows = [table_row(b, self.seen[b]) for b in sorted(self.seen)]
@@ -145,6 +143,23 @@ class RunArtifacts:
                     description=f"{self.type}: the {len(rows)} batches this run worked on"))
             except Exception as exc:
                 self.log.debug("overview_artifact_failed", error=describe(exc))
+
+    def _summaries(self, client: Any, batches: list[str]) -> None:
+        """A keyed summary table per batch, once per run each."""
+        from prefect.client.schemas.actions import ArtifactCreate
+
+        for batch in dict.fromkeys(batches):
+            if batch in self._tabled:
+                continue
+            self._tabled.add(batch)
+            try:
+                s = self.statuses.read(batch).value
+                self.seen[batch] = s
+                client.create_artifact(ArtifactCreate(
+                    key=names.summary_artifact_key(batch), type="table", data=_json_table([table_row(batch, s)]),
+                    description=f"{self.type} batch {batch}: {s.status.value}", flow_run_id=self.flow_run_id))
+            except Exception as exc:
+                self.log.warning("summary_artifact_failed", batch=batch, error=describe(exc))
 
 
 def done_percent(s: BatchSummary) -> float:
