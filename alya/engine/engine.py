@@ -139,10 +139,12 @@ class Engine:
                          claim_size=self.svc.config.batchchunk_nrows)
 
     def work(self, app: str, op: str, only: str | None = None, *, seconds: float | None = None,
-             max_claims: int | None = None, claim_size: int | None = None, linger: float = 0.0) -> ChunkReport:
+             max_claims: int | None = None, claim_size: int | None = None, linger: float = 0.0,
+             stop: threading.Event | None = None) -> ChunkReport:
         """Claim and run rows of (app, op) (of batch ``only`` if given) for up to ``seconds`` (default
-        ``ALYA_TASK_SECONDS``): new claims stop then, claimed rows run to the end. With ``linger``, an idle
-        loop waits up to that long (within ``seconds``) for work to be queued before it returns."""
+        ``ALYA_TASK_SECONDS``) or until ``stop`` is set: new claims stop then, claimed rows run to the end.
+        With ``linger``, an idle loop waits up to that long (within ``seconds``) for work to be queued
+        before it returns."""
         cfg = self.svc.config
         reg = self.svc.registry.processor(app, op)
         self.start()
@@ -160,7 +162,8 @@ class Engine:
             while True:
                 now = time.monotonic()
                 may_claim = (not self.stopping.is_set() and now < deadline
-                             and (max_claims is None or nclaims < max_claims))
+                             and (max_claims is None or nclaims < max_claims)
+                             and (stop is None or not stop.is_set()))
                 if may_claim and not idle and self.producer.wants_rows(app, op):
                     claimed = self.producer.claim(reg, only, claim_size, log)
                     if claimed is not None:

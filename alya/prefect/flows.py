@@ -34,6 +34,7 @@ from alya.core.logs import get_logger
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
 from alya.prefect.artifacts import RunArtifacts
+from alya.prefect.bridge import Bridges
 from alya.prefect.dispatch import Dispatcher
 
 RETRY_WAIT_MAX_SEC = 60.0
@@ -62,12 +63,16 @@ def process_rows(engine: Engine, app: str, op: str, only: str | None, linger: fl
 
 
 def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
-              dispatcher: Dispatcher | None = None, linger: float = 0.0) -> dict[str, Any]:
+              dispatcher: Dispatcher | None = None, linger: float = 0.0,
+              bridges: Bridges | None = None) -> dict[str, Any]:
     """The body of a batch-type flow run: process queued rows of batch ``batch_id`` (a dispatched run),
     or of any batch of this type (``jm.run``), until none is left or the run has used its task budget;
     then, if work is left, hand over to a fresh flow run. With ``linger`` (runs serving any batch), an
     idle run waits that long for new work before it ends, so a stream of slow queries is served by one
-    warm flow run instead of a new run each."""
+    warm flow run instead of a new run each. ``bridges`` (``jm.run``): the rows a bridge ran while this run
+    was being created are stopped here and counted in it (``alya.prefect.bridge``)."""
+    if bridges is not None:
+        bridges.attached(app, op)
     if batch_id is not None:  # a run started from the UI with a bad parameter fails with one clear line
         batch_id = validate.batch_id(batch_id)
     engine.start()
@@ -75,14 +80,17 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
                              "summarised": []}
     artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id)  # the Prefect UI's view, per batch
     try:
-        _waves(engine, app, op, batch_id, dispatcher, linger, total, artifacts)
+        _waves(engine, app, op, batch_id, dispatcher, linger, total, artifacts, bridges)
     finally:  # a failed task too: the artifacts of what was done, and no publishing thread left behind
+        if bridges is not None:
+            bridges.detached(app, op)  # new work starts a new run while this one reports its end
+            _count(total, bridges.reports(app, op), artifacts)
         artifacts.finish(total["summarised"])
     return total
 
 
 def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: Dispatcher | None,
-           linger: float, total: dict[str, Any], artifacts: RunArtifacts) -> None:
+           linger: float, total: dict[str, Any], artifacts: RunArtifacts, bridges: Bridges | None) -> None:
     """Waves of chunk tasks until no work is left, the task budget is used or the engine stops; counts go
     into ``total``, each wave's reports to ``artifacts``."""
     cfg = engine.svc.config
@@ -93,11 +101,7 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
         futures = chunk_task.map(unmapped(engine), unmapped(app), unmapped(op), [batch_id] * n, unmapped(linger))
         reports = [f.result() for f in futures]
         total["tasks"] += n
-        for r in reports:
-            for k in ("nrows", "nsuccess", "nfailed", "nretry"):
-                total[k] += r[k]
-            total["summarised"].extend(r["summarised"])
-        artifacts.wave(reports)
+        _count(total, reports + (bridges.reports(app, op) if bridges is not None else []), artifacts)
         if any(r["nrows"] == 0 for r in reports):
             # Nothing to claim now. A dispatched run waits out a short retry delay of its own batch
             # (rows that faulted); longer ones are left to the sweeper, which dispatches queued
@@ -119,13 +123,23 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
             dispatcher.continue_batch(app, op, batch_id)
 
 
+def _count(total: dict[str, Any], reports: list[dict[str, Any]], artifacts: RunArtifacts) -> None:
+    """Add chunk reports (the tasks' of a wave, and any bridge's) to the run's totals and artifacts."""
+    for r in reports:
+        for k in ("nrows", "nsuccess", "nfailed", "nretry"):
+            total[k] += r[k]
+        total["summarised"].extend(r["summarised"])
+    artifacts.wave(reports)
+
+
 def make_batch_flow(engine: Engine, app: str, op: str, dispatcher: Dispatcher | None = None,
-                    linger: float = 0.0) -> Flow[..., Any]:
+                    linger: float = 0.0, bridges: Bridges | None = None) -> Flow[..., Any]:
     """The flow of one batch type, built in-process (``jm.run``, tests). Deployed flows are module-level
     functions decorated with :func:`batch_flow` instead, so that Prefect can import them."""
 
     def batch_type_flow(batch_id: str | None = None) -> dict[str, Any]:
-        return run_batch(engine, app, op, batch_id, dispatcher, linger=0.0 if batch_id else linger)
+        return run_batch(engine, app, op, batch_id, dispatcher, linger=0.0 if batch_id else linger,
+                         bridges=None if batch_id else bridges)
 
     batch_type_flow.__doc__ = f"Batch type {app}/{op}: process its queued rows."
     return batch_flow(app, op, engine.svc.config)(batch_type_flow)
@@ -177,25 +191,28 @@ class _TypeRuns:
         self.linger = linger
         self.log = log
         self.flows: dict[tuple[str, str], Flow[..., Any]] = {}
-        self.threads: dict[tuple[str, str], threading.Thread] = {}
+        self.threads: list[threading.Thread] = []  # runs of a type may overlap while one reports its end
         self.retry_at: dict[tuple[str, str], float] = {}
+        self.bridges = Bridges(engine)  # rows start while a run is being created
         self.ended = threading.Event()  # a run ended: look again at once
         self.worked = False  # some run processed rows or finished a batch since the last look
 
     def running(self) -> bool:
-        return any(t.is_alive() for t in self.threads.values())
+        return any(t.is_alive() for t in self.threads) or self.bridges.busy()
 
     def start(self, app: str, op: str) -> None:
-        t = self.threads.get((app, op))
-        if (t is not None and t.is_alive()) or time.monotonic() < self.retry_at.get((app, op), 0.0):
+        if self.bridges.serving(app, op) or time.monotonic() < self.retry_at.get((app, op), 0.0):
             return
         if (app, op) not in self.flows:
-            self.flows[(app, op)] = make_batch_flow(self.engine, app, op, self.dispatcher, linger=self.linger)
-        thread = threading.Thread(target=self._run, args=(app, op), name=f"alya-flow-{app}-{op}", daemon=True)
-        self.threads[(app, op)] = thread
+            self.flows[(app, op)] = make_batch_flow(self.engine, app, op, self.dispatcher, linger=self.linger,
+                                                    bridges=self.bridges)
+        token = self.bridges.start(app, op)
+        thread = threading.Thread(target=self._run, args=(app, op, token), name=f"alya-flow-{app}-{op}",
+                                  daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
         thread.start()
 
-    def _run(self, app: str, op: str) -> None:
+    def _run(self, app: str, op: str, token: threading.Event) -> None:
         try:
             result = cast(dict[str, Any], self.flows[(app, op)](batch_id=None))
             if result["nrows"] or result["summarised"]:
@@ -204,11 +221,14 @@ class _TypeRuns:
             self.log.error("flow_failed", app=app, op=op, error=describe(exc))
             self.retry_at[(app, op)] = time.monotonic() + max(1.0, self.engine.svc.config.poll_sec)
         finally:
+            self.bridges.attached(app, op, token)  # a run that never started its body stops its bridge too
+            self.bridges.detached(app, op, token)
             self.ended.set()
 
     def join(self) -> None:
-        for t in list(self.threads.values()):
+        for t in list(self.threads):
             t.join()
+        self.bridges.join()
 
 
 def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], stop_when_idle: bool,
