@@ -97,11 +97,15 @@ def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: 
           f"nsuccess {s.nsuccess})")
 
 
-def latency(queries: int = 100, workers: int = 2, poll_ms: float = 1.0) -> None:
+def latency(queries: int = 100, workers: int = 2, poll_ms: float = 5.0, redis: bool = True) -> None:
     """Slow queries with an instant processor, one after another, against warm workers: time from submit
-    until slowquery_done reports a final status (polled every POLL_MS)."""
-    with fresh_database() as url, prefect_server() as penv, warm_workers(url, penv, workers, {}):
-        jm = JobManager(database_url=url)
+    until slowquery_done reports a final status (polled every POLL_MS), Redis on as a web service runs it
+    (``--no-redis``: every poll reads PostgreSQL)."""
+    from bench.mixed import REDIS
+
+    env = {"ALYA_REDIS_URL": REDIS} if redis else {}
+    with fresh_database() as url, prefect_server() as penv, warm_workers(url, penv, workers, env):
+        jm = JobManager(database_url=url, redis_url=REDIS if redis else None)
         took = []
         for i in range(queries + 5):
             t = time.perf_counter()
@@ -113,7 +117,8 @@ def latency(queries: int = 100, workers: int = 2, poll_ms: float = 1.0) -> None:
         jm.close()
     took.sort()
     p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
-    print(f"latency  {queries} slow queries, {workers} warm workers: p50 {statistics.median(took):.1f} ms, "
+    print(f"latency  {queries} slow queries, {workers} warm workers, Redis {'on' if redis else 'off'}, "
+          f"polled every {poll_ms:g} ms: p50 {statistics.median(took):.1f} ms, "
           f"p99 {p99:.1f} ms, max {took[-1]:.1f} ms")
 
 

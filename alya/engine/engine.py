@@ -30,6 +30,7 @@ from alya.batch.finish import Finisher
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, ProcessorNotFound
 from alya.core.logs import run_logger
+from alya.core.names import work_payload
 from alya.engine.claim import ChunkReport, Claimed
 from alya.engine.completer import Completer
 from alya.engine.executor import Executor
@@ -125,11 +126,13 @@ class Engine:
     def init_retry_in(self, app: str) -> float:
         return self.producer.init_retry_in(app)
 
-    def wait_for_work(self, timeout: float) -> bool:
-        """Sleep until work is notified (True), ``timeout`` passes or the worker stops (False)."""
+    def wait_for_work(self, app: str, op: str, timeout: float) -> bool:
+        """Sleep until work of (app, op) is notified (True), ``timeout`` passes or the worker stops (False).
+        A notification that came while nothing waited counts (``Waker.wait_turn``): a run between two waves
+        of its tasks must not miss the slow query submitted meanwhile (it cost a 2.3 s wait when it did)."""
         if self.stopping.is_set():
             return False
-        return self.waker.wait(timeout) and not self.stopping.is_set()
+        return self.waker.wait_turn(work_payload(app, op), timeout) and not self.stopping.is_set()
 
     # ------------------------------------------------------------------ the claim loop
     def process_chunk(self, app: str, op: str, only: str | None = None) -> ChunkReport:
@@ -157,7 +160,7 @@ class Engine:
         nclaims = 0
         idle = False  # the last claim found nothing: do not ask again before something changes
         next_flush = start + cfg.flush_sec
-        since = self.waker.generation() if linger else 0
+        wake_key = work_payload(app, op)
         try:  # a claim loop that fails (an outage) must not leave its claims held here
             while True:
                 now = time.monotonic()
@@ -176,8 +179,7 @@ class Engine:
                     idle = True
                 if not active:
                     if idle and may_claim and now < linger_until:
-                        if self.waker.wait(min(linger_until - now, next_flush - now), since=since):
-                            since = self.waker.generation()
+                        if self.waker.wait_turn(wake_key, min(linger_until - now, next_flush - now)):
                             idle = False
                         elif time.monotonic() >= next_flush:
                             next_flush = time.monotonic() + cfg.flush_sec

@@ -109,7 +109,7 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
             if not batch_id:
                 if any(r["nrows"] or r["summarised"] for r in reports):
                     continue
-                if linger and engine.wait_for_work(linger):
+                if linger and engine.wait_for_work(app, op, linger):
                     continue
                 break
             wait = engine.next_claimable_in(batch_id)

@@ -1,0 +1,60 @@
+"""Wake-ups (alya.engine.waker) over a real LISTEN connection: a notification of a type wakes one idle claim
+loop of that type, not every one, and is kept when no loop waits, so none is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from alya import JobManager
+from alya.engine.waker import Waker
+
+
+def notify(jm: JobManager, app: str, op: str) -> None:
+    with jm.store.tx() as q:
+        q.notify_work(app, op)
+
+
+def test_one_notification_wakes_one_claim_loop_of_its_type(jm: JobManager) -> None:
+    waker = Waker(jm.store)
+    try:
+        waker.start()
+        woke: list[str] = []
+        lock = threading.Lock()
+
+        def loop(name: str, key: str) -> None:
+            if waker.wait_turn(key, 3.0):
+                with lock:
+                    woke.append(name)
+
+        threads = [threading.Thread(target=loop, args=(f"t{i}", "wk/one")) for i in range(4)]
+        threads.append(threading.Thread(target=loop, args=("other", "wk/two")))
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # all five wait
+        notify(jm, "wk", "one")
+        time.sleep(1.0)
+        assert len(woke) == 1 and woke[0].startswith("t"), woke  # one of the four, and not the other type
+        notify(jm, "wk", "one")
+        for t in threads:
+            t.join()
+        assert len(woke) == 2 and "other" not in woke, woke
+    finally:
+        waker.close()
+
+
+def test_a_notification_while_nobody_waits_is_kept_for_the_next_wait(jm: JobManager) -> None:
+    waker = Waker(jm.store)
+    try:
+        waker.start()
+        assert not waker.wait_turn("wk/one", 0.3)  # registers the type; nothing notified
+        notify(jm, "wk", "one")
+        time.sleep(0.5)  # it arrives while nobody waits
+        t0 = time.monotonic()
+        assert waker.wait_turn("wk/one", 3.0) and time.monotonic() - t0 < 0.1
+        assert not waker.wait_turn("wk/one", 0.3)  # taken once
+        with jm.store.tx() as q:
+            q.notify_any_work()  # recovery requeued rows of any type: every known type gets a turn
+        assert waker.wait_turn("wk/one", 3.0)
+    finally:
+        waker.close()
