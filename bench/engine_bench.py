@@ -31,8 +31,10 @@ from bench.common import fresh_database, prefect_server, wait_registered
 
 
 @contextmanager
-def warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *args: str) -> Iterator[list[Any]]:
-    """``n`` probe workers, registered, each having run a flow (a warm-up batch, two rows per slot)."""
+def warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *args: str,
+                 warm: tuple[str, str] = ("bench", "probe")) -> Iterator[list[Any]]:
+    """``n`` probe workers, registered, each having run a flow (a warm-up batch of type ``warm``, two rows
+    per slot)."""
     full = {**os.environ, **penv, "ALYA_DATABASE_URL": url, "ALYA_LOG_LEVEL": "warning",
             "PREFECT_LOGGING_LEVEL": "WARNING", **env}
     procs = [subprocess.Popen([sys.executable, "-m", "bench.probe", url, *args], env=full) for _ in range(n)]
@@ -44,12 +46,12 @@ def warm_workers(url: str, penv: dict[str, str], n: int, env: dict[str, str], *a
         slots = int(env.get("ALYA_CONCURRENCY", "8"))
         ran: set[str] = set()
         for _ in range(20):  # until every worker has run a flow (each picks up work at its own pace)
-            warm = jm.batch_submit("bench", "probe", {},
-                                   (BatchInput(i, {"ms": 200}) for i in range(1, 2 * n * slots + 1)))
-            while not jm.batch_status(warm).status.is_final:
+            warm_id = jm.batch_submit(*warm, {},
+                                      (BatchInput(i, {"ms": 200}) for i in range(1, 2 * n * slots + 1)))
+            while not jm.batch_status(warm_id).status.is_final:
                 time.sleep(0.05)
             with conn.cursor() as cur:
-                cur.execute("SELECT DISTINCT split_part(doneby, ':', 2) FROM batchrows WHERE batch = %s", (warm,))
+                cur.execute("SELECT DISTINCT split_part(doneby, ':', 2) FROM batchrows WHERE batch = %s", (warm_id,))
                 ran |= {r[0] for r in cur.fetchall()}
             if len(ran) >= n:
                 break
@@ -79,20 +81,31 @@ def _until_final(jm: JobManager, bid: str, every: float = 0.02) -> float:
     return time.perf_counter() - t
 
 
-def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: int = 16) -> None:
-    """I/O-bound rows (each sleeps SLEEP_MS): rows/s against the ideal workers x concurrency x 1000/ms."""
+def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: int = 16,
+       from_submit: bool = False) -> None:
+    """I/O-bound rows (each sleeps SLEEP_MS): rows/s against the ideal workers x concurrency x 1000/ms.
+    ``--from-submit``: as a user times it, from the ``batch_submit`` call (rows streamed in included), on
+    workers warmed on *another* type (the batch's type's first flow run on them included); otherwise the
+    held batch is released on workers that have run its type."""
+    warm = ("other", "instant") if from_submit else ("bench", "probe")
     with fresh_database() as url, prefect_server() as penv, \
-            warm_workers(url, penv, workers, {"ALYA_CONCURRENCY": str(concurrency)}):
-        jm, bid = _held_batch(url, rows, sleep_ms)
-        t = time.perf_counter()
-        jm.wait_off(bid)
+            warm_workers(url, penv, workers, {"ALYA_CONCURRENCY": str(concurrency)}, warm=warm):
+        if from_submit:
+            jm = JobManager(database_url=url, config=JobManagerConfig(batchrowmax=max(rows, 1)))  # type: ignore[call-arg]
+            t = time.perf_counter()
+            bid = jm.batch_submit("bench", "probe", {}, (BatchInput(i, {"ms": sleep_ms}) for i in range(1, rows + 1)))
+        else:
+            jm, bid = _held_batch(url, rows, sleep_ms)
+            t = time.perf_counter()
+            jm.wait_off(bid)
         _until_final(jm, bid)
         elapsed = time.perf_counter() - t
         s = jm.batch_status(bid)
         jm.close()
     ideal = workers * concurrency * 1000 / sleep_ms
     rate = rows / elapsed
-    print(f"io  {rows} rows x {sleep_ms:g} ms, {workers} workers x concurrency {concurrency}: {elapsed:.2f} s = "
+    print(f"io  {rows} rows x {sleep_ms:g} ms, {workers} workers x concurrency {concurrency}"
+          f"{', from submit, type not run before' if from_submit else ''}: {elapsed:.2f} s = "
           f"{rate:.0f} rows/s; ideal {ideal:.0f} rows/s; ratio {rate / ideal:.2f}  (status {s.status.value}, "
           f"nsuccess {s.nsuccess})")
 
