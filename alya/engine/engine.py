@@ -40,6 +40,7 @@ from alya.engine.producer import Producer
 from alya.engine.waker import Waker
 
 WAIT_SLICE_SEC = 0.02  # the claim loop looks at its claims at least this often
+SHUTDOWN_MARGIN_SEC = 10.0  # beyond the row timeout: the last write-backs of a stopping claim loop
 GC_FIRST_GENERATION = 10_000  # container allocations between young collections (Python's default: 700)
 
 
@@ -60,6 +61,9 @@ class Engine:
         self.waker.on_abort = self._abort_notified
         self._wake = threading.Condition()
         self._start_lock = threading.Lock()
+        self._loops = 0  # claim loops running (Engine.work), under _loops_done's lock
+        self._loops_done = threading.Condition()
+        self._in_loop = threading.local()  # set on a thread while it runs a claim loop
 
     @property
     def worker_id(self) -> str:
@@ -87,6 +91,14 @@ class Engine:
         self.stopping.set()
         with self._wake:
             self._wake.notify_all()
+        if not getattr(self._in_loop, "active", False):
+            # Leave the workers table only once the claim loops have written back their running rows:
+            # rows inprog under a worker that is gone are a dead worker's to recovery, and would run twice.
+            # Bounded: a row past ALYA_ROW_TIMEOUT_SEC is finished as a timeout by its loop.
+            with self._loops_done:
+                if not self._loops_done.wait_for(lambda: self._loops == 0,
+                                                 timeout=self.svc.config.row_timeout_sec + SHUTDOWN_MARGIN_SEC):
+                    self.log.warning("shutdown_with_claim_loops_running", loops=self._loops)
         self.identity.stop()
         self.maintenance.close()
         self.executor.close()
@@ -156,11 +168,29 @@ class Engine:
         start = time.monotonic()
         deadline = start + (cfg.task_seconds if seconds is None else seconds)
         linger_until = min(deadline, start + linger)
+        wake_key = work_payload(app, op)
+        with self._loops_done:
+            self._loops += 1
+        nested = getattr(self._in_loop, "active", False)
+        self._in_loop.active = True
+        try:
+            return self._work(reg, app, op, only, report, log, start, deadline, linger_until, max_claims,
+                              claim_size, stop, wake_key)
+        finally:
+            self._in_loop.active = nested
+            with self._loops_done:
+                self._loops -= 1
+                self._loops_done.notify_all()
+
+    def _work(self, reg: Any, app: str, op: str, only: str | None, report: ChunkReport, log: Any, start: float,
+              deadline: float, linger_until: float, max_claims: int | None, claim_size: int | None,
+              stop: threading.Event | None, wake_key: str) -> ChunkReport:
+        """The claim loop of :meth:`work`."""
+        cfg = self.svc.config
         active: list[Claimed] = []
         nclaims = 0
         idle = False  # the last claim found nothing: do not ask again before something changes
         next_flush = start + cfg.flush_sec
-        wake_key = work_payload(app, op)
         try:  # a claim loop that fails (an outage) must not leave its claims held here
             while True:
                 now = time.monotonic()

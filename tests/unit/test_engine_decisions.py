@@ -532,8 +532,8 @@ def test_a_report_lists_every_batch_it_wrote_rows_of(make_engine: Callable[..., 
 
 
 # ---------------------------------------------------------------------------------------------- faults found
-# The first three were faults, found by these tests and fixed; the last xfails strictly (it fails, XPASS,
-# once fixed).
+# Faults found by these tests and fixed (the last one: Engine.shutdown left the workers table at once,
+# while a claim loop on another thread still ran its rows, which recovery then requeued as a dead worker's).
 def test_a_failed_write_back_of_two_claims_of_one_batch_gives_all_rows_back(make_engine: Callable[..., Engine],
                                                                             store: MemoryStore,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -588,8 +588,6 @@ def test_a_claimable_batch_behind_a_hundred_waiting_ones_is_claimed(make_engine:
     assert claimed is not None and claimed.batch == new
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.shutdown leaves the workers table at once, while a claim loop on "
-                   "another thread still runs its rows: any recovery pass then requeues them as a dead worker's")
 def test_shutdown_leaves_the_workers_table_after_the_claim_loops(make_engine: Callable[..., Engine],
                                                                  store: MemoryStore, proc: Proc) -> None:
     engine = make_engine(concurrency=2)
