@@ -32,7 +32,7 @@ class NewBatch:
 
 def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
                  status: BatchStatus, inputfile: str | None, max_rows: int,
-                 idempotency_key: str | None = None) -> NewBatch:
+                 idempotency_key: str | None = None, max_input_bytes: int | None = None) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
     while they stream). Raises InvalidInput for a bad or missing row; the caller's transaction then holds
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
@@ -42,7 +42,7 @@ def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: 
                           context=json_text(context), inputfile=inputfile, status=status)
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
-    n = copy_rows(q, batch_id, pairs, max_rows)
+    n = copy_rows(q, batch_id, pairs, max_rows, max_input_bytes)
     ver = q.set_nrows_status(id=batch_id, nrows=n, status=status)
     if status is BatchStatus.QUEUED:
         q.notify_work(app, op)
@@ -66,13 +66,13 @@ def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[s
 
 
 def append_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], *, max_rows: int,
-                wait: bool) -> tuple[BatchRecord, int, int]:
+                wait: bool, max_input_bytes: int | None = None) -> tuple[BatchRecord, int, int]:
     """Add rows to a batch held in ``wait`` (locked meanwhile, so appends queue), then release it unless
     ``wait``. (the batch as it was, its new row total, its new version); ``max_rows``: the batch's limit."""
     rec = locked_batch(q, batch_id)
     if rec.type != "B" or rec.status is not BatchStatus.WAIT:
         raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
-    total = rec.nrows + copy_rows(q, batch_id, pairs, max_rows - rec.nrows)
+    total = rec.nrows + copy_rows(q, batch_id, pairs, max_rows - rec.nrows, max_input_bytes)
     ver = q.set_nrows_status(id=batch_id, nrows=total, status=BatchStatus.WAIT if wait else BatchStatus.QUEUED)
     if not wait:
         q.notify_work(rec.app, rec.op)
@@ -114,9 +114,12 @@ def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, ty
     raise InvalidState(f"idempotency_key {key!r}: its batch keeps appearing and disappearing")
 
 
-def copy_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int) -> int:
-    """COPY rows into a batch; returns how many. A batch needs at least one row."""
-    stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
+def copy_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int,
+              max_input_bytes: int | None = None) -> int:
+    """COPY rows into a batch; returns how many. A batch needs at least one row, each row's input JSON at
+    most ``max_input_bytes``."""
+    stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0),
+                        **({} if max_input_bytes is None else {"max_input_bytes": max_input_bytes}))
     q.copy_rows(stream)
     n = stream.count
     if n == 0:
