@@ -56,7 +56,7 @@ def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[s
     idempotency key this app already used, nothing is stored and the first one is returned (``replayed``)."""
     queued = BatchStatus.QUEUED
     first = insert_record(q, idempotency_key, id=req_id, app=app, op=op, type="Q", context=json_text(context),
-                          inputfile=None, status=queued)
+                          inputfile=None, status=queued, input=input)
     if first is not None:
         return NewBatch(first, app, op, queued, 0, 0, replayed=True)
     q.insert_row(batch=req_id, line=0, input=input)
@@ -93,10 +93,13 @@ def release_batch(q: Queries, batch_id: str) -> tuple[BatchRecord, int | None]:
 
 
 def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, type: str, context: str,
-                  inputfile: str | None, status: BatchStatus) -> str | None:
+                  inputfile: str | None, status: BatchStatus, input: str | None = None) -> str | None:
     """Insert the batch record; with an idempotency key that this app already used, insert nothing and
-    return the first batch's id (refused if that was another kind of call). A concurrent insert of the
-    same key waits on the unique index until the first commits (or rolls back: then this one wins)."""
+    return the first batch's id, if this is the same call (op, type, context, input file and a slow query's
+    input; Stripe's rule); anything different is refused, and the refusal says nothing about the first call
+    (another caller that guessed or reused a key must not learn or get hold of someone else's batch).
+    A concurrent insert of the same key waits on the unique index until the first commits (or rolls back:
+    then this one wins)."""
     if key is None:
         q.insert_batch(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status)
         return None
@@ -107,9 +110,9 @@ def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, ty
         found = q.batch_by_key(app=app, key=key)
         if found is None:
             continue  # the holder of the key was deleted meanwhile: try to take it again
-        if (found.op, found.type) != (op, type):
-            kind = "a slow query" if found.type == "Q" else "a batch"
-            raise InvalidInput(f"idempotency_key {key!r} of app {app} was already used by {kind} of op {found.op}")
+        if not q.keyed_call_matches(id=found.id, op=op, type=type, context=context, inputfile=inputfile,
+                                    input=input):
+            raise InvalidInput("idempotency key reused with different parameters")
         return found.id
     raise InvalidState(f"idempotency_key {key!r}: its batch keeps appearing and disappearing")
 

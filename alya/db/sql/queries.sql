@@ -18,6 +18,15 @@ RETURNING id;
 -- name: batch_by_key
 SELECT id, op, type FROM batches WHERE app = %(app)s AND idempotency_key = %(key)s;
 
+-- name: keyed_call_matches
+-- Whether a retry with the key of batch %(id)s is the same call (Stripe's rule): the same op, type,
+-- context (as jsonb: key order and spacing do not matter), input file and, for a slow query, input.
+SELECT b.op = %(op)s AND b.type = %(type)s AND b.context = %(context)s::jsonb
+       AND b.inputfile IS NOT DISTINCT FROM %(inputfile)s
+       AND (%(input)s::jsonb IS NULL
+            OR EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.line = 0 AND r.input = %(input)s::jsonb))
+FROM batches b WHERE b.id = %(id)s;
+
 -- name: get_batch
 SELECT {batch_columns}
 FROM batches WHERE id = %(id)s;

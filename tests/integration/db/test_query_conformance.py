@@ -467,6 +467,10 @@ def test_slow_query_wait_and_keys(h: Harness) -> None:
                                         inputfile=None, status=BatchStatus.WAIT, key="k1")
         keyed = q.batch_by_key(app=APP, key="k1")
         assert keyed is not None and (keyed.op, keyed.type) == (OP, "B")
+        same = {"id": keyed.id, "op": OP, "type": "B", "context": "{ }", "inputfile": None, "input": None}
+        assert q.keyed_call_matches(**same)
+        for other in ({"context": '{"a": 1}'}, {"op": "x"}, {"type": "Q"}, {"inputfile": "f.csv"}, {"input": "{}"}):
+            assert not q.keyed_call_matches(**{**same, **other}), other
         assert q.batch_by_key(app="other", key="k1") is None
         assert [r.id for r in q.list_batches(app=APP, op=None, type="B", age_days=1)][1:] == [w]
         assert [r.id for r in q.list_batches(app=APP, op=OP, type="Q", age_days=1)] == [sq]
