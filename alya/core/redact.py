@@ -120,7 +120,10 @@ def secrets_of(url: str) -> set[str]:
     if not userinfo:
         return set()
     secret = userinfo.partition(":")[2] if ":" in userinfo else userinfo
-    return {s for s in (userinfo, secret, unquote(secret)) if s}
+    # A driver that ends the user info at the first '@' or '/' (libpq does) quotes the rest of the password
+    # as a host or a path: each such piece is a secret too.
+    pieces = {p for p in re.split(r"[@/?#:]", secret) if len(p) >= 3}
+    return {s for s in (userinfo, secret, unquote(secret), *pieces) if s}
 
 
 def url_error(variable: str, url: str, problem: str) -> str:
