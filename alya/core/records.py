@@ -58,16 +58,15 @@ BatchRecord.COLUMNS = ", ".join("status::text" if name == "status" else name for
 
 @dataclass(frozen=True, slots=True)
 class OpenBatch:
-    """A batch with rows to claim, as the claim sees it."""
+    """A batch with rows to claim, as the claim sees it (its context is read once, apart: ``batch_context``)."""
 
     id: str
     status: BatchStatus
-    context: dict[str, Any]
     ver: int
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> OpenBatch:
-        return cls(str(row[0]), BatchStatus(row[1]), row[2], int(row[3]))
+        return cls(str(row[0]), BatchStatus(row[1]), int(row[2]))
 
 
 @dataclass(frozen=True, slots=True)

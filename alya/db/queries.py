@@ -187,6 +187,10 @@ class Queries:
     def stalled_batches(self, *, sec: float) -> list[str]:
         return _ids(self._tx.all("stalled_batches", sec=sec))
 
+    def batch_context(self, *, id: str) -> dict[str, Any] | None:
+        row = self._tx.one("batch_context", id=id)
+        return None if row is None else row[0]  # type: ignore[no-any-return]
+
     def claim_rows(self, *, batch: str, n: int, worker: str, after: int) -> list[ClaimedRow]:
         return [ClaimedRow.from_row(r)
                 for r in self._tx.all("claim_rows", batch=batch, n=n, worker=worker, after=after)]

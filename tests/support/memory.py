@@ -652,7 +652,12 @@ class MemoryQueries(Queries):
         found = [b for b in self._open_batches()
                  if b.app == app and b.op == op and b.type == type and (only is None or b.id == only)
                  and any(r.claimable(self._now) for r in self._s.rows.get(b.id, {}).values())]
-        return [OpenBatch.from_row((b.id, b.status, _load(b.context), b.ver)) for b in found[:100]]
+        return [OpenBatch.from_row((b.id, b.status, b.ver)) for b in found[:100]]
+
+    def batch_context(self, *, id: str) -> dict[str, Any] | None:
+        self._q("batch_context")
+        b = self._s.batches.get(id)
+        return None if b is None else _load(b.context)  # type: ignore[no-any-return]
 
     def open_batches_all(self) -> list[BatchRef]:
         self._q("open_batches_all")

@@ -94,13 +94,17 @@ ORDER BY reqat DESC;
 -- Only batches of the registered kind (B or Q): a processor of the other kind is not this worker's.
 -- The EXISTS (one probe of the partial index of queued rows per batch) keeps batches whose rows are all
 -- held or waiting out a retry delay from filling the 100 and hiding a claimable batch behind them.
-SELECT b.id, b.status::text, b.context, b.ver FROM batches b
+SELECT b.id, b.status::text, b.ver FROM batches b
 WHERE b.app = %(app)s AND b.op = %(op)s AND b.type = %(type)s AND b.status IN ('queued', 'inprog')
   AND (%(only)s::uuid IS NULL OR b.id = %(only)s::uuid)
   AND EXISTS (SELECT 1 FROM batchrows r
               WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
 ORDER BY b.reqat
 LIMIT 100;
+
+-- name: batch_context
+-- A batch's context, read once per worker process (it never changes): not with every claim.
+SELECT context FROM batches WHERE id = %(id)s;
 
 -- name: claim_rows
 -- One chunk of one batch: queued rows in line order from `after` (the worker's last claim, so that the

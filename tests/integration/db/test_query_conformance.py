@@ -198,6 +198,7 @@ def test_a_stored_batch_reads_back_the_same(h: Harness) -> None:
         rec = q.get_batch(id=b)
         assert rec is not None and rec.status is BatchStatus.QUEUED and rec.nrows == 3 and rec.context == stored.context
         assert q.lock_open_batch(id=b) == rec and q.lock_batch(id=b) == rec
+        assert q.batch_context(id=b) == stored.context and q.batch_context(id=str(uuid.uuid4())) is None
         assert q.get_batch(id=str(uuid.uuid4())) is None
         assert q.row_counts(id=b).queued == 3
         # the input as jsonb prints it: keys by length, then bytewise
