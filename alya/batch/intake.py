@@ -195,7 +195,8 @@ class Intake:
                 dest = folder.done_url(batch.id, info.name) if batch else folder.failed_url(info.name, file_id[:8])
             rec = q.insert_file(id=file_id, url=url, size=info.size, version=info.version, filetype=ftype,
                                 status=SUBMITTED if batch else REJECTED, batch=batch.id if batch else None,
-                                nrows=batch.nrows if batch else 0, error=error, dest=dest)
+                                nrows=batch.nrows if batch else 0, error=error,
+                                dest=None if dest is None else stored_url(dest))
         log = get_logger()
         if batch is not None:
             log.info("file_submitted", url=shown_url(info.url), filetype=ftype, app=batch.app, op=batch.op,
@@ -240,7 +241,7 @@ class Intake:
             return rec
         try:
             with self.store.tx() as q:
-                moved = q.file_moved(id=rec.id, dest=dest)
+                moved = q.file_moved(id=rec.id, dest=stored_url(dest))
         except BackendUnavailable as exc:
             log.error("file_move_not_recorded", url=shown_url(rec.url), dest=shown_url(dest), error=str(exc))
             return rec
