@@ -25,13 +25,14 @@ import io
 import itertools
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from alya import BatchJobResult, BatchStatus, ErrorMessage, FileCheck, IncomingFile, JobManager, batch_flow
+from alya.io.readers import column_summary
 from flows.common import DbBlock, LoggingDone, example_jobmanager, first_registration
 
 APP, OP = "bank", "txn"
@@ -60,11 +61,14 @@ def ensure_schema(engine: Engine) -> None:
 
 
 class BankInitializer:
-    def __init__(self, database_url: str) -> None:
+    """``database_url`` may be a function: registering reads no URL, so importing this module starts
+    nothing (without ALYA_DATABASE_URL the URL is the embedded PostgreSQL's, started when first asked)."""
+
+    def __init__(self, database_url: str | Callable[[], str]) -> None:
         self.database_url = database_url
 
     def init(self, app: str) -> DbBlock:
-        block = DbBlock(self.database_url)
+        block = DbBlock(self.database_url if isinstance(self.database_url, str) else self.database_url())
         ensure_schema(block.engine)
         return block
 
@@ -160,9 +164,9 @@ class TxnFileChecker:
             return FileCheck(ok=False, error="no transactions in the file")
         missing = [c for c in TXN_COLUMNS if c not in first.columns]
         extra = sorted(set(map(str, first.columns)) - {*TXN_COLUMNS, "txn", "line"})
-        if missing or extra:
+        if missing or extra:  # the file's own names only when few and short: a rejection never echoes content
             return FileCheck(ok=False, error=f"columns must be {', '.join(TXN_COLUMNS)}[, txn]: "
-                                             f"missing {missing}, unexpected {extra}")
+                                             f"missing {missing}, unexpected {column_summary(extra)}")
         return FileCheck(ok=True, app=APP, op=OP, context={**context, "file": file.name},
                          rows=itertools.chain([first], frames))
 
@@ -170,7 +174,7 @@ class TxnFileChecker:
 def register(jm: JobManager) -> None:
     if not first_registration(jm, APP):
         return
-    jm.register_initializer(APP, BankInitializer(jm.store.database_url))
+    jm.register_initializer(APP, BankInitializer(lambda: jm.store.database_url))
     jm.register_batch_processor(APP, OP, BankTxnProcessor())
     jm.register_file_checker(TXN_FILE_TYPE, TxnFileChecker())
 

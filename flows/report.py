@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -23,11 +24,13 @@ MAX_DAYS = 366
 
 
 class ReportInitializer:
-    def __init__(self, database_url: str) -> None:
+    """``database_url`` may be a function: importing the module then starts nothing (see flows.bank)."""
+
+    def __init__(self, database_url: str | Callable[[], str]) -> None:
         self.database_url = database_url
 
     def init(self, app: str) -> DbBlock:
-        return DbBlock(self.database_url)
+        return DbBlock(self.database_url if isinstance(self.database_url, str) else self.database_url())
 
 
 def check_input(input: dict[str, Any]) -> tuple[list[ErrorMessage], dict[str, Any]]:
@@ -78,7 +81,7 @@ class ReportSummaryProcessor(LoggingDone):
 def register(jm: JobManager) -> None:
     if not first_registration(jm, APP):
         return
-    jm.register_initializer(APP, ReportInitializer(jm.store.database_url))
+    jm.register_initializer(APP, ReportInitializer(lambda: jm.store.database_url))
     jm.register_slowquery_processor(APP, OP, ReportSummaryProcessor())
 
 

@@ -17,6 +17,7 @@ from alya.batch.intake import Intake
 from alya.batch.services import Services
 from alya.batch.status import Statuses
 from alya.core import validate
+from alya.core.confine import Roots
 from alya.core.errors import InvalidState
 from alya.core.logs import get_logger, status_change
 from alya.core.models import (
@@ -31,9 +32,9 @@ from alya.core.models import (
     messages_from_json,
 )
 from alya.core.records import Counts
-from alya.core.redact import shown_url
+from alya.core.redact import shown_url, stored_url
 from alya.core.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
-from alya.core.settings import Backends, JobManagerConfig, default_object_store_url
+from alya.core.settings import Backends, IntakeSettings, JobManagerConfig, default_object_store_url
 from alya.db.batches import append_rows, insert_batch, insert_slowquery, release_batch
 from alya.db.ingest import iter_rows
 from alya.db.store import Store, json_text
@@ -155,16 +156,17 @@ class JobManager:
         ``priority`` (-1000..1000): among queued work a worker serves, higher starts first; equal
         priorities share the slots in turn, and lower ones keep a reserved share (README, "Scheduling")."""
         app, op = validate.app_name(app), validate.op_name(op)
-        ctx = validate.json_object(context, "context")
+        ctx = validate.json_object(context, "context", self.config.max_context_bytes)
         if inputfile is not None:
-            inputfile = validate.text_value(inputfile, "inputfile")
+            inputfile = stored_url(validate.text_value(inputfile, "inputfile"))
         key = validate.idempotency_key(idempotency_key)
         prio = validate.priority(priority)
         pairs = iter_rows(rows)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as q:
             new = insert_batch(q, app, op, ctx, pairs, status=status, inputfile=inputfile,
-                               max_rows=self.config.batchrowmax, idempotency_key=key, priority=prio)
+                               max_rows=self.config.batchrowmax, idempotency_key=key, priority=prio,
+                               max_input_bytes=self.config.max_input_bytes)
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
             return new.id
@@ -177,7 +179,8 @@ class JobManager:
         batch_id = validate.batch_id(batch_id)
         pairs = iter_rows(rows)
         with self.store.tx() as q:
-            rec, total, ver = append_rows(q, batch_id, pairs, max_rows=self.config.batchrowmax, wait=wait)
+            rec, total, ver = append_rows(q, batch_id, pairs, max_rows=self.config.batchrowmax, wait=wait,
+                                          max_input_bytes=self.config.max_input_bytes)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         if not wait:
             status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
@@ -233,8 +236,8 @@ class JobManager:
         ``priority`` defaults above batches' 0: a slow query starts on the next free slot of a worker
         busy with batches."""
         app, op = validate.app_name(app), validate.op_name(op)
-        ctx = validate.json_object(context, "context")
-        data = json_text(validate.json_object(input, "input"))
+        ctx = validate.json_object(context, "context", self.config.max_context_bytes)
+        data = json_text(validate.json_object(input, "input", self.config.max_input_bytes))
         key = validate.idempotency_key(idempotency_key)
         prio = validate.priority(priority)
         req_id = str(uuid.uuid4())  # chosen outside the transaction: Store.run may run it again
@@ -316,9 +319,13 @@ class JobManager:
     @functools.cached_property
     def intake(self) -> Intake:
         """The file intake of this JobManager (its checkers); the methods below delegate to it."""
-        return Intake(self.store, self.config.batchrowmax, lambda b: self._queued(b.app, b.op, b.id, b.ver,
-                                                                                    b.status, b.nrows),
-                      storage_options=self.services.objects.options_for)
+        c = self.config
+        roots = IntakeSettings().intake_roots  # type: ignore[call-arg]  # ALYA_INTAKE_ROOTS, when set, bounds calls
+        return Intake(self.store, c.batchrowmax, lambda b: self._queued(b.app, b.op, b.id, b.ver, b.status, b.nrows),
+                      storage_options=self.services.objects.options_for,
+                      roots=Roots(roots) if roots is not None else None,
+                      read_limits={"max_line_bytes": c.max_line_bytes, "max_bytes": c.max_file_bytes},
+                      max_context_bytes=c.max_context_bytes, max_input_bytes=c.max_input_bytes)
 
     def register_file_checker(self, filetype: str, checker: FileChecker) -> None:
         self.intake.register_checker(filetype, checker)

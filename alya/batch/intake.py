@@ -29,11 +29,12 @@ from itertools import chain
 from typing import Any
 
 from alya.core import validate
+from alya.core.confine import Roots
 from alya.core.errors import BackendUnavailable, InvalidInput, ProcessorNotFound, describe
 from alya.core.logs import get_logger, status_change
 from alya.core.models import BatchStatus, FileCheck, FileIntake
 from alya.core.records import FileRecord
-from alya.core.redact import shown_url
+from alya.core.redact import redact_text, shown_url, stored_url
 from alya.db.batches import NewBatch, insert_batch
 from alya.db.ingest import iter_rows
 from alya.db.queries import Queries
@@ -75,53 +76,76 @@ class Intake:
 
     ``on_batch`` is called after each commit that stored a batch (the facade caches its summary and
     dispatches a flow run); it must not raise. ``storage_options`` gives the fsspec options for a URL
-    (the JobManager's, when the URL is on its object store's file system)."""
+    (the JobManager's, when the URL is on its object store's bucket or host). ``roots`` (ALYA_INTAKE_ROOTS,
+    when set) confine every URL this intake reads; the intake flows pass their own to each call."""
 
     def __init__(self, store: Store, batchrowmax: int, on_batch: Callable[[NewBatch], None],
-                 storage_options: Callable[[str], dict[str, Any]] | None = None) -> None:
+                 storage_options: Callable[[str], dict[str, Any]] | None = None, roots: Roots | None = None,
+                 read_limits: dict[str, int] | None = None, max_context_bytes: int | None = None,
+                 max_input_bytes: int | None = None) -> None:
         self.store = store
         self.batchrowmax = batchrowmax
         self.on_batch = on_batch
         self.options_for = storage_options or (lambda url: {})
+        self.roots = roots
+        self.read_limits = dict(read_limits or {})
+        self.max_context_bytes, self.max_input_bytes = max_context_bytes, max_input_bytes
         self.checkers = FileCheckers()
 
     def register_checker(self, filetype: str, checker: FileChecker) -> None:
         self.checkers.add(filetype, checker)
 
     # ------------------------------------------------------------------ the API
-    def file_submit(self, url: str, filetype: str, context: dict[str, Any] | str | None = None) -> FileIntake:
+    def file_submit(self, url: str, filetype: str, context: dict[str, Any] | str | None = None, *,
+                    roots: Roots | None = None) -> FileIntake:
         """Check one file and submit its batch (Go: BulkfileinProcess); the file stays where it is. The same
         file again (URL, size, version) returns its first FileIntake and submits nothing, also when the two
         calls race. Raises InvalidInput (no such file, bad context), ProcessorNotFound (unknown file type),
-        BackendUnavailable (the file's store or PostgreSQL unreachable: then nothing is stored)."""
+        BackendUnavailable (the file's store or PostgreSQL unreachable: then nothing is stored).
+        Confined (``roots``, else the intake's own): a URL outside them is refused before it is touched."""
         ftype = validate.file_type(filetype)
         checker = self.checkers.get(ftype)
-        ctx = validate.json_object(context if context is not None else {}, "context")
+        ctx = validate.json_object(context if context is not None else {}, "context", self.max_context_bytes)
+        confine = roots if roots is not None else self.roots
+        if confine is not None:
+            url = confine.check(url, "file")
         info = stat(url, self.options_for(url))
         taken = self._take(info, ftype, checker, ctx, folder=None, wait=True)
         assert taken is not None  # waiting for the lock always gets it
         return taken.record.intake()
 
     def scan(self, folder_url: str, patterns: dict[str, str] | str, min_age_sec: float = 10,
-             context: dict[str, Any] | str | None = None) -> list[FileIntake]:
+             context: dict[str, Any] | str | None = None, *, roots: Roots | None = None) -> list[FileIntake]:
         """One pass over the folder's own files (not its subfolders): each file whose name matches a glob
         of ``patterns`` (first match wins) and that is at least ``min_age_sec`` old is taken, exactly once
         across concurrent scans, and moved to ``done/<batch_id>/`` or ``failed/``. Returns the files that
-        this pass took, in name order. Files taken earlier whose move was interrupted are moved now."""
+        this pass took, in name order. Files taken earlier whose move was interrupted are moved now.
+        Confined (``roots``, else the intake's own): a folder outside them is refused before it is listed,
+        and a listed file whose real path leaves them (a symlink) is left alone."""
         pats = validate.file_patterns(patterns)
         checkers = {ftype: self.checkers.get(ftype) for ftype in dict.fromkeys(pats.values())}
         min_age = _min_age(min_age_sec)
-        ctx = validate.json_object(context if context is not None else {}, "context")
+        ctx = validate.json_object(context if context is not None else {}, "context", self.max_context_bytes)
+        confine = roots if roots is not None else self.roots
+        if confine is not None:
+            folder_url = confine.check(folder_url, "folder")
         folder = Folder(folder_url, self.options_for(folder_url))
-        listed = [(info, ftype) for info in folder.files() if (ftype := _file_type_of(info.name, pats))]
+        log = get_logger()
+        listed = []
+        for info in folder.files():
+            if not (ftype := _file_type_of(info.name, pats)):
+                continue
+            if confine is not None and not confine.allows(info.url):
+                log.warning("file_outside_roots", url=shown_url(info.url), next="left alone")
+                continue
+            listed.append((info, ftype))
         if not listed:
             return []
         with self.store.tx() as q:
-            known = {_key_of(r): r for r in q.files_at(urls=[i.url for i, _ in listed])}
-        log = get_logger()
+            known = {_key_of(r): r for r in q.files_at(urls=[stored_url(i.url) for i, _ in listed])}
         taken: list[FileIntake] = []
         for info, ftype in listed:
-            rec = known.get((info.url, info.size, info.version))
+            rec = known.get((stored_url(info.url), info.size, info.version))
             if rec is not None:  # taken before: at most its move is left to do
                 self._move(folder, rec, info.name, completing=True)
                 continue
@@ -154,13 +178,14 @@ class Intake:
               folder: Folder | None, wait: bool) -> _Taken | None:
         """Claim, check, submit and record one file in one transaction. None: a scan found it claimed by
         another one. Otherwise its record, new or (``new=False``) the one an earlier taker committed."""
-        file = IncomingFile(info, self.options_for(info.url))
+        file = IncomingFile(info, self.options_for(info.url), **self.read_limits)
+        url = stored_url(info.url)  # what the tables hold: never a credential
         with self.store.tx() as q:
             if wait:
-                q.lock_file(url=info.url)
-            elif not q.try_lock_file(url=info.url):
+                q.lock_file(url=url)
+            elif not q.try_lock_file(url=url):
                 return None
-            found = q.get_file(url=info.url, size=info.size, version=info.version)
+            found = q.get_file(url=url, size=info.size, version=info.version)
             if found is not None:
                 return _Taken(found, new=False)
             file_id = str(uuid.uuid4())
@@ -168,9 +193,10 @@ class Intake:
             dest = None
             if folder is not None:
                 dest = folder.done_url(batch.id, info.name) if batch else folder.failed_url(info.name, file_id[:8])
-            rec = q.insert_file(id=file_id, url=info.url, size=info.size, version=info.version, filetype=ftype,
+            rec = q.insert_file(id=file_id, url=url, size=info.size, version=info.version, filetype=ftype,
                                 status=SUBMITTED if batch else REJECTED, batch=batch.id if batch else None,
-                                nrows=batch.nrows if batch else 0, error=error, dest=dest)
+                                nrows=batch.nrows if batch else 0, error=error,
+                                dest=None if dest is None else stored_url(dest))
         log = get_logger()
         if batch is not None:
             log.info("file_submitted", url=shown_url(info.url), filetype=ftype, app=batch.app, op=batch.op,
@@ -190,10 +216,12 @@ class Intake:
             with q.savepoint():
                 check = _run_checker(checker, file, ctx)
                 app, op = validate.app_name(check.app), validate.op_name(check.op)
-                bctx = validate.json_object(check.context if check.context is not None else ctx, "context")
+                bctx = validate.json_object(check.context if check.context is not None else ctx, "context",
+                                            self.max_context_bytes)
                 pairs = _guarded(_pairs_of(check.rows, file))
-                batch = insert_batch(q, app, op, bctx, pairs, status=BatchStatus.QUEUED, inputfile=file.url,
-                                     max_rows=self.batchrowmax)
+                batch = insert_batch(q, app, op, bctx, pairs, status=BatchStatus.QUEUED,
+                                     inputfile=stored_url(file.url), max_rows=self.batchrowmax,
+                                     max_input_bytes=self.max_input_bytes)
         except (_Rejected, InvalidInput) as exc:
             return None, _reason(exc)
         return batch, None
@@ -213,7 +241,7 @@ class Intake:
             return rec
         try:
             with self.store.tx() as q:
-                moved = q.file_moved(id=rec.id, dest=dest)
+                moved = q.file_moved(id=rec.id, dest=stored_url(dest))
         except BackendUnavailable as exc:
             log.error("file_move_not_recorded", url=shown_url(rec.url), dest=shown_url(dest), error=str(exc))
             return rec
@@ -291,12 +319,12 @@ def _user_error(exc: Exception, what: str) -> Exception:
     if isinstance(exc, (_Rejected, InvalidInput, _Unreadable)):
         return exc
     if isinstance(exc, (OSError, BackendUnavailable)):
-        return _Unreadable(f"{what}: {type(exc).__name__}: {exc}")
+        return _Unreadable(redact_text(f"{what}: {type(exc).__name__}: {exc}"))
     return _Rejected(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = redact_text(str(exc).strip()) or type(exc).__name__
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
 
 

@@ -5,6 +5,12 @@ status change.
 This is the one place that builds a status: clients (batch_status, batch_done), the engine (after a claim,
 a write-back, finishing a batch: ``alya.batch.finish``) and the facade (after submit, abort) all go through
 ``Statuses``, so the cached form and the version rule cannot differ between writers.
+
+Redis is not trusted: anyone who reaches it may write any value under a batch's key. A cached summary is
+used only if every field checks (types, a known status agreeing with ``final``, counts within ``nrows``, a
+version in range), and cached rows only if they carry the summary's version and its row count; anything
+else is a miss that PostgreSQL answers and overwrites. A value whose version is above PostgreSQL's (or that
+claims final where PostgreSQL does not) can only be forged: a write it blocks replaces it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alya.core.errors import BatchNotFound
+from alya.core.logs import get_logger
 from alya.core.models import BatchOutput, BatchStatus, BatchSummary
 from alya.core.names import done_key, summary_key
 from alya.core.records import BatchRecord, Counts, batch_output
@@ -33,8 +40,48 @@ class Summary:
         return self.value.as_row()  # the cache adds ``ver`` and ``final``
 
     @classmethod
-    def from_cached(cls, d: dict[str, Any]) -> Summary:
-        return cls(BatchSummary.from_row(d), int(d.get("ver", 0)))
+    def from_cached(cls, d: dict[str, Any]) -> Summary | None:
+        """The summary of a cached value, or None when any field fails its check (a forged or garbled
+        value is a miss, never an exception)."""
+        ver, final = d.get("ver"), d.get("final")
+        if type(ver) is not int or not 0 < ver <= MAX_VER or type(final) is not bool:
+            return None
+        try:
+            s = BatchSummary.from_row(d)
+        except (KeyError, ValueError, TypeError):
+            return None
+        counts = [getattr(s, name) for name in _COUNTS]
+        if s.status.is_final is not final or any(type(c) is not int or c < 0 for c in counts) \
+                or sum(counts[1:]) > s.nrows:
+            return None
+        if not isinstance(s.outputfiles, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in s.outputfiles.items()):
+            return None
+        if s.error is not None and not isinstance(s.error, str):
+            return None
+        return cls(s, ver)
+
+
+MAX_VER = 2**31 - 1  # batches.ver is an integer column
+_COUNTS = ("nrows", "nsuccess", "nfailed", "naborted", "nqueued", "ninprog")
+
+
+def cached_rows(cached: dict[str, Any] | None, summary: Summary) -> list[BatchOutput] | None:
+    """The rows of a cached done entry, if it is the one of this summary (same version, one row per line
+    of the batch, each a final row); else None (a miss)."""
+    if cached is None or cached.get("ver") != summary.ver or type(cached.get("ver")) is not int:
+        return None
+    rows = cached.get("rows")
+    if not isinstance(rows, list) or len(rows) != summary.value.nrows:
+        return None
+    try:
+        out = [batch_output(r) for r in rows]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if any(type(r.line) is not int or not r.status.is_final or (r.res is not None and not isinstance(r.res, dict))
+           for r in out):
+        return None
+    return out
 
 
 def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: dict[str, str], ver: int,
@@ -72,8 +119,9 @@ class Statuses:
     def read(self, batch_id: str) -> Summary:
         """From Redis when cached, else from PostgreSQL (and then cached)."""
         cached = self.cache.get(summary_key(batch_id))
-        if cached is not None:
-            return Summary.from_cached(cached)
+        checked = Summary.from_cached(cached) if cached is not None else None
+        if checked is not None:
+            return checked
         def read(q: Queries) -> Summary:
             rec = q.get_batch(id=batch_id)
             if rec is None:
@@ -87,8 +135,31 @@ class Statuses:
     def put(self, batch_id: str, summary: Summary) -> None:
         """Cache a status unless a newer version is cached (never raises: the cache is optional)."""
         status = summary.value.status
-        self.cache.put(summary_key(batch_id), summary.as_cached(), summary.ver, status.is_final,
-                       ttl=OPEN_TTL_SEC if status in _WORKED_ON else None)
+        key = summary_key(batch_id)
+        ttl = OPEN_TTL_SEC if status in _WORKED_ON else None
+        if not self.cache.put(key, summary.as_cached(), summary.ver, status.is_final, ttl=ttl) \
+                and self._forged(batch_id, key, summary.ver):
+            self.cache.put(key, summary.as_cached(), summary.ver, status.is_final, ttl=ttl)
+
+    def _forged(self, batch_id: str, key: str, ver: int) -> bool:
+        """After a put the cache refused (it holds a newer or a final value): whether that value is forged,
+        i.e. newer than PostgreSQL's version or final where PostgreSQL's batch is not (every real value is
+        written after its commit, so it can be neither). A forged value is deleted. Costs one read of the
+        batch, only on refused puts (rare: a stale reader losing a race)."""
+        held = self.cache.get(key, stale=True)
+        if held is None or not self.cache.available:
+            return False
+        held_ver, held_final = held.get("ver"), held.get("final")
+        if type(held_ver) is int and held_ver <= ver and held_final is not True:
+            return False
+        rec = self.store.run(lambda q: q.get_batch(id=batch_id), readonly=True)
+        if rec is not None and type(held_ver) is int and held_ver <= rec.ver and \
+                (held_final is not True or rec.status.is_final):
+            return False
+        get_logger().warning("cache_value_forged", batch=batch_id, cached_ver=str(held_ver)[:20],
+                             ver=rec.ver if rec else None, next="replaced from PostgreSQL")
+        self.cache.delete(key)
+        return True
 
     def put_new(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: Counts,
                 outputfiles: dict[str, str] | None = None, error: str | None = None) -> Summary:
@@ -103,11 +174,14 @@ class Statuses:
     def final_rows(self, batch_id: str, summary: Summary) -> list[BatchOutput]:
         """Every row of a final batch, ordered by line; small batches are cached whole."""
         if summary.value.nrows <= self.done_cache_rows:
-            cached = self.cache.get(done_key(batch_id))
-            if cached is not None:
-                return [batch_output(r) for r in cached["rows"]]
+            key = done_key(batch_id)
+            rows = cached_rows(self.cache.get(key), summary)
+            if rows is not None:
+                return rows
             stored = self.store.run(lambda q: q.batch_rows(id=batch_id), readonly=True)
-            self.cache.put(done_key(batch_id), {"rows": [r.as_cached() for r in stored]}, summary.ver, final=True)
+            value = {"rows": [r.as_cached() for r in stored]}
+            if not self.cache.put(key, value, summary.ver, final=True) and self._forged(batch_id, key, summary.ver):
+                self.cache.put(key, value, summary.ver, final=True)
             return [r.output() for r in stored]
 
         # Large: rows go from a server-side cursor straight into the result, never held twice.

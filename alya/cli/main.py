@@ -195,15 +195,17 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
     if as_json:
         _print_json({**{f.name: getattr(d, f.name) for f in fields(d) if f.name != "rows"}, "rows": d.rows})
         return
+    from rich.markup import escape
+
     from alya.cli.views import styled
 
     console = _console()
     console.print(f"batch {batch_id}: {styled(d.status)}, {d.nsuccess:,} success, {d.nfailed:,} failed"
                   + (f", {d.naborted:,} aborted" if d.naborted else ""))
     for name, url in d.outputfiles.items():
-        console.print(f"  output file {name}: {url}")
+        console.print(f"  output file {escape(name)}: {escape(url)}")
     if d.error:
-        console.print(f"  [red]{d.error}[/]")
+        console.print(f"  [red]{escape(d.error)}[/]")
     if d.rows is None:
         console.print("  not final yet: `alya watch` follows it")
 

@@ -1,5 +1,9 @@
 """What the ``alya`` command shows on a terminal (rich): batch tables and a live progress bar.
 
+Text that alya did not write itself (errors, output file names and URLs, a processor's messages) goes through
+:func:`escape` before rich sees it: ``[/]`` in a summary error is text, never markup (it crashed ``alya
+status`` with a MarkupError).
+
 Only the public JobManager API is used (``batch_status``), so what a user sees is what their own code
 would get. Piped output gets the same tables without colour, and a progress bar only once, at its end."""
 
@@ -10,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -47,13 +52,13 @@ def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> T
             t.add_row(label, styled(s.status))
         elif isinstance(value, dict):
             for key, item in value.items():
-                t.add_row(label, f"{key}: {item}")
+                t.add_row(label, escape(f"{key}: {item}"))
         elif name == "error":
-            t.add_row(label, f"[red]{value}[/]")
+            t.add_row(label, f"[red]{escape(str(value))}[/]")
         elif isinstance(value, int) and not isinstance(value, bool):
             t.add_row(label, f"{value:,}")
         else:
-            t.add_row(label, str(value))
+            t.add_row(label, escape(str(value)))
     return t
 
 
@@ -66,7 +71,7 @@ def batches_table(items: Iterable[BatchDetails]) -> Table:
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("requested", no_wrap=True)
     for d in items:
-        t.add_row(d.id, d.op, styled(d.status), f"{d.nrows:,}", f"{d.nsuccess:,}", f"{d.nfailed:,}",
+        t.add_row(d.id, escape(d.op), styled(d.status), f"{d.nrows:,}", f"{d.nsuccess:,}", f"{d.nfailed:,}",
                   d.reqat.strftime("%m-%d %H:%M"))
     return t
 

@@ -9,7 +9,8 @@
   a handler that forwards lines to the run they belong to and a function that tells which run this thread
   is in. Rows run on alya's own threads, which do not carry Prefect's run context, so the engine binds the
   run ids to the loggers it hands them (:func:`run_logger`).
-- Credentials are never logged: URLs only as ``alya.core.redact`` shows them, Redis as host:port/db.
+- Credentials are never logged: URLs only as ``alya.core.redact`` shows them, Redis as host:port/db, and a
+  last processor (:func:`redact_urls`) redacts every URL in every value of every line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
+
+from alya.core.redact import redact_value
 
 LOGGER = "alya"
 _configured = False
@@ -54,7 +57,7 @@ def install_run_log(handler: logging.Handler, run_ids: RunIds) -> None:
 
 def _run_formatter() -> logging.Formatter:
     return structlog.stdlib.ProcessorFormatter(
-        processors=[_drop_run_ids, _remove_meta, structlog.processors.KeyValueRenderer(
+        processors=[_drop_run_ids, _remove_meta, redact_urls, structlog.processors.KeyValueRenderer(
             key_order=["event", "app", "op", "batch", "line", "old", "new"], drop_missing=True)])
 
 
@@ -86,7 +89,8 @@ def configure(level: str | None = None, fmt: str | None = None, *, force: bool =
         renderer: Any = (structlog.dev.ConsoleRenderer(colors=_stderr_is_terminal()) if fmt == "console"
                          else structlog.processors.JSONRenderer())
         stderr = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
-        stderr.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[_drop_run_ids, _remove_meta, renderer]))
+        stderr.setFormatter(structlog.stdlib.ProcessorFormatter(
+            processors=[_drop_run_ids, _remove_meta, redact_urls, renderer]))
         logger = logging.getLogger(LOGGER)
         for h in list(logger.handlers):
             logger.removeHandler(h)
@@ -108,6 +112,16 @@ def _stderr_is_terminal() -> bool:
 def _remove_meta(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event_dict.pop("_record", None)
     event_dict.pop("_from_structlog", None)
+    return event_dict
+
+
+def redact_urls(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The last step before a line is written, wherever it goes: every URL in every value loses its
+    credentials and secret query values (``alya.core.redact``), whoever logged it and however (an error
+    message quoting a URL, a processor's own line): a secret cannot reach stderr or the Prefect UI."""
+    for key, value in event_dict.items():
+        if isinstance(value, (str, list, tuple, dict)):
+            event_dict[key] = redact_value(value)
     return event_dict
 
 

@@ -58,17 +58,16 @@ BatchRecord.COLUMNS = ", ".join("status::text" if name == "status" else name for
 
 @dataclass(frozen=True, slots=True)
 class OpenBatch:
-    """A batch with rows to claim, as the claim sees it."""
+    """A batch with rows to claim, as the claim sees it (its context is read once, apart: ``batch_context``)."""
 
     id: str
     status: BatchStatus
-    context: dict[str, Any]
     ver: int
     priority: int = 0
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> OpenBatch:
-        return cls(str(row[0]), BatchStatus(row[1]), row[2], int(row[3]), int(row[4]) if len(row) > 4 else 0)
+        return cls(str(row[0]), BatchStatus(row[1]), int(row[2]), int(row[3]) if len(row) > 3 else 0)
 
 
 @dataclass(frozen=True, slots=True)

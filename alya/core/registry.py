@@ -11,8 +11,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from alya.core.errors import InvalidInput, ProcessorNotFound
+from alya.core.errors import ConfigError, InvalidInput, ProcessorNotFound
 from alya.core.models import BatchDetails, BatchJobResult, SlowQueryResult
+from alya.core.names import flow_name
 from alya.core.validate import app_name, op_name
 
 
@@ -74,6 +75,13 @@ class Registry:
                 # One (app, op) is one batch type and one Prefect flow: it cannot be both kinds.
                 raise InvalidInput(f"{app}/{op} is already registered as a "
                                    f"{'batch' if old.type == 'B' else 'slow-query'} processor")
+            # Prefect names fold '_' and '.' into '-': (bank_x, y) and (bank, x_y) would be one flow and one
+            # deployment, and a run of one could serve the other.
+            name = flow_name(app, op)
+            clash = next((k for k in self._processors if k != (app, op) and flow_name(*k) == name), None)
+            if clash is not None:
+                raise ConfigError(f"{app}/{op} and {clash[0]}/{clash[1]} would both be the Prefect flow {name}: "
+                                  "rename one of them")
             self._processors[(app, op)] = reg  # the same kind again replaces the processor
         return reg
 

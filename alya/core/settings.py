@@ -14,7 +14,9 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from alya.core.confine import parse_roots
 from alya.core.errors import ConfigError, InvalidInput
+from alya.core.redact import redact_text
 from alya.core.validate import file_patterns
 
 
@@ -22,7 +24,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
     problems = []
     for err in exc.errors():
         name = "ALYA_" + "_".join(str(p) for p in err["loc"]).upper()
-        problems.append(f"{name}={err.get('input')!r}: {err['msg']}")
+        problems.append(redact_text(f"{name}={err.get('input')!r}: {err['msg']}"))
     return ConfigError("invalid setting: " + "; ".join(problems))
 
 
@@ -61,6 +63,10 @@ class JobManagerConfig(_Settings):
     cancel_timeout_sec: float = Field(30.0, ge=0, description="Cancelling runs are forced Cancelled after")
     poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers (wake-ups aside)")
     done_cache_rows: int = Field(1000, ge=0, description="final batches this small cache their rows too")
+    max_context_bytes: int = Field(64 * 2**10, ge=2, description="most bytes of a batch's context as JSON")
+    max_input_bytes: int = Field(2**20, ge=2, le=64 * 2**20, description="most bytes of one row's input as JSON")
+    max_line_bytes: int = Field(2**20, ge=1, description="longest line of a CSV / JSON lines file read in")
+    max_file_bytes: int = Field(16 * 2**30, ge=1, description="most bytes of a file read in, decompressed")
     auto_migrate: bool = Field(False, description="workers (jm.run, served flows) migrate the database on start")
     app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
                                        description="most rows of an app in progress at once, across all workers")
@@ -130,6 +136,29 @@ class IntakeSettings(_Settings):
     intake_patterns: str = Field("", description='GLOB=FILETYPE,...: "*.csv=txn,*.parquet=txn"')
     intake_min_age_sec: float = Field(10.0, ge=0, description="younger files wait for a later pass")
     intake_every_sec: int = Field(60, ge=1, le=86_400, description="interval of the scheduled deployment")
+    intake_roots: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="URL prefixes the intake flows (and, when set, file_submit/intake_scan) may read")
+
+    @field_validator("intake_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        """Comma-separated URL prefixes (or a JSON list); each a clean URL or path."""
+        if isinstance(value, str) and value.strip().startswith("["):
+            import json
+
+            value = json.loads(value)
+        try:
+            return parse_roots(value) if value is not None else None
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def roots(self) -> list[str]:
+        """What confines the intake flows' parameters: ALYA_INTAKE_ROOTS, or ALYA_INTAKE_URL alone when that
+        is unset, or nothing at all (every URL refused)."""
+        if self.intake_roots is not None:
+            return list(self.intake_roots)
+        return [self.intake_url] if self.intake_url else []
 
     @field_validator("intake_patterns")
     @classmethod

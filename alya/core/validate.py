@@ -119,8 +119,9 @@ def op_name(op: Any) -> str:
     return op.lower()
 
 
-def json_object(value: Any, what: str) -> dict[str, Any]:
-    """A dict, or the JSON text of an object; anything else is refused."""
+def json_object(value: Any, what: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """A dict, or the JSON text of an object; anything else is refused, and so is one whose JSON is longer
+    than ``max_bytes`` (every claim and status read carries a batch's context: it must stay small)."""
     if isinstance(value, (str, bytes)):
         try:
             value = orjson.loads(value)
@@ -133,6 +134,9 @@ def json_object(value: Any, what: str) -> dict[str, Any]:
     except TypeError as exc:
         raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
     check_json_data(data, value, what)
+    if max_bytes is not None and len(data) > max_bytes:
+        setting = "ALYA_MAX_CONTEXT_BYTES" if what == "context" else "ALYA_MAX_INPUT_BYTES"
+        raise InvalidInput(f"{what} is larger than {max_bytes} bytes of JSON ({setting})")
     return value
 
 

@@ -32,7 +32,8 @@ class NewBatch:
 
 def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
                  status: BatchStatus, inputfile: str | None, max_rows: int,
-                 idempotency_key: str | None = None, priority: int = 0) -> NewBatch:
+                 idempotency_key: str | None = None, priority: int = 0,
+                 max_input_bytes: int | None = None) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
     while they stream). Raises InvalidInput for a bad or missing row; the caller's transaction then holds
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
@@ -42,7 +43,7 @@ def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: 
                           context=json_text(context), inputfile=inputfile, status=status, priority=priority)
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
-    n = copy_rows(q, batch_id, pairs, max_rows)
+    n = copy_rows(q, batch_id, pairs, max_rows, max_input_bytes)
     ver = q.set_nrows_status(id=batch_id, nrows=n, status=status)
     if status is BatchStatus.QUEUED:
         q.notify_work(app, op)
@@ -56,7 +57,7 @@ def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[s
     idempotency key this app already used, nothing is stored and the first one is returned (``replayed``)."""
     queued = BatchStatus.QUEUED
     first = insert_record(q, idempotency_key, id=req_id, app=app, op=op, type="Q", context=json_text(context),
-                          inputfile=None, status=queued, priority=priority)
+                          inputfile=None, status=queued, input=input, priority=priority)
     if first is not None:
         return NewBatch(first, app, op, queued, 0, 0, replayed=True)
     q.insert_row(batch=req_id, line=0, input=input)
@@ -66,13 +67,13 @@ def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[s
 
 
 def append_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], *, max_rows: int,
-                wait: bool) -> tuple[BatchRecord, int, int]:
+                wait: bool, max_input_bytes: int | None = None) -> tuple[BatchRecord, int, int]:
     """Add rows to a batch held in ``wait`` (locked meanwhile, so appends queue), then release it unless
     ``wait``. (the batch as it was, its new row total, its new version); ``max_rows``: the batch's limit."""
     rec = locked_batch(q, batch_id)
     if rec.type != "B" or rec.status is not BatchStatus.WAIT:
         raise InvalidState(f"batch {batch_id} is {rec.status.value}: rows are appended only while wait")
-    total = rec.nrows + copy_rows(q, batch_id, pairs, max_rows - rec.nrows)
+    total = rec.nrows + copy_rows(q, batch_id, pairs, max_rows - rec.nrows, max_input_bytes)
     ver = q.set_nrows_status(id=batch_id, nrows=total, status=BatchStatus.WAIT if wait else BatchStatus.QUEUED)
     if not wait:
         q.notify_work(rec.app, rec.op)
@@ -93,10 +94,14 @@ def release_batch(q: Queries, batch_id: str) -> tuple[BatchRecord, int | None]:
 
 
 def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, type: str, context: str,
-                  inputfile: str | None, status: BatchStatus, priority: int = 0) -> str | None:
+                  inputfile: str | None, status: BatchStatus, input: str | None = None,
+                  priority: int = 0) -> str | None:
     """Insert the batch record; with an idempotency key that this app already used, insert nothing and
-    return the first batch's id (refused if that was another kind of call). A concurrent insert of the
-    same key waits on the unique index until the first commits (or rolls back: then this one wins)."""
+    return the first batch's id, if this is the same call (op, type, context, input file and a slow query's
+    input; Stripe's rule); anything different is refused, and the refusal says nothing about the first call
+    (another caller that guessed or reused a key must not learn or get hold of someone else's batch).
+    A concurrent insert of the same key waits on the unique index until the first commits (or rolls back:
+    then this one wins)."""
     if key is None:
         q.insert_batch(id=id, app=app, op=op, type=type, context=context, inputfile=inputfile, status=status,
                        priority=priority)
@@ -108,16 +113,19 @@ def insert_record(q: Queries, key: str | None, *, id: str, app: str, op: str, ty
         found = q.batch_by_key(app=app, key=key)
         if found is None:
             continue  # the holder of the key was deleted meanwhile: try to take it again
-        if (found.op, found.type) != (op, type):
-            kind = "a slow query" if found.type == "Q" else "a batch"
-            raise InvalidInput(f"idempotency_key {key!r} of app {app} was already used by {kind} of op {found.op}")
+        if not q.keyed_call_matches(id=found.id, op=op, type=type, context=context, inputfile=inputfile,
+                                    input=input):
+            raise InvalidInput("idempotency key reused with different parameters")
         return found.id
     raise InvalidState(f"idempotency_key {key!r}: its batch keeps appearing and disappearing")
 
 
-def copy_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int) -> int:
-    """COPY rows into a batch; returns how many. A batch needs at least one row."""
-    stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0))
+def copy_rows(q: Queries, batch_id: str, pairs: Iterator[tuple[Any, Any]], max_rows: int,
+              max_input_bytes: int | None = None) -> int:
+    """COPY rows into a batch; returns how many. A batch needs at least one row, each row's input JSON at
+    most ``max_input_bytes``."""
+    stream = CopyStream(batch_id, pairs, max_rows=max(max_rows, 0),
+                        **({} if max_input_bytes is None else {"max_input_bytes": max_input_bytes}))
     q.copy_rows(stream)
     n = stream.count
     if n == 0:

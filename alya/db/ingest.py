@@ -85,10 +85,12 @@ class CopyStream(io.RawIOBase):
     psycopg2 turns an exception raised by ``read`` into a ``QueryCanceled`` database error (and the
     COPY is abandoned); the original is kept in ``error`` so that the caller can raise it instead."""
 
-    def __init__(self, batch: str, pairs: Iterator[tuple[Any, Any]], max_rows: int, min_line: int = 1):
+    def __init__(self, batch: str, pairs: Iterator[tuple[Any, Any]], max_rows: int, min_line: int = 1,
+                 max_input_bytes: int = 2**62):
         self._prefix = batch.encode() + b"\t"
         self._pairs = pairs
         self._max = max_rows
+        self._max_input = max_input_bytes
         self._min_line = min_line
         self._buf = b""
         self.count = 0
@@ -102,7 +104,8 @@ class CopyStream(io.RawIOBase):
         take an inlined fast path; anything else goes through the general (validating) functions."""
         parts = [self._buf]
         size = len(self._buf)
-        prefix, min_line, max_rows, dumps = self._prefix, self._min_line, self._max, orjson.dumps
+        prefix, min_line, max_rows, dumps, max_input = self._prefix, self._min_line, self._max, orjson.dumps, \
+            self._max_input
         count = self.count
         try:
             for line, value in self._pairs:
@@ -126,6 +129,9 @@ class CopyStream(io.RawIOBase):
                         data = data.replace(b"\\", b"\\\\")
                 else:
                     data = encode_input(value, line)
+                if len(data) > max_input:
+                    raise InvalidInput(f"line {line}: input is larger than {max_input} bytes of JSON "
+                                       "(ALYA_MAX_INPUT_BYTES)")
                 part = b"%s%d\t%s\n" % (prefix, line, data)
                 parts.append(part)
                 size += len(part)

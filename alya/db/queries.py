@@ -77,6 +77,13 @@ class Queries:
         row = self._tx.one("batch_by_key", app=app, key=key)
         return None if row is None else BatchKeyed.from_row(row)
 
+    def keyed_call_matches(self, *, id: str, op: str, type: str, context: str, inputfile: str | None,
+                           input: str | None) -> bool:
+        """Whether a call is the same as the one that stored batch ``id`` (a retry), or another one."""
+        row = self._tx.one("keyed_call_matches", id=id, op=op, type=type, context=context, inputfile=inputfile,
+                           input=input)
+        return bool(row and row[0])
+
     def copy_rows(self, stream: Readable) -> None:
         """COPY a batch's rows from a stream of COPY text (``alya.db.ingest.CopyStream``)."""
         self._tx.copy_in(COPY_ROWS, stream)
@@ -179,6 +186,10 @@ class Queries:
 
     def stalled_batches(self, *, sec: float) -> list[str]:
         return _ids(self._tx.all("stalled_batches", sec=sec))
+
+    def batch_context(self, *, id: str) -> dict[str, Any] | None:
+        row = self._tx.one("batch_context", id=id)
+        return None if row is None else row[0]  # type: ignore[no-any-return]
 
     def claim_rows(self, *, batch: str, n: int, worker: str, after: int) -> list[ClaimedRow]:
         return [ClaimedRow.from_row(r)

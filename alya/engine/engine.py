@@ -30,6 +30,7 @@ from alya.batch.finish import Finisher
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, ProcessorNotFound
 from alya.core.logs import run_logger
+from alya.core.models import BatchStatus
 from alya.core.names import work_payload
 from alya.engine.claim import ChunkReport, Claimed
 from alya.engine.completer import Completer
@@ -255,14 +256,29 @@ class Engine:
 
     def _abort_notified(self, batch: str) -> None:
         """An abort was committed (NOTIFY): stop starting the batch's rows now. The next write-back of its
-        claims sees the abort and keeps the results of rows that finished before it."""
+        claims sees the abort and keeps the results of rows that finished before it. Any database role may
+        NOTIFY: the batch's status is checked first, so a forged notice drops nothing."""
         claims = self.producer.claims_of(batch)
+        if claims and not self._aborted_in_db(batch):
+            self.log.warning("abort_notice_ignored", batch=batch, reason="the batch is not aborted")
+            return
         for c in claims:
             c.cancelled = True
         if claims:
             self.log.info("abort_notified", batch=batch, claims=len(claims))
             with self._wake:
                 self._wake.notify_all()
+
+    def _aborted_in_db(self, batch: str) -> bool:
+        """Whether PostgreSQL holds the batch as aborted (or no longer holds it). Unknown (the database
+        unreachable): not taken on trust; every write-back checks for an abort itself, so a real abort
+        still stops the batch's rows at the next write-back."""
+        try:
+            with self.svc.store.tx() as tx:
+                states = tx.batch_statuses(ids=[batch])
+        except AlyaError:
+            return False
+        return next((s.status for s in states), None) in (None, BatchStatus.ABORTED.value)
 
     def _abandon(self, claims: list[Claimed], log: Any) -> None:
         """The claim loop failed with these claims in flight (a database outage, mostly). They are no longer

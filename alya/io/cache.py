@@ -73,7 +73,10 @@ class StatusCache:
         """Configured, and not switched off by a recent failure."""
         return self._redis is not None and time.monotonic() >= self._down_until
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str, *, stale: bool = False) -> dict[str, Any] | None:
+        """The cached JSON object, or None (a miss; also what is not a JSON object). Values are untrusted:
+        whoever reaches Redis may have written them, so the reader checks every field (``alya.batch.status``).
+        ``stale``: return an invalidation marker too (to see its version)."""
         if not self._ready():
             return None
         try:
@@ -87,7 +90,7 @@ class StatusCache:
             value = orjson.loads(raw)  # type: ignore[arg-type]
         except orjson.JSONDecodeError:
             return None  # not ours or damaged: a miss, and the next put replaces it
-        if not isinstance(value, dict) or value.get("stale"):
+        if not isinstance(value, dict) or (value.get("stale") and not stale):
             return None
         return value
 

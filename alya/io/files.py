@@ -20,6 +20,7 @@ import fsspec
 from alya.core.errors import BackendUnavailable, InvalidInput
 from alya.core.models import FileCheck
 from alya.core.names import intake_done_url, intake_failed_url
+from alya.core.redact import redact_text, shown_url
 from alya.io.readers import read_frames
 
 if TYPE_CHECKING:
@@ -43,11 +44,16 @@ class FileInfo:
 class IncomingFile:
     """A file offered to a :class:`FileChecker`: its URL, name and size, a streamed ``open()``, and
     ``frames()``, its rows as pandas DataFrames of at most ``chunksize`` rows (CSV, Parquet or JSON lines,
-    by extension; see ``alya.io.readers``). Nothing is read until the checker asks."""
+    by extension; see ``alya.io.readers``). Nothing is read until the checker asks. ``max_line_bytes`` and
+    ``max_bytes`` bound what ``frames()`` reads (a line, the whole decompressed file): a file past them is
+    refused (InvalidInput), so a small compressed file cannot blow up memory."""
 
-    def __init__(self, info: FileInfo, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, info: FileInfo, storage_options: dict[str, Any] | None = None, *,
+                 max_line_bytes: int | None = None, max_bytes: int | None = None) -> None:
         self.info = info
         self._storage_options = dict(storage_options or {})
+        self._limits = {k: v for k, v in (("max_line_bytes", max_line_bytes), ("max_bytes", max_bytes))
+                        if v is not None}
 
     @property
     def url(self) -> str:
@@ -70,10 +76,11 @@ class IncomingFile:
         """The rows as DataFrames of at most ``chunksize`` rows, in file order; memory stays flat whatever
         the file's size. A missing cell is missing from its row's input (never a float NaN). ``dtype``
         (CSV only) is handed to pandas: ``str``, or a dict of column -> dtype, keeps text as text."""
-        return read_frames(self.url, chunksize=chunksize, storage_options=self._storage_options, dtype=dtype)
+        return read_frames(self.url, chunksize=chunksize, storage_options=self._storage_options, dtype=dtype,
+                           **self._limits)
 
     def __repr__(self) -> str:
-        return f"IncomingFile({self.url!r}, size={self.size})"
+        return f"IncomingFile({shown_url(self.url)!r}, size={self.size})"
 
 
 @runtime_checkable
@@ -92,7 +99,9 @@ class Folder:
         try:
             self.fs, self.path = fsspec.core.url_to_fs(url, **self.storage_options)
         except (ValueError, ImportError) as exc:
-            raise InvalidInput(f"not a folder URL: {url!r} ({exc})") from None
+            raise InvalidInput(f"not a folder URL: {shown_url(url)!r} ({type(exc).__name__})") from None
+        except OSError as exc:  # the file system's client could not even be made (connection refused)
+            raise BackendUnavailable(f"cannot reach {shown_url(url)}: {type(exc).__name__}") from exc
         self.path = self.path.rstrip("/") or self.path
         self.url = self.fs.unstrip_protocol(self.path).rstrip("/")
         self.local = "file" in protocols(self.fs)
@@ -105,12 +114,12 @@ class Folder:
             entries = self.fs.ls(self.path, detail=True)
         except FileNotFoundError:
             if self.local:
-                raise InvalidInput(f"no folder at {self.url}") from None
+                raise InvalidInput(f"no folder at {shown_url(self.url)}") from None
             return []
         except NotADirectoryError:
-            raise InvalidInput(f"not a folder: {self.url}") from None
+            raise InvalidInput(f"not a folder: {shown_url(self.url)}") from None
         except Exception as exc:  # OSError, and what the store's client raises itself (botocore: no credentials)
-            raise BackendUnavailable(f"cannot list {self.url}: {type(exc).__name__}: {exc}") from exc
+            raise BackendUnavailable(f"cannot list {shown_url(self.url)}: {type(exc).__name__}: {_said(exc)}") from exc
         out = []
         for entry in entries:
             if entry.get("type") != "file":
@@ -154,7 +163,7 @@ class Folder:
 
     def _path_of(self, url: str) -> str:
         if not url.startswith(self.url + "/"):
-            raise InvalidInput(f"{url} is not in {self.url}")
+            raise InvalidInput(f"{shown_url(url)} is not in {shown_url(self.url)}")
         return self.path + url[len(self.url):]
 
 
@@ -162,21 +171,30 @@ def stat(url: str, storage_options: dict[str, Any] | None = None) -> FileInfo:
     """The file at a path or URL. InvalidInput when there is none; BackendUnavailable when its store
     cannot be reached."""
     if not isinstance(url, str) or not url.strip():
-        raise InvalidInput(f"a file URL or path is needed, got {url!r}")
+        raise InvalidInput(f"a file URL or path is needed, got {type(url).__name__}")
+    shown = shown_url(url)
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError) as exc:
-        raise InvalidInput(f"not a file URL: {url!r} ({exc})") from None
+        raise InvalidInput(f"not a file URL: {shown!r} ({type(exc).__name__})") from None
+    except OSError as exc:  # the file system's client could not even be made (connection refused)
+        raise BackendUnavailable(f"cannot reach {shown}: {type(exc).__name__}") from exc
     try:
         fs.invalidate_cache(path)
         entry = fs.info(path)
     except FileNotFoundError:
-        raise InvalidInput(f"no file at {url}") from None
+        raise InvalidInput(f"no file at {shown}") from None
     except Exception as exc:  # OSError, and what the store's client raises itself (botocore: no credentials)
-        raise BackendUnavailable(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+        raise BackendUnavailable(f"cannot read {shown}: {type(exc).__name__}: {_said(exc)}") from exc
     if entry.get("type") != "file":
-        raise InvalidInput(f"not a file: {url}")
+        raise InvalidInput(f"not a file: {shown}")
     return file_info(fs, path, entry)
+
+
+def _said(exc: BaseException) -> str:
+    """What a store's client said, its URLs redacted (a client may quote the URL it was given), one line."""
+    text = redact_text(str(exc).strip())
+    return (text.splitlines() or [""])[0][:300]
 
 
 def file_info(fs: Any, path: str, entry: dict[str, Any]) -> FileInfo:

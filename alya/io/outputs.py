@@ -7,13 +7,14 @@ fsspec files (s3fs uploads 5 MB parts as they fill), so memory stays flat howeve
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 
 from alya.core.errors import BackendUnavailable, ConfigError, InvalidInput
-from alya.core.redact import url_error
+from alya.core.redact import split_userinfo, url_error
 from alya.core.validate import file_name
 from alya.io.files import protocols
 
@@ -54,13 +55,13 @@ class ObjectStore:
         self._storage_options = dict(storage_options or {})
 
     def options_for(self, url: str) -> dict[str, Any]:
-        """The JobManager's ``storage_options`` when ``url`` is on the object store's file system (same
-        protocol), else none: a file to take in or an export on the same S3 needs the credentials and
-        endpoint given for the object store, while a local path must not get S3 options."""
+        """The JobManager's ``storage_options`` when ``url`` is in the object store's own bucket (or on its
+        host, for ftp/sftp/http stores), else none: a file to take in or an export in that bucket needs the
+        credentials and endpoint given for the object store, but they must never travel to another bucket
+        or host (whoever names ``s3://their-bucket/x.csv`` would receive them), nor to a local path."""
         if not self._storage_options:
             return {}
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        return dict(self._storage_options) if protocol in protocols(self.fs) else {}
+        return dict(self._storage_options) if same_place(url, self.url, protocols(self.fs)) else {}
 
     def _open(self, url: str) -> Any:
         path = self.root + url[len(self.url):]
@@ -93,6 +94,24 @@ class ObjectStore:
                 _discard(fh)
             raise BackendUnavailable(f"object store write failed: {type(exc).__name__}: {exc}") from exc
         return urls
+
+
+def same_place(url: str, store_url: str, store_protocols: tuple[str, ...]) -> bool:
+    """Whether ``url`` is on the store's file system *and* in its bucket or on its host: the protocol is one
+    the store answers to and the authority (bucket, host:port) is the store's, compared without user info
+    and case. A local path is local for a local store only."""
+    if "://" not in url:
+        return "file" in store_protocols
+    proto, rest = url.split("://", 1)
+    if proto.lower() not in store_protocols:
+        return False
+    return _authority(rest) == _authority(store_url.split("://", 1)[1])
+
+
+def _authority(rest: str) -> str:
+    """The bucket or host:port of what follows ``scheme://``, without user info, lower-case."""
+    _, _, after = split_userinfo("x://" + rest)
+    return re.split(r"[/?#]", after, maxsplit=1)[0].lower()
 
 
 def _discard(fh: Any) -> None:

@@ -16,12 +16,17 @@ Rules (they hold for every format):
   missing: ``NA`` or ``null`` in a CSV are text.
 - JSON lines keep each object's own JSON types exactly (the frames have object columns).
 - A column named ``line`` gives the row's line number; without it rows are numbered in file order.
+- CSV and JSON lines are bounded as they stream: a line longer than ``max_line_bytes`` or more than
+  ``max_bytes`` once decompressed is refused (InvalidInput) before it is held in memory, so a small
+  ``.csv.gz`` cannot expand to gigabytes (``ALYA_MAX_LINE_BYTES``, ``ALYA_MAX_FILE_BYTES``). A Parquet file
+  is read by row groups and bounded by its own size.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import decimal
+import io
 import math
 import uuid
 from base64 import b64encode
@@ -41,6 +46,53 @@ FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet
                            ".ndjson": "jsonl"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")
 LINE_COLUMN = "line"
+MAX_LINE_BYTES = 2**20  # ALYA_MAX_LINE_BYTES' default: a line of a CSV or JSON lines file
+MAX_FILE_BYTES = 16 * 2**30  # ALYA_MAX_FILE_BYTES' default: a whole file, decompressed
+_BUFFER = 2**16
+
+
+class _Bounded(io.RawIOBase):
+    """A decompressed stream that refuses to yield a line longer than ``max_line`` bytes or more than
+    ``max_bytes`` in all: the check runs on each chunk as it is read, so at most one buffer past the limit
+    is ever held."""
+
+    def __init__(self, raw: Any, name: str, max_line: int, max_bytes: int) -> None:
+        self._raw, self._name = raw, name
+        self._max_line, self._max_bytes = max_line, max_bytes
+        self._total = 0
+        self._line = 0  # bytes of the current (unfinished) line
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self._total += n
+        if self._total > self._max_bytes:
+            raise InvalidInput(f"{self._name}: more than {self._max_bytes} bytes once decompressed "
+                               "(ALYA_MAX_FILE_BYTES)")
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._line += n
+        else:
+            first = data.find(b"\n")
+            longest = self._line + first
+            if n > self._max_line:  # a line may lie wholly inside this chunk: look at each
+                longest = max(longest, max(len(x) for x in data[first + 1:last].split(b"\n")))
+            self._check(longest)
+            self._line = n - last - 1
+        self._check(self._line)
+        return n
+
+    def _check(self, length: int) -> None:
+        if length > self._max_line:
+            raise InvalidInput(f"{self._name}: a line is longer than {self._max_line} bytes (ALYA_MAX_LINE_BYTES)")
+
+
+def _bounded(fh: Any, url: str, max_line_bytes: int, max_bytes: int) -> io.BufferedReader:
+    return io.BufferedReader(_Bounded(fh, _name(url), max_line_bytes, max_bytes), buffer_size=_BUFFER)
 
 
 def file_format(url: str) -> str:
@@ -61,34 +113,39 @@ def file_format(url: str) -> str:
 
 
 def read_frames(url: str, chunksize: int = 50_000, storage_options: dict[str, Any] | None = None,
-                dtype: Any = None) -> Iterator[pd.DataFrame]:
+                dtype: Any = None, *, max_line_bytes: int = MAX_LINE_BYTES,
+                max_bytes: int = MAX_FILE_BYTES) -> Iterator[pd.DataFrame]:
     """The file's rows as DataFrames of at most ``chunksize`` rows, in file order.
 
     ``url`` is a local path or any fsspec URL (``s3://bucket/key.csv``; credentials from the usual AWS
     variables or ``storage_options``). ``dtype`` applies to CSV only (``str``: no type inference).
     A missing file raises FileNotFoundError; an unreadable one InvalidInput (both before or while
-    iterating: the reading is lazy)."""
+    iterating: the reading is lazy). A line or a file past its bound: InvalidInput."""
     if chunksize < 1:
         raise InvalidInput("chunksize must be at least 1")
     fmt = file_format(url)
     opts = storage_options or {}
+    limits = (max_line_bytes, max_bytes)
     if fmt == "csv":
-        return _csv_frames(url, chunksize, opts, dtype)
+        return _csv_frames(url, chunksize, opts, dtype, limits)
     if fmt == "parquet":
         return _parquet_frames(url, chunksize, opts)
-    return _jsonl_frames(url, chunksize, opts)
+    return _jsonl_frames(url, chunksize, opts, limits)
 
 
-def _csv_frames(url: str, chunksize: int, opts: dict[str, Any], dtype: Any) -> Iterator[pd.DataFrame]:
+def _csv_frames(url: str, chunksize: int, opts: dict[str, Any], dtype: Any,
+                limits: tuple[int, int]) -> Iterator[pd.DataFrame]:
     import pandas as pd
 
     # Opened through fsspec, never by pandas: pandas reads a file:// (or http) URL whole into memory.
-    with fsspec.open(url, "rb", compression="infer", **opts) as fh:
+    with fsspec.open(url, "rb", compression="infer", **opts) as raw, _bounded(raw, url, *limits) as fh:
         try:
             reader = pd.read_csv(fh, chunksize=chunksize, dtype=dtype, dtype_backend="numpy_nullable",
                                  keep_default_na=False, na_values=[""])
             with reader:
                 yield from reader
+        except InvalidInput:
+            raise
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
             raise InvalidInput(f"{_name(url)}: not a readable CSV file: {_first_line(exc)}") from None
 
@@ -110,13 +167,13 @@ def _parquet_frames(url: str, chunksize: int, opts: dict[str, Any]) -> Iterator[
             raise InvalidInput(f"{_name(url)}: not a readable Parquet file: {_first_line(exc)}") from None
 
 
-def _jsonl_frames(url: str, chunksize: int, opts: dict[str, Any]) -> Iterator[pd.DataFrame]:
+def _jsonl_frames(url: str, chunksize: int, opts: dict[str, Any], limits: tuple[int, int]) -> Iterator[pd.DataFrame]:
     """Parsed with orjson, not ``pandas.read_json``: that one turns integers with nulls into floats and
     strings that look like dates into timestamps; here every value stays what the JSON said."""
     import pandas as pd
 
     records: list[dict[str, Any]] = []
-    with fsspec.open(url, "rb", compression="infer", **opts) as fh:
+    with fsspec.open(url, "rb", compression="infer", **opts) as stream, _bounded(stream, url, *limits) as fh:
         for number, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -132,6 +189,18 @@ def _jsonl_frames(url: str, chunksize: int, opts: dict[str, Any]) -> Iterator[pd
                 records = []
     if records:
         yield pd.DataFrame(records, dtype=object)
+
+
+def column_summary(columns: Iterable[Any], max_names: int = 8, max_len: int = 32) -> str:
+    """Column names fit to echo in a rejection: the names when few, short and plain, else only how many.
+    A rejection must never carry a file's content back to whoever named the file (a header of secrets
+    read from the wrong place is content)."""
+    names = [str(c) for c in columns]
+    plain = all(len(n) <= max_len and n.replace("_", "").replace("-", "").replace(" ", "").isalnum()
+                for n in names)
+    if len(names) <= max_names and plain:
+        return repr(names)
+    return f"{len(names)} columns"
 
 
 def frames_to_inputs(frames: Iterable[pd.DataFrame], first_line: int = 1) -> Iterator[BatchInput]:

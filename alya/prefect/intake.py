@@ -5,6 +5,10 @@ table artifact that shows in the UI which files a run took.
 The flows themselves are module-level ``@flow`` functions of the application (``flows/intake.py`` for the
 examples), because Prefect loads a deployment's flow by import path and the checkers must be registered on
 the application's JobManager; they call these functions with ``jm.intake``.
+
+Their parameters come from whoever can run a flow (an open-source Prefect server has no login): a folder or
+file URL they name must lie under ``ALYA_INTAKE_ROOTS`` (default: ``ALYA_INTAKE_URL`` alone; nothing when
+that is unset), checked before anything is read or fetched (``alya.core.confine``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from alya.batch.intake import Intake
 from alya.core import names, validate
+from alya.core.confine import Roots
 from alya.core.errors import ConfigError, InvalidInput, describe
 from alya.core.logs import get_logger
 from alya.core.models import FileIntake
@@ -33,7 +38,7 @@ def intake_pass(intake: Intake, folder_url: str | None = None, patterns: dict[st
     if not pats:
         raise ConfigError('ALYA_INTAKE_PATTERNS is not set: GLOB=FILETYPE,... e.g. "*.csv=txn,*.parquet=txn"')
     min_age = settings.intake_min_age_sec if min_age_sec is None else min_age_sec
-    taken = intake.scan(folder, pats, min_age)
+    taken = intake.scan(folder, pats, min_age, roots=flow_roots(settings))
     publish_artifact(names.INTAKE_ARTIFACT_KEY, taken, f"Files the intake took from {shown_url(folder)} in this run")
     return taken
 
@@ -44,12 +49,19 @@ def submit_file(intake: Intake, file_url: Any, file_type: Any, context: Any = No
     if not isinstance(file_url, str) or not file_url.strip():
         raise InvalidInput(f"file_url must be the path or fsspec URL of a file, got {file_url!r}")
     ftype = validate.file_type(file_type)
-    ctx = validate.json_object(context if context not in (None, "") else {}, "context")
-    fi = intake.file_submit(file_url.strip(), ftype, ctx)
+    ctx = validate.json_object(context if context not in (None, "") else {}, "context", intake.max_context_bytes)
+    settings = IntakeSettings()  # type: ignore[call-arg]  # the fields come from ALYA_INTAKE_*
+    fi = intake.file_submit(file_url.strip(), ftype, ctx, roots=flow_roots(settings))
     publish_artifact(names.SUBMIT_FILE_ARTIFACT_KEY, [fi], f"{shown_url(file_url)} as file type {ftype}")
     if fi.status != "submitted":
         raise InvalidInput(f"{shown_url(file_url)} was rejected: {fi.error}")
     return fi
+
+
+def flow_roots(settings: IntakeSettings) -> Roots:
+    """What confines a flow's URLs: ALYA_INTAKE_ROOTS, else ALYA_INTAKE_URL alone, else nothing at all."""
+    return Roots(settings.roots, "ALYA_INTAKE_ROOTS" if settings.intake_roots is not None else
+                 "ALYA_INTAKE_ROOTS (unset, so ALYA_INTAKE_URL)")
 
 
 def intake_dict(fi: FileIntake) -> dict[str, Any]:

@@ -498,6 +498,15 @@ class MemoryQueries(Queries):
         b = next((b for b in self._s.batches.values() if b.app == app and b.idempotency_key == key), None)
         return None if b is None else BatchKeyed.from_row((b.id, b.op, b.type))
 
+    def keyed_call_matches(self, *, id: str, op: str, type: str, context: str, inputfile: str | None,
+                           input: str | None) -> bool:
+        self._q("keyed_call_matches")
+        b = self._s.batches.get(id)
+        if b is None or (b.op, b.type, b.inputfile) != (op, type, inputfile) or _load(b.context) != _load(context):
+            return False
+        return input is None or any(r.line == 0 and _load(r.input) == _load(input)
+                                    for r in self._s.rows.get(id, {}).values())
+
     def copy_rows(self, stream: Readable) -> None:
         """COPY batchrows (batch, line, input) FROM STDIN, text format. An error raised by the stream (a bad
         row) comes out as itself, as ``Tx.copy_in`` raises it."""
@@ -652,7 +661,12 @@ class MemoryQueries(Queries):
         # The 100 first by priority then age, and the 10 oldest whatever their priority (as the SQL lists them).
         listed = {b.id: b for b in sorted(found, key=lambda b: -b.priority)[:100] + found[:10]}
         ordered = sorted(listed.values(), key=lambda b: (-b.priority, b.reqat, b.seq))
-        return [OpenBatch.from_row((b.id, b.status, _load(b.context), b.ver, b.priority)) for b in ordered]
+        return [OpenBatch.from_row((b.id, b.status, b.ver, b.priority)) for b in ordered]
+
+    def batch_context(self, *, id: str) -> dict[str, Any] | None:
+        self._q("batch_context")
+        b = self._s.batches.get(id)
+        return None if b is None else _load(b.context)  # type: ignore[no-any-return]
 
     def open_batches_all(self) -> list[BatchRef]:
         self._q("open_batches_all")

@@ -307,3 +307,23 @@ def test_failures_that_differ_only_in_numbers_and_ids_count_as_the_same() -> Non
                            "at 2026-11-30 10:09:55")
     c = BackendUnavailable("object store write failed: PermissionError: access denied")
     assert _same_way(a) == _same_way(b) != _same_way(c)
+
+
+def test_batch_types_whose_prefect_names_collide_are_refused() -> None:
+    """Issue 18: (bank_x, y) and (bank, x_y) were both the flow alya-bank-x-y: a run could go to the wrong
+    flow. The second registration is a ConfigError naming both; nothing is replaced."""
+    from alya.core.errors import ConfigError
+    from alya.core.registry import Registry
+
+    class P:
+        def do_batch_job(self, *a: object) -> None: ...
+        def mark_done(self, *a: object) -> None: ...
+
+    reg = Registry()
+    reg.add_processor("bank_x", "y", "B", P())
+    for app, op in (("bank", "x_y"), ("bank", "x.y"), ("bank", "x-y")):
+        with pytest.raises(ConfigError, match="bank_x/y") as exc:
+            reg.add_processor(app, op, "B", P())
+        assert f"{app}/{op}" in str(exc.value) and "alya-bank-x-y" in str(exc.value)
+    reg.add_processor("bank_x", "y", "B", P())  # the same type again replaces its processor, as before
+    assert [(r.app, r.op) for r in reg.batch_types()] == [("bank_x", "y")]

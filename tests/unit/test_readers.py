@@ -165,3 +165,44 @@ def test_export_of_nothing_is_a_valid_file(tmp_path: Path) -> None:
     assert list(pd.read_parquet(tmp_path / "e.parquet").columns) == ["line", "status", "res", "messages"]
     assert export_rows([], str(tmp_path / "e.csv")) == 0
     assert (tmp_path / "e.csv").read_text() == "line,status,res,messages\n"
+
+
+def test_a_long_line_in_a_small_gzip_is_refused_before_it_is_held(tmp_path: Path) -> None:
+    """The probe of issue 18: a 64 MiB line in a ~64 KiB .csv.gz (it was read whole: +340 MiB). Now the
+    read stops at the first megabyte of the line, with a clear InvalidInput."""
+    import gzip
+    import resource
+
+    path = tmp_path / "bomb.csv.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"id,x\n1," + b"a" * (64 * 2**20) + b"\n")
+    assert path.stat().st_size < 300 * 2**10
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidInput, match="longer than 1048576 bytes"):
+        list(read_frames(str(path)))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 * 2**10  # KiB: < 32 MiB more
+    jsonl = tmp_path / "long.jsonl"
+    jsonl.write_text('{"a": 1}\n' + '{"a": "' + "x" * 2000 + '"}\n')
+    with pytest.raises(InvalidInput, match="longer than 1000 bytes"):
+        list(read_frames(str(jsonl), max_line_bytes=1000))
+
+
+def test_the_decompressed_size_is_bounded(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "many.csv.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"id\n" + b"1\n" * 100_000)
+    with pytest.raises(InvalidInput, match="more than 100000 bytes once decompressed"):
+        list(read_frames(str(path), chunksize=1000, max_bytes=100_000))
+    assert sum(len(df) for df in read_frames(str(path), chunksize=1000, max_bytes=200_003)) == 100_000
+
+
+def test_lines_up_to_the_limit_are_read(tmp_path: Path) -> None:
+    """The bound is on each line, wherever it falls in the chunks read (a line wholly inside a chunk too)."""
+    path = tmp_path / "ok.csv"
+    rows = ["id,x", *(f"{i},{'b' * (i % 700)}" for i in range(5000))]
+    path.write_text("\n".join(rows) + "\n")
+    assert sum(len(df) for df in read_frames(str(path), chunksize=999, max_line_bytes=710)) == 5000
+    with pytest.raises(InvalidInput, match="longer than 600 bytes"):
+        list(read_frames(str(path), max_line_bytes=600))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from alya.core.redact import redact_url, secrets_of, shown_url, split_userinfo, url_error
+from alya.core.redact import redact_text, redact_url, secrets_of, shown_url, split_userinfo, stored_url, url_error
 
 schemes = st.sampled_from(["postgresql", "postgresql+psycopg2", "redis", "rediss", "s3", "https", "sftp"])
 users = st.text("abcdefghijklmnopqrstuvwxyz0123456789._~-%", max_size=8)
@@ -57,7 +57,9 @@ def test_a_url_without_credentials_is_shown_as_it_is(scheme: str, host: str, pat
     ("https://TOKEN@example.com/x", "https://***@example.com/x"),
     ("sftp://me@host/in/a@b.csv", "sftp://***@host/in/a@b.csv"),  # the @ in the path is no user info
     ("s3://bucket/in/a@b.csv", "s3://bucket/in/a@b.csv"),
-    ("s3://bucket/in/x.csv?X-Amz-Signature=a@b", "s3://bucket/in/x.csv?X-Amz-Signature=a@b"),
+    ("s3://bucket/in/x.csv?X-Amz-Signature=a@b", "s3://bucket/in/x.csv?X-Amz-Signature=***"),
+    ("https://h/x.csv?v=2&token=t0k&sig=s1g#f", "https://h/x.csv?v=2&token=***&sig=***#f"),
+    ("postgresql://db/alya?password=pw&sslmode=require", "postgresql://db/alya?password=***&sslmode=require"),
     ("/data/in/a@b.csv", "/data/in/a@b.csv"),  # a path, not a URL
     ("s3://bucket/x", "s3://bucket/x"),
     ("", ""),
@@ -81,3 +83,33 @@ def test_secrets_are_the_password_as_written_and_decoded() -> None:
 def test_redacted_urls_never_show_a_password() -> None:
     assert redact_url("redis://user:pw@h:1/0") == "redis://***@h:1/0"
     assert redact_url("s3://bucket/x") == "s3://bucket/x"
+
+
+@given(schemes, users, passwords, hosts, paths)
+def test_text_quoting_a_url_never_shows_its_password(scheme: str, user: str, pw: str, host: str, path: str) -> None:
+    """Free text (an error message, a log value) quoting a URL: the password goes, whatever it holds
+    (white space and quotes end a URL in free text: such passwords must be percent-encoded)."""
+    pw = "".join(c for c in pw if not c.isspace() and c not in "'\"<>`") or "x"
+    url = f"{scheme}://{user}:{pw}@{host}{path}"
+    text = redact_text(f"InvalidInput: no file at {url} (after 3 tries)")
+    assert text == f"InvalidInput: no file at {scheme}://***@{host}{path} (after 3 tries)"
+
+
+def test_stored_urls_keep_no_credential() -> None:
+    """What goes into batches.inputfile and batch_files.url: user info and secret query values masked."""
+    assert stored_url("http://svc:Http/P?a#s@s:w0rd@127.0.0.1:9/x.csv") == "http://***@127.0.0.1:9/x.csv"
+    assert stored_url("s3://b/in/x.csv?versionId=3&X-Amz-Security-Token=abc") == \
+        "s3://b/in/x.csv?versionId=3&X-Amz-Security-Token=***"
+    assert stored_url("/data/in/a.csv") == "/data/in/a.csv"
+
+
+def test_every_log_line_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    """The structlog chain's last step redacts every URL of every value, whoever logged it."""
+    from alya.core.logs import configure, get_logger
+
+    configure(fmt="json", force=True)
+    get_logger().warning("probe", error="cannot read https://u:p/a?s#s@w@host/x.csv?sig=SIGNED",
+                         urls=["redis://:Redis/Pw@h:1/0"])
+    err = capsys.readouterr().err
+    assert "p/a?s#s@w" not in err and "SIGNED" not in err and "Redis/Pw" not in err
+    assert "https://***@host/x.csv?sig=***" in err and "redis://***@h:1/0" in err

@@ -18,6 +18,15 @@ RETURNING id;
 -- name: batch_by_key
 SELECT id, op, type FROM batches WHERE app = %(app)s AND idempotency_key = %(key)s;
 
+-- name: keyed_call_matches
+-- Whether a retry with the key of batch %(id)s is the same call (Stripe's rule): the same op, type,
+-- context (as jsonb: key order and spacing do not matter), input file and, for a slow query, input.
+SELECT b.op = %(op)s AND b.type = %(type)s AND b.context = %(context)s::jsonb
+       AND b.inputfile IS NOT DISTINCT FROM %(inputfile)s
+       AND (%(input)s::jsonb IS NULL
+            OR EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.line = 0 AND r.input = %(input)s::jsonb))
+FROM batches b WHERE b.id = %(id)s;
+
 -- name: get_batch
 SELECT {batch_columns}
 FROM batches WHERE id = %(id)s;
@@ -98,8 +107,12 @@ WITH open AS (
     UNION
     (SELECT * FROM open ORDER BY reqat LIMIT 10)
 )
-SELECT b.id, b.status::text, b.context, b.ver, b.priority FROM listed JOIN batches b ON b.id = listed.id
+SELECT b.id, b.status::text, b.ver, b.priority FROM listed JOIN batches b ON b.id = listed.id
 ORDER BY listed.priority DESC, listed.reqat;
+
+-- name: batch_context
+-- A batch's context, read once per worker process (it never changes): not with every claim.
+SELECT context FROM batches WHERE id = %(id)s;
 
 -- name: claim_rows
 -- One chunk of one batch: queued rows in line order from `after` (the worker's last claim, so that the

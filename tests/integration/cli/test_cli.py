@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from alya import JobManager
+from alya.core.names import summary_key
 from tests.support import services
 from tests.support.cli import as_json, cli, write
 from tests.support.procs import ROOT, Proc, drain
@@ -182,3 +183,24 @@ def test_demo_on_embedded_defaults_leaves_nothing_running(tmp_path: Path) -> Non
         assert not embedded.is_running()
     finally:
         os.chdir(cwd)
+
+
+def test_text_from_a_batch_is_never_read_as_markup(env: None, jm: JobManager, database_url: str) -> None:
+    """Issue 18: a summary error holding ``[/]`` crashed ``alya status`` (rich MarkupError). Errors, output
+    file names and URLs are printed as text, whatever brackets they hold."""
+    batch_id = jm.batch_submit(APP, "marked", {}, [(1, {})])
+    error = "summary failed: [/] [bold red]not markup[/bold red] [link=http://x]y"
+    services.sql(database_url, "UPDATE batches SET status = 'failed', error = %s, outputfiles = %s::jsonb, "
+                 "ver = ver + 1 WHERE id = %s", error, json.dumps({"a[/].csv": "file:///o/[b]/a.csv"}), batch_id)
+    jm.cache.delete(summary_key(batch_id))
+    for command in ("status", "done"):
+        out = cli(command, batch_id).stdout
+        flat = " ".join(out.split())
+        assert "[/] [bold red]not markup[/bold red]" in flat and "a[/].csv" in flat, out
+
+
+def test_migrate_errors_are_one_line_without_the_password() -> None:
+    """Issue 18: `alya migrate` against an unreachable database printed SQLAlchemy's traceback."""
+    out = cli("migrate", "--database-url", "postgresql://alya:Pa/ss@w0rd@127.0.0.1:1/alya", code=2)
+    assert out.stderr.startswith("error: BackendUnavailable: migrating the database failed: ")
+    assert out.stderr.strip().count("\n") == 0 and "Pa/ss" not in out.stderr and "w0rd" not in out.stderr

@@ -198,6 +198,7 @@ def test_a_stored_batch_reads_back_the_same(h: Harness) -> None:
         rec = q.get_batch(id=b)
         assert rec is not None and rec.status is BatchStatus.QUEUED and rec.nrows == 3 and rec.context == stored.context
         assert q.lock_open_batch(id=b) == rec and q.lock_batch(id=b) == rec
+        assert q.batch_context(id=b) == stored.context and q.batch_context(id=str(uuid.uuid4())) is None
         assert q.get_batch(id=str(uuid.uuid4())) is None
         assert q.row_counts(id=b).queued == 3
         # the input as jsonb prints it: keys by length, then bytewise
@@ -467,6 +468,10 @@ def test_slow_query_wait_and_keys(h: Harness) -> None:
                                         inputfile=None, status=BatchStatus.WAIT, key="k1")
         keyed = q.batch_by_key(app=APP, key="k1")
         assert keyed is not None and (keyed.op, keyed.type) == (OP, "B")
+        same = {"id": keyed.id, "op": OP, "type": "B", "context": "{ }", "inputfile": None, "input": None}
+        assert q.keyed_call_matches(**same)
+        for other in ({"context": '{"a": 1}'}, {"op": "x"}, {"type": "Q"}, {"inputfile": "f.csv"}, {"input": "{}"}):
+            assert not q.keyed_call_matches(**{**same, **other}), other
         assert q.batch_by_key(app="other", key="k1") is None
         assert [r.id for r in q.list_batches(app=APP, op=None, type="B", age_days=1)][1:] == [w]
         assert [r.id for r in q.list_batches(app=APP, op=OP, type="Q", age_days=1)] == [sq]

@@ -355,7 +355,7 @@ def test_intake_flow_takes_files_and_leaves_an_artifact(database_url: str, redis
     single = write(tmp_path / "single.csv", "account,kind,amount\nacct-1,deposit,5\n")
     env = {**os.environ, "ALYA_DATABASE_URL": database_url, "ALYA_REDIS_URL": redis_url,
            "ALYA_OBJECT_STORE_URL": file_store_url, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-           "ALYA_LOG_LEVEL": "WARNING"}
+           "ALYA_LOG_LEVEL": "WARNING", "ALYA_INTAKE_ROOTS": tmp_path.as_uri()}  # the flows read under it only
     out = subprocess.run([sys.executable, "-c", FLOW_SCRIPT, inbox.as_uri(), str(single)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

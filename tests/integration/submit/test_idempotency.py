@@ -28,18 +28,18 @@ def never_read() -> Iterator[BatchInput]:
 
 def test_a_retried_submit_returns_the_first_batch(client: JobManager, database_url: str) -> None:
     first = client.batch_submit(APP, "op", {"u": 1}, rows(3), idempotency_key="req-1")
-    assert client.batch_submit(APP, "op", {"u": 2}, never_read(), idempotency_key="req-1") == first
-    assert client.batch_submit(APP, "OP", {}, never_read(), wait=True, idempotency_key="req-1") == first
+    assert client.batch_submit(APP, "op", {"u": 1}, never_read(), idempotency_key="req-1") == first
+    assert client.batch_submit(APP, "OP", '{ "u" : 1 }', never_read(), wait=True, idempotency_key="req-1") == first
     assert stored(database_url) == (1, 3)
     other_app = client.batch_submit("rel2", "op", {}, rows(1), idempotency_key="req-1")
     other_key = client.batch_submit(APP, "op", {}, rows(1), idempotency_key="req-2")
     no_key = [client.batch_submit(APP, "op", {}, rows(1)) for _ in range(2)]
     assert len({first, other_app, other_key, *no_key}) == 5
     assert stored(database_url) == (5, 7)
-    with pytest.raises(InvalidInput, match="already used by a batch"):
-        client.slowquery_submit(APP, "op", {}, {}, idempotency_key="req-1")
-    with pytest.raises(InvalidInput, match="already used by a batch of op op"):
-        client.batch_submit(APP, "other", {}, rows(1), idempotency_key="req-1")
+    with pytest.raises(InvalidInput, match="^idempotency key reused with different parameters$"):
+        client.slowquery_submit(APP, "op", {"u": 1}, {}, idempotency_key="req-1")
+    with pytest.raises(InvalidInput, match="^idempotency key reused with different parameters$"):
+        client.batch_submit(APP, "other", {"u": 1}, rows(1), idempotency_key="req-1")
     assert stored(database_url) == (5, 7)
 
 
@@ -53,10 +53,31 @@ def test_a_failed_submit_does_not_take_its_key(client: JobManager, database_url:
 
 def test_a_retried_slow_query_returns_the_first(client: JobManager, database_url: str) -> None:
     q = client.slowquery_submit(APP, "q", {}, {"x": 1}, idempotency_key="sq")
-    assert client.slowquery_submit(APP, "q", {}, {"x": 2}, idempotency_key="sq") == q
+    assert client.slowquery_submit(APP, "q", {}, {"x": 1}, idempotency_key="sq") == q
     assert stored(database_url) == (1, 1)
-    with pytest.raises(InvalidInput, match="already used by a slow query"):
+    with pytest.raises(InvalidInput, match="idempotency key reused with different parameters"):
+        client.slowquery_submit(APP, "q", {}, {"x": 2}, idempotency_key="sq")  # another input
+    with pytest.raises(InvalidInput, match="idempotency key reused with different parameters"):
         client.batch_submit(APP, "q", {}, rows(1), idempotency_key="sq")
+    assert stored(database_url) == (1, 1)
+
+
+def test_another_caller_with_the_same_key_gets_nothing_of_the_first(client: JobManager, database_url: str) -> None:
+    """The probe of issue 18: two callers, the same key, different contexts. The second used to get the
+    first one's batch id (and could then abort it), and an error for another op named the first one's op.
+    Now the second is refused, its message the same whatever the first call was, and nothing changes."""
+    first = client.batch_submit(APP, "payroll", {"user": "ann"}, rows(2), idempotency_key="order-17")
+    messages = set()
+    for op, ctx in (("payroll", {"user": "mallory"}), ("other", {"user": "mallory"}), ("payroll", {})):
+        with pytest.raises(InvalidInput) as exc:
+            client.batch_submit(APP, op, ctx, never_read(), idempotency_key="order-17")
+        messages.add(str(exc.value))
+    assert messages == {"idempotency key reused with different parameters"}
+    assert first not in str(messages) and "payroll" not in str(messages) and "ann" not in str(messages)
+    assert stored(database_url) == (1, 2) and client.batch_status(first).nqueued == 2
+    with pytest.raises(InvalidInput, match="different parameters"):  # the input file is part of the call
+        client.batch_submit(APP, "payroll", {"user": "ann"}, never_read(), inputfile="x.csv",
+                            idempotency_key="order-17")
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "a\x00b", 5, b"k"])
