@@ -39,6 +39,7 @@ from tests.support.prefect_server import (
 )
 
 pytestmark = pytest.mark.slow
+RUN_STATE = {BatchStatus.SUCCESS: "COMPLETED", BatchStatus.FAILED: "FAILED"}  # a dispatched run's, by its batch's
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +75,11 @@ def test_served_batches_are_dispatched_and_complete(s: dict[str, Any]) -> None:
     assert sum(jm.batch_status(b).nfailed for b in ids) == refused
     assert sorted(jm.batch_done(mail_id).outputfiles) == ["bounced.csv", "sent.csv"]
 
-    for bid in ids + [mail_id]:
+    for bid in ids + [mail_id]:  # each run ends in its batch's outcome (a batch with failed rows: Failed)
         run = runs_of(bid)[0]
         assert run.name.endswith(bid) and run.parent_task_run_id is None
-        assert wait_for(f"flow run of {bid} completed", lambda r=run: state_of(r.id)[0] == "COMPLETED",  # type: ignore[misc]
+        want = RUN_STATE[jm.batch_status(bid).status]
+        assert wait_for(f"flow run of {bid} {want}", lambda r=run, w=want: state_of(r.id)[0] == w,  # type: ignore[misc]
                         60)
     # the UI shows each batch's progress and a summary table
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -156,7 +158,8 @@ def test_prefect_deploy_all_and_process_worker(tmp_path: Path, database_url: str
             print(f"process worker: submit -> final {time.monotonic() - t0:.1f}s (worker started with it)")
             assert sorted(jm.batch_done(bid).outputfiles) == ["bounced.csv", "sent.csv"]
             (run,) = runs_of(bid)
-            assert wait_for("flow run completed", lambda: state_of(run.id)[0] == "COMPLETED", 60, worker)
+            want = RUN_STATE[jm.batch_status(bid).status]
+            assert wait_for(f"flow run {want}", lambda: state_of(run.id)[0] == want, 60, worker)
         finally:
             worker.stop()
             jm.close()
