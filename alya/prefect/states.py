@@ -80,6 +80,16 @@ def to_prefect(result: Any) -> Any:
     return (Failed if kind == "FAILED" else Cancelled)(name=spec.get("name") or None, message=message)
 
 
+def refused(exc: Exception) -> Any:
+    """The state of a run that could not start its work because of a setting or a parameter (a
+    ``ConfigError``, an ``InvalidInput``): Failed with the reason as its one line, no traceback."""
+    from prefect.states import Failed
+
+    message = str(exc)
+    chosen_messages.append(message)
+    return Failed(message=message)
+
+
 chosen_messages: deque[str | None] = deque(maxlen=100)
 """Messages of the Failed and Cancelled states alya's flows returned in this process, for
 :class:`alya.prefect.logging.OwnOutcomeFilter`."""
