@@ -115,7 +115,7 @@ def test_prefect_unreachable_at_submit_then_sweeper_dispatches(s: dict[str, Any]
         took = time.monotonic() - t0
     assert took < 10
     assert jm.batch_status(bid).status is BatchStatus.QUEUED and runs_of(bid) == []
-    # the sweeper (served; scheduled every minute in real life, triggered here) dispatches it
+    # the sweeper (served; scheduled every 5 minutes in real life, triggered here) dispatches it
     with client() as c:
         dep = c.read_deployment_by_name("alya-sweeper/alya")
         sweep = c.create_flow_run_from_deployment(dep.id)
@@ -144,7 +144,10 @@ def test_prefect_deploy_all_and_process_worker(tmp_path: Path, database_url: str
         assert {d.work_pool_name for d in deps.values()} == {"alya-pool"}
         assert deps["alya-bank-txn/alya"].entrypoint == "flows/bank.py:bank_txn_flow"
         sweeper = deps["alya-sweeper/alya"]
-        assert [sch.schedule.interval.total_seconds() for sch in sweeper.schedules] == [60.0]
+        assert [sch.schedule.interval.total_seconds() for sch in sweeper.schedules] == [300.0]
+        # nothing to scan in this environment: the intake is deployed unscheduled, not failing every minute
+        assert deps["alya-intake/alya"].schedules == []
+        assert "alya-intake/alya deployed without a schedule" in out.stderr
 
         worker = Proc([PREFECT, "worker", "start", "--pool", "alya-pool", "--limit", "2"],
                       {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
