@@ -53,8 +53,9 @@ def install_run_log(handler: logging.Handler, run_ids: RunIds) -> None:
 
 
 def _run_formatter() -> logging.Formatter:
+    """key=value pairs without ``level`` and ``timestamp``: the Prefect UI shows its own for each line."""
     return structlog.stdlib.ProcessorFormatter(
-        processors=[_drop_run_ids, _remove_meta, structlog.processors.KeyValueRenderer(
+        processors=[_drop_run_ids, _remove_meta, _drop_level_and_time, structlog.processors.KeyValueRenderer(
             key_order=["event", "app", "op", "batch", "line", "old", "new"], drop_missing=True)])
 
 
@@ -108,6 +109,12 @@ def _stderr_is_terminal() -> bool:
 def _remove_meta(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event_dict.pop("_record", None)
     event_dict.pop("_from_structlog", None)
+    return event_dict
+
+
+def _drop_level_and_time(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event_dict.pop("level", None)
+    event_dict.pop("timestamp", None)
     return event_dict
 
 
