@@ -133,10 +133,13 @@ def test_a_batch_aborted_before_its_run_started(sjm: JobManager) -> None:
 def test_a_batch_aborted_while_its_run_processes(sjm: JobManager) -> None:
     """The run sees the abort, lets its running rows settle and ends Cancelled "Aborted" by itself (not
     Completed, not killed); its summary table equals batch_status after the rows settled; its progress
-    says aborted and stops short of 100 %. Nothing makes an artifact outside a run."""
+    says aborted and stops short of 100 %. Nothing makes an artifact outside a run, and no line about the
+    abort is a warning."""
+    from structlog.testing import capture_logs
+
     bid = sjm.batch_submit(APP, OP, {}, rows(400, sleep=0.05))
     out: dict[str, Any] = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), capture_logs() as logs:
         warnings.simplefilter("error")
         t = threading.Thread(target=lambda: out.update(run=run_dispatched(sjm, bid)))
         t.start()
@@ -144,6 +147,9 @@ def test_a_batch_aborted_while_its_run_processes(sjm: JobManager) -> None:
         sjm.batch_abort(bid)
         t.join(60)
     assert not t.is_alive()
+    # an abort is asked for: nothing about it is a warning (results of aborted rows dropped: info)
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
+    assert any(e["event"] == "status_change" and e.get("new") == "aborted" for e in logs)
     run = out["run"]
     time.sleep(0.5)
     s = sjm.batch_status(bid)
