@@ -327,6 +327,8 @@ try:
 except FailedRun as exc:
     out = {"unset": str(exc)}
 out["taken"] = intake_flow(folder_url=sys.argv[1], patterns="*.csv=txn", min_age_sec=0)
+again = intake_flow(folder_url=sys.argv[1], patterns="*.csv=txn", min_age_sec=0, return_state=True)
+out["again"] = [again.result(), str(again.state_details.flow_run_id)]
 try:
     submit_file_flow(file_url=sys.argv[1] + "/nothere.csv", file_type="txn")
 except FailedRun as exc:
@@ -384,6 +386,8 @@ def test_intake_flow_takes_files_and_leaves_an_artifact(database_url: str, redis
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["alya-intake"])))
     tables = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in arts]
     assert any({r["file"] for r in t} == {"t1.csv", "wrong.csv"} for t in tables), tables
+    assert res["again"][0] == []  # the files were taken: a pass that takes nothing leaves no artifact
+    assert str(res["again"][1]) not in {str(a.flow_run_id) for a in arts}
 
 
 def test_cli_intake_runs_one_pass(database_url: str, tmp_path: Path) -> None:
