@@ -17,7 +17,9 @@ from typing import Any
 from prefect import flow
 
 from alya.core import names
+from alya.core.errors import ConfigError, InvalidInput
 from alya.prefect.intake import intake_dict, intake_pass, submit_file
+from alya.prefect.states import refused
 from flows import bank
 from flows.common import example_jobmanager
 
@@ -28,12 +30,20 @@ assert bank.jm is jm
 @flow(name=names.INTAKE_FLOW, persist_result=False, log_prints=False, retries=0, validate_parameters=False)
 def intake_flow(folder_url: str | None = None, patterns: str | None = None,
                 min_age_sec: float | None = None) -> list[dict[str, Any]]:
-    """One intake pass; parameters override ALYA_INTAKE_URL, ALYA_INTAKE_PATTERNS, ALYA_INTAKE_MIN_AGE_SEC."""
-    return [intake_dict(fi) for fi in intake_pass(jm.intake, folder_url, patterns, min_age_sec)]
+    """One intake pass; parameters override ALYA_INTAKE_URL, ALYA_INTAKE_PATTERNS, ALYA_INTAKE_MIN_AGE_SEC.
+    A setting missing fails the run with one line saying which."""
+    try:
+        return [intake_dict(fi) for fi in intake_pass(jm.intake, folder_url, patterns, min_age_sec)]
+    except ConfigError as exc:
+        return refused(exc)  # type: ignore[no-any-return]
 
 
 @flow(name=names.SUBMIT_FILE_FLOW, persist_result=False, log_prints=False, retries=0, validate_parameters=False)
 def submit_file_flow(file_url: str, file_type: str, context: dict[str, Any] | str | None = None) -> dict[str, Any]:
     """The file at ``file_url`` (a path or fsspec URL) becomes a batch, checked by the checker of
-    ``file_type``; the file stays where it is. A bad parameter or a rejected file fails the run."""
-    return intake_dict(submit_file(jm.intake, file_url, file_type, context))
+    ``file_type``; the file stays where it is. A bad parameter or a rejected file fails the run, with one
+    line saying why."""
+    try:
+        return intake_dict(submit_file(jm.intake, file_url, file_type, context))
+    except (ConfigError, InvalidInput) as exc:
+        return refused(exc)  # type: ignore[no-any-return]

@@ -1,7 +1,7 @@
 """Serve every example batch type and the sweeper from one process: ``python -m flows.serve``.
 
 Deployments are named as the Dispatcher expects them, ``{flow}/alya`` (``alya-bank-txn/alya``, ...); the
-sweeper ``alya-sweeper/alya`` runs every minute; the file intake ``alya-intake/alya`` every
+sweeper ``alya-sweeper/alya`` runs every 5 minutes; the file intake ``alya-intake/alya`` every
 ALYA_INTAKE_EVERY_SEC (when ALYA_INTAKE_URL is set), and ``alya-submit-file/alya`` on demand. Each flow
 run executes in a subprocess of this one, with this process's environment (set ALYA_DATABASE_URL,
 ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH, the ALYA_INTAKE_* settings and PREFECT_API_URL before
@@ -18,8 +18,13 @@ from typing import Any
 from alya.core import names
 from flows.common import deployment_of
 
+SWEEPER_EVERY_SEC = 300.0
+"""The sweeper's interval: 12 runs an hour. jm.run workers do its recovery work themselves, on leases; for
+served or deployed flow runs it bounds how late a lost run's rows are recovered, a batch whose dispatch
+failed is dispatched, and a stuck cancellation is forced (prefect.yaml holds the same)."""
 
-def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
+
+def example_deployments(sweeper_interval_sec: float = SWEEPER_EVERY_SEC) -> list[Any]:
     """The RunnerDeployments of the example batch types and the sweeper."""
     from flows import bank, mail, report, sweeper
 
@@ -35,14 +40,19 @@ def example_deployments(sweeper_interval_sec: float = 60) -> list[Any]:
 
 
 def intake_deployments() -> list[Any]:
-    """``alya-intake/alya``, every ALYA_INTAKE_EVERY_SEC when ALYA_INTAKE_URL is set (else unscheduled: a
-    run needs a folder), and ``alya-submit-file/alya`` (run with parameters from the UI)."""
+    """``alya-intake/alya``, every ALYA_INTAKE_EVERY_SEC when ALYA_INTAKE_URL and ALYA_INTAKE_PATTERNS are
+    set (else unscheduled, with one line saying so: a run needs both), and ``alya-submit-file/alya`` (run
+    with parameters from the UI)."""
+    from alya.core.logs import get_logger
     from alya.core.settings import IntakeSettings
     from flows import intake
 
     settings = IntakeSettings()
-    schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=settings.intake_every_sec)} \
-        if settings.intake_url else {}
+    ready = bool(settings.intake_url and settings.patterns)
+    schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=settings.intake_every_sec)} if ready else {}
+    if not ready:
+        get_logger().info("intake_not_scheduled", deployment="alya-intake", reason="ALYA_INTAKE_URL and "
+                          "ALYA_INTAKE_PATTERNS are not both set: nothing to scan (run it from the UI with parameters)")
     return [deployment_of(intake.intake_flow, tags=names.INTAKE_TAGS, **schedule),
             deployment_of(intake.submit_file_flow, tags=names.INTAKE_TAGS)]
 
@@ -75,7 +85,7 @@ def take_over(deployments: Iterable[Any]) -> list[str]:
 
 
 def serve_all(extra: Iterable[Any] = (), limit: int | None = 4, poll_sec: float = 1.0,
-              sweeper_interval_sec: float = 60) -> None:
+              sweeper_interval_sec: float = SWEEPER_EVERY_SEC) -> None:
     """Serve the examples, the sweeper and ``extra`` deployments until stopped."""
     from prefect import serve
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the alya example deployments and the sweeper.")
     parser.add_argument("--limit", type=int, default=4, help="flow runs at once (each is a process)")
     parser.add_argument("--poll-sec", type=float, default=1.0, help="how often to look for new flow runs")
-    parser.add_argument("--sweeper-interval-sec", type=float, default=60,
+    parser.add_argument("--sweeper-interval-sec", type=float, default=SWEEPER_EVERY_SEC,
                         help="sweeper schedule; 0 deploys it without a schedule")
     args = parser.parse_args(argv)
     serve_all(limit=args.limit, poll_sec=args.poll_sec, sweeper_interval_sec=args.sweeper_interval_sec)

@@ -1,4 +1,4 @@
-"""The sweeper flow ``alya-sweeper``, deployed on an every-minute schedule (``python -m flows.serve`` or
+"""The sweeper flow ``alya-sweeper``, deployed on a schedule of every 5 minutes (``python -m flows.serve`` or
 ``prefect.yaml``). Each run is ``jm.cleanup(redispatch=True)``: rows of dead workers go back to the queue,
 missed summaries are made, ``mark_done`` is called where it was missed, queued batches with no live flow
 run get one; and, with ALYA_DISPATCH=prefect, flow runs stuck in Cancelling are forced Cancelled. Every

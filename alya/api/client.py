@@ -372,9 +372,6 @@ class JobManager:
         s = aborted.summary.value
         if aborted.now and self.dispatcher is not None:
             self.dispatcher.cancel_batch(aborted.rec.id)  # never raises: the abort is committed
-            self.dispatcher.record_abort(aborted.rec.id, {
-                "batch": aborted.rec.id, "status": s.status.value, "nrows": s.nrows, "nsuccess": s.nsuccess,
-                "nfailed": s.nfailed, "naborted": s.naborted})
         return s
 
     def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:

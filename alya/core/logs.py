@@ -56,9 +56,11 @@ def install_run_log(handler: logging.Handler, run_ids: RunIds) -> None:
 
 
 def _run_formatter() -> logging.Formatter:
+    """key=value pairs without ``level`` and ``timestamp``: the Prefect UI shows its own for each line."""
     return structlog.stdlib.ProcessorFormatter(
-        processors=[_drop_run_ids, _remove_meta, redact_urls, structlog.processors.KeyValueRenderer(
-            key_order=["event", "app", "op", "batch", "line", "old", "new"], drop_missing=True)])
+        processors=[_drop_run_ids, _remove_meta, _drop_level_and_time, redact_urls,
+                    structlog.processors.KeyValueRenderer(
+                        key_order=["event", "app", "op", "batch", "line", "old", "new"], drop_missing=True)])
 
 
 def configure(level: str | None = None, fmt: str | None = None, *, force: bool = False) -> None:
@@ -122,6 +124,13 @@ def redact_urls(logger: Any, name: str, event_dict: MutableMapping[str, Any]) ->
     for key, value in event_dict.items():
         if isinstance(value, (str, list, tuple, dict)):
             event_dict[key] = redact_value(value)
+    return event_dict
+
+
+def _drop_level_and_time(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Prefect's log view shows each line's level and time itself: repeated in the text they are noise."""
+    event_dict.pop("level", None)
+    event_dict.pop("timestamp", None)
     return event_dict
 
 

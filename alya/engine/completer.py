@@ -60,7 +60,10 @@ class Completer:
             statuses = [o.status for o in outcomes]
             report.add(statuses, batch)
             if res.written < len(outcomes):  # recovered from under us, or aborted: those answers are dropped
-                log.warning("results_discarded", batch=batch, rows=len(outcomes) - res.written, written=res.written)
+                aborted = res.status == BatchStatus.ABORTED.value  # asked for: no warning
+                why = "batch aborted" if aborted else "rows recovered by another worker"
+                (log.info if aborted else log.warning)("results_discarded", batch=batch, reason=why,
+                                                       rows=len(outcomes) - res.written, written=res.written)
             if res.status == BatchStatus.ABORTED.value:
                 aborted_seen(group, log)
                 if res.late:

@@ -103,7 +103,17 @@ class _Runner:
 
     @staticmethod
     def _logged(c: Claimed, outcome: Outcome) -> None:
-        if outcome.status == "failed":
-            c.log.info("row_status", batch=c.batch, line=outcome.line, old="inprog", new="failed")
+        if outcome.status == "failed":  # its error codes and fields: what went wrong, in the run's logs too
+            c.log.info("row_status", batch=c.batch, line=outcome.line, old="inprog", new="failed",
+                       errors=error_codes(outcome.messages))
         else:  # per-row success at debug: at 30k rows/s an info line per row would be the load
             c.log.debug("row_status", batch=c.batch, line=outcome.line, old="inprog", new=outcome.status)
+
+
+def error_codes(messages: str | None) -> str:
+    """A failed row's messages (JSON text) as one short text: ``bad_amount (amount), over_limit``."""
+    try:
+        parsed = orjson.loads(messages) if messages else []
+        return ", ".join(str(m.get("errcode")) + (f" ({m['field']})" if m.get("field") else "") for m in parsed)
+    except (ValueError, TypeError, AttributeError):
+        return str(messages)

@@ -26,7 +26,8 @@ from alya.batch.status import Statuses
 from alya.core import names
 from alya.core.errors import describe
 from alya.core.logs import get_logger
-from alya.core.models import BatchSummary
+from alya.core.models import BatchStatus, BatchSummary
+from alya.prefect.states import rows_message
 
 FINISH_WAIT_SEC = 30.0  # the run's end waits this long for its final artifacts
 
@@ -42,7 +43,8 @@ class RunArtifacts:
         self.log = get_logger().bind(app=app, op=op)
         self.flow_run_id = _flow_run_id()
         self.progress_ids: dict[str, Any] = {}  # batch -> its progress artifact (made by this run)
-        self.percent: dict[str, float] = {}  # batch -> the progress last published
+        self.percent: dict[str, tuple[float, str]] = {}  # batch -> the progress last published
+        self._final: set[str] = set()  # batches whose progress was published final
         self.seen: dict[str, BatchSummary] = {}  # batch -> its summary as last read
         self.touched: dict[str, int] = {}  # batch -> rows this run wrote back (the flow's thread only)
         self._cond = threading.Condition()
@@ -109,26 +111,31 @@ class RunArtifacts:
 
     def _progress(self, client: Any, batch: str) -> None:
         """Read the batch's counts and publish its done fraction where it changed."""
-        if self.percent.get(batch) == 100.0:
+        if batch in self._final:
             return
         try:
             s = self.statuses.read(batch).value
             self.seen[batch] = s
-            percent = 100.0 if s.status.is_final else done_percent(s)
+            percent, description = progress_of(self.type, batch, s)
             if batch not in self.progress_ids:
                 from prefect.client.schemas.actions import ArtifactCreate
 
                 art = client.create_artifact(ArtifactCreate(
                     key=names.progress_artifact_key(batch), type="progress", data=percent,
-                    description=f"{self.type} batch {batch}: rows done", flow_run_id=self.flow_run_id))
+                    description=description, flow_run_id=self.flow_run_id))
                 self.progress_ids[batch] = art.id
-            elif percent != self.percent.get(batch):
+            elif (percent, description) != self.percent.get(batch):
                 from prefect.client.schemas.actions import ArtifactUpdate
 
-                client.update_artifact(self.progress_ids[batch], ArtifactUpdate(data=percent))
-            self.percent[batch] = percent
+                client.update_artifact(self.progress_ids[batch], ArtifactUpdate(data=percent, description=description))
+            self.percent[batch] = (percent, description)
+            if s.status.is_final:
+                self._final.add(batch)
         except Exception as exc:
             self.log.debug("progress_artifact_failed", batch=batch, error=describe(exc))
+            return
+        if s.status is BatchStatus.ABORTED:  # no run summarises an aborted batch: its table comes from here,
+            self._summaries(client, [batch])  # after a wave, so once this run's rows of it have settled
 
     def _tables(self, client: Any, summarised: list[str]) -> None:
         """A keyed summary table per batch summarised (and the dispatched batch); the worker run's overview."""
@@ -146,8 +153,6 @@ class RunArtifacts:
 
     def _summaries(self, client: Any, batches: list[str]) -> None:
         """A keyed summary table per batch, once per run each."""
-        from prefect.client.schemas.actions import ArtifactCreate
-
         for batch in dict.fromkeys(batches):
             if batch in self._tabled:
                 continue
@@ -155,11 +160,20 @@ class RunArtifacts:
             try:
                 s = self.statuses.read(batch).value
                 self.seen[batch] = s
-                client.create_artifact(ArtifactCreate(
-                    key=names.summary_artifact_key(batch), type="table", data=_json_table([table_row(batch, s)]),
-                    description=f"{self.type} batch {batch}: {s.status.value}", flow_run_id=self.flow_run_id))
+                create_summary(client, self.type, batch, s, self.flow_run_id)
             except Exception as exc:
                 self.log.warning("summary_artifact_failed", batch=batch, error=describe(exc))
+
+
+def create_summary(client: Any, type_: str, batch: str, s: BatchSummary, flow_run_id: Any) -> None:
+    """The batch's summary table (key ``alya-summary-<batch>``), linked to the flow run ``flow_run_id``:
+    by the run itself, or through the API with the id of the run that could not make it (a run cancelled
+    before it started, one stopped because it hung)."""
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    client.create_artifact(ArtifactCreate(
+        key=names.summary_artifact_key(batch), type="table", data=_json_table([table_row(batch, s)]),
+        description=f"{type_} batch {batch}: {s.status.value}", flow_run_id=flow_run_id))
 
 
 def done_percent(s: BatchSummary) -> float:
@@ -167,6 +181,18 @@ def done_percent(s: BatchSummary) -> float:
     if s.nrows <= 0:
         return 0.0
     return min(100.0, round(100.0 * (s.nsuccess + s.nfailed + s.naborted) / s.nrows, 2))
+
+
+def progress_of(type_: str, batch: str, s: BatchSummary) -> tuple[float, str]:
+    """A progress artifact's value and description: the share of rows done and what the batch is. An
+    aborted batch stops at the share of its rows that ran (success or failed), never 100 %."""
+    head = f"{type_} batch {batch}"
+    if s.status is BatchStatus.ABORTED:
+        ran = 0.0 if s.nrows <= 0 else round(100.0 * (s.nsuccess + s.nfailed) / s.nrows, 2)
+        return ran, f"{head}: aborted, {rows_message(s)}"
+    if s.status.is_final:
+        return 100.0, f"{head}: {s.status.value}, {rows_message(s)}"
+    return done_percent(s), f"{head}: {s.status.value}, {rows_message(s)}"
 
 
 def table_row(batch: str, s: BatchSummary) -> dict[str, Any]:

@@ -28,11 +28,15 @@ import uuid
 from datetime import UTC
 from typing import Any
 
+from alya.batch.status import record_summary
 from alya.core import names
 from alya.core.errors import describe
 from alya.core.logs import get_logger
+from alya.core.models import BatchStatus
 from alya.core.settings import JobManagerConfig
 from alya.db.store import Store
+from alya.prefect.artifacts import create_summary
+from alya.prefect.states import ABORTED_NAME
 
 ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 API_TIMEOUT_SEC = 10.0  # one Prefect API call; submit must never hang on a sick Prefect server
@@ -139,31 +143,17 @@ class Dispatcher:
                 if len(page) < PAGE:
                     return runs
 
-    def record_abort(self, batch_id: str, table: dict[str, Any]) -> None:
-        """The Prefect UI's view of an aborted batch: its progress artifact at 100 % (it is final) and a
-        summary table saying aborted, written by the aborting process because the batch's flow run is
-        cancelled and may never get to write them. Never raises (the abort is already committed)."""
-        try:
-            from prefect.artifacts import create_table_artifact, update_progress_artifact
-            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-            with self._client() as client:
-                found = client.read_artifacts(artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=[names.progress_artifact_key(batch_id)])), limit=1)
-            if found:
-                update_progress_artifact(found[0].id, 100.0)
-            create_table_artifact(table=[table], key=names.summary_artifact_key(batch_id),
-                                  description=f"batch {batch_id} aborted")
-        except Exception as exc:
-            get_logger().warning("abort_artifacts_failed", batch=batch_id, error=describe(exc))
-
     def cancel_batch(self, batch_id: str) -> int:
-        """Move the batch's live flow runs to Cancelling (Scheduled ones straight to Cancelled, as nothing
-        runs them yet); runs still Cancelling after ``cancel_timeout_sec`` are forced Cancelled (here, and by
-        the sweeper should this process be gone by then). Workers stop on their own anyway: they see the
-        batch aborted in the database, so cancellation only frees Prefect's slots and shows the truth.
-        Returns how many runs were touched; never raises (the abort itself is already committed)."""
-        from prefect.states import Cancelled, Cancelling
+        """The Prefect side of an abort (already committed). A run that has not started (Scheduled) ends
+        Cancelled "Aborted" at once, with the batch's summary table made through the API with its id. A run
+        that has started (Pending, Running) is left to end by itself: it sees the abort at its next write-back
+        (or at once through NOTIFY), its running rows settle, and it ends Cancelled "Aborted" with its own
+        summary table (``alya.prefect.states``, ``alya.prefect.artifacts``); cancelling it at once would let
+        its worker kill it first, with a bare "Cancelled" and no summary. One still live after
+        ``cancel_timeout_sec`` (a hung row, a lost machine) is moved to Cancelling, so that its worker
+        stops it, and forced Cancelled after as long again (here, or by the sweeper should this process be
+        gone by then). Returns how many runs were touched; never raises."""
+        from prefect.states import Cancelled
 
         log = get_logger().bind(batch=batch_id)
         waiting: list[Any] = []
@@ -174,49 +164,105 @@ class Dispatcher:
                 for run in runs:
                     kind = _state_type(run)
                     if kind == "SCHEDULED":
-                        client.set_flow_run_state(run.id, Cancelled(message="batch aborted"), force=True)
-                    elif kind != "CANCELLING":  # already cancelling: keep its clock running
-                        client.set_flow_run_state(run.id, Cancelling(message="batch aborted"), force=True)
-                    if kind != "SCHEDULED":
+                        client.set_flow_run_state(run.id, Cancelled(name=ABORTED_NAME, message=(
+                            "batch aborted before its run started")), force=True)
+                        self._summary(client, run.id, batch_id)
+                        log.info("flow_run_cancel", flow_run=str(run.id), was=kind, now="CANCELLED")
+                    else:
                         waiting.append(run.id)
+                        log.info("flow_run_left_to_end", flow_run=str(run.id), was=kind,
+                                 note=f"stopped if still live after {self.config.cancel_timeout_sec:g}s")
                     touched += 1
-                    log.info("flow_run_cancel", flow_run=str(run.id), was=kind,
-                             now="CANCELLED" if kind == "SCHEDULED" else "CANCELLING")
         except Exception as exc:
             log.warning("cancel_failed", error=describe(exc),
-                        note="batch aborted anyway: its runs stop by themselves; sweeper forces stuck ones")
+                        note="batch aborted anyway: its runs stop by themselves; sweeper stops stuck ones")
         if waiting:  # the thread sees the caller's Prefect settings (a temporary_settings context, say)
             ctx = contextvars.copy_context()
-            threading.Thread(target=ctx.run, args=(self._force_later, waiting), name="alya-force-cancel",
+            threading.Thread(target=ctx.run, args=(self._stop_later, waiting), name="alya-force-cancel",
                              daemon=True).start()
         return touched
 
-    def _force_later(self, run_ids: list[Any]) -> None:
+    def _stop_later(self, run_ids: list[Any]) -> None:
         time.sleep(self.config.cancel_timeout_sec)
-        self.force_stuck_cancelling(run_ids)
+        stopping = self.stop_runs(run_ids)
+        if stopping:
+            time.sleep(self.config.cancel_timeout_sec)
+            self.force_stuck_cancelling(stopping)
+
+    def stop_runs(self, run_ids: list[Any]) -> list[Any]:
+        """Runs of aborted batches that are still live (Pending, Running, Paused) move to Cancelling, so that
+        their worker stops them; returns their ids."""
+        from prefect.states import Cancelling
+
+        stopping: list[Any] = []
+        try:
+            with self._client() as client:
+                for run_id in run_ids:
+                    run = client.read_flow_run(run_id)
+                    if _state_type(run) in ("PENDING", "RUNNING", "PAUSED"):
+                        why = f"batch aborted; the run did not end by itself within {self.config.cancel_timeout_sec:g}s"
+                        client.set_flow_run_state(run.id, Cancelling(message=why), force=True)
+                        get_logger().warning("flow_run_cancelling", flow_run=str(run.id), reason=why)
+                        stopping.append(run.id)
+        except Exception as exc:
+            get_logger().warning("cancel_failed", error=describe(exc))
+        return stopping
 
     def force_stuck_cancelling(self, run_ids: list[Any] | None = None) -> int:
         """Runs left in Cancelling (a process worker with a Pending run never finishes them) become
-        Cancelled: the given runs, or (None) every alya run Cancelling for over ``cancel_timeout_sec``."""
+        Cancelled: the given runs, or (None) every alya run Cancelling for over ``cancel_timeout_sec``, and
+        first, (None) runs still live ``cancel_timeout_sec`` after their batch was aborted move to
+        Cancelling (the aborting process was gone before it could). A run stopped so never made its batch's
+        summary table: it is made here, with the run's id."""
         from prefect.states import Cancelled
 
         forced = 0
         try:
             if run_ids is None:
-                runs = [r for r in self.active_runs() if _state_type(r) == "CANCELLING"
+                active = self.active_runs()
+                self.stop_runs([r.id for r in active if self._aborted_long_ago(r)])
+                runs = [r for r in active if _state_type(r) == "CANCELLING"
                         and _age_sec(r.state.timestamp) >= self.config.cancel_timeout_sec]
             with self._client() as client:
                 if run_ids is not None:
                     runs = [client.read_flow_run(i) for i in run_ids]
                 for run in runs:
-                    if _state_type(run) == "CANCELLING":
+                    kind = _state_type(run)
+                    if kind == "CANCELLING":
                         why = f"forced by alya after {self.config.cancel_timeout_sec:g}s in Cancelling"
                         client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
                         get_logger().warning("flow_run_forced_cancelled", flow_run=str(run.id))
                         forced += 1
+                    if kind in ("CANCELLING", "CANCELLED"):  # stopped by alya, or by its worker
+                        for batch in {b for t in run.tags or [] if (b := names.batch_of_tag(t))}:
+                            self._summary(client, run.id, batch)
         except Exception as exc:
             get_logger().warning("force_cancel_failed", error=describe(exc))
         return forced
+
+    def _aborted_long_ago(self, run: Any) -> bool:
+        """A live run (not Cancelling) of a batch aborted over ``cancel_timeout_sec`` ago."""
+        if _state_type(run) not in ("PENDING", "RUNNING", "PAUSED"):
+            return False
+        batches = [b for t in run.tags or [] if (b := names.batch_of_tag(t))]
+        if not batches:
+            return False
+        rec = self.store.run(lambda q: q.get_batch(id=batches[0]), readonly=True)
+        return rec is not None and rec.status is BatchStatus.ABORTED and rec.doneat is not None \
+            and _age_sec(rec.doneat) >= self.config.cancel_timeout_sec
+
+    def _summary(self, client: Any, run_id: Any, batch_id: str) -> None:
+        """The batch's summary table, linked to the run ``run_id`` that could not make it itself."""
+        try:
+            def read(q: Any) -> Any:
+                rec = q.get_batch(id=batch_id)
+                return None if rec is None else (f"{rec.app}/{rec.op}", record_summary(q, rec).value)
+
+            found = self.store.run(read, readonly=True)
+            if found is not None:
+                create_summary(client, found[0], batch_id, found[1], run_id)
+        except Exception as exc:
+            get_logger().warning("summary_artifact_failed", batch=batch_id, error=describe(exc))
 
     def redispatch_idle(self) -> list[str]:
         """Queued/in-progress batches that no flow run serves get one (at most one per batch and minute):

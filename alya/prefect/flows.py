@@ -17,6 +17,8 @@ connections stay inside the engine.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import signal
 import threading
 import time
@@ -31,11 +33,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from alya.core import names, validate
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
+from alya.core.models import BatchStatus
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
 from alya.prefect.artifacts import RunArtifacts
 from alya.prefect.bridge import Bridges
 from alya.prefect.dispatch import Dispatcher
+from alya.prefect.states import STATE_KEY, batch_state, to_prefect, worker_state
 
 RETRY_WAIT_MAX_SEC = 60.0
 
@@ -43,15 +47,38 @@ RETRY_WAIT_MAX_SEC = 60.0
 def batch_flow(app: str, op: str,
                config: JobManagerConfig | None = None) -> Callable[[Callable[..., Any]], Flow[..., Any]]:
     """The ``@flow`` decorator of batch type (app, op): its name (``alya-{app}-{op}``), a task runner
-    bounded to ``ALYA_WORKER_THREADS`` (never Prefect's default), no result persistence."""
+    bounded to ``ALYA_WORKER_THREADS`` (never Prefect's default), no result persistence, and a final state
+    that tells the outcome (``alya.prefect.states``): the counts the body returns (``process_batches``)
+    become the flow's result inside a Completed, Failed or Cancelled ("Aborted") state."""
     cfg = config or JobManagerConfig()  # type: ignore[call-arg]  # the fields come from ALYA_* too
-    return flow(  # type: ignore[no-any-return]
-        name=names.flow_name(app, op),
-        task_runner=ThreadPoolTaskRunner(max_workers=cfg.worker_threads),  # type: ignore[arg-type]
-        persist_result=False,
-        validate_parameters=False,
-        log_prints=False,
-    )
+
+    def decorate(fn: Callable[..., Any]) -> Flow[..., Any]:
+        @functools.wraps(fn)  # Prefect reads the parameters, name and docstring through __wrapped__
+        def body(*args: Any, **kwargs: Any) -> Any:
+            return to_prefect(fn(*args, **kwargs))
+
+        return flow(  # type: ignore[no-any-return,call-overload]
+            name=names.flow_name(app, op),
+            description=inspect.getdoc(fn) or f"alya batch type {app}/{op}: processes its queued rows.",
+            version=_version_of(fn),
+            task_runner=ThreadPoolTaskRunner(max_workers=cfg.worker_threads),  # type: ignore[arg-type]
+            persist_result=False,
+            validate_parameters=False,
+            log_prints=False,
+        )(body)
+
+    return decorate
+
+
+def _version_of(fn: Callable[..., Any]) -> str | None:
+    """Prefect's default version, a hash of the flow's own file (not of this module, which wraps it)."""
+    try:
+        from prefect.utilities.hashing import file_hash
+
+        path = inspect.getsourcefile(fn)
+        return file_hash(path) if path else None
+    except (OSError, TypeError):
+        return None
 
 
 @task(name="alya-rows", cache_policy=NO_CACHE, persist_result=False, retries=0)
@@ -86,7 +113,23 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
             bridges.detached(app, op)  # new work starts a new run while this one reports its end
             _count(total, bridges.reports(app, op), artifacts)
         artifacts.finish(total["summarised"])
+    total[STATE_KEY] = _final_state(engine, batch_id, total, list(artifacts.touched))
     return total
+
+
+def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], touched: list[str]) -> dict[str, Any]:
+    """The state the run ends in (``alya.prefect.states``): its batch's outcome for a dispatched run, read
+    once its rows have settled (every chunk task has returned); a worker run's batches counted by status."""
+    statuses = engine.svc.statuses
+    if batch_id is not None:
+        return batch_state(statuses.read(batch_id).value, handed_over=bool(total.get("handed_over")))
+    seen: list[BatchStatus | None] = []
+    for batch in dict.fromkeys([*touched, *total["summarised"]]):
+        try:
+            seen.append(statuses.read(batch).value.status)
+        except AlyaError:  # the run's work is done: a status it cannot read is counted as unknown
+            seen.append(None)
+    return worker_state(seen)
 
 
 def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: Dispatcher | None,
@@ -121,6 +164,7 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
     else:
         if dispatcher is not None and batch_id and not engine.stopping.is_set():
             dispatcher.continue_batch(app, op, batch_id)
+            total["handed_over"] = True
 
 
 def _count(total: dict[str, Any], reports: list[dict[str, Any]], artifacts: RunArtifacts) -> None:

@@ -39,7 +39,9 @@ def intake_pass(intake: Intake, folder_url: str | None = None, patterns: dict[st
         raise ConfigError('ALYA_INTAKE_PATTERNS is not set: GLOB=FILETYPE,... e.g. "*.csv=txn,*.parquet=txn"')
     min_age = settings.intake_min_age_sec if min_age_sec is None else min_age_sec
     taken = intake.scan(folder, pats, min_age, roots=flow_roots(settings))
-    publish_artifact(names.INTAKE_ARTIFACT_KEY, taken, f"Files the intake took from {shown_url(folder)} in this run")
+    if taken:  # a pass that took nothing leaves no artifact: an empty table every minute buries the rest
+        publish_artifact(names.INTAKE_ARTIFACT_KEY, taken,
+                         f"Files the intake took from {shown_url(folder)} in this run")
     return taken
 
 

@@ -66,11 +66,27 @@ def prefect_run_ids() -> tuple[Any, Any]:
     return None, None
 
 
+class OwnOutcomeFilter(logging.Filter):
+    """Drops Prefect's "Engine execution exited with unexpected exception" and its traceback when the
+    exception is only the Failed or Cancelled state an alya flow chose to end in (``alya.prefect.states``):
+    Prefect's engine raises such a state's message where a worker asks for the run's result, and logs it to
+    the run as an error, as if the run had crashed. Any other exception is logged as Prefect logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__name__ not in ("FailedRun", "CancelledRun"):
+            return True
+        from alya.prefect.states import chosen_messages
+
+        return str(exc) not in chosen_messages
+
+
 def install() -> None:
     """Send alya's lines to the Prefect run they belong to (idempotent: a second call changes nothing)."""
     global _installed
     if not _installed:
         install_run_log(PrefectRunHandler(), prefect_run_ids)
+        logging.getLogger("prefect.flow_runs").addFilter(OwnOutcomeFilter())
         _installed = True
 
 

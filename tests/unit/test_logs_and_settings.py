@@ -85,3 +85,12 @@ def test_logs_never_show_the_redis_password() -> None:
         cache.close()
     assert [e["event"] for e in logs] == ["redis_unavailable"]
     assert "s3cret" not in repr(logs) and logs[0]["redis"] == "127.0.0.1:1/0"
+
+
+def test_a_failed_row_s_line_names_its_error_codes_and_fields() -> None:
+    from alya.engine.executor import error_codes
+
+    assert error_codes('[{"msgid": 1, "errcode": "bad_amount", "field": "amount"}, {"msgid": 2, "errcode": "late"}]') \
+        == "bad_amount (amount), late"
+    assert error_codes(None) == ""
+    assert error_codes("not json") == "not json"

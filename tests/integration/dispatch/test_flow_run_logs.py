@@ -1,5 +1,5 @@
 """alya's own log lines in a batch flow run's logs (the run's page in the Prefect UI), on the session's
-Prefect test harness."""
+Prefect test harness: present, with a failed row's error code, without the level and time Prefect shows."""
 
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ def test_alya_lines_reach_the_prefect_run_logs(prefect_harness: None, database_u
                            timeout=30, what="alya's lines in the run's logs")
         assert any("event='status_change'" in m and "app='logs'" in m and f"batch='{bid}'" in m for m in lines)
         assert any("event='rows_written'" in m for m in lines)
-        # a row's own line, written on one of alya's row threads, reaches the run too
-        assert any("event='row_status'" in m and "line=7" in m and "new='failed'" in m for m in lines)
+        # a row's own line, written on one of alya's row threads, reaches the run too, with its error code
+        # and field
+        assert any("event='row_status'" in m and "line=7" in m and "new='failed'" in m
+                   and "errors='bad_value (x)'" in m for m in lines), lines
         assert not any("flow_run_id" in m for m in lines)
+        # the UI shows each line's level and time itself: the line does not repeat them
+        assert not any("level=" in m or "timestamp=" in m for m in lines), lines
     finally:
         jm.close()

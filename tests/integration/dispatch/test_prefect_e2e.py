@@ -39,6 +39,7 @@ from tests.support.prefect_server import (
 )
 
 pytestmark = pytest.mark.slow
+RUN_STATE = {BatchStatus.SUCCESS: "COMPLETED", BatchStatus.FAILED: "FAILED"}  # a dispatched run's, by its batch's
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +75,11 @@ def test_served_batches_are_dispatched_and_complete(s: dict[str, Any]) -> None:
     assert sum(jm.batch_status(b).nfailed for b in ids) == refused
     assert sorted(jm.batch_done(mail_id).outputfiles) == ["bounced.csv", "sent.csv"]
 
-    for bid in ids + [mail_id]:
+    for bid in ids + [mail_id]:  # each run ends in its batch's outcome (a batch with failed rows: Failed)
         run = runs_of(bid)[0]
         assert run.name.endswith(bid) and run.parent_task_run_id is None
-        assert wait_for(f"flow run of {bid} completed", lambda r=run: state_of(r.id)[0] == "COMPLETED",  # type: ignore[misc]
+        want = RUN_STATE[jm.batch_status(bid).status]
+        assert wait_for(f"flow run of {bid} {want}", lambda r=run, w=want: state_of(r.id)[0] == w,  # type: ignore[misc]
                         60)
     # the UI shows each batch's progress and a summary table
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -113,7 +115,7 @@ def test_prefect_unreachable_at_submit_then_sweeper_dispatches(s: dict[str, Any]
         took = time.monotonic() - t0
     assert took < 10
     assert jm.batch_status(bid).status is BatchStatus.QUEUED and runs_of(bid) == []
-    # the sweeper (served; scheduled every minute in real life, triggered here) dispatches it
+    # the sweeper (served; scheduled every 5 minutes in real life, triggered here) dispatches it
     with client() as c:
         dep = c.read_deployment_by_name("alya-sweeper/alya")
         sweep = c.create_flow_run_from_deployment(dep.id)
@@ -142,7 +144,10 @@ def test_prefect_deploy_all_and_process_worker(tmp_path: Path, database_url: str
         assert {d.work_pool_name for d in deps.values()} == {"alya-pool"}
         assert deps["alya-bank-txn/alya"].entrypoint == "flows/bank.py:bank_txn_flow"
         sweeper = deps["alya-sweeper/alya"]
-        assert [sch.schedule.interval.total_seconds() for sch in sweeper.schedules] == [60.0]
+        assert [sch.schedule.interval.total_seconds() for sch in sweeper.schedules] == [300.0]
+        # nothing to scan in this environment: the intake is deployed unscheduled, not failing every minute
+        assert deps["alya-intake/alya"].schedules == []
+        assert "alya-intake/alya deployed without a schedule" in out.stderr
 
         worker = Proc([PREFECT, "worker", "start", "--pool", "alya-pool", "--limit", "2"],
                       {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")
@@ -156,7 +161,8 @@ def test_prefect_deploy_all_and_process_worker(tmp_path: Path, database_url: str
             print(f"process worker: submit -> final {time.monotonic() - t0:.1f}s (worker started with it)")
             assert sorted(jm.batch_done(bid).outputfiles) == ["bounced.csv", "sent.csv"]
             (run,) = runs_of(bid)
-            assert wait_for("flow run completed", lambda: state_of(run.id)[0] == "COMPLETED", 60, worker)
+            want = RUN_STATE[jm.batch_status(bid).status]
+            assert wait_for(f"flow run {want}", lambda: state_of(run.id)[0] == want, 60, worker)
         finally:
             worker.stop()
             jm.close()

@@ -84,7 +84,7 @@ def check_common(wp: Any, deps: dict[str, Any], pool_type: str) -> None:
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/alya"}}]
         assert dep.entrypoint == expected_entry[Path(dep.entrypoint.split(":")[0]).stem]  # same as prefect.yaml
     sweeper = deps["alya-sweeper/alya"]
-    assert [s.schedule.interval.total_seconds() for s in sweeper.schedules] == [60.0]
+    assert [s.schedule.interval.total_seconds() for s in sweeper.schedules] == [300.0]
 
 
 def test_docker_and_kubernetes_pools_deploy(tmp_path: Path) -> None:

@@ -321,16 +321,22 @@ def test_memory_stays_flat_in_the_file_size(database_url: str, tmp_path: Path) -
 FLOW_SCRIPT = """
 import json, sys
 from flows.intake import intake_flow, submit_file_flow
-from alya.core.errors import AlyaError
-out = {"taken": intake_flow(folder_url=sys.argv[1], patterns="*.csv=txn", min_age_sec=0)}
+from prefect.exceptions import FailedRun
+try:
+    intake_flow()  # neither ALYA_INTAKE_URL nor ALYA_INTAKE_PATTERNS set
+except FailedRun as exc:
+    out = {"unset": str(exc)}
+out["taken"] = intake_flow(folder_url=sys.argv[1], patterns="*.csv=txn", min_age_sec=0)
+again = intake_flow(folder_url=sys.argv[1], patterns="*.csv=txn", min_age_sec=0, return_state=True)
+out["again"] = [again.result(), str(again.state_details.flow_run_id)]
 try:
     submit_file_flow(file_url=sys.argv[1] + "/nothere.csv", file_type="txn")
-except AlyaError as exc:
-    out["bad"] = f"{type(exc).__name__}: {exc}"
+except FailedRun as exc:
+    out["bad"] = str(exc)
 try:
     submit_file_flow(file_url=sys.argv[2], file_type="no such type!")
-except AlyaError as exc:
-    out["badtype"] = f"{type(exc).__name__}: {exc}"
+except FailedRun as exc:
+    out["badtype"] = str(exc)
 out["one"] = submit_file_flow(file_url=sys.argv[2], file_type="txn", context={"user": "ui"})
 print(json.dumps(out))
 """
@@ -353,18 +359,23 @@ def test_intake_flow_takes_files_and_leaves_an_artifact(database_url: str, redis
         {"account": "0042", "kind": "withdraw", "amount": 200, "txn": "t-2"}])
     write(inbox / "wrong.csv", "account,amount\nx,1\n")
     single = write(tmp_path / "single.csv", "account,kind,amount\nacct-1,deposit,5\n")
-    env = {**os.environ, "ALYA_DATABASE_URL": database_url, "ALYA_REDIS_URL": redis_url,
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALYA_INTAKE_")},
+           "ALYA_DATABASE_URL": database_url, "ALYA_REDIS_URL": redis_url,
            "ALYA_OBJECT_STORE_URL": file_store_url, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "ALYA_LOG_LEVEL": "WARNING", "ALYA_INTAKE_ROOTS": tmp_path.as_uri()}  # the flows read under it only
     out = subprocess.run([sys.executable, "-c", FLOW_SCRIPT, inbox.as_uri(), str(single)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
+    # a run refused for a missing setting or a bad parameter fails with one line, not a traceback
+    assert res["unset"].startswith("ALYA_INTAKE_URL is not set") and "\n" not in res["unset"]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "Failed('ALYA_INTAKE_URL is not set" in out.stderr
     taken = {fi["source"].rsplit("/", 1)[-1]: fi for fi in res["taken"]}
     assert taken["t1.csv"]["status"] == "submitted" and taken["t1.csv"]["nrows"] == 2
     assert taken["wrong.csv"]["status"] == "rejected" and "missing ['kind']" in taken["wrong.csv"]["error"]
-    assert res["bad"].startswith("InvalidInput: no file at") and "\n" not in res["bad"]
-    assert res["badtype"].startswith("InvalidInput: file type") and "\n" not in res["badtype"]
+    assert res["bad"].startswith("no file at") and "\n" not in res["bad"]
+    assert res["badtype"].startswith("file type") and "\n" not in res["badtype"]
     assert res["one"]["status"] == "submitted" and res["one"]["url"] == single.as_uri()
     rows = rows_of(database_url, taken["t1.csv"]["batch_id"])
     assert rows == [(1, {"account": "0042", "kind": "deposit", "amount": 500, "txn": "t-1"}),
@@ -375,6 +386,8 @@ def test_intake_flow_takes_files_and_leaves_an_artifact(database_url: str, redis
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["alya-intake"])))
     tables = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in arts]
     assert any({r["file"] for r in t} == {"t1.csv", "wrong.csv"} for t in tables), tables
+    assert res["again"][0] == []  # the files were taken: a pass that takes nothing leaves no artifact
+    assert str(res["again"][1]) not in {str(a.flow_run_id) for a in arts}
 
 
 def test_cli_intake_runs_one_pass(database_url: str, tmp_path: Path) -> None:
