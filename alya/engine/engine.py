@@ -192,6 +192,7 @@ class Engine:
         nclaims = 0
         idle = False  # the last claim found nothing: do not ask again before something changes
         next_flush = start + cfg.flush_sec
+        turn = False  # a wake-up turn taken and not yet used by a claim (given back if never used)
         try:  # a claim loop that fails (an outage) must not leave its claims held here
             while True:
                 now = time.monotonic()
@@ -199,6 +200,7 @@ class Engine:
                              and (max_claims is None or nclaims < max_claims)
                              and (stop is None or not stop.is_set()))
                 if may_claim and not idle and self.producer.wants_rows(app, op):
+                    turn = False
                     claimed = self.producer.claim(reg, only, claim_size, log)
                     if claimed is not None:
                         claimed.wake = self._wake
@@ -211,7 +213,7 @@ class Engine:
                 if not active:
                     if idle and may_claim and now < linger_until:
                         if self.waker.wait_turn(wake_key, min(linger_until - now, next_flush - now)):
-                            idle = False
+                            idle, turn = False, True
                         elif time.monotonic() >= next_flush:
                             next_flush = time.monotonic() + cfg.flush_sec
                             idle = False  # the polling fallback
@@ -242,6 +244,9 @@ class Engine:
         except BaseException:
             self._abandon(active, log)
             raise
+        finally:
+            if turn:
+                self.waker.give_back(wake_key)
         return report
 
     def _wait(self, active: list[Claimed], next_flush: float, eager: bool) -> None:

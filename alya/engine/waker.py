@@ -96,6 +96,14 @@ class Waker:
             self._turns[type_key] = False
             return True
 
+    def give_back(self, type_key: str) -> None:
+        """A turn taken by a loop that then could not claim (its time was up, it was told to stop): the
+        next waiter of the type gets it, or the notification would be lost (a slow query then waited out
+        its run's linger, 2 s)."""
+        with self._cond:
+            self._turns[type_key] = True
+            self._cond.notify_all()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -113,7 +113,7 @@ def test_a_higher_priority_batch_goes_first_and_the_lower_one_keeps_a_share(wjm:
     low_share = during.count("low") / len(during)
     # mostly the high batch; the low one neither stopped (starved) nor kept its fair half
     assert 0 < low_share < 0.35, (low_share, len(during))
-    assert query_sec < 2.0, query_sec
+    assert query_sec < 1.0, query_sec  # a lost wake-up costs a run's linger (2 s)
     wait_until(lambda: jm.batch_status(low).status.is_final, timeout=120, what="the low batch")
     assert jm.batch_status(low).nsuccess == 1500
 

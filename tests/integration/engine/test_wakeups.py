@@ -58,3 +58,17 @@ def test_a_notification_while_nobody_waits_is_kept_for_the_next_wait(jm: JobMana
         assert waker.wait_turn("wk/one", 3.0)
     finally:
         waker.close()
+
+
+def test_a_turn_given_back_wakes_the_next_loop(jm: JobManager) -> None:
+    """A loop that took a turn and then could not claim (its task's time was up) gives it back: the
+    notification is not lost with it."""
+    waker = Waker(jm.store)
+    try:
+        waker.start()
+        notify(jm, "wk", "one")
+        assert waker.wait_turn("wk/one", 3.0)
+        waker.give_back("wk/one")
+        assert waker.wait_turn("wk/one", 0.1)
+    finally:
+        waker.close()
