@@ -31,10 +31,10 @@ assert bank.jm is jm
 def intake_flow(folder_url: str | None = None, patterns: str | None = None,
                 min_age_sec: float | None = None) -> list[dict[str, Any]]:
     """One intake pass; parameters override ALYA_INTAKE_URL, ALYA_INTAKE_PATTERNS, ALYA_INTAKE_MIN_AGE_SEC.
-    A setting missing fails the run with one line saying which."""
+    A setting missing, or a folder outside ALYA_INTAKE_ROOTS, fails the run with one line saying which."""
     try:
         return [intake_dict(fi) for fi in intake_pass(jm.intake, folder_url, patterns, min_age_sec)]
-    except ConfigError as exc:
+    except (ConfigError, InvalidInput) as exc:
         return refused(exc)  # type: ignore[no-any-return]
 
 

@@ -139,14 +139,6 @@ class Engine:
     def init_retry_in(self, app: str) -> float:
         return self.producer.init_retry_in(app)
 
-    def wait_for_work(self, app: str, op: str, timeout: float) -> bool:
-        """Sleep until work of (app, op) is notified (True), ``timeout`` passes or the worker stops (False).
-        A notification that came while nothing waited counts (``Waker.wait_turn``): a run between two waves
-        of its tasks must not miss the slow query submitted meanwhile (it cost a 2.3 s wait when it did)."""
-        if self.stopping.is_set():
-            return False
-        return self.waker.wait_turn(work_payload(app, op), timeout) and not self.stopping.is_set()
-
     # ------------------------------------------------------------------ the claim loop
     def process_chunk(self, app: str, op: str, only: str | None = None) -> ChunkReport:
         """One claim of ALYA_BATCHCHUNK_NROWS rows of one open batch of (app, op) (of batch ``only`` if

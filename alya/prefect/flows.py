@@ -152,8 +152,13 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
             if not batch_id:
                 if any(r["nrows"] or r["summarised"] for r in reports):
                     continue
-                if linger and engine.wait_for_work(app, op, linger):
-                    continue
+                if linger:
+                    # Linger by claiming, not by waiting to map another wave: work arriving now starts
+                    # at once, here, instead of after Prefect has created the next wave's task runs.
+                    r = engine.work(app, op, None, seconds=linger, linger=linger).as_dict()
+                    _count(total, [r], artifacts)
+                    if r["nrows"] or r["summarised"]:
+                        continue
                 break
             wait = engine.next_claimable_in(batch_id)
             if wait is not None:  # and an init() that failed is retried after its own delay
