@@ -33,6 +33,8 @@ from alya.core.records import (
     Counts,
     FileRecord,
     OpenBatch,
+    PurgeCandidate,
+    Purged,
     RecoveredRow,
     RowResult,
     SlowQueryRow,
@@ -318,6 +320,26 @@ class Queries:
 
     def list_files(self, *, age_days: int) -> list[FileRecord]:
         return [FileRecord.from_row(r) for r in self._tx.all("list_files", age_days=age_days)]
+
+    # ------------------------------------------------------------------ retention (alya.batch.retention)
+    def purgeable_batches(self, *, before: datetime, app: str | None, after_at: datetime, after_id: str,
+                          n: int) -> list[PurgeCandidate]:
+        return [PurgeCandidate.from_row(r) for r in self._tx.all(
+            "purgeable_batches", before=before, app=app, after_at=after_at, after_id=after_id, n=n)]
+
+    def purge_rows(self, *, id: str, before: datetime, after: int, n: int) -> tuple[int, int]:
+        """(rows deleted, the last line deleted, or ``after`` when none was)."""
+        row = self._tx.one("purge_rows", id=id, before=before, after=after, n=n)
+        assert row is not None  # an aggregate: always one row
+        return int(row[0]), int(row[1])
+
+    def purge_batches(self, *, ids: list[str], before: datetime) -> Purged:
+        row = self._tx.one("purge_batches", ids=ids, before=before)
+        assert row is not None
+        return Purged.from_row(row)
+
+    def purge_rejected_files(self, *, before: datetime, n: int) -> int:
+        return self._tx.run("purge_rejected_files", before=before, n=n)
 
     # ------------------------------------------------------------------ transaction
     @contextmanager
