@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Union
 
 from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
+from alya.batch.retention import purge
 from alya.batch.services import Services
 from alya.batch.status import Statuses
 from alya.core import validate
@@ -27,6 +29,7 @@ from alya.core.models import (
     BatchStatus,
     BatchSummary,
     FileIntake,
+    PurgeReport,
     SlowQueryDone,
     messages_from_json,
 )
@@ -224,6 +227,12 @@ class JobManager:
 
     def batch_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
         return self._list(app, op, age_days, "B")
+
+    def batch_purge(self, before: datetime, app: str | None = None, files: bool = False) -> PurgeReport:
+        """Delete final batches and slow queries that ended before ``before`` (an aware datetime), with
+        their rows, file-intake records and cached statuses, and with ``files`` their output files; open
+        batches are never touched. In bounded transactions: workers go on meanwhile (``alya.batch.retention``)."""
+        return purge(self.services, before, app, files)
 
     # ------------------------------------------------------------------ slow queries
     def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,

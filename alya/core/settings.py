@@ -62,6 +62,8 @@ class JobManagerConfig(_Settings):
     poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers (wake-ups aside)")
     done_cache_rows: int = Field(1000, ge=0, description="final batches this small cache their rows too")
     auto_migrate: bool = Field(False, description="workers (jm.run, served flows) migrate the database on start")
+    retention_days: float = Field(30.0, ge=0, description="final batches older than this are purged (0: never)")
+    retention_files: bool = Field(False, description="retention also deletes the purged batches' output files")
     app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
                                        description="most rows of an app in progress at once, across all workers")
 

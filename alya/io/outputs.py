@@ -95,6 +95,37 @@ class ObjectStore:
         return urls
 
 
+    def delete_files(self, urls: Iterable[str]) -> int:
+        """Delete these output files (URLs as ``write_files`` returned them); returns how many existed. A
+        file already gone is not an error (a purge that stopped halfway runs again); a URL outside this
+        object store (the store was moved since) is deleted through its own file system. Local stores also
+        lose the batch's emptied folder. Raises BackendUnavailable when the store cannot be reached."""
+        n = 0
+        try:
+            for url in urls:
+                if url.startswith(self.url + "/"):
+                    fs, path = self.fs, self.root + url[len(self.url):]
+                else:
+                    fs, path = fsspec.core.url_to_fs(url, **self.options_for(url))
+                if not fs.exists(path):
+                    continue
+                fs.rm(path)
+                n += 1
+                if "file" in protocols(fs):
+                    _remove_empty_dir(fs, path.rsplit("/", 1)[0])
+        except Exception as exc:
+            raise BackendUnavailable(f"object store delete failed: {type(exc).__name__}: {exc}") from exc
+        return n
+
+
+def _remove_empty_dir(fs: Any, path: str) -> None:
+    try:
+        if not fs.ls(path):
+            fs.rmdir(path)
+    except OSError:
+        pass
+
+
 def _discard(fh: Any) -> None:
     """Drop a half-written object: an aborted multipart upload leaves nothing behind on S3."""
     try:
