@@ -269,6 +269,25 @@ def cleanup() -> None:
     _print_json(_jm().cleanup())
 
 
+@app.command()
+def purge(older_than: str = typer.Option(..., "--older-than", help="30d, 12h, 90m: batches that ended longer ago"),
+          app_name: Optional[str] = typer.Option(None, "--app", help="only this app's batches"),  # noqa: UP045
+          files: bool = typer.Option(False, "--files", help="delete their output files from the object store too"),
+          as_json: bool = JSON_OPT) -> None:
+    """Delete final batches and slow queries that ended before then, with their rows and records."""
+    from datetime import UTC, datetime
+
+    from alya.batch.retention import parse_age
+
+    before = datetime.now(UTC) - parse_age(older_than)
+    r = _jm().batch_purge(before, app=app_name, files=files)
+    if as_json:
+        _print_json(r)
+    else:
+        typer.echo(f"purged {r.nbatches:,} batches ({r.nrows:,} rows, {r.nfiles:,} output files, "
+                   f"{r.nrecords:,} file-intake records) that ended before {before.isoformat(timespec='seconds')}")
+
+
 @app.command("embedded-stop")
 def embedded_stop() -> None:
     """Stop the embedded PostgreSQL of this folder (.alya-data/pg), if one is running; its data stay."""

@@ -267,3 +267,16 @@ def test_maintenance_purges_under_its_own_lease(database_url: str, redis_url: st
         for m in (a, b, off):
             m.close()
 
+
+def test_the_purge_command(env: None, jm: JobManager, proc: Proc) -> None:
+    from tests.support.cli import as_json, cli
+
+    old = finished(jm, rows(3, blobs={"f.txt": "x"}))
+    new = finished(jm, rows(2))
+    age(jm, old)
+    out = cli("purge", "--older-than", "30d", "--app", APP, "--files").stdout
+    assert out.startswith("purged 1 batches (3 rows, 1 output files, 0 file-intake records) that ended before ")
+    assert not exists(jm, old) and exists(jm, new)
+    assert as_json("purge", "--older-than", "0s") == {"nbatches": 1, "nrows": 2, "nfiles": 0, "nrecords": 0}
+    res = cli("purge", "--older-than", "soon", code=2)
+    assert res.stderr.startswith("error: InvalidInput: not an age")
