@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any, Union
 
 from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
+from alya.batch.monitor import Monitor
 from alya.batch.retention import purge
 from alya.batch.services import Services
 from alya.batch.status import Statuses
 from alya.core import validate
 from alya.core.errors import InvalidState
 from alya.core.logs import get_logger, status_change
+from alya.core.metrics import Metrics
 from alya.core.models import (
     BatchDetails,
     BatchDone,
@@ -89,6 +91,7 @@ class JobManager:
             registry=registry, initblocks=InitBlocks(registry),
         )
         self._finisher = Finisher(self.services)  # ends batches (here: aborts)
+        self._monitor = Monitor(self.services)  # jm.metrics()
         self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
             else None
         self._engine: Engine | None = None
@@ -229,9 +232,8 @@ class JobManager:
         return self._list(app, op, age_days, "B")
 
     def batch_purge(self, before: datetime, app: str | None = None, files: bool = False) -> PurgeReport:
-        """Delete final batches and slow queries that ended before ``before`` (an aware datetime), with
-        their rows, file-intake records and cached statuses, and with ``files`` their output files; open
-        batches are never touched. In bounded transactions: workers go on meanwhile (``alya.batch.retention``)."""
+        """Delete final batches and slow queries that ended before ``before`` (an aware datetime) with their
+        rows, intake records, cache entries (and output ``files``); never open ones (``alya.batch.retention``)."""
         return purge(self.services, before, app, files)
 
     # ------------------------------------------------------------------ slow queries
@@ -313,6 +315,11 @@ class JobManager:
         if redispatch and self.dispatcher is not None:
             report.dispatched = self.dispatcher.redispatch_idle()
         return report
+
+    def metrics(self) -> Metrics:
+        """Queued and in-progress rows and the oldest queued row's age per type, live workers, and this
+        process's rows finished and failed per type and claim / write-back latency (``alya.batch.monitor``)."""
+        return self._monitor.snapshot()
 
     def close(self) -> None:
         if self._engine is not None:

@@ -341,6 +341,16 @@ class Queries:
     def purge_rejected_files(self, *, before: datetime, n: int) -> int:
         return self._tx.run("purge_rejected_files", before=before, n=n)
 
+    # ------------------------------------------------------------------ metrics (alya.batch.monitor)
+    def queue_depths(self) -> list[tuple[str, str, str, int, int, float | None]]:
+        """(app, op, kind, rows queued, rows in progress, oldest queued row's age in seconds) per open type."""
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4]), None if r[5] is None else float(r[5]))
+                for r in self._tx.all("queue_depths")]
+
+    def live_workers(self, *, sec: float) -> int:
+        row = self._tx.one("live_workers", sec=sec)
+        return int(row[0]) if row else 0
+
     # ------------------------------------------------------------------ transaction
     @contextmanager
     def savepoint(self) -> Iterator[None]:

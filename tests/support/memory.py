@@ -958,6 +958,25 @@ class MemoryQueries(Queries):
             self._journal.undo.append(lambda f=f: self._s.files.__setitem__(f.id, f))
         return len(old)
 
+    # ------------------------------------------------------------------ metrics
+    def queue_depths(self) -> list[tuple[str, str, str, int, int, float | None]]:
+        self._q("queue_depths")
+        out: dict[tuple[str, str, str], list[Any]] = {}
+        for b in self._open_batches():
+            acc = out.setdefault((b.app, b.op, b.type), [0, 0, None])
+            for r in self._s.rows.get(b.id, {}).values():
+                if r.status == "queued":
+                    acc[0] += 1
+                    acc[2] = r.reqat if acc[2] is None else min(acc[2], r.reqat)
+                elif r.status == "inprog":
+                    acc[1] += 1
+        return [(*k, q, i, None if old is None else (self._now - old).total_seconds())
+                for k, (q, i, old) in sorted(out.items())]
+
+    def live_workers(self, *, sec: float) -> int:
+        self._q("live_workers")
+        return sum(self._live(w, sec) for w in self._s.workers)
+
     # ------------------------------------------------------------------ transaction
     @contextmanager
     def savepoint(self) -> Iterator[None]:

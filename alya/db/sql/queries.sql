@@ -455,3 +455,19 @@ SELECT ARRAY(SELECT id::text FROM gone), (SELECT count(*) FROM r), (SELECT count
 DELETE FROM batch_files WHERE id IN (
     SELECT id FROM batch_files WHERE status = 'rejected' AND reqat < %(before)s ORDER BY reqat LIMIT %(n)s
 );
+
+-- ---------------------------------------------------------------------------- metrics (alya.batch.monitor)
+-- name: queue_depths
+-- Per batch type with open batches: rows queued, rows in progress, and the age of the oldest queued row.
+-- Reads the queued and in-progress rows of open batches through their partial indexes (as a recount of
+-- open batches does): O(open rows), which is why jm.metrics() results are reused for a few seconds.
+SELECT b.app, b.op, b.type,
+       (SELECT count(*) FROM batchrows r WHERE r.batch = ANY(array_agg(b.id)) AND r.status = 'queued'),
+       (SELECT count(*) FROM batchrows r WHERE r.batch = ANY(array_agg(b.id)) AND r.status = 'inprog'),
+       (SELECT extract(epoch FROM now() - min(r.reqat))::float8 FROM batchrows r
+        WHERE r.batch = ANY(array_agg(b.id)) AND r.status = 'queued')
+FROM batches b WHERE b.status IN ('queued', 'inprog')
+GROUP BY b.app, b.op, b.type ORDER BY b.app, b.op, b.type;
+
+-- name: live_workers
+SELECT count(*) FROM workers WHERE lastseen > now() - make_interval(secs => %(sec)s);

@@ -566,3 +566,22 @@ def test_purge_statements(h: Harness) -> None:
         assert q.purge_rejected_files(before=start, n=10) == 0
         assert q.purge_rejected_files(before=later, n=10) == 1
     assert h.rows(done[1]) == [] and len(h.rows(open_)) == 3
+
+
+def test_metrics_statements(h: Harness) -> None:
+    """Queue depths per open batch type (final and held batches aside), and live workers."""
+    a = h.add(5)
+    h.add(2, type="Q", op="ask")
+    h.add(4, app="other", status="wait")
+    done = h.add(3)
+    with h.store.tx() as q:
+        q.finish_batch(id=done, status=BatchStatus.SUCCESS, nsuccess=3, nfailed=0, naborted=0, outputfiles="{}",
+                       error=None)
+        q.claim_rows(batch=a, n=2, worker="w1", after=0)
+    beat(h, "w1", "w2")
+    h.age_worker("w2", 600)
+    with h.store.tx() as q:
+        depths = q.queue_depths()
+        assert [d[:5] for d in depths] == [(APP, "ask", "Q", 1, 0), (APP, OP, "B", 3, 2)]
+        assert all(d[5] is not None and -5 < d[5] < 60 for d in depths)
+        assert q.live_workers(sec=60) == 1
