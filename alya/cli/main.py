@@ -240,7 +240,9 @@ def list_batches(app_name: str = typer.Argument(..., metavar="APP"),
 
 @app.command()
 def worker(target: str = typer.Argument(..., help="module[:attribute] holding a JobManager (default attr: jm)"),
-           stop_when_idle: bool = typer.Option(False, help="return once no work of its types is left")) -> None:
+           stop_when_idle: bool = typer.Option(False, help="return once no work of its types is left"),
+           metrics_port: int = typer.Option(0, envvar="ALYA_METRICS_PORT",
+                                            help="serve Prometheus metrics on this port (0: none)")) -> None:
     """Run the batch-type flows of the processors registered on an app's JobManager."""
     import importlib
     from pathlib import Path
@@ -260,6 +262,10 @@ def worker(target: str = typer.Argument(..., help="module[:attribute] holding a 
     module_name, _, attr = target.partition(":")
     sys.path.insert(0, str(Path.cwd()))
     jm = getattr(importlib.import_module(module_name), attr or "jm")
+    if metrics_port:
+        from alya.api.prometheus import serve_metrics
+
+        serve_metrics(jm, metrics_port)
     jm.run(stop_when_idle=stop_when_idle)
 
 

@@ -1,11 +1,15 @@
 """``jm.metrics()`` and the Prometheus endpoint on real PostgreSQL: queues per type, the process's finished
-and failed rows, live workers, claim and write-back latency."""
+and failed rows, live workers, claim and write-back latency; scraped over HTTP."""
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from alya import JobManager
+from alya.api.prometheus import serve_metrics
 from alya.batch.monitor import Monitor
 from alya.core.metrics import TypeMetrics
 from tests.support.procs import Proc, QueryProc, drain, rows
@@ -40,3 +44,40 @@ def test_the_snapshot(jm: JobManager, procs: None) -> None:
     assert m.claim.mean_ms is not None and 0 < m.claim.mean_ms < 1000
     assert m.write.quantile_ms(0.5) is not None
 
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_the_prometheus_endpoint_is_scraped_over_http(jm: JobManager, procs: None) -> None:
+    jm.batch_submit(APP, "work", {}, rows(30) + rows(3, start=31, mode="fail"))
+    drain(jm, APP, "work")
+    jm.batch_submit(APP, "work", {}, rows(7))
+    server = serve_metrics(jm, 0, "127.0.0.1")
+    try:
+        got = scrape(server.server_port)
+    finally:
+        server.shutdown()
+    work = (("app", APP), ("kind", "B"), ("op", "work"))
+    assert got[("alya_database_up", ())] == 1
+    assert got[("alya_rows_queued", work)] == 7 and got[("alya_rows_inprog", work)] == 0
+    assert got[("alya_rows_finished_total", work)] == 33 and got[("alya_rows_failed_total", work)] == 3
+    assert 0 <= got[("alya_oldest_queued_seconds", work)] < 30
+    assert got[("alya_live_workers", ())] == 1
+    assert got[("alya_claim_seconds_count", ())] >= 1
+    assert got[("alya_write_back_seconds_bucket", (("le", "+Inf"),))] == got[("alya_write_back_seconds_count", ())]
+    assert got[("alya_write_back_seconds_sum", ())] > 0
+
+
+def test_an_unreachable_database_is_a_series_not_a_failed_scrape(redis_url: str, file_store_url: str) -> None:
+    jm = JobManager(database_url="postgresql://postgres@127.0.0.1:9/none", redis_url=redis_url,
+                    object_store_url=file_store_url)
+    server = serve_metrics(jm, 0, "127.0.0.1")
+    try:
+        assert scrape(server.server_port) == {("alya_database_up", ()): 0}
+    finally:
+        server.shutdown()
+        jm.close()
