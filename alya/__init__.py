@@ -27,6 +27,7 @@ from alya.core.models import (
     ErrorMessage,
     FileCheck,
     FileIntake,
+    PurgeReport,
     SlowQueryDone,
     SlowQueryResult,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "JobManager",
     "JobManagerConfig",
     "ProcessorNotFound",
+    "PurgeReport",
     "SlowQueryDone",
     "SlowQueryProcessor",
     "SlowQueryResult",

@@ -26,7 +26,8 @@ def sweep(jm: JobManager) -> dict[str, Any]:
     rep = jm.cleanup(redispatch=True)
     forced = jm.dispatcher.force_stuck_cancelling() if jm.dispatcher is not None else 0
     return {"requeued": rep.requeued, "failed": rep.failed, "summarised": rep.summarised,
-            "notified": rep.notified, "dispatched": rep.dispatched, "forced_cancelled": forced}
+            "notified": rep.notified, "dispatched": rep.dispatched, "forced_cancelled": forced,
+            "purged": rep.purged}
 
 
 @flow(name=SWEEPER_FLOW, persist_result=False, log_prints=False, retries=0)

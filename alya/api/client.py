@@ -10,16 +10,20 @@ from __future__ import annotations
 import functools
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Union
 
 from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
+from alya.batch.monitor import Monitor
+from alya.batch.retention import purge
 from alya.batch.services import Services
 from alya.batch.status import Statuses
 from alya.core import validate
 from alya.core.confine import Roots
 from alya.core.errors import InvalidState
 from alya.core.logs import get_logger, status_change
+from alya.core.metrics import Metrics
 from alya.core.models import (
     BatchDetails,
     BatchDone,
@@ -28,6 +32,7 @@ from alya.core.models import (
     BatchStatus,
     BatchSummary,
     FileIntake,
+    PurgeReport,
     SlowQueryDone,
     messages_from_json,
 )
@@ -87,6 +92,7 @@ class JobManager:
             registry=registry, initblocks=InitBlocks(registry),
         )
         self._finisher = Finisher(self.services)  # ends batches (here: aborts)
+        self._monitor = Monitor(self.services)  # jm.metrics()
         self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
             else None
         self._engine: Engine | None = None
@@ -228,6 +234,11 @@ class JobManager:
     def batch_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
         return self._list(app, op, age_days, "B")
 
+    def batch_purge(self, before: datetime, app: str | None = None, files: bool = False) -> PurgeReport:
+        """Delete final batches and slow queries that ended before ``before`` (an aware datetime) with their
+        rows, intake records, cache entries (and output ``files``); never open ones (``alya.batch.retention``)."""
+        return purge(self.services, before, app, files)
+
     # ------------------------------------------------------------------ slow queries
     def slowquery_submit(self, app: str, op: str, context: dict[str, Any] | str,
                          input: dict[str, Any] | str, idempotency_key: str | None = None,
@@ -307,6 +318,11 @@ class JobManager:
         if redispatch and self.dispatcher is not None:
             report.dispatched = self.dispatcher.redispatch_idle()
         return report
+
+    def metrics(self) -> Metrics:
+        """Queued and in-progress rows and the oldest queued row's age per type, live workers, and this
+        process's rows finished and failed per type and claim / write-back latency (``alya.batch.monitor``)."""
+        return self._monitor.snapshot()
 
     def close(self) -> None:
         if self._engine is not None:

@@ -4,9 +4,10 @@ reaching into the ``JobManager`` (which would point an import up the layers)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alya.batch.status import Statuses
+from alya.core.metrics import WorkMetrics
 from alya.core.registry import InitBlocks, Registry
 from alya.core.settings import JobManagerConfig
 from alya.db.store import Store
@@ -23,3 +24,4 @@ class Services:
     statuses: Statuses
     registry: Registry
     initblocks: InitBlocks
+    metrics: WorkMetrics = field(default_factory=WorkMetrics)  # this process's counters (jm.metrics())

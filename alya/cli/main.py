@@ -242,7 +242,9 @@ def list_batches(app_name: str = typer.Argument(..., metavar="APP"),
 
 @app.command()
 def worker(target: str = typer.Argument(..., help="module[:attribute] holding a JobManager (default attr: jm)"),
-           stop_when_idle: bool = typer.Option(False, help="return once no work of its types is left")) -> None:
+           stop_when_idle: bool = typer.Option(False, help="return once no work of its types is left"),
+           metrics_port: int = typer.Option(0, envvar="ALYA_METRICS_PORT",
+                                            help="serve Prometheus metrics on this port (0: none)")) -> None:
     """Run the batch-type flows of the processors registered on an app's JobManager."""
     import importlib
     from pathlib import Path
@@ -262,6 +264,10 @@ def worker(target: str = typer.Argument(..., help="module[:attribute] holding a 
     module_name, _, attr = target.partition(":")
     sys.path.insert(0, str(Path.cwd()))
     jm = getattr(importlib.import_module(module_name), attr or "jm")
+    if metrics_port:
+        from alya.api.prometheus import serve_metrics
+
+        serve_metrics(jm, metrics_port)
     jm.run(stop_when_idle=stop_when_idle)
 
 
@@ -269,6 +275,25 @@ def worker(target: str = typer.Argument(..., help="module[:attribute] holding a 
 def cleanup() -> None:
     """One idempotent recovery pass: requeue rows of dead workers, summarise missed batches."""
     _print_json(_jm().cleanup())
+
+
+@app.command()
+def purge(older_than: str = typer.Option(..., "--older-than", help="30d, 12h, 90m: batches that ended longer ago"),
+          app_name: Optional[str] = typer.Option(None, "--app", help="only this app's batches"),  # noqa: UP045
+          files: bool = typer.Option(False, "--files", help="delete their output files from the object store too"),
+          as_json: bool = JSON_OPT) -> None:
+    """Delete final batches and slow queries that ended before then, with their rows and records."""
+    from datetime import UTC, datetime
+
+    from alya.batch.retention import parse_age
+
+    before = datetime.now(UTC) - parse_age(older_than)
+    r = _jm().batch_purge(before, app=app_name, files=files)
+    if as_json:
+        _print_json(r)
+    else:
+        typer.echo(f"purged {r.nbatches:,} batches ({r.nrows:,} rows, {r.nfiles:,} output files, "
+                   f"{r.nrecords:,} file-intake records) that ended before {before.isoformat(timespec='seconds')}")
 
 
 @app.command("embedded-stop")

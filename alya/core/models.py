@@ -192,3 +192,14 @@ class FileIntake:
     source: str = ""
     nrows: int = 0
     moved: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    """What ``batch_purge`` deleted: batches (and slow queries), their rows, their output files in the
+    object store (only with ``files=True``), and file-intake records (of the batches, and of rejected files)."""
+
+    nbatches: int = 0
+    nrows: int = 0
+    nfiles: int = 0
+    nrecords: int = 0

@@ -278,3 +278,32 @@ class AppLoad:
 
     def as_tuple(self) -> tuple[int, int, int]:
         return self.total, self.mine, self.live_workers
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCandidate:
+    """A final batch a purge may delete (``alya.batch.retention``): its type, size, files and when it ended."""
+
+    id: str
+    app: str
+    op: str
+    nrows: int
+    outputfiles: dict[str, str]
+    doneat: datetime
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> PurgeCandidate:
+        return cls(str(row[0]), row[1], row[2], int(row[3]), dict(row[4] or {}), row[5])
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What one purge statement deleted: the batches (ids), their rows and their file-intake records."""
+
+    ids: list[str]
+    nrows: int
+    nrecords: int
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Purged:
+        return cls([str(i) for i in row[0] or []], int(row[1]), int(row[2]))

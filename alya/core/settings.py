@@ -68,6 +68,8 @@ class JobManagerConfig(_Settings):
     max_line_bytes: int = Field(2**20, ge=1, description="longest line of a CSV / JSON lines file read in")
     max_file_bytes: int = Field(16 * 2**30, ge=1, description="most bytes of a file read in, decompressed")
     auto_migrate: bool = Field(False, description="workers (jm.run, served flows) migrate the database on start")
+    retention_days: float = Field(30.0, ge=0, description="final batches older than this are purged (0: never)")
+    retention_files: bool = Field(False, description="retention also deletes the purged batches' output files")
     app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
                                        description="most rows of an app in progress at once, across all workers")
 

@@ -33,6 +33,8 @@ from alya.core.records import (
     Counts,
     FileRecord,
     OpenBatch,
+    PurgeCandidate,
+    Purged,
     RecoveredRow,
     RowResult,
     SlowQueryRow,
@@ -330,6 +332,36 @@ class Queries:
     def list_files(self, *, age_days: int) -> list[FileRecord]:
         return [FileRecord.from_row(r) for r in self._tx.all("list_files", age_days=age_days)]
 
+    # ------------------------------------------------------------------ retention (alya.batch.retention)
+    def purgeable_batches(self, *, before: datetime, app: str | None, after_at: datetime, after_id: str,
+                          n: int) -> list[PurgeCandidate]:
+        return [PurgeCandidate.from_row(r) for r in self._tx.all(
+            "purgeable_batches", before=before, app=app, after_at=after_at, after_id=after_id, n=n)]
+
+    def purge_rows(self, *, id: str, before: datetime, after: int, n: int) -> tuple[int, int]:
+        """(rows deleted, the last line deleted, or ``after`` when none was)."""
+        row = self._tx.one("purge_rows", id=id, before=before, after=after, n=n)
+        assert row is not None  # an aggregate: always one row
+        return int(row[0]), int(row[1])
+
+    def purge_batches(self, *, ids: list[str], before: datetime) -> Purged:
+        row = self._tx.one("purge_batches", ids=ids, before=before)
+        assert row is not None
+        return Purged.from_row(row)
+
+    def purge_rejected_files(self, *, before: datetime, n: int) -> int:
+        return self._tx.run("purge_rejected_files", before=before, n=n)
+
+    # ------------------------------------------------------------------ metrics (alya.batch.monitor)
+    def queue_depths(self) -> list[tuple[str, str, str, int, int, float | None]]:
+        """(app, op, kind, rows queued, rows in progress, oldest queued row's age in seconds) per open type."""
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4]), None if r[5] is None else float(r[5]))
+                for r in self._tx.all("queue_depths")]
+
+    def live_workers(self, *, sec: float) -> int:
+        row = self._tx.one("live_workers", sec=sec)
+        return int(row[0]) if row else 0
+
     # ------------------------------------------------------------------ transaction
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -342,12 +374,8 @@ class Queries:
 
 def query_methods() -> dict[str, str]:
     """Each public method of ``Queries`` that runs one named query, and that query's name."""
-    out = {}
-    for attr in dir(Queries):
-        if attr.startswith("_") or attr in NOT_QUERIES or not callable(getattr(Queries, attr)):
-            continue
-        out[attr] = attr[len(STREAM_PREFIX):] if attr.startswith(STREAM_PREFIX) else attr
-    return out
+    names = [a for a in dir(Queries) if a[0] != "_" and a not in NOT_QUERIES and callable(getattr(Queries, a))]
+    return {a: a[len(STREAM_PREFIX):] if a.startswith(STREAM_PREFIX) else a for a in names}
 
 
 def unmatched(sql_names: Iterable[str]) -> tuple[list[str], list[str]]:

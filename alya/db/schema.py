@@ -88,6 +88,8 @@ batches = Table(
         "op",
         postgresql_where=text("notifiedat IS NULL AND status IN ('success', 'failed')"),
     ),
+    # A purge finds final batches finished before a date (migration 0008).
+    Index("batches_final_doneat", "doneat", "id", postgresql_where=text("status IN ('success', 'failed', 'aborted')")),
 )
 
 batchrows = Table(
@@ -158,4 +160,6 @@ batch_files = Table(
     CheckConstraint("status IN ('submitted', 'rejected')", name="batch_files_status"),
     UniqueConstraint("url", "size", "version", name="batch_files_file"),
     Index("batch_files_reqat", "reqat"),
+    # Deleting (or purging) a batch finds its records by this, not by a scan of every record (migration 0008).
+    Index("batch_files_batch", "batch"),
 )

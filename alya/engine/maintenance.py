@@ -6,7 +6,8 @@ scheduled sweeper flow, ``jm.cleanup()``); each step changes only what is still 
 :class:`Maintenance` runs it in every ``jm.run`` worker, on a thread of its own (so that a long flow run
 never delays recovery), but each *duty* is done by one worker at a time: the worker holding the duty's
 lease (table ``maintenance_leases``: holder and expiry). The duties are ``recovery`` (requeue rows of silent
-workers, forget them, summarise batches whose summary was missed: work for the whole cluster) and one
+workers, forget them, summarise batches whose summary was missed: work for the whole cluster),
+``retention`` (purge final batches older than ALYA_RETENTION_DAYS, a few seconds per tick) and one
 ``mark_done:<app>/<op>`` per batch type (only a worker that has that type's processor can call its
 ``mark_done``). When the holder dies or is cut off, its leases run out and another worker takes the duties
 at its next tick; a holder that stops gives them up at once.
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from alya.batch.retention import purge, retention_cutoff
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
@@ -30,6 +32,8 @@ from alya.db.store import Store, json_text
 from alya.engine.identity import Identity
 
 RECOVERY = "recovery"
+RETENTION = "retention"  # ALYA_RETENTION_DAYS: purge final batches older than that
+RETENTION_PASS_SEC = 5.0  # a pass purges this long at most; a backlog of history goes over several passes
 
 
 def mark_done_duty(app: str, op: str) -> str:
@@ -52,16 +56,22 @@ class CleanupReport:
     summarised: list[str] = field(default_factory=list)
     notified: list[str] = field(default_factory=list)
     dispatched: list[str] = field(default_factory=list)
+    purged: int = 0  # batches deleted by retention
+    purged_rows: int = 0
 
 
-def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recover: bool = True) -> CleanupReport:
+def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recover: bool = True,
+            retain: bool | None = None) -> CleanupReport:
     """1. rows of workers silent for ALYA_RECOVERY_SEC go back to the queue (or fail, out of attempts);
     2. open batches whose rows are all final are summarised (their summary was missed);
-    3. mark_done is called for finished batches of ``types`` that were never notified.
-    Steps 1 and 2 only with ``recover``."""
+    3. mark_done is called for finished batches of ``types`` that were never notified;
+    4. final batches older than ALYA_RETENTION_DAYS are purged (for RETENTION_PASS_SEC at most).
+    Steps 1 and 2 only with ``recover``; step 4 with ``retain`` (default: as ``recover``)."""
     report = CleanupReport()
     if recover:
         _recover(engine, report)
+    if recover if retain is None else retain:
+        _retain(engine.svc, report)
     for app, op in types or []:
         with engine.svc.store.tx() as tx:
             pending = tx.unnotified_batches(app=app, op=op)
@@ -69,6 +79,19 @@ def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recove
             if engine.notify(batch):
                 report.notified.append(batch)
     return report
+
+
+def _retain(svc: Services, report: CleanupReport) -> None:
+    before = retention_cutoff(svc.config.retention_days)
+    if before is None:
+        return
+    try:
+        done = purge(svc, before, files=svc.config.retention_files, max_sec=RETENTION_PASS_SEC)
+    except AlyaError as exc:  # an outage: the next pass goes on where this one stopped
+        get_logger().error("retention_failed", error=describe(exc))
+        return
+    report.purged += done.nbatches
+    report.purged_rows += done.nrows
 
 
 def _recover(engine: Finishes, report: CleanupReport) -> None:
@@ -152,11 +175,12 @@ class Maintenance:
 
     def tick(self, engine: Finishes, types: list[tuple[str, str]]) -> CleanupReport | None:
         """One pass over the duties this worker holds (None when it holds none)."""
-        held = self.hold([RECOVERY] + [mark_done_duty(a, o) for a, o in types])
+        retention = [RETENTION] if engine.svc.config.retention_days > 0 else []
+        held = self.hold([RECOVERY] + retention + [mark_done_duty(a, o) for a, o in types])
         if not held:
             return None
         mine = [(a, o) for a, o in types if mark_done_duty(a, o) in held]
-        return cleanup(engine, types=mine, recover=RECOVERY in held)
+        return cleanup(engine, types=mine, recover=RECOVERY in held, retain=RETENTION in held)
 
     # ------------------------------------------------------------------ the thread
     def start(self, engine: Finishes, types_of: Callable[[], list[tuple[str, str]]]) -> None:

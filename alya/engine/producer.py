@@ -172,6 +172,7 @@ class Producer:
         moved: list[tuple[str, int]] = []
         claimed = None
         limit = self.svc.config.app_limits.get(app)
+        t0 = time.perf_counter()
         with self.svc.store.tx() as tx:
             if limit is not None:  # ALYA_APP_LIMITS: never more of the app's rows in progress, all workers together
                 total, mine, live = tx.app_rows_in_progress(app=app, worker=worker,
@@ -203,6 +204,7 @@ class Producer:
                     claimed = Claimed(batch, app, op, type_, self._context(tx, batch),
                                       sorted(rows, key=lambda r: r.line), worker, ver, priority=ob.priority)
                     break
+        self.svc.metrics.claimed(time.perf_counter() - t0)  # per claim statement, never per row
         for batch, ver in moved:
             status_change(app, op, batch, "inprog", old="queued")
             self.svc.statuses.invalidate(batch, ver)

@@ -14,6 +14,7 @@ from typing import Any
 import fsspec
 
 from alya.core.errors import BackendUnavailable, ConfigError, InvalidInput
+from alya.core.logs import get_logger
 from alya.core.redact import split_userinfo, url_error
 from alya.core.validate import file_name
 from alya.io.files import protocols
@@ -96,6 +97,32 @@ class ObjectStore:
         return urls
 
 
+    def delete_files(self, urls: Iterable[str]) -> int:
+        """Delete these output files (URLs as ``write_files`` returned them); returns how many existed. A
+        file already gone is not an error (a purge that stopped halfway runs again). A URL outside this
+        object store is never deleted (the store was moved since, or the value is not alya's): a stored
+        value must not make alya delete what the application did not give it; it is logged and left.
+        Local stores also lose the batch's emptied folder. Raises BackendUnavailable when the store cannot
+        be reached."""
+        n = 0
+        try:
+            for url in urls:
+                if not url.startswith(self.url + "/"):
+                    get_logger().warning("output_file_outside_store_kept", url=url)
+                    continue
+                fs, path = self.fs, self.root + url[len(self.url):]
+                if not fs.exists(path):
+                    continue
+                fs.rm(path)
+                n += 1
+                if "file" in protocols(fs):
+                    _remove_empty_dir(fs, path.rsplit("/", 1)[0])
+        except Exception as exc:
+            raise BackendUnavailable(f"object store delete failed: {type(exc).__name__}: {exc}") from exc
+        return n
+
+
+
 def same_place(url: str, store_url: str, store_protocols: tuple[str, ...]) -> bool:
     """Whether ``url`` is on the store's file system *and* in its bucket or on its host: the protocol is one
     the store answers to and the authority (bucket, host:port) is the store's, compared without user info
@@ -112,6 +139,14 @@ def _authority(rest: str) -> str:
     """The bucket or host:port of what follows ``scheme://``, without user info, lower-case."""
     _, _, after = split_userinfo("x://" + rest)
     return re.split(r"[/?#]", after, maxsplit=1)[0].lower()
+
+
+def _remove_empty_dir(fs: Any, path: str) -> None:
+    try:
+        if not fs.ls(path):
+            fs.rmdir(path)
+    except OSError:
+        pass
 
 
 def _discard(fh: Any) -> None:

@@ -61,6 +61,8 @@ from alya.core.records import (
     Counts,
     FileRecord,
     OpenBatch,
+    PurgeCandidate,
+    Purged,
     RecoveredRow,
     RowResult,
     SlowQueryRow,
@@ -77,6 +79,7 @@ T = TypeVar("T")
 
 MEMORY_URL = "postgresql:///alya_memory?host=/nonexistent/alya-memory-store&connect_timeout=1"
 OPEN = ("queued", "inprog")
+FINAL = ("success", "failed", "aborted")
 _APP = re.compile(r"^[a-z][a-z0-9_]*$")
 _BATCH_FIELDS = tuple(f.name for f in fields(BatchRecord))
 
@@ -916,6 +919,77 @@ class MemoryQueries(Queries):
         since = self._now - timedelta(days=age_days)
         return [f.record() for f in sorted(self._s.files.values(), key=lambda f: f.reqat, reverse=True)
                 if f.reqat >= since]
+
+    # ------------------------------------------------------------------ retention
+    def _purgeable(self, id: str, before: datetime) -> _Batch | None:
+        b = self._batch(id)
+        return b if b is not None and b.status in FINAL and b.doneat is not None and b.doneat < before else None
+
+    def purgeable_batches(self, *, before: datetime, app: str | None, after_at: datetime, after_id: str,
+                          n: int) -> list[PurgeCandidate]:
+        self._q("purgeable_batches")
+        found = sorted((b for b in self._s.batches.values()
+                        if self._purgeable(b.id, before) and (app is None or b.app == app)
+                        and (b.doneat, uuid.UUID(b.id)) > (after_at, uuid.UUID(after_id))),
+                       key=lambda b: (b.doneat, uuid.UUID(b.id)))
+        return [PurgeCandidate.from_row((b.id, b.app, b.op, b.nrows, _load(b.outputfiles), b.doneat))
+                for b in found[:n]]
+
+    def _drop_rows(self, batch: str, lines: list[int]) -> None:
+        rows = self._s.rows.get(batch, {})
+        gone = {line: rows.pop(line) for line in lines}
+        self._journal.undo.append(lambda: rows.update(gone))
+
+    def purge_rows(self, *, id: str, before: datetime, after: int, n: int) -> tuple[int, int]:
+        self._q("purge_rows")
+        if self._purgeable(id, before) is None:
+            return 0, after
+        lines = [r.line for r in self._rows(id) if r.line > after][:n]
+        self._drop_rows(id, lines)
+        return len(lines), max(lines, default=after)
+
+    def purge_batches(self, *, ids: list[str], before: datetime) -> Purged:
+        self._q("purge_batches")
+        gone = [i for i in dict.fromkeys(ids) if self._purgeable(i, before) is not None]
+        nrows = nrecords = 0
+        for i in gone:
+            nrows += len(self._s.rows.get(i, {}))
+            self._drop_rows(i, list(self._s.rows.get(i, {})))
+            b = self._s.batches.pop(i)
+            self._journal.undo.append(lambda b=b: self._s.batches.__setitem__(b.id, b))
+            for f in [f for f in self._s.files.values() if f.batch == i]:
+                nrecords += 1
+                del self._s.files[f.id]
+                self._journal.undo.append(lambda f=f: self._s.files.__setitem__(f.id, f))
+        return Purged(gone, nrows, nrecords)
+
+    def purge_rejected_files(self, *, before: datetime, n: int) -> int:
+        self._q("purge_rejected_files")
+        old = sorted((f for f in self._s.files.values() if f.status == "rejected" and f.reqat < before),
+                     key=lambda f: f.reqat)[:n]
+        for f in old:
+            del self._s.files[f.id]
+            self._journal.undo.append(lambda f=f: self._s.files.__setitem__(f.id, f))
+        return len(old)
+
+    # ------------------------------------------------------------------ metrics
+    def queue_depths(self) -> list[tuple[str, str, str, int, int, float | None]]:
+        self._q("queue_depths")
+        out: dict[tuple[str, str, str], list[Any]] = {}
+        for b in self._open_batches():
+            acc = out.setdefault((b.app, b.op, b.type), [0, 0, None])
+            for r in self._s.rows.get(b.id, {}).values():
+                if r.status == "queued":
+                    acc[0] += 1
+                    acc[2] = r.reqat if acc[2] is None else min(acc[2], r.reqat)
+                elif r.status == "inprog":
+                    acc[1] += 1
+        return [(*k, q, i, None if old is None else (self._now - old).total_seconds())
+                for k, (q, i, old) in sorted(out.items())]
+
+    def live_workers(self, *, sec: float) -> int:
+        self._q("live_workers")
+        return sum(self._live(w, sec) for w in self._s.workers)
 
     # ------------------------------------------------------------------ transaction
     @contextmanager

@@ -415,3 +415,72 @@ SELECT {file_columns}
 FROM batch_files
 WHERE reqat >= now() - make_interval(days => %(age_days)s)
 ORDER BY reqat DESC;
+
+-- ---------------------------------------------------------------------------- retention (alya.batch.retention)
+-- name: purgeable_batches
+-- Final batches (and slow queries) that ended before `before`, oldest first, after the (doneat, id) cursor
+-- of the previous page: each is visited once per purge, even when another purge holds it locked. Walks the
+-- partial index batches_final_doneat; open batches are never in it.
+SELECT id, app, op, nrows, outputfiles, doneat FROM batches
+WHERE status IN ('success', 'failed', 'aborted') AND doneat < %(before)s
+  AND (doneat, id) > (%(after_at)s::timestamptz, %(after_id)s::uuid)
+  AND (%(app)s::text IS NULL OR app = %(app)s)
+ORDER BY doneat, id
+LIMIT %(n)s;
+
+-- name: purge_rows
+-- Up to `n` rows of one purgeable batch, in line order after `after` (so that each step starts past the
+-- index entries of rows the last one deleted): a big batch goes in bounded transactions. The batch is
+-- locked first (skipped if another purge holds it) and must still be final and older than `before`.
+-- Rows are picked by an ordered walk of the primary key and deleted by tuple id. Returns (rows, last line).
+WITH b AS (
+    SELECT id FROM batches
+    WHERE id = %(id)s AND status IN ('success', 'failed', 'aborted') AND doneat < %(before)s
+    FOR UPDATE SKIP LOCKED
+), pick AS MATERIALIZED (
+    SELECT r.ctid AS tid FROM batchrows r
+    WHERE r.batch = (SELECT id FROM b) AND r.line > %(after)s ORDER BY r.line LIMIT %(n)s
+), gone AS (
+    DELETE FROM batchrows r WHERE r.ctid = ANY(ARRAY(SELECT tid FROM pick)) RETURNING r.line
+)
+SELECT count(*), coalesce(max(line), %(after)s) FROM gone;
+
+-- name: purge_batches
+-- Delete these batches, if they are still final and older than `before` and no other purge holds them,
+-- with their rows and their file-intake records (the idempotency key lives on the batch row). Every
+-- look-up is an index probe per batch (= ANY(array)), never a join the planner could turn into a scan.
+-- Returns (ids deleted, rows deleted, records deleted).
+WITH b AS MATERIALIZED (
+    SELECT id FROM batches
+    WHERE id = ANY(%(ids)s::uuid[]) AND status IN ('success', 'failed', 'aborted') AND doneat < %(before)s
+    FOR UPDATE SKIP LOCKED
+), f AS (
+    DELETE FROM batch_files WHERE batch = ANY(ARRAY(SELECT id FROM b)) RETURNING 1
+), r AS (
+    DELETE FROM batchrows WHERE batch = ANY(ARRAY(SELECT id FROM b)) RETURNING 1
+), gone AS (
+    DELETE FROM batches WHERE id = ANY(ARRAY(SELECT id FROM b)) RETURNING id
+)
+SELECT ARRAY(SELECT id::text FROM gone), (SELECT count(*) FROM r), (SELECT count(*) FROM f);
+
+-- name: purge_rejected_files
+-- Records of rejected files (they have no batch) taken before `before`, at most `n`, oldest first.
+DELETE FROM batch_files WHERE id IN (
+    SELECT id FROM batch_files WHERE status = 'rejected' AND reqat < %(before)s ORDER BY reqat LIMIT %(n)s
+);
+
+-- ---------------------------------------------------------------------------- metrics (alya.batch.monitor)
+-- name: queue_depths
+-- Per batch type with open batches: rows queued, rows in progress, and the age of the oldest queued row.
+-- Reads the queued and in-progress rows of open batches through their partial indexes (as a recount of
+-- open batches does): O(open rows), which is why jm.metrics() results are reused for a few seconds.
+SELECT b.app, b.op, b.type,
+       (SELECT count(*) FROM batchrows r WHERE r.batch = ANY(array_agg(b.id)) AND r.status = 'queued'),
+       (SELECT count(*) FROM batchrows r WHERE r.batch = ANY(array_agg(b.id)) AND r.status = 'inprog'),
+       (SELECT extract(epoch FROM now() - min(r.reqat))::float8 FROM batchrows r
+        WHERE r.batch = ANY(array_agg(b.id)) AND r.status = 'queued')
+FROM batches b WHERE b.status IN ('queued', 'inprog')
+GROUP BY b.app, b.op, b.type ORDER BY b.app, b.op, b.type;
+
+-- name: live_workers
+SELECT count(*) FROM workers WHERE lastseen > now() - make_interval(secs => %(sec)s);

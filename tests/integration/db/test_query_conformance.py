@@ -519,3 +519,74 @@ def test_maintenance_leases(h: Harness) -> None:
         assert q.take_leases(holder="w2", duties=duties, sec=60) == {"recovery"}  # taken once run out
         assert q.drop_leases(holder="w1") == 1
         assert q.take_leases(holder="w2", duties=duties, sec=60) == set(duties)
+
+
+def test_purge_statements(h: Harness) -> None:
+    """Retention: final batches found oldest first past a cursor, rows deleted in bounded steps, whole batches
+    with their file records; open batches and newer ones never."""
+    from datetime import UTC, datetime, timedelta
+
+    zero = "00000000-0000-0000-0000-000000000000"
+    start = datetime(1970, 1, 1, tzinfo=UTC)
+    done = []
+    for status in ("success", "aborted"):
+        b = h.add(5)
+        with h.store.tx() as q:
+            q.finish_batch(id=b, status=BatchStatus(status), nsuccess=5, nfailed=0, naborted=0, outputfiles="{}",
+                           error=None)
+        done.append(b)
+    other = h.add(2, app="other")
+    with h.store.tx() as q:
+        q.finish_batch(id=other, status=BatchStatus.FAILED, nsuccess=1, nfailed=1, naborted=0, outputfiles="{}",
+                       error=None)
+    open_ = h.add(3)
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    with h.store.tx() as q:
+        page = q.purgeable_batches(before=later, app=None, after_at=start, after_id=zero, n=10)
+        assert sorted(c.id for c in page) == sorted([*done, other]) and open_ not in [c.id for c in page]
+        assert [(c.doneat, uuid.UUID(c.id)) for c in page] == sorted((c.doneat, uuid.UUID(c.id)) for c in page)
+        assert {c.nrows for c in page} == {5, 2} and page[0].outputfiles == {}
+        assert [c.id for c in q.purgeable_batches(before=later, app=APP, after_at=start, after_id=zero, n=10)] \
+            == [c.id for c in page if c.id != other]
+        rest = q.purgeable_batches(before=later, app=None, after_at=page[0].doneat, after_id=page[0].id, n=10)
+        assert [c.id for c in rest] == [c.id for c in page[1:]]
+        assert q.purgeable_batches(before=start, app=None, after_at=start, after_id=zero, n=10) == []
+        assert len(q.purgeable_batches(before=later, app=None, after_at=start, after_id=zero, n=1)) == 1
+        f1 = q.insert_file(id=str(uuid.uuid4()), url="file:///in/a.csv", size=1, version="v", filetype="t",
+                           status="submitted", batch=done[0], nrows=5, error=None, dest=None)
+        q.insert_file(id=str(uuid.uuid4()), url="file:///in/b.csv", size=1, version="v", filetype="t",
+                      status="rejected", batch=None, nrows=0, error="bad", dest=None)
+    with h.store.tx() as q:
+        assert q.purge_rows(id=done[0], before=later, after=-1, n=2) == (2, 2)
+        assert q.purge_rows(id=done[0], before=later, after=2, n=2) == (2, 4)
+        assert q.purge_rows(id=open_, before=later, after=-1, n=2) == (0, -1)  # open: never
+        assert q.purge_rows(id=done[1], before=start, after=-1, n=2) == (0, -1)  # too new
+    assert [r.line for r in h.rows(done[0])] == [5]
+    with h.store.tx() as q:
+        gone = q.purge_batches(ids=[*done, open_], before=later)
+        assert (sorted(gone.ids), gone.nrows, gone.nrecords) == (sorted(done), 1 + 5, 1)
+        assert q.purge_batches(ids=done, before=later).ids == []
+        assert q.get_batch(id=done[0]) is None and q.get_batch(id=open_) is not None
+        assert q.files_at(urls=[f1.url]) == []
+        assert q.purge_rejected_files(before=start, n=10) == 0
+        assert q.purge_rejected_files(before=later, n=10) == 1
+    assert h.rows(done[1]) == [] and len(h.rows(open_)) == 3
+
+
+def test_metrics_statements(h: Harness) -> None:
+    """Queue depths per open batch type (final and held batches aside), and live workers."""
+    a = h.add(5)
+    h.add(2, type="Q", op="ask")
+    h.add(4, app="other", status="wait")
+    done = h.add(3)
+    with h.store.tx() as q:
+        q.finish_batch(id=done, status=BatchStatus.SUCCESS, nsuccess=3, nfailed=0, naborted=0, outputfiles="{}",
+                       error=None)
+        q.claim_rows(batch=a, n=2, worker="w1", after=0)
+    beat(h, "w1", "w2")
+    h.age_worker("w2", 600)
+    with h.store.tx() as q:
+        depths = q.queue_depths()
+        assert [d[:5] for d in depths] == [(APP, "ask", "Q", 1, 0), (APP, OP, "B", 3, 2)]
+        assert all(d[5] is not None and -5 < d[5] < 60 for d in depths)
+        assert q.live_workers(sec=60) == 1

@@ -1,0 +1,134 @@
+"""``python -m bench purge``: what retention costs at two table sizes, over repeated submit/purge cycles.
+
+Each cycle submits ``size`` rows (batches of ``batch_rows``), takes them through the row versions a real
+batch leaves (claimed, then written back: three heap versions per row), ends the batches ``success`` as if
+40 days ago, and purges them with ``jm.batch_purge`` (bounded transactions of ~10k rows). Printed per
+cycle: purge time and rate, WAL written by the purge, the longest single purge transaction, and
+``pg_total_relation_size`` of ``batches`` and ``batchrows`` at their peak (before the purge) and after it.
+By default a plain VACUUM follows each purge, as autovacuum would between purges a day apart
+(``--no-vacuum``: back to back, the dead rows of each cycle still there when the next one is written).
+For scale, ``--compare`` also times one single-statement DELETE of the same rows and the DROP of a table
+holding them (what dropping a time partition would cost).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg2
+import typer
+
+from alya import BatchInput, JobManager, JobManagerConfig
+from alya.batch import retention
+from bench.common import fresh_database
+
+APP, OP = "bench", "purge"
+
+
+def _sql(conn: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def _sizes(conn: Any) -> tuple[int, int]:
+    (b, r), = _sql(conn, "SELECT pg_total_relation_size('batches'), pg_total_relation_size('batchrows')")
+    return int(b), int(r)
+
+
+def _fill(jm: JobManager, conn: Any, size: int, batch_rows: int) -> list[str]:
+    ids = []
+    for start in range(1, size + 1, batch_rows):
+        n = min(batch_rows, size - start + 1)
+        ids.append(jm.batch_submit(APP, OP, {}, (BatchInput(i, {"acct": i % 977, "amount": i % 100, "memo": "x"})
+                                                 for i in range(1, n + 1))))
+    # the two later versions of every row: claimed, then written back with a result
+    _sql(conn, "UPDATE batchrows SET status = 'inprog', doneby = 'w', attempts = 1 WHERE batch = ANY(%s::uuid[])",
+         ids)
+    _sql(conn, "UPDATE batchrows SET status = 'success', res = '{\"ok\": true}', doneat = now() "
+         "WHERE batch = ANY(%s::uuid[])", ids)
+    _sql(conn, "UPDATE batches SET status = 'success', nsuccess = nrows, doneat = now() - interval '40 days' "
+         "WHERE id = ANY(%s::uuid[])", ids)
+    return ids
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:7.1f}"
+
+
+def run(sizes: list[int], cycles: int, batch_rows: int, compare: bool, vacuum: bool) -> None:
+    with fresh_database() as url:
+        jm = JobManager(database_url=url, config=JobManagerConfig(batchrowmax=max(sizes)))
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        longest = [0.0]
+        real_tx = jm.store.tx
+
+        def timed_tx() -> Any:  # the longest purge transaction (what a worker could wait behind)
+            from contextlib import contextmanager
+
+            @contextmanager
+            def cm() -> Any:
+                t = time.perf_counter()
+                with real_tx() as q:
+                    yield q
+                longest[0] = max(longest[0], time.perf_counter() - t)
+            return cm()
+
+        print(f"{'rows':>9} {'cycle':>5} {'purge s':>8} {'rows/s':>9} {'WAL MiB':>8} {'max tx ms':>9} "
+              f"{'batches MiB peak/after':>23} {'batchrows MiB peak/after':>25}")
+        for size in sizes:
+            for cycle in range(1, cycles + 1):
+                _fill(jm, conn, size, batch_rows)
+                peak = _sizes(conn)
+                (lsn0,), = _sql(conn, "SELECT pg_current_wal_lsn()")
+                longest[0] = 0.0
+                jm.store.tx = timed_tx  # type: ignore[method-assign]
+                t = time.perf_counter()
+                rep = jm.batch_purge(datetime.now(UTC) - timedelta(days=30))
+                took = time.perf_counter() - t
+                del jm.store.tx
+                (wal,), = _sql(conn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", lsn0)
+                assert rep.nrows == size, rep
+                after = _sizes(conn)
+                if vacuum:  # what autovacuum does between purges a day apart (not VACUUM FULL: no lock)
+                    _sql(conn, "VACUUM batchrows, batches")
+                print(f"{size:>9} {cycle:>5} {took:8.2f} {size / took:9.0f} {_mib(int(wal))} {longest[0] * 1000:9.0f} "
+                      f"{_mib(peak[0]):>11} /{_mib(after[0])} {_mib(peak[1]):>13} /{_mib(after[1])}")
+            if compare:
+                _compare(jm, conn, size, batch_rows)
+        conn.close()
+        jm.close()
+    print(f"(purge transactions of about {retention.CHUNK_ROWS:,} rows; sizes include indexes and TOAST)")
+
+
+def _compare(jm: JobManager, conn: Any, size: int, batch_rows: int) -> None:
+    ids = _fill(jm, conn, size, batch_rows)
+    (lsn0,), = _sql(conn, "SELECT pg_current_wal_lsn()")
+    t = time.perf_counter()
+    _sql(conn, "DELETE FROM batches WHERE id = ANY(%s::uuid[])", ids)  # rows by ON DELETE CASCADE, one transaction
+    took = time.perf_counter() - t
+    (wal,), = _sql(conn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", lsn0)
+    print(f"{size:>9}   one DELETE statement (one transaction): {took:.2f} s, WAL {_mib(int(wal)).strip()} MiB")
+    _sql(conn, "CREATE TABLE bench_part AS SELECT * FROM batchrows LIMIT 0")
+    _sql(conn, "INSERT INTO bench_part SELECT b, g, '{\"acct\": 1}'::jsonb, 'success' "
+         "FROM (SELECT gen_random_uuid() AS b) x, generate_series(1, %s) g", size)
+    _sql(conn, "ALTER TABLE bench_part ADD PRIMARY KEY (batch, line)")
+    t = time.perf_counter()
+    _sql(conn, "DROP TABLE bench_part")
+    ms = (time.perf_counter() - t) * 1000
+    print(f"{size:>9}   DROP of a table of as many rows (a partition's drop): {ms:.0f} ms")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def purge(sizes: str = typer.Option("10000,1000000", help="rows per cycle, comma-separated"),
+              cycles: int = typer.Option(3, help="submit/purge cycles per size"),
+              batch_rows: int = typer.Option(10_000, help="rows per batch"),
+              compare: bool = typer.Option(True, help="also time one DELETE statement and a table DROP"),
+              vacuum: bool = typer.Option(True, help="a plain VACUUM after each purge, as autovacuum would "
+                                          "between purges a day apart")) -> None:
+        """Purge time and table sizes after repeated submit/purge cycles, at two table sizes."""
+        run([int(s) for s in sizes.split(",")], cycles, batch_rows, compare, vacuum)
