@@ -26,6 +26,7 @@ from alya import BatchInput, JobManager, JobManagerConfig
 from bench import engine_bench
 from bench import purge as purge_bench
 from bench.common import PG_SERVER, fresh_database, prefect_server, wait_registered
+from bench.mixed import REDIS
 from bench.worker import WARMUP_OP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
@@ -70,10 +71,13 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
     every batch is final. Start-up (imports, Prefect client) is not in the figure; everything after is.
     With ``warmup`` (app, op), a batch of that *other* type runs on every worker first: workers that have
     been running, as a user meets them, but have not run the timed batch's type (its first flow run on
-    each worker is in the figure)."""
+    each worker is in the figure). The polling client and the workers use Redis (``ALYA_BENCH_REDIS``), as a
+    user runs them: without it every poll recounts the open batch in PostgreSQL (20 a second here), which
+    took PostgreSQL CPU from the rows; ``BENCH_NO_REDIS=1`` measures that case."""
+    redis = None if os.environ.get("BENCH_NO_REDIS") else REDIS
     env = {**os.environ, **penv, "ALYA_DATABASE_URL": url, "ALYA_LOG_LEVEL": "warning",
-           "PREFECT_LOGGING_LEVEL": "WARNING", **extra_env}
-    jm = JobManager(database_url=url)
+           "PREFECT_LOGGING_LEVEL": "WARNING", **({"ALYA_REDIS_URL": redis} if redis else {}), **extra_env}
+    jm = JobManager(database_url=url, redis_url=redis)
     procs = [subprocess.Popen(worker_cmd, env=env) for _ in range(workers)]
     conn = psycopg2.connect(url)
     conn.autocommit = True
