@@ -10,8 +10,8 @@ import threading
 import time
 from typing import Any
 
-from alya import BatchJobResult, BatchStatus, JobManager, SlowQueryResult
-from tests.support.procs import wait_until
+from alya import BatchJobResult, BatchStatus, JobManager
+from tests.support.procs import QueryProc, wait_until
 
 
 # ------------------------------------------------------------------------------------------ whole workers
@@ -28,13 +28,6 @@ class Sleepy:
         pass
 
 
-class Echo:
-    def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> SlowQueryResult:
-        return SlowQueryResult(BatchStatus.SUCCESS, {"echo": input})
-
-    def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:
-        pass
-
 
 def test_small_batches_and_slow_queries_finish_during_a_big_batch(jm: JobManager, prefect_harness: None) -> None:
     """While a 3,000-row batch of 20 ms rows runs (about 8 s on 8 slots), a 10-row batch of the same type,
@@ -42,7 +35,7 @@ def test_small_batches_and_slow_queries_finish_during_a_big_batch(jm: JobManager
     proc = Sleepy()
     jm.register_batch_processor("fair", "big", proc)
     jm.register_batch_processor("fair", "other", Sleepy())
-    jm.register_slowquery_processor("fair", "q", Echo())
+    jm.register_slowquery_processor("fair", "q", QueryProc())
     runner = threading.Thread(daemon=True, target=jm.run)
     runner.start()
     try:

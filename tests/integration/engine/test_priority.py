@@ -13,9 +13,9 @@ from typing import Any
 import psycopg2
 import pytest
 
-from alya import BatchJobResult, BatchStatus, InvalidInput, JobManager, SlowQueryResult
+from alya import BatchJobResult, BatchStatus, InvalidInput, JobManager
 from tests.support.config import make_config
-from tests.support.procs import wait_until
+from tests.support.procs import QueryProc, wait_until
 
 
 class Sleepy:
@@ -32,13 +32,6 @@ class Sleepy:
     def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:
         pass
 
-
-class Echo:
-    def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> SlowQueryResult:
-        return SlowQueryResult(BatchStatus.SUCCESS, {"echo": input})
-
-    def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:
-        pass
 
 
 def stored_priorities(url: str) -> dict[str, int]:
@@ -76,7 +69,7 @@ def worker(wjm: JobManager, prefect_harness: None) -> Iterator[Sleepy]:
     jm = wjm
     proc = Sleepy()
     jm.register_batch_processor("prio", "op", proc)
-    jm.register_slowquery_processor("prio", "q", Echo())
+    jm.register_slowquery_processor("prio", "q", QueryProc())
     runner = threading.Thread(daemon=True, target=jm.run)
     runner.start()
     try:
