@@ -38,7 +38,8 @@ class Probe:
 
 class Query:
     def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> SlowQueryResult:
-        return SlowQueryResult(BatchStatus.SUCCESS, {"echo": input.get("q")})
+        # the wall time of the call: bench latency splits submit -> call -> visible with it
+        return SlowQueryResult(BatchStatus.SUCCESS, {"echo": input.get("q"), "t": time.time()})
 
     def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:
         pass

@@ -64,6 +64,7 @@ class Claimed:
     suspect: bool = False  # one row held by a worker that died: this process holds nothing else meanwhile
     aborted: bool = False  # the batch was aborted: nothing is given back, no summary
     lost: bool = False  # its write-back failed for good: its rows were given back (or are recovered)
+    ended: bool = False  # its write-back also summarised its batch (a slow query's one row)
     processor: Any = None
     initblock: Any = None
     log: Any = None

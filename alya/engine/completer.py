@@ -95,8 +95,17 @@ class Completer:
                     res = WriteResult(results[-1].status, sum(r.written for r in results),
                                       sum(r.late for r in results),
                                       next((r.ver for r in reversed(results) if r.ver is not None), None))
-                    if any(o.status == "queued" for o in outcomes):  # retries become claimable later
+                    retry = any(o.status == "queued" for o in outcomes)
+                    if retry:  # retries become claimable later
                         tx.notify_work(claimed.app, claimed.op)
+                    # A slow query's one row is final: summarise it in this transaction, one WAL flush
+                    # less before its client sees the answer.
+                    ended = (self.finisher.end_in(tx, claimed.batch)
+                             if claimed.type == "Q" and not retry and res.written
+                             and res.status != BatchStatus.ABORTED.value else None)
+                if ended is not None:
+                    claimed.ended = True
+                    self.finisher.announce_end(ended)
                 if res.late:  # results kept past an abort changed the final counts: re-cache them
                     self.finisher.refresh_summary(claimed.batch)
                 return res

@@ -308,6 +308,10 @@ class Engine:
         # would summarise. After the commit, whoever commits last is sure to see every row final.
         # A slow query's one row: the summary's own check (under the batch's lock) is the only one needed,
         # one transaction less on the path a web call waits on.
+        if c.ended:  # summarised by its write-back (a slow query): only mark_done is left
+            report.summarised.append(c.batch)
+            self.notify(c.batch)
+            return
         if len(c.skipped) < len(c.rows) and (c.type == "Q" or self.all_final(c.batch, after=c.rows[-1].line)):
             try:
                 if self.summarise(c.batch):

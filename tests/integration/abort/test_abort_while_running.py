@@ -135,7 +135,9 @@ def test_abort_racing_the_first_claim_does_not_deadlock(jm: JobManager, monkeypa
     aborted: list[Any] = []
     a = threading.Thread(daemon=True, target=lambda: aborted.append(jm.batch_abort(bid)))
     a.start()
-    time.sleep(0.5)  # the abort is now waiting on a lock the claim holds
+    # Until the abort waits on a lock the claim holds (a fixed sleep was too short on a loaded machine).
+    assert wait_until(lambda: store_sql(jm.store, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type"
+                                                  " = 'Lock' AND datname = current_database()")[0][0] > 0, 20)
     go.set()
     t.join(30)
     a.join(30)
