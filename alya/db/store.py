@@ -80,19 +80,10 @@ class Store:
             raise BackendUnavailable(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
 
     @contextmanager
-    def tx(self, durable: bool = True) -> Iterator[Queries]:
-        """A transaction, as typed queries: committed on success, rolled back on any exception.
-
-        ``durable=False``: the commit does not wait for the disk (``synchronous_commit = off`` for this
-        transaction only). A server crash may then undo it, and only it and other such transactions: the
-        WAL is one stream, so any later durable commit makes it durable too. Used for a claim: a claim
-        undone by a crash leaves its rows queued, its worker's write-back then changes nothing (the rows
-        are no longer held by it) and the rows run again, as after any recovery. On this machine a flush
-        costs 2-16 ms, the largest part of a claim and of a slow query's path."""
+    def tx(self) -> Iterator[Queries]:
+        """A transaction, as typed queries: committed on success, rolled back on any exception."""
         tx = Tx(self._connect(), reconnect=self._connect, max_reconnects=self._capacity + 1)
         try:
-            if not durable:
-                tx.commit_without_flush()
             yield Queries(tx)
             tx.committing = True
             tx.conn.commit()

@@ -23,7 +23,7 @@ from alya.db.errors import is_disconnect, mapped
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 
 # Named statements the transport runs itself (a savepoint's end), not a query of the repository.
-OWN_STATEMENTS = frozenset({"rollback_to_savepoint", "release_savepoint", "commit_without_flush"})
+OWN_STATEMENTS = frozenset({"rollback_to_savepoint", "release_savepoint"})
 
 
 @cache
@@ -111,10 +111,6 @@ class Tx:
         self._first(declare)
         with holder[0] as cur:
             yield from cur
-
-    def commit_without_flush(self) -> None:
-        """This transaction's commit will not wait for the WAL flush (see ``Store.tx(durable=False)``)."""
-        self._execute("commit_without_flush", {})
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

@@ -173,7 +173,7 @@ class Producer:
         claimed = None
         limit = self.svc.config.app_limits.get(app)
         t0 = time.perf_counter()
-        with self.svc.store.tx(durable=False) as tx:  # a claim a server crash undoes is simply run again
+        with self.svc.store.tx() as tx:
             if limit is not None:  # ALYA_APP_LIMITS: never more of the app's rows in progress, all workers together
                 total, mine, live = tx.app_rows_in_progress(app=app, worker=worker,
                                                             sec=self.svc.config.recovery_sec).as_tuple()

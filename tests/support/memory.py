@@ -307,7 +307,7 @@ class MemoryStore(Store):
         raise RuntimeError("MemoryStore has no SQLAlchemy engine")
 
     @contextmanager
-    def tx(self, durable: bool = True) -> Iterator[MemoryQueries]:  # type: ignore[override]
+    def tx(self) -> Iterator[MemoryQueries]:  # type: ignore[override]
         if getattr(self._local, "open", False):
             raise RuntimeError("a second transaction on a thread that holds one (on PostgreSQL: a second "
                                "connection, which may wait for the first one's locks for ever)")

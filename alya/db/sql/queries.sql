@@ -380,12 +380,6 @@ ROLLBACK TO SAVEPOINT alya_savepoint;
 -- name: release_savepoint
 RELEASE SAVEPOINT alya_savepoint;
 
--- name: commit_without_flush
--- This transaction's COMMIT returns without waiting for its WAL to reach the disk (an fsync costs 2-16 ms
--- here, more than everything else a claim does). Only for transactions that a server crash may undo
--- harmlessly (Store.tx(durable=False)); every later durable commit flushes it anyway, WAL being one stream.
-SET LOCAL synchronous_commit TO OFF;
-
 -- ---------------------------------------------------------------------------- file intake (alya.batch.intake)
 -- name: lock_file
 -- Everyone who takes the file at this URL (a scan on any machine, file_submit) queues here until the
