@@ -55,6 +55,10 @@ WHERE batch = %(id)s AND status IN ('queued', 'inprog');
 -- name: finish_batch
 -- The final status and counts; mark_done is not due for aborted batches (notifiedat set at once).
 -- `error`: why the batch failed without its summary (it kept failing), else NULL.
+-- synchronous_commit on: the end of a batch is what its client is shown as final, so its commit waits for
+-- the WAL flush even in a transaction that began as a write-back (which commits without it; a slow query's
+-- write-back ends its batch in the same transaction).
+SET LOCAL synchronous_commit = on;
 UPDATE batches SET status = %(status)s, doneat = now(), nsuccess = %(nsuccess)s, nfailed = %(nfailed)s,
        naborted = %(naborted)s, outputfiles = %(outputfiles)s::jsonb, ver = ver + 1,
        notifiedat = CASE WHEN %(status)s = 'aborted' THEN now() END, error = %(error)s

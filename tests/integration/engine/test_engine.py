@@ -304,6 +304,32 @@ def test_slow_query_result_messages_and_outputfiles(jm: JobManager) -> None:
     assert all(d.type == "Q" for d in qp.done)
 
 
+def test_slow_query_ends_in_its_write_back_and_the_end_is_flushed(jm: JobManager,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow query's write-back also ends its batch (one transaction less before its client sees the
+    answer), and although a write-back commits without waiting for the WAL flush, a transaction that ends
+    a batch does wait: what a client is shown as final must survive a server crash."""
+    from alya.db.transport import Tx
+
+    real = Tx._execute
+    seen: list[tuple[int, str, str]] = []  # (transaction, statement, synchronous_commit after it)
+
+    def execute(self: Tx, name: str, params: dict[str, Any]) -> None:
+        real(self, name, params)
+        if name in ("write_results", "finish_batch"):
+            with self.conn.cursor() as cur:
+                cur.execute("SHOW synchronous_commit")
+                seen.append((id(self), name, cur.fetchone()[0]))
+
+    monkeypatch.setattr(Tx, "_execute", execute)
+    jm.register_slowquery_processor("eng", "durable", QueryProc())
+    req = jm.slowquery_submit("eng", "durable", {}, {"q": "x"})
+    drain(jm, "eng", "durable")
+    assert jm.slowquery_done(req).status is BatchStatus.SUCCESS
+    assert [(name, sync) for _, name, sync in seen] == [("write_results", "off"), ("finish_batch", "on")]
+    assert seen[0][0] == seen[1][0]  # one transaction
+
+
 # ------------------------------------------------------------------------------------------ wait batches
 def test_wait_batch_is_not_processed_until_wait_off(jm: JobManager) -> None:
     proc = Proc()
