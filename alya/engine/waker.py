@@ -21,7 +21,9 @@ from alya.db.store import Listener, Store
 class Waker:
     def __init__(self, store: Store) -> None:
         self._listener = Listener(store, WORK_CHANNEL)
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()  # one lock under every condition below
+        self._cond = threading.Condition(self._mutex)  # for wait(): any notification
+        self._type_conds: dict[str, threading.Condition] = {}  # for wait_turn(): one per type
         self._generation = 0
         self._turns: dict[str, bool] = {}  # type (app/op) -> a notification no claim loop has taken yet
         self._thread: threading.Thread | None = None
@@ -58,13 +60,14 @@ class Waker:
                     except Exception as exc:  # never let a callback stop the wake-ups
                         get_logger().warning("abort_callback_failed", error=str(exc))
             if work:
-                with self._cond:
+                with self._mutex:
                     self._generation += 1
                     for p in work:
-                        if p == ANY_WORK_PAYLOAD:
-                            self._turns = dict.fromkeys(self._turns, True)
-                        else:
-                            self._turns[p] = True
+                        for key in (self._turns if p == ANY_WORK_PAYLOAD else (p,)):
+                            self._turns[key] = True
+                            cond = self._type_conds.get(key)
+                            if cond is not None:
+                                cond.notify()  # one loop of the type: it takes the turn
                     self._cond.notify_all()
 
     def generation(self) -> int:
@@ -87,11 +90,16 @@ class Waker:
         one row: 79 ms per slow query on an idle worker instead of 12. The one woken claims every row there
         is (it goes on claiming while its type's backlog is short); the others join at their next poll or
         task. A notification that arrived while no loop waited is kept (one per type) for the next to wait,
-        so none is lost between a loop's look for work and its wait."""
+        so none is lost between a loop's look for work and its wait.
+
+        Each type has its own condition, notified for one waiter: with one condition for all, every
+        notification woke every idle claim loop of the process (16 threads x 5 types, each taking the GIL to
+        look and sleep again), which made a slow query on an idle worker slower the more threads it had."""
         self._ensure_started()
-        with self._cond:
+        with self._mutex:
             self._turns.setdefault(type_key, False)
-            if not self._cond.wait_for(lambda: self._turns.get(type_key, False), timeout=max(0.0, timeout)):
+            cond = self._type_conds.setdefault(type_key, threading.Condition(self._mutex))
+            if not cond.wait_for(lambda: self._turns.get(type_key, False), timeout=max(0.0, timeout)):
                 return False
             self._turns[type_key] = False
             return True
@@ -100,9 +108,11 @@ class Waker:
         """A turn taken by a loop that then could not claim (its time was up, it was told to stop): the
         next waiter of the type gets it, or the notification would be lost (a slow query then waited out
         its run's linger, 2 s)."""
-        with self._cond:
+        with self._mutex:
             self._turns[type_key] = True
-            self._cond.notify_all()
+            cond = self._type_conds.get(type_key)
+            if cond is not None:
+                cond.notify()
 
     def close(self) -> None:
         self._stop.set()
