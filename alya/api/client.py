@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Union
 
-from alya.batch.control import retry_failed
+from alya.batch.failures import retry_failed
 from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
 from alya.batch.monitor import Monitor
@@ -233,7 +233,7 @@ class JobManager:
         return self._abort(batch_id, None)
 
     def batch_retry_failed(self, batch_id: str, include_aborted: bool = False) -> int:
-        """Requeue a failed batch's failed (and aborted) rows, reopened: the rows requeued (alya.batch.control)."""
+        """Requeue a failed batch's failed (and aborted) rows, reopened: the rows requeued (alya.batch.failures)."""
         done = retry_failed(self.services, batch_id, include_aborted)
         if self.dispatcher is not None:  # a flow run for the new round (never raises)
             self.dispatcher.start_batch(done.rec.app, done.rec.op, done.rec.id, key=done.dispatch_key)

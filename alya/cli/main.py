@@ -191,17 +191,17 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
     if export is None and (row_status is not None or inputs):
         raise InvalidInput("--status and --inputs go with --export FILE")
     if export is not None:
-        from alya.batch import control
+        from alya.batch import failures
         from alya.io.export import export_inputs, export_rows
 
         file_format(export)  # an unknown extension is refused before anything is read
         jm = _jm()
         svc, opts = jm.services, jm.services.objects.options_for(export)
         if inputs:  # streamed as below; the CSV header is the inputs' keys, read first
-            columns = control.input_columns(svc, batch_id, row_status)
-            n = export_inputs(control.stream_inputs(svc, batch_id, row_status), export, columns, opts)
+            columns = failures.input_columns(svc, batch_id, row_status)
+            n = export_inputs(failures.stream_inputs(svc, batch_id, row_status), export, columns, opts)
         elif row_status is not None:
-            n = export_rows(control.stream_rows(svc, batch_id, row_status), export, opts)
+            n = export_rows(failures.stream_rows(svc, batch_id, row_status), export, opts)
         else:
             rows = jm.batch_rows(batch_id)  # streamed: a million-row batch is never held in memory at once
             n = export_rows(rows, export, opts)

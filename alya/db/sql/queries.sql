@@ -485,7 +485,7 @@ GROUP BY b.app, b.op, b.type ORDER BY b.app, b.op, b.type;
 -- name: live_workers
 SELECT count(*) FROM workers WHERE lastseen > now() - make_interval(secs => %(sec)s);
 
--- ---------------------------------------------------------------------------- batch control (alya.batch.control)
+-- ---------------------------------------------------------------------------- failures: thresholds, retries (alya.batch.failures)
 -- name: set_failure_limit
 -- A submit's failure threshold, in the submit's transaction: rows, or a fraction of the batch's rows (at most
 -- one of the two). Fixed from then on; a wait batch's fraction applies to its rows when it is released.

@@ -445,7 +445,7 @@ def test_the_finish_path(h: Harness) -> None:
 
 
 def test_batch_control_statements(h: Harness) -> None:
-    """Failure threshold, reopen and requeue of a retry, rows and inputs of one status (alya.db.control_queries)."""
+    """Failure threshold, reopen and requeue of a retry, rows and inputs of one status (alya.db.failure_queries)."""
     b = h.add(10)
     with h.store.tx() as q:
         assert not q.batch_has_failure_limit(id=b) and q.failure_limit(id=b) is None

@@ -1,4 +1,4 @@
-"""The typed queries of batch control (failure thresholds, retries, exports of a status's rows): a part of
+"""The typed queries of failed rows (failure thresholds, retries, exports of a status's rows): a part of
 ``alya.db.queries.Queries`` kept in a module of its own (``Queries`` inherits it), named and typed by the same
 rules: one method per named query of ``sql/queries.sql``, keyword-only parameters named as the SQL's."""
 
@@ -14,8 +14,8 @@ from alya.core.records import BatchRecord, FailureLimit, batch_output
 from alya.db.transport import Tx
 
 
-class ControlQueries:
-    """Batch control's queries, on the transaction of the ``Queries`` that inherits them."""
+class FailureQueries:
+    """Queries of failed rows, on the transaction of the ``Queries`` that inherits them."""
 
     _tx: Tx
 

@@ -1,4 +1,4 @@
-"""Batch control from the client's side: retrying a failed batch's failed rows (``jm.batch_retry_failed``,
+"""Failed rows from the client's side: retrying a failed batch's failed rows (``jm.batch_retry_failed``,
 ``alya retry``) and reading a final batch's rows of one status back (``alya done --export --status``,
 ``--inputs``). The failure threshold itself is the finisher's (``Finisher.stop_if_too_many_failures``), run
 by the workers after their write-backs.
