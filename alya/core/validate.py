@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 import uuid
 from typing import Any
@@ -112,6 +113,8 @@ def max_failures(value: Any) -> tuple[int | None, float | None]:
     (0, 1), even 5.0, is refused rather than guessed at (rows or a fraction?)."""
     if value is None:
         return None, None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy's integers too
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"max_failures must be an int (rows) or a float in (0, 1), got {type(value).__name__}")
     if isinstance(value, int):

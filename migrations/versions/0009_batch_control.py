@@ -7,8 +7,9 @@
 - ``batchrows_failed``: a partial index of failed rows, so that the threshold check counts at most
   limit + 1 index entries (not the batch's rows) and a retry finds the failed rows directly. It holds only
   failed rows, so it costs nothing on the write path of rows that succeed. Built inside the migration's
-  transaction: on a table of tens of millions of rows its build holds write-backs for as long as one scan of
-  ``batchrows`` takes (migrate while workers are stopped, or build it ``CONCURRENTLY`` by hand first).
+  transaction: its build holds write-backs for as long as one scan of ``batchrows`` takes (measured: 0.2 s
+  for 1,000,000 rows on a loaded 2-core machine; for hundreds of millions, migrate while workers are stopped,
+  or build it ``CONCURRENTLY`` by hand first).
   Adding nullable columns and a column with a constant default rewrites nothing (PostgreSQL 11+).
 
 Revision ID: 0009_batch_control
