@@ -339,6 +339,9 @@ class Engine:
     def notify(self, batch_id: str) -> bool:
         return self.finisher.notify(batch_id)
 
+    def stop_if_too_many_failures(self, batch_id: str) -> bool:
+        return self.finisher.stop_if_too_many_failures(batch_id)
+
 
 _gc_settled = False
 
