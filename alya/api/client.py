@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Union
 
+from alya.batch.failures import retry_failed
 from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
 from alya.batch.monitor import Monitor
@@ -34,7 +35,6 @@ from alya.core.models import (
     FileIntake,
     PurgeReport,
     SlowQueryDone,
-    messages_from_json,
 )
 from alya.core.records import Counts
 from alya.core.redact import shown_url, stored_url
@@ -155,24 +155,26 @@ class JobManager:
         inputfile: str | None = None,
         idempotency_key: str | None = None,
         priority: int = 0,
+        max_failures: int | float | None = None,
     ) -> str:
         """Store a batch and all its rows in one transaction (rows streamed through COPY). With an
         ``idempotency_key`` already used by this app, the first batch's id is returned and nothing is
         stored (the rows are not read); a concurrent call with the same key waits for the first.
         ``priority`` (-1000..1000): among queued work a worker serves, higher starts first; equal
-        priorities share the slots in turn, and lower ones keep a reserved share (README, "Scheduling")."""
+        priorities share the slots in turn, and lower ones keep a reserved share (README, "Scheduling").
+        ``max_failures``: rows, or a fraction in (0, 1) of the batch's rows; past it the batch stops, failed."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context", self.config.max_context_bytes)
         if inputfile is not None:
             inputfile = stored_url(validate.text_value(inputfile, "inputfile"))
         key = validate.idempotency_key(idempotency_key)
-        prio = validate.priority(priority)
+        prio, limit = validate.priority(priority), validate.max_failures(max_failures)
         pairs = iter_rows(rows)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as q:
             new = insert_batch(q, app, op, ctx, pairs, status=status, inputfile=inputfile,
                                max_rows=self.config.batchrowmax, idempotency_key=key, priority=prio,
-                               max_input_bytes=self.config.max_input_bytes)
+                               max_input_bytes=self.config.max_input_bytes, failure_limit=limit)
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
             return new.id
@@ -217,10 +219,9 @@ class JobManager:
         return summary.value.done(rows)
 
     def batch_rows(self, batch_id: str) -> Iterator[BatchOutput]:
-        """Every row of a final batch ordered by line, streamed: ``batch_done`` returns them as one list,
-        which for a batch of millions of rows is gigabytes; this reads them a few thousand at a time from
-        a server-side cursor (exports, reports). Raises ``InvalidState`` until the batch is final.
-        Consume it fully or ``close()`` it: a read transaction is open meanwhile."""
+        """Every row of a final batch ordered by line, read a few thousand at a time from a server-side cursor
+        (``batch_done``'s one list is gigabytes for millions of rows). ``InvalidState`` until the batch is
+        final. Consume it fully or ``close()`` it: a read transaction is open meanwhile."""
         batch_id = validate.batch_id(batch_id)
         s = self.services.statuses.read(batch_id).value
         if not s.status.is_final:
@@ -230,6 +231,13 @@ class JobManager:
     def batch_abort(self, batch_id: str) -> BatchSummary:
         """Abort: rows not yet final become `aborted`, in one transaction. Refused once success/failed."""
         return self._abort(batch_id, None)
+
+    def batch_retry_failed(self, batch_id: str, include_aborted: bool = False) -> int:
+        """Requeue a failed batch's failed (and aborted) rows, reopened: the rows requeued (alya.batch.failures)."""
+        done = retry_failed(self.services, batch_id, include_aborted)
+        if self.dispatcher is not None:  # a flow run for the new round (never raises)
+            self.dispatcher.start_batch(done.rec.app, done.rec.op, done.rec.id, key=done.dispatch_key)
+        return done.nrows
 
     def batch_list(self, app: str, op: str | None = None, age_days: int = 7) -> list[BatchDetails]:
         return self._list(app, op, age_days, "B")
@@ -262,15 +270,7 @@ class JobManager:
         return req_id
 
     def slowquery_done(self, req_id: str) -> SlowQueryDone:
-        req_id = validate.batch_id(req_id)
-        s = self.services.statuses.read(req_id).value
-        if not s.status.is_final:
-            return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
-        row = self.store.run(lambda q: q.slowquery_row(id=req_id), readonly=True)
-        if row is None:
-            raise InvalidState(f"{req_id} is not a slow query")
-        return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
-                             outputfiles=s.outputfiles)
+        return self.services.statuses.slowquery_done(validate.batch_id(req_id))
 
     def slowquery_abort(self, req_id: str) -> None:
         self._abort(req_id, "Q")

@@ -85,21 +85,53 @@ class Finisher:
     def end_in(self, q: Queries, batch_id: str, error: str | None = None) -> Ended | None:
         """The summary's transaction part, in the caller's transaction: None when the batch is not open or
         has open rows. The caller commits, then calls :meth:`announce_end`. The write-back of a slow query
-        summarises it this way in its own transaction: one commit (one WAL flush) less on the path a web
-        call waits on."""
+        summarises it this way in its own transaction: one transaction less on the path a web call waits on."""
         rec = q.lock_open_batch(id=batch_id)
         if rec is None or q.has_open_rows(id=batch_id):
             return None
         counts = q.row_counts(id=batch_id)
         if error is not None:
             return self._store_end(q, rec, BatchStatus.FAILED, counts, {}, error)
-        return self._store_end(q, rec, counts.final_status, counts, self._outputs(q, rec), None)
+        # A batch past its failure threshold says so, however it came to its end (slow queries have none).
+        limit = None if rec.is_query else q.failure_limit(id=batch_id)
+        return self._store_end(q, rec, counts.final_status, counts, self._outputs(q, rec),
+                               limit.error(counts.failed) if limit and limit.passed else None)
 
     def announce_end(self, ended: Ended) -> None:
         """After the commit of :meth:`end_in`: the status change line and the cached summary."""
         counts, error = ended.counts, ended.error
         self._announce(ended, nsuccess=counts.success, nfailed=counts.failed, naborted=counts.aborted,
-                       files=sorted(ended.outputfiles), **({"error": error} if error is not None else {}))
+                       files=sorted(ended.outputfiles), round=ended.rec.round,
+                       **({"error": error} if error is not None else {}))
+
+    def stop_if_too_many_failures(self, batch_id: str) -> bool:
+        """After a write-back that failed rows: if more rows than the batch's threshold have failed, stop it
+        (True). Two steps. First, under the batch's lock (write-backs hold it shared, so none is half done),
+        its queued and in-progress rows become ``aborted`` and workers are told at the commit (NOTIFY): rows
+        stop starting at once, and a result arriving later finds its row no longer in progress and is
+        dropped (it neither reopens the batch nor counts twice; the row stays ``aborted``). Then the batch,
+        all of whose rows are now final, is summarised as any other (``failed``, its ``error`` saying why,
+        output files of the finished rows, ``mark_done`` once). Should that summary fail (the object store),
+        the batch is left open with no open row, and cleanup summarises it alike."""
+        with self.svc.store.tx() as q:  # unlocked first: a write-back under the limit must not queue here
+            seen = q.failure_limit(id=batch_id)
+        if seen is None or not seen.passed:
+            return False
+        with self.svc.store.tx() as q:
+            rec = q.lock_open_batch(id=batch_id)
+            limit = None if rec is None else q.failure_limit(id=batch_id)
+            if rec is None or limit is None or not limit.passed:
+                return False
+            stopped = q.abort_rows(id=batch_id)
+            q.notify_abort(batch_id)  # workers holding its rows stop starting them (alya.engine.engine)
+        self.log.warning("failure_limit_passed", app=rec.app, op=rec.op, batch=batch_id, limit=limit.limit,
+                         nrows=limit.nrows, rows_aborted=stopped, round=rec.round)
+        try:
+            if self.summarise(batch_id):
+                self.notify(batch_id)
+        except AlyaError as exc:
+            self.log.error("summary_failed", batch=batch_id, error=str(exc), next="cleanup summarises it")
+        return True
 
     @staticmethod
     def _store_end(q: Queries, rec: BatchRecord, status: BatchStatus, counts: Counts, outputfiles: dict[str, str],

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from alya.core.errors import BatchNotFound
+from alya.core.errors import BatchNotFound, InvalidState
 from alya.core.logs import get_logger
-from alya.core.models import BatchOutput, BatchStatus, BatchSummary
+from alya.core.models import BatchOutput, BatchStatus, BatchSummary, SlowQueryDone, messages_from_json
 from alya.core.names import done_key, summary_key
 from alya.core.records import BatchRecord, Counts, batch_output
 from alya.db.queries import Queries
@@ -167,6 +167,15 @@ class Statuses:
         self.put(batch_id, summary)
         return summary
 
+    def reopen(self, batch_id: str, summary: Summary) -> None:
+        """A final batch opened again (a retry), at a newer version: its summary replaces the cached final one
+        (which no ordinary put may), and its cached rows go. A reader that read the final status before the
+        reopen holds an older version, so it cannot put it back: pollers never see the old end again."""
+        key = summary_key(batch_id)
+        if not self.cache.put(key, summary.as_cached(), summary.ver, False, ttl=OPEN_TTL_SEC, reopen=True):
+            self.cache.delete(key)  # a newer value, or Redis failing: gone either way (remembered if down)
+        self.cache.delete(done_key(batch_id))
+
     def invalidate(self, batch_id: str, ver: int) -> None:
         """The next read recounts from PostgreSQL (a reader holding an older version cannot refill it)."""
         self.cache.invalidate(summary_key(batch_id), ver)
@@ -186,6 +195,17 @@ class Statuses:
 
         # Large: rows go from a server-side cursor straight into the result, never held twice.
         return self.store.run(lambda q: list(q.stream_batch_rows(id=batch_id)), readonly=True)
+
+    def slowquery_done(self, req_id: str) -> SlowQueryDone:
+        """A slow query's result once final (its status alone before)."""
+        s = self.read(req_id).value
+        if not s.status.is_final:
+            return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
+        row = self.store.run(lambda q: q.slowquery_row(id=req_id), readonly=True)
+        if row is None:
+            raise InvalidState(f"{req_id} is not a slow query")
+        return SlowQueryDone(status=s.status, result=row.res, messages=messages_from_json(row.messages),
+                             outputfiles=s.outputfiles)
 
     def stream_rows(self, batch_id: str, itersize: int = 5000) -> Iterator[BatchOutput]:
         """Every row of a final batch, ordered by line, read ``itersize`` at a time from a server-side

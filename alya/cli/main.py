@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from alya.core.errors import AlyaError
+from alya.core.errors import AlyaError, InvalidInput
 
 
 class _Group(TyperGroup):
@@ -177,19 +177,38 @@ def watch(batch_id: str = typer.Argument(..., metavar="BATCH"),
 def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
          export: Optional[str] = typer.Option(  # noqa: UP045
              None, metavar="FILE", help="write every row to FILE (.csv, .parquet or .jsonl; a path or URL)"),
+         row_status: Optional[str] = typer.Option(  # noqa: UP045
+             None, "--status", help="with --export: only the rows of this status (success, failed, aborted)"),
+         inputs: bool = typer.Option(False, "--inputs", help="with --export: the rows as submitted (line and "
+                                     "input columns), a file `alya submit` takes back"),
          as_json: bool = typer.Option(False, "--json", help="print the result and every row as JSON")) -> None:
-    """The result of a batch; with --export its rows (line, status, res, messages) go to a file."""
+    """The result of a batch; with --export its rows (line, status, res, messages) go to a file.
+
+    `alya done BATCH --export failed.csv --status failed --inputs` writes the failed rows' inputs, ready for
+    `alya submit APP OP failed.csv` (or retry them in place: `alya retry BATCH`)."""
     from alya.io.readers import file_format
 
+    if export is None and (row_status is not None or inputs):
+        raise InvalidInput("--status and --inputs go with --export FILE")
     if export is not None:
-        from alya.io.export import export_rows
+        from alya.batch import failures
+        from alya.io.export import export_inputs, export_rows
 
         file_format(export)  # an unknown extension is refused before anything is read
         jm = _jm()
-        rows = jm.batch_rows(batch_id)  # streamed: a million-row batch is never held in memory at once
-        n = export_rows(rows, export, jm.services.objects.options_for(export))
+        svc, opts = jm.services, jm.services.objects.options_for(export)
+        if inputs:  # streamed as below; the CSV header is the inputs' keys, read first
+            columns = failures.input_columns(svc, batch_id, row_status)
+            n = export_inputs(failures.stream_inputs(svc, batch_id, row_status), export, columns, opts)
+        elif row_status is not None:
+            n = export_rows(failures.stream_rows(svc, batch_id, row_status), export, opts)
+        else:
+            rows = jm.batch_rows(batch_id)  # streamed: a million-row batch is never held in memory at once
+            n = export_rows(rows, export, opts)
         status = jm.batch_status(batch_id).status
-        typer.echo(f"{n} rows of batch {batch_id} ({status.value}) written to {export}", err=True)
+        what = f"{row_status} rows" if row_status else "rows"
+        typer.echo(f"{n} {what} of batch {batch_id} ({status.value}) written to {export}"
+                   + (" as inputs" if inputs else ""), err=True)
         return
     d = _jm().batch_done(batch_id)
     if as_json:
@@ -220,6 +239,15 @@ def abort(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = 
         _print_json(s)
     else:
         _console().print(summary_table(batch_id, s))
+
+
+@app.command()
+def retry(batch_id: str = typer.Argument(..., metavar="BATCH"),
+          include_aborted: bool = typer.Option(False, "--include-aborted",
+                                               help="requeue the aborted rows too (a batch stopped past its "
+                                                    "failure threshold has some)")) -> None:
+    """Run a failed batch's failed rows again (successful rows are kept); prints the rows requeued."""
+    typer.echo(_jm().batch_retry_failed(batch_id, include_aborted=include_aborted))
 
 
 @app.command("list")

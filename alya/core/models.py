@@ -149,6 +149,7 @@ class BatchDetails:
     nfailed: int
     naborted: int
     error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
+    round: int = 1  # 1, plus one per batch_retry_failed: which summary a mark_done is of
 
 
 _SUMMARY_FIELDS = tuple(f.name for f in fields(BatchSummary))

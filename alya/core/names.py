@@ -89,6 +89,11 @@ def dispatch_key(batch_id: str, event: str) -> str:
     return f"alya:{batch_id}:{event}"
 
 
+def retry_key(batch_id: str, round: int) -> str:
+    """Idempotency key of the flow run created for a retried batch's round (a new run per round)."""
+    return dispatch_key(batch_id, f"retry:{round}")
+
+
 def progress_artifact_key(batch_id: str) -> str:
     """Prefect artifact keys allow lower-case letters, digits and dashes only."""
     return f"alya-progress-{batch_id}"

@@ -34,6 +34,7 @@ class BatchRecord:
     naborted: int
     ver: int
     error: str | None  # why a failed batch has no summary (it kept failing), else None
+    round: int  # 1, plus one per batch_retry_failed
 
     COLUMNS: ClassVar[str]  # the fields above, in their order (set below the class)
 
@@ -307,3 +308,25 @@ class Purged:
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Purged:
         return cls([str(i) for i in row[0] or []], int(row[1]), int(row[2]))
+
+
+@dataclass(frozen=True, slots=True)
+class FailureLimit:
+    """An open batch's failure threshold as rows, its rows, and its failed rows counted up to limit + 1."""
+
+    nrows: int
+    limit: int
+    failed: int
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> FailureLimit:
+        return cls(int(row[0]), int(row[1]), int(row[2]))
+
+    @property
+    def passed(self) -> bool:
+        """More rows than the limit have failed: the batch stops."""
+        return self.failed > self.limit
+
+    def error(self, failed: int) -> str:
+        """The batch's ``error`` once stopped (``failed``: the full count)."""
+        return f"too many failures: {failed} of {self.nrows} rows (limit {self.limit})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 import uuid
 from typing import Any
@@ -104,6 +105,25 @@ def priority(value: Any) -> int:
     if not PRIORITY_MIN <= value <= PRIORITY_MAX:
         raise InvalidInput(f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, got {value}")
     return value
+
+
+def max_failures(value: Any) -> tuple[int | None, float | None]:
+    """A failure threshold: ``(rows, None)`` for an int >= 0, ``(None, fraction)`` for a float in (0, 1) (a
+    fraction of the batch's rows), ``(None, None)`` for None. A bool is a mistake, not 1; a float outside
+    (0, 1), even 5.0, is refused rather than guessed at (rows or a fraction?)."""
+    if value is None:
+        return None, None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy's integers too
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"max_failures must be an int (rows) or a float in (0, 1), got {type(value).__name__}")
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_LINE:
+            raise InvalidInput(f"max_failures must be between 0 and {MAX_LINE} rows, got {value}")
+        return int(value), None
+    if not 0.0 < value < 1.0:  # NaN fails this too
+        raise InvalidInput(f"max_failures as a fraction must be in (0, 1), got {value!r}")
+    return None, float(value)
 
 
 def app_name(app: Any) -> str:

@@ -33,7 +33,8 @@ class NewBatch:
 def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: Iterator[tuple[Any, Any]], *,
                  status: BatchStatus, inputfile: str | None, max_rows: int,
                  idempotency_key: str | None = None, priority: int = 0,
-                 max_input_bytes: int | None = None) -> NewBatch:
+                 max_input_bytes: int | None = None,
+                 failure_limit: tuple[int | None, float | None] = (None, None)) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
     while they stream). Raises InvalidInput for a bad or missing row; the caller's transaction then holds
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
@@ -44,6 +45,8 @@ def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: 
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
     n = copy_rows(q, batch_id, pairs, max_rows, max_input_bytes)
+    if failure_limit != (None, None):  # (rows, fraction): alya.core.validate.max_failures
+        q.set_failure_limit(id=batch_id, max_failures=failure_limit[0], ratio=failure_limit[1])
     ver = q.set_nrows_status(id=batch_id, nrows=n, status=status)
     if status is BatchStatus.QUEUED:
         q.notify_work(app, op)

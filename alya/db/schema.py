@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     SmallInteger,
     String,
     Table,
@@ -64,6 +65,14 @@ batches = Table(
     Column("error", Text),
     # Higher first among queued work; slow queries default to 10, batches to 0 (migration 0007).
     Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+    # Past this many failed rows (or this fraction of the batch's rows) the batch stops; a retry round counts
+    # its own failures. ``round``: 1, plus one per batch_retry_failed (migration 0009).
+    Column("max_failures", Integer),
+    Column("max_failure_ratio", Numeric),
+    Column("round", Integer, nullable=False, server_default=text("1")),
+    CheckConstraint("(max_failures IS NULL OR max_failures >= 0) AND (max_failure_ratio IS NULL OR "
+                    "(max_failure_ratio > 0 AND max_failure_ratio < 1)) AND (max_failures IS NULL OR "
+                    "max_failure_ratio IS NULL)", name="batches_failure_limit"),
     CheckConstraint("op = lower(op)", name="batches_op_lower"),
     CheckConstraint("app ~ '^[a-z][a-z0-9_]*$'", name="batches_app_ident"),
     CheckConstraint("type IN ('B', 'Q')", name="batches_type"),
@@ -117,6 +126,8 @@ batchrows = Table(
     # Recovery and "is anything still running" only ever look at in-progress rows.
     Index("batchrows_inprog", "batch", postgresql_where=text("status = 'inprog'")),
     Index("batchrows_suspect", "batch", "line", postgresql_where=text("status = 'queued' AND suspect")),
+    # The failure threshold counts failed rows, a retry requeues them: only failed rows (migration 0009).
+    Index("batchrows_failed", "batch", "line", postgresql_where=text("status = 'failed'")),
 )
 
 maintenance_leases = Table(

@@ -65,6 +65,7 @@ class Claimed:
     aborted: bool = False  # the batch was aborted: nothing is given back, no summary
     lost: bool = False  # its write-back failed for good: its rows were given back (or are recovered)
     ended: bool = False  # its write-back also summarised its batch (a slow query's one row)
+    limited: bool = False  # the batch has a failure threshold: a failed row is written back at once
     processor: Any = None
     initblock: Any = None
     log: Any = None
@@ -105,6 +106,8 @@ class Claimed:
         ``flush_sec``, and sooner when many have piled up (a crash replays only what is not written)."""
         if not self.outcomes:
             return False
+        if self.limited and any(o.status == "failed" for o in self.outcomes):
+            return True  # the threshold is checked at the write-back: the sooner, the fewer rows start past it
         age = now - self.first_outcome_at
         return age >= flush_sec or (len(self.outcomes) >= FLUSH_ROWS and age >= FLUSH_ROWS_AGE_SEC)
 

@@ -28,6 +28,7 @@ from alya.engine.identity import Identity
 
 WRITE_TRIES = 4
 WRITE_PART_BYTES = 128 * 2**20  # a write-back statement carries at most this much result text
+LIMITS_KEPT = 1000  # batches whose failure threshold (whether they have one) is remembered
 
 
 class Completer:
@@ -38,6 +39,21 @@ class Completer:
         self.svc = services
         self.identity = identity
         self.finisher = finisher
+        self._limited: dict[str, bool] = {}  # batch -> has a failure threshold (fixed at submit): read once
+
+    def has_failure_limit(self, batch: str) -> bool:
+        """Whether the batch has a failure threshold, read once per process (it never changes)."""
+        known = self._limited.get(batch)
+        if known is None:
+            try:
+                with self.svc.store.tx() as tx:
+                    known = tx.batch_has_failure_limit(id=batch)
+            except AlyaError:  # unknown for now (an outage): this claim's failed rows wait for the flush
+                return False
+            if len(self._limited) >= LIMITS_KEPT:
+                self._limited.clear()
+            self._limited[batch] = known
+        return known
 
     def flush(self, claims: list[Claimed], report: ChunkReport, log: Any) -> None:
         """One write-back statement per batch for the outcomes of these claims (an abort check too)."""
@@ -63,12 +79,12 @@ class Completer:
             c0 = group[0]
             self.svc.metrics.written(c0.app, c0.op, c0.type, perf_counter() - t0, statuses)  # per write-back
             report.add(statuses, batch)
-            if res.written < len(outcomes):  # recovered from under us, or aborted: those answers are dropped
-                aborted = res.status == BatchStatus.ABORTED.value  # asked for: no warning
-                why = "batch aborted" if aborted else "rows recovered by another worker"
-                (log.info if aborted else log.warning)("results_discarded", batch=batch, reason=why,
-                                                       rows=len(outcomes) - res.written, written=res.written)
-            if res.status == BatchStatus.ABORTED.value:
+            ended = ended_status(res.status)
+            if res.written < len(outcomes):  # recovered from under us, aborted or stopped: answers dropped
+                why = "batch aborted" if ended else "rows recovered by another worker (or the batch stopped)"
+                (log.info if ended else log.warning)("results_discarded", batch=batch, reason=why,
+                                                     rows=len(outcomes) - res.written, written=res.written)
+            if ended:  # aborted, or stopped past its failure threshold: its unstarted rows are not run
                 aborted_seen(group, log)
                 if res.late:
                     log.info("results_kept_after_abort", batch=batch, rows=res.late)
@@ -77,9 +93,20 @@ class Completer:
                 log.info("rows_written", batch=batch, rows=len(outcomes), success=statuses.count("success"),
                          failed=statuses.count("failed"), retry=statuses.count("queued"),
                          first_line=min(lines), last_line=max(lines))
+                if c0.limited and res.written and "failed" in statuses:
+                    self.check_failure_limit(group, log)
                 # Progress reaches pollers by itself: an open batch's cached summary expires within
                 # OPEN_TTL_SEC (alya.batch.status). Invalidating it here made every worker cause a recount
                 # of the whole batch (O(rows)) every few seconds; now a polled batch is counted once per TTL.
+
+    def check_failure_limit(self, claims: list[Claimed], log: Any) -> None:
+        """Rows of these claims' batch (one batch) failed: stop the batch if it passed its threshold
+        (``Finisher.stop_if_too_many_failures``); its other claims here stop at the abort notice."""
+        try:
+            if self.finisher.stop_if_too_many_failures(claims[0].batch):
+                aborted_seen(claims, log)
+        except AlyaError as exc:  # checked again at the next write-back that fails rows
+            log.error("failure_limit_check_failed", batch=claims[0].batch, error=str(exc))
 
     def write(self, claimed: Claimed, outcomes: list[Outcome], log: Any) -> WriteResult:
         """The write-back statement, tried ``WRITE_TRIES`` times through an outage; on the last failure the
@@ -131,7 +158,7 @@ class Completer:
             log.warning("abort_check_failed", error=str(exc))
             return
         for c in open_claims:
-            if statuses.get(c.batch) in (None, BatchStatus.ABORTED.value):
+            if statuses.get(c.batch) is None or ended_status(statuses.get(c.batch)):
                 aborted_seen([c], log)
 
     def release(self, claimed: Claimed, lines: list[int], attempts: list[int] | None = None) -> bool:
@@ -151,6 +178,12 @@ class Completer:
             self.identity.log.error("release_failed", batch=claimed.batch, rows=len(lines), error=describe(exc))
             self.identity.retire(claimed.worker)
             return False
+
+
+def ended_status(status: str | None) -> bool:
+    """Whether a write-back's batch status says the batch has ended while rows of it were held: aborted, or
+    stopped past its failure threshold (a batch summarised normally has no rows in progress)."""
+    return status is not None and BatchStatus(status).is_final
 
 
 def aborted_seen(claims: list[Claimed], log: Any) -> None:

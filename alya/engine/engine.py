@@ -196,6 +196,7 @@ class Engine:
                     claimed = self.producer.claim(reg, only, claim_size, log)
                     if claimed is not None:
                         claimed.wake = self._wake
+                        claimed.limited = self.completer.has_failure_limit(claimed.batch)
                         self.executor.submit(claimed, reg)
                         active.append(claimed)
                         nclaims += 1
@@ -267,15 +268,18 @@ class Engine:
                 self._wake.notify_all()
 
     def _aborted_in_db(self, batch: str) -> bool:
-        """Whether PostgreSQL holds the batch as aborted (or no longer holds it). Unknown (the database
-        unreachable): not taken on trust; every write-back checks for an abort itself, so a real abort
-        still stops the batch's rows at the next write-back."""
+        """Whether PostgreSQL holds the batch as ended (aborted, or stopped past its failure threshold: no
+        open row left), or no longer holds it. Unknown (the database unreachable): not taken on trust;
+        every write-back checks for an abort itself, so a real abort still stops the batch's rows at the
+        next write-back."""
         try:
             with self.svc.store.tx() as tx:
-                states = tx.batch_statuses(ids=[batch])
+                status = next((s.status for s in tx.batch_statuses(ids=[batch])), None)
+                # Stopped past its failure threshold, its summary under way: no row of it is open any more
+                # (a batch with rows held here has open rows, so a forged notice cannot pass this either).
+                return status is None or BatchStatus(status).is_final or not tx.has_open_rows(id=batch)
         except AlyaError:
             return False
-        return next((s.status for s in states), None) in (None, BatchStatus.ABORTED.value)
 
     def _abandon(self, claims: list[Claimed], log: Any) -> None:
         """The claim loop failed with these claims in flight (a database outage, mostly). They are no longer
@@ -338,6 +342,9 @@ class Engine:
 
     def notify(self, batch_id: str) -> bool:
         return self.finisher.notify(batch_id)
+
+    def stop_if_too_many_failures(self, batch_id: str) -> bool:
+        return self.finisher.stop_if_too_many_failures(batch_id)
 
 
 _gc_settled = False

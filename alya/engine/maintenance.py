@@ -47,6 +47,7 @@ class Finishes(Protocol):
 
     def summarise(self, batch_id: str) -> bool: ...
     def notify(self, batch_id: str) -> bool: ...
+    def stop_if_too_many_failures(self, batch_id: str) -> bool: ...
 
 
 @dataclass
@@ -118,6 +119,11 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
         for status, lines in by_status.items():
             log.warning("rows_recovered", batch=batch, dead_worker=worker, new=status, rows=len(lines),
                         first_line=min(lines), last_line=max(lines))
+    for batch in {b for (b, _), by_status in lost.items() if "failed" in by_status}:
+        try:  # rows failed here (they kept killing workers) count against a failure threshold too
+            engine.stop_if_too_many_failures(batch)
+        except AlyaError as exc:
+            log.error("failure_limit_check_failed", batch=batch, error=str(exc))
     with svc.store.tx() as tx:
         missed = tx.unsummarised_batches()
     for batch in missed:

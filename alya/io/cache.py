@@ -29,7 +29,7 @@ local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, obj = pcall(cjson.decode, cur)
   if ok and type(obj) == 'table' then
-    if obj['final'] == true and ARGV[4] == '0' then return 0 end
+    if obj['final'] == true and ARGV[4] == '0' and ARGV[5] ~= '1' then return 0 end
     local v = tonumber(obj['ver'])
     if v and v > tonumber(ARGV[2]) then return 0 end
   end
@@ -94,15 +94,17 @@ class StatusCache:
             return None
         return value
 
-    def put(self, key: str, value: dict[str, Any], ver: int, final: bool, ttl: int | None = None) -> bool:
+    def put(self, key: str, value: dict[str, Any], ver: int, final: bool, ttl: int | None = None,
+            reopen: bool = False) -> bool:
         """Store ``value`` unless a newer version (or a final value) is cached. The stored value gains
-        ``ver`` and ``final`` fields. ``ttl`` (seconds) shortens the life of a non-final value."""
+        ``ver`` and ``final`` fields. ``ttl`` (seconds) shortens the life of a non-final value. ``reopen``: a
+        non-final value may replace a final one of an older version (a retried batch opens again)."""
         if not self._ready(key):
             return False
         data = orjson.dumps({**value, "ver": ver, "final": bool(final)})
         try:
             ttl = self.final_ttl if final else max(1, min(self.ttl, ttl or self.ttl))
-            return bool(self._put(keys=[key], args=[data, ver, ttl, "1" if final else "0"]))
+            return bool(self._put(keys=[key], args=[data, ver, ttl, "1" if final else "0", "1" if reopen else "0"]))
         except redis.RedisError as exc:
             self._failed("put", exc, key)
             return False

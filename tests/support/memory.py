@@ -44,6 +44,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import orjson
@@ -59,6 +60,7 @@ from alya.core.records import (
     BatchState,
     ClaimedRow,
     Counts,
+    FailureLimit,
     FileRecord,
     OpenBatch,
     PurgeCandidate,
@@ -150,6 +152,9 @@ class _Batch:
     sumsince: datetime | None = None
     error: str | None = None
     priority: int = 0
+    round: int = 1
+    max_failures: int | None = None
+    max_failure_ratio: Decimal | None = None
 
     @property
     def open(self) -> bool:
@@ -990,6 +995,70 @@ class MemoryQueries(Queries):
     def live_workers(self, *, sec: float) -> int:
         self._q("live_workers")
         return sum(self._live(w, sec) for w in self._s.workers)
+
+    # ------------------------------------------------------------------ batch control
+    def set_failure_limit(self, *, id: str, max_failures: int | None, ratio: float | None) -> None:
+        self._q("set_failure_limit")
+        b = self._batch(id)
+        if b is not None:
+            self._set(b, max_failures=max_failures, max_failure_ratio=None if ratio is None else Decimal(repr(ratio)))
+
+    def batch_has_failure_limit(self, *, id: str) -> bool:
+        self._q("batch_has_failure_limit")
+        b = self._batch(id)
+        return b is not None and (b.max_failures is not None or b.max_failure_ratio is not None)
+
+    def failure_limit(self, *, id: str) -> FailureLimit | None:
+        self._q("failure_limit")
+        b = self._batch(id)
+        if b is None or not b.open or (b.max_failures is None and b.max_failure_ratio is None):
+            return None
+        lim = b.max_failures if b.max_failures is not None else int(b.max_failure_ratio * b.nrows)  # type: ignore[operator]
+        failed = sum(1 for r in self._rows(id) if r.status == "failed")
+        return FailureLimit.from_row((b.nrows, lim, min(failed, lim + 1)))
+
+    def reopen_batch(self, *, id: str) -> BatchRecord | None:
+        self._q("reopen_batch")
+        b = self._batch(id)
+        if b is None or b.status != "failed" or b.type != "B":
+            return None
+        self._set(b, status="queued", round=b.round + 1, doneat=None, notifiedat=None, error=None, outputfiles="{}",
+                  sumfails=0, sumerror=None, sumsince=None, ver=b.ver + 1)
+        return b.record()
+
+    def requeue_rows(self, *, batch: str, status: str) -> int:
+        self._q("requeue_rows")
+        value = _status(status)
+        n = 0
+        for r in self._rows(batch):
+            if r.status == value:
+                self._set(r, status="queued", attempts=0, res=None, messages=None, blobrows=None, doneat=None,
+                          doneby=None, notbefore=None, suspect=False)
+                n += 1
+        return n
+
+    def _of_status(self, id: str, status: str | None) -> list[_Row]:
+        return [r for r in self._rows(id) if status is None or r.status == _status(status)]
+
+    def stream_batch_rows_of_status(self, *, id: str, status: str | None,
+                                    itersize: int = 5000) -> Generator[BatchOutput, None, None]:
+        self._q("stream_batch_rows_of_status")
+        for r in self._of_status(id, status):
+            yield batch_output((r.line, r.status, _load(r.res), _load(r.messages)))
+
+    def stream_batch_inputs(self, *, id: str, status: str | None,
+                            itersize: int = 5000) -> Generator[tuple[int, dict[str, Any]], None, None]:
+        self._q("stream_batch_inputs")
+        for r in self._of_status(id, status):
+            yield r.line, _load(r.input)
+
+    def batch_input_keys(self, *, id: str, status: str | None) -> list[str]:
+        self._q("batch_input_keys")
+        first: dict[str, int] = {}
+        for r in self._of_status(id, status):
+            for k in _load(r.input):
+                first.setdefault(k, r.line)
+        return sorted(first, key=lambda k: (first[k], k))
 
     # ------------------------------------------------------------------ transaction
     @contextmanager

@@ -4,7 +4,8 @@ jm.run() until idle (``--idle``) or until signalled.
     python -m tests.support.worker_main DATABASE_URL STORE_URL APP OP[,OP...] LOGFILE [--sleep S] [--chunk N]
         [--recovery-sec N] [--idle] [--concurrency N]
 
-Each row appends "start <batch> <line> <pid>" and "end <batch> <line> <pid> <status>" lines to LOGFILE
+Each row appends "start <batch> <line> <pid> <unix time>" and "end <batch> <line> <pid> <status> <unix time>"
+lines to LOGFILE
 (O_APPEND, one write per line, so several processes can share it); mark_done appends "done <batch>
 <pid> <status> <nsuccess> <nfailed> <naborted>". A row's answer depends only on its input: "mode":
 "fail" fails it, anything else succeeds; "sleep" overrides --sleep.
@@ -32,7 +33,7 @@ class LogProc:
 
     def do_batch_job(self, initblock: Any, context: dict[str, Any], line: int, input: dict[str, Any]) -> Any:
         batch = context.get("tag", "?")
-        self._log(f"start {batch} {line} {self.pid}")
+        self._log(f"start {batch} {line} {self.pid} {time.time():.6f}")
         if input.get("mode") == "exit":  # a row that kills its process (a crashing library, an OOM kill)
             os._exit(17)
         time.sleep(float(input.get("sleep", self.sleep)))
@@ -40,7 +41,7 @@ class LogProc:
             result = BatchJobResult(BatchStatus.FAILED, {"line": line}, [ErrorMessage(1, "bad")])
         else:
             result = BatchJobResult(BatchStatus.SUCCESS, {"line": line}, blobrows={"out.txt": f"{line}"})
-        self._log(f"end {batch} {line} {self.pid} {result.status.value}")
+        self._log(f"end {batch} {line} {self.pid} {result.status.value} {time.time():.6f}")
         return result
 
     def mark_done(self, initblock: Any, context: dict[str, Any], details: Any) -> None:

@@ -488,3 +488,67 @@ GROUP BY b.app, b.op, b.type ORDER BY b.app, b.op, b.type;
 
 -- name: live_workers
 SELECT count(*) FROM workers WHERE lastseen > now() - make_interval(secs => %(sec)s);
+
+-- ---------------------------------------------------------------------------- failures: thresholds, retries (alya.batch.failures)
+-- name: set_failure_limit
+-- A submit's failure threshold, in the submit's transaction: rows, or a fraction of the batch's rows (at most
+-- one of the two). Fixed from then on; a wait batch's fraction applies to its rows when it is released.
+UPDATE batches SET max_failures = %(max_failures)s, max_failure_ratio = %(ratio)s WHERE id = %(id)s;
+
+-- name: batch_has_failure_limit
+-- Whether the batch has a failure threshold (it never changes after the submit: a worker reads it once).
+SELECT max_failures IS NOT NULL OR max_failure_ratio IS NOT NULL FROM batches WHERE id = %(id)s;
+
+-- name: failure_limit
+-- An open batch's failure threshold as rows (a fraction of its rows, rounded down: more failed rows than
+-- that stop it), its rows, and its failed rows counted up to limit + 1 only: the count walks the partial
+-- index of failed rows (batchrows_failed) and stops there, O(limit) whatever the batch's size. No row: the
+-- batch has no threshold or is no longer open (one primary-key probe). Every failed row is this round's:
+-- a retry requeues every failed row.
+WITH b AS (
+    SELECT id, nrows, coalesce(max_failures, floor(max_failure_ratio * nrows)::int) AS lim
+    FROM batches
+    WHERE id = %(id)s AND status IN ('queued', 'inprog')
+      AND (max_failures IS NOT NULL OR max_failure_ratio IS NOT NULL)
+)
+SELECT b.nrows, b.lim,
+       (SELECT count(*) FROM (SELECT 1 FROM batchrows r
+                              WHERE r.batch = b.id AND r.status = 'failed' LIMIT b.lim + 1) f)
+FROM b;
+
+-- name: reopen_batch
+-- A retry: a final `failed` batch (not a slow query) is queued again, one round on, as if never summarised.
+-- Conditional on its status, so that of two retries at once the second (waiting on the row lock) finds it
+-- queued and changes nothing. The stored counts are left alone (an open batch's are counted from its rows).
+UPDATE batches SET status = 'queued', round = round + 1, doneat = NULL, notifiedat = NULL, error = NULL,
+       outputfiles = '{}'::jsonb, sumfails = 0, sumerror = NULL, sumsince = NULL, ver = ver + 1
+WHERE id = %(id)s AND status = 'failed' AND type = 'B'
+RETURNING {batch_columns};
+
+-- name: requeue_rows
+-- A retry's rows of one final status go back to the queue as new (attempts reset, result, messages and blob
+-- rows cleared): one set-based statement per status, so a trigger-kept counter sees each row move from that
+-- status to queued. `failed` walks the partial index of failed rows; `aborted` the batch's primary key.
+UPDATE batchrows SET status = 'queued', attempts = 0, res = NULL, messages = NULL, blobrows = NULL,
+       doneat = NULL, doneby = NULL, notbefore = NULL, suspect = false
+WHERE batch = %(batch)s AND status = %(status)s::batch_status;
+
+-- name: batch_rows_of_status
+-- A final batch's rows of one status (NULL: all), in line order, results (alya done --export --status).
+SELECT line, status::text, res, messages FROM batchrows
+WHERE batch = %(id)s AND (%(status)s::text IS NULL OR status = %(status)s::batch_status)
+ORDER BY line;
+
+-- name: batch_inputs
+-- A batch's rows of one status (NULL: all), in line order, as submitted: what `alya submit` takes back.
+SELECT line, input FROM batchrows
+WHERE batch = %(id)s AND (%(status)s::text IS NULL OR status = %(status)s::batch_status)
+ORDER BY line;
+
+-- name: batch_input_keys
+-- The input keys of those rows, in order of first appearance: the columns of a CSV of them.
+SELECT k FROM (
+    SELECT k, min(r.line) AS first FROM batchrows r, jsonb_object_keys(r.input) AS k
+    WHERE r.batch = %(id)s AND (%(status)s::text IS NULL OR r.status = %(status)s::batch_status)
+    GROUP BY k
+) keys ORDER BY first, k;

@@ -179,3 +179,18 @@ def test_write_results_probes_the_primary_key_per_line(loaded: dict[str, Any]) -
         if n["Node Type"] == "Tid Scan":
             continue
         assert n.get("Index Name") == "batchrows_pkey" and "line" in n.get("Index Cond", ""), n
+
+
+@pytest.mark.parametrize("name, params", [("failure_limit", {}), ("requeue_rows", {"status": "failed"}),
+                                          ("batch_inputs", {"status": "failed"})])
+def test_failed_rows_are_found_through_their_partial_index(loaded: dict[str, Any], name: str,
+                                                           params: dict[str, Any]) -> None:
+    """The failure threshold's count and a retry's requeue walk batchrows_failed (O(failed rows)), never the
+    batch's rows; the inputs of one status are read in line order from an index too."""
+    key = "batch" if name == "requeue_rows" else "id"
+    nodes = explain(loaded["conn"], name, **{key: loaded["half"]}, **params)
+    assert "batchrows" not in seq_scans(nodes)
+    if name != "batch_inputs":
+        assert "batchrows_failed" in indexes(nodes), nodes
+    else:
+        assert indexes(nodes) & {"batchrows_failed", "batchrows_pkey"}, nodes

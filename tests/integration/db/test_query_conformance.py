@@ -22,7 +22,7 @@ import pytest
 from alya.core.errors import InvalidInput
 from alya.core.models import BatchStatus
 from alya.core.names import WORK_CHANNEL
-from alya.core.records import Counts, SummaryFailures
+from alya.core.records import Counts, FailureLimit, SummaryFailures
 from alya.db.queries import Queries
 from alya.db.store import Store, json_text
 from tests.support.memory import MemoryStore, StoredBatch, StoredRow, add_batch
@@ -442,6 +442,45 @@ def test_the_finish_path(h: Harness) -> None:
         assert q.unnotified_batches(app=APP, op=OP) == []
     done = h.batch(b)
     assert (done.sumfails, done.sumerror, done.notifiedat is not None) == (1, "other", True)
+
+
+def test_batch_control_statements(h: Harness) -> None:
+    """Failure threshold, reopen and requeue of a retry, rows and inputs of one status (alya.db.failure_queries)."""
+    b = h.add(10)
+    with h.store.tx() as q:
+        assert not q.batch_has_failure_limit(id=b) and q.failure_limit(id=b) is None
+        q.set_failure_limit(id=b, max_failures=None, ratio=0.29)
+        assert q.batch_has_failure_limit(id=b)
+        assert q.failure_limit(id=b) == FailureLimit(10, 2, 0)  # 0.29 of 10 rows: 2 (rounded down)
+        q.claim_rows(batch=b, n=10, worker="A", after=0)
+        write(q, b, "A", [Out(n, 1, "failed" if n <= 4 else "success", blobrows={"f.txt": f"{n}\n"})
+                          for n in range(1, 9)])
+        limit = q.failure_limit(id=b)
+        assert limit == FailureLimit(10, 2, 3) and limit.passed  # counted up to limit + 1
+        assert q.reopen_batch(id=b) is None  # open: not a failed batch
+        assert q.abort_rows(id=b) == 2
+        q.finish_batch(id=b, status=BatchStatus.FAILED, nsuccess=4, nfailed=4, naborted=2, outputfiles="{}",
+                       error="too many")
+        assert q.failure_limit(id=b) is None  # no longer open
+        assert [r.line for r in q.stream_batch_rows_of_status(id=b, status="failed")] == [1, 2, 3, 4]
+        assert len(list(q.stream_batch_rows_of_status(id=b, status=None))) == 10
+        assert list(q.stream_batch_inputs(id=b, status="aborted")) == [
+            (9, {"x": 9, "bb": 1, "a": "r9"}), (10, {"x": 10, "bb": 1, "a": "r10"})]
+        assert q.batch_input_keys(id=b, status="failed") == ["a", "bb", "x"]
+        rec = q.reopen_batch(id=b)
+        assert rec is not None and (rec.status, rec.round, rec.outputfiles, rec.error) == (
+            BatchStatus.QUEUED, 2, {}, None)
+        assert q.reopen_batch(id=b) is None
+        assert q.requeue_rows(batch=b, status="failed") == 4
+        assert q.requeue_rows(batch=b, status="failed") == 0
+        assert q.failure_limit(id=b) == FailureLimit(10, 2, 0)
+    r1, r9 = h.row(b, 1), h.row(b, 9)
+    assert (r1.status, r1.attempts, r1.res, r1.messages, r1.blobrows, r1.doneby, r1.doneat) == (
+        "queued", 0, None, None, None, None, None)
+    assert r9.status == "aborted"
+    stored = h.batch(b)
+    assert (stored.status, stored.doneat, stored.notifiedat, stored.error, stored.ver) == ("queued", None, None, None,
+                                                                                         rec.ver)
 
 
 def test_slow_query_wait_and_keys(h: Harness) -> None:
