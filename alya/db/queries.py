@@ -42,6 +42,7 @@ from alya.core.records import (
     WriteResult,
     batch_output,
 )
+from alya.db.control import ControlQueries
 from alya.db.ingest import COPY_ROWS
 from alya.db.transport import OWN_STATEMENTS, Readable, Tx, named_sql
 
@@ -49,16 +50,16 @@ STREAM_PREFIX = "stream_"  # stream_<query>: the query read through a server-sid
 
 # Public methods that are not one named query each: the other two ways to notify (they run notify_work's
 # SQL) and the COPY.
-NOT_QUERIES = frozenset({"notify_any_work", "notify_abort", "copy_rows"})
+NOT_QUERIES = frozenset({"notify_any_work", "notify_abort", "notify_paused", "copy_rows"})
 
 
 def _ids(rows: list[tuple[Any, ...]]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-class Queries:
-    """One open transaction, as typed queries. Get one from ``Store.tx()`` or ``Store.run(body)``; it is
-    valid until that transaction ends."""
+class Queries(ControlQueries):
+    """One open transaction, as typed queries (batch control's in ``alya.db.control``). Get one from
+    ``Store.tx()`` or ``Store.run(body)``; it is valid until that transaction ends."""
 
     def __init__(self, tx: Tx) -> None:
         self._tx = tx
