@@ -222,6 +222,29 @@ def abort(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = 
         _console().print(summary_table(batch_id, s))
 
 
+@app.command()
+def pause(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = JSON_OPT) -> None:
+    """Pause a batch: no new row starts (running rows finish) until `alya resume`."""
+    _control(batch_id, as_json, paused=True)
+
+
+@app.command()
+def resume(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = JSON_OPT) -> None:
+    """Resume a paused batch: its rows start again."""
+    _control(batch_id, as_json, paused=False)
+
+
+def _control(batch_id: str, as_json: bool, paused: bool) -> None:
+    from alya.cli.views import summary_table
+
+    jm = _jm()
+    s = jm.batch_pause(batch_id) if paused else jm.batch_resume(batch_id)
+    if as_json:
+        _print_json(s)
+    else:
+        _console().print(summary_table(batch_id, s))
+
+
 @app.command("list")
 def list_batches(app_name: str = typer.Argument(..., metavar="APP"),
                  op: Optional[str] = typer.Option(None, help="only this op"),  # noqa: UP045

@@ -804,7 +804,7 @@ class MemoryQueries(Queries):
                            finished: list[float]) -> tuple[int, int | None]:
         self._q("write_results_late")
         b = self._batch(batch)
-        if b is None or b.status != "aborted":
+        if b is None or b.status != "aborted" or b.error is not None:  # (ended by its deadline: no late results)
             return 0, None
         rows = self._s.rows.get(batch, {})
         late: dict[int, str] = {}

@@ -217,8 +217,10 @@ SELECT (SELECT status::text FROM batches WHERE id = %(batch)s), (SELECT count(*)
 -- After an abort only (write_results found the batch aborted and rows not written): rows whose call
 -- returned before the abort committed get their results, and the batch's counts move from aborted to
 -- success/failed in the same statement; a requeue (a fault) is not a result. Returns (rows, new version).
+-- Not after a batch ended with an `error` (its deadline passed): its output files and mark_done were made
+-- from the rows as they were then, and its rows stay as those say.
 WITH b AS (
-    SELECT id, status, doneat FROM batches WHERE id = %(batch)s FOR KEY SHARE
+    SELECT id, status, doneat FROM batches WHERE id = %(batch)s AND error IS NULL FOR KEY SHARE
 ), late AS (
     UPDATE batchrows r
     SET status = v.status::batch_status, res = v.res::jsonb, messages = v.messages::jsonb,
