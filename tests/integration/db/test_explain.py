@@ -179,3 +179,18 @@ def test_write_results_probes_the_primary_key_per_line(loaded: dict[str, Any]) -
         if n["Node Type"] == "Tid Scan":
             continue
         assert n.get("Index Name") == "batchrows_pkey" and "line" in n.get("Index Cond", ""), n
+
+
+# ---------------------------------------------------------------------------- batch control (issue 20)
+@pytest.mark.parametrize(("name", "index", "params"), [
+    ("due_deadlines", "batches_deadline", {}),
+    ("started_types", "batches_notbefore", {"sec": 3.0}),
+    ("unnotified_batches", "batches_unnotified", {"app": "app3", "op": "op3"}),
+])
+def test_the_schedule_duty_probes_its_partial_indexes(loaded: dict[str, Any], name: str, index: str,
+                                                      params: dict[str, Any]) -> None:
+    """The maintenance leader runs the first two every second: they must read their partial indexes (open
+    batches with a deadline / a not_before), never every batch."""
+    nodes = explain(loaded["conn"], name, **params)
+    assert index in indexes(nodes), nodes
+    assert "batches" not in seq_scans(nodes)
