@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Union
 
+from alya.api.control import BatchControl
 from alya.batch.failures import retry_failed
 from alya.batch.finish import Finisher
 from alya.batch.intake import Intake
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 Rows = Union[Iterable[BatchInput], Iterable[tuple[int, Any]], "pd.DataFrame"]
 
 
-class JobManager:
+class JobManager(BatchControl):
     """The application's handle on alya: the contract's API, and the wiring of the layers below it
     (store, cache, object store, statuses, engine, dispatcher), which it builds and delegates to.
     Thread-safe; create one per process and share it."""
@@ -156,25 +157,29 @@ class JobManager:
         idempotency_key: str | None = None,
         priority: int = 0,
         max_failures: int | float | None = None,
+        not_before: datetime | None = None, deadline: datetime | None = None,
     ) -> str:
         """Store a batch and all its rows in one transaction (rows streamed through COPY). With an
         ``idempotency_key`` already used by this app, the first batch's id is returned and nothing is
         stored (the rows are not read); a concurrent call with the same key waits for the first.
         ``priority`` (-1000..1000): among queued work a worker serves, higher starts first; equal
         priorities share the slots in turn, and lower ones keep a reserved share (README, "Scheduling").
-        ``max_failures``: rows, or a fraction in (0, 1) of the batch's rows; past it the batch stops, failed."""
+        ``max_failures``: rows, or a fraction in (0, 1) of the batch's rows; past it the batch stops, failed.
+        ``not_before``, ``deadline`` (aware datetimes): see ``alya.api.control``."""
         app, op = validate.app_name(app), validate.op_name(op)
         ctx = validate.json_object(context, "context", self.config.max_context_bytes)
         if inputfile is not None:
             inputfile = stored_url(validate.text_value(inputfile, "inputfile"))
         key = validate.idempotency_key(idempotency_key)
         prio, limit = validate.priority(priority), validate.max_failures(max_failures)
+        not_before, deadline = validate.schedule(not_before, deadline)
         pairs = iter_rows(rows)
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         with self.store.tx() as q:
             new = insert_batch(q, app, op, ctx, pairs, status=status, inputfile=inputfile,
                                max_rows=self.config.batchrowmax, idempotency_key=key, priority=prio,
-                               max_input_bytes=self.config.max_input_bytes, failure_limit=limit)
+                               max_input_bytes=self.config.max_input_bytes, failure_limit=limit,
+                               not_before=not_before, deadline=deadline)
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id)
             return new.id
@@ -192,7 +197,7 @@ class JobManager:
         status = BatchStatus.WAIT if wait else BatchStatus.QUEUED
         if not wait:
             status_change(rec.app, rec.op, batch_id, status.value, old="wait", nrows=total)
-        self._queued(rec.app, rec.op, batch_id, ver, status, total)
+        self._queued(rec.app, rec.op, batch_id, ver, status, total, rec.paused)
         return int(total)
 
     def wait_off(self, batch_id: str) -> int:
@@ -202,7 +207,7 @@ class JobManager:
         if ver is None:
             return rec.nrows
         status_change(rec.app, rec.op, batch_id, "queued", old="wait", nrows=rec.nrows)
-        self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows)
+        self._queued(rec.app, rec.op, batch_id, ver, BatchStatus.QUEUED, rec.nrows, rec.paused)
         return rec.nrows
 
     def batch_status(self, batch_id: str) -> BatchSummary:
@@ -370,25 +375,17 @@ class JobManager:
     def _types(self) -> list[tuple[str, str]]:
         return [(r.app, r.op) for r in self.registry.batch_types()]
 
-    def _queued(self, app: str, op: str, batch_id: str, ver: int, status: BatchStatus, nrows: int) -> None:
+    def _queued(self, app: str, op: str, batch_id: str, ver: int, status: BatchStatus, nrows: int, paused: bool = False
+                ) -> None:
         """After a commit that stored or released rows: cache the summary, and if the rows are now
         queued, dispatch a flow run. Nothing here may raise: the call has already succeeded."""
-        self.services.statuses.put_new(batch_id, ver, status, nrows, Counts(queued=nrows))
+        self.services.statuses.put_new(batch_id, ver, status, nrows, Counts(queued=nrows), paused=paused)
         if status is BatchStatus.QUEUED and self.dispatcher is not None:
             try:
                 self.dispatcher.start_batch(app, op, batch_id)
             except Exception as exc:  # a batch whose flow run could not be created stays queued for the sweeper
                 get_logger().warning("dispatch_failed", app=app, op=op, batch=batch_id,
                                      error=f"{type(exc).__name__}")
-
-    def _abort(self, batch_id: str, type_: str | None) -> BatchSummary:
-        """The abort is the batch layer's (``Finisher.abort``); its flow runs are cancelled here, after the
-        commit (Prefect is this layer's business)."""
-        aborted = self._finisher.abort(validate.batch_id(batch_id), type_)
-        s = aborted.summary.value
-        if aborted.now and self.dispatcher is not None:
-            self.dispatcher.cancel_batch(aborted.rec.id)  # never raises: the abort is committed
-        return s
 
     def _list(self, app: str, op: str | None, age_days: int, type_: str) -> list[BatchDetails]:
         app = validate.app_name(app)

@@ -186,6 +186,24 @@ class Finisher:
             return Aborted(rec, end, now=False)
         return Aborted(rec, self._announce(end, rows_aborted=n_aborted_now), now=True)
 
+    def stop(self, batch_id: str, error: str) -> bool:
+        """End an open batch now, with ``error`` (its deadline passed): rows not yet final become ``aborted``
+        (workers are told at the commit, as by an abort), the output files of the rows that finished are
+        written, and the batch ends ``aborted`` with that error; unlike a plain abort its ``mark_done`` is
+        due (``notifiedat`` stays NULL: the caller's next step, or maintenance's). False when the batch
+        had already ended. A failed upload rolls everything back: the next attempt stops it again."""
+        with self.svc.store.tx() as q:
+            rec = locked_batch(q, batch_id)
+            if rec.status.is_final:
+                return False
+            n_aborted_now = q.abort_rows(id=batch_id)
+            q.notify_abort(batch_id)
+            counts = q.row_counts(id=batch_id)
+            ended = self._store_end(q, rec, BatchStatus.ABORTED, counts, self._outputs(q, rec), error)
+        self._announce(ended, rows_aborted=n_aborted_now, nsuccess=counts.success, nfailed=counts.failed,
+                       files=sorted(ended.outputfiles), error=error)
+        return True
+
     def _failed(self, batch_id: str, exc: AlyaError) -> bool:
         """Count a failed summary attempt; give the summary up (True) once the same error has repeated
         ``summary_giveup_after`` times over at least ``summary_giveup_sec``.

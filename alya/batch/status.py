@@ -57,7 +57,7 @@ class Summary:
         if not isinstance(s.outputfiles, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in s.outputfiles.items()):
             return None
-        if s.error is not None and not isinstance(s.error, str):
+        if (s.error is not None and not isinstance(s.error, str)) or type(s.paused) is not bool:
             return None
         return cls(s, ver)
 
@@ -85,10 +85,10 @@ def cached_rows(cached: dict[str, Any] | None, summary: Summary) -> list[BatchOu
 
 
 def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: dict[str, str], ver: int,
-                 error: str | None = None) -> Summary:
+                 error: str | None = None, paused: bool = False) -> Summary:
     return Summary(BatchSummary(status=status, outputfiles=outputfiles, nrows=nrows, nsuccess=counts.success,
                                 nfailed=counts.failed, naborted=counts.aborted, nqueued=counts.queued,
-                                ninprog=counts.inprog, error=error), ver)
+                                ninprog=counts.inprog, error=error, paused=paused and not status.is_final), ver)
 
 
 def record_summary(q: Queries, rec: BatchRecord) -> Summary:
@@ -97,7 +97,7 @@ def record_summary(q: Queries, rec: BatchRecord) -> Summary:
         counts = Counts(success=rec.nsuccess, failed=rec.nfailed, aborted=rec.naborted)
     else:
         counts = q.row_counts(id=rec.id)
-    return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error)
+    return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error, rec.paused)
 
 
 # The status of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
@@ -162,8 +162,8 @@ class Statuses:
         return True
 
     def put_new(self, batch_id: str, ver: int, status: BatchStatus, nrows: int, counts: Counts,
-                outputfiles: dict[str, str] | None = None, error: str | None = None) -> Summary:
-        summary = make_summary(status, nrows, counts, outputfiles or {}, ver, error)
+                outputfiles: dict[str, str] | None = None, error: str | None = None, paused: bool = False) -> Summary:
+        summary = make_summary(status, nrows, counts, outputfiles or {}, ver, error, paused)
         self.put(batch_id, summary)
         return summary
 

@@ -232,13 +232,7 @@ def done(batch_id: str = typer.Argument(..., metavar="BATCH"),
 @app.command()
 def abort(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = JSON_OPT) -> None:
     """Abort a batch: its rows not yet final become aborted."""
-    from alya.cli.views import summary_table
-
-    s = _jm().batch_abort(batch_id)
-    if as_json:
-        _print_json(s)
-    else:
-        _console().print(summary_table(batch_id, s))
+    _show_summary(batch_id, as_json, _jm().batch_abort(batch_id))
 
 
 @app.command()
@@ -248,6 +242,24 @@ def retry(batch_id: str = typer.Argument(..., metavar="BATCH"),
                                                     "failure threshold has some)")) -> None:
     """Run a failed batch's failed rows again (successful rows are kept); prints the rows requeued."""
     typer.echo(_jm().batch_retry_failed(batch_id, include_aborted=include_aborted))
+
+
+@app.command()
+def pause(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = JSON_OPT) -> None:
+    """Pause a batch: no new row starts (running rows finish) until `alya resume`."""
+    _show_summary(batch_id, as_json, _jm().batch_pause(batch_id))
+
+
+@app.command()
+def resume(batch_id: str = typer.Argument(..., metavar="BATCH"), as_json: bool = JSON_OPT) -> None:
+    """Resume a paused batch: its rows start again."""
+    _show_summary(batch_id, as_json, _jm().batch_resume(batch_id))
+
+
+def _show_summary(batch_id: str, as_json: bool, s: Any) -> None:
+    from alya.cli.views import summary_table
+
+    _print_json(s) if as_json else _console().print(summary_table(batch_id, s))
 
 
 @app.command("list")

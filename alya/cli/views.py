@@ -33,7 +33,7 @@ def styled(status: BatchStatus | str) -> str:
 # only when set, which only while the batch is open, and which last (after the counts).
 _LABELS = {"nrows": "rows", "nsuccess": "success", "nfailed": "failed", "naborted": "aborted", "nqueued": "queued",
           "ninprog": "in progress", "outputfiles": "output file"}
-_WHEN_SET = {"naborted", "error"}
+_WHEN_SET = {"naborted", "error", "paused"}
 _WHILE_OPEN = {"nqueued", "ninprog"}
 _LAST = ("outputfiles", "error")
 

@@ -104,6 +104,7 @@ class BatchSummary:
     nqueued: int
     ninprog: int
     error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
+    paused: bool = False  # batch_pause: no new row starts until batch_resume (False once the batch is final)
 
     def as_row(self) -> dict[str, Any]:
         """Every field by name, in their order, as JSON values (the status as its text): the cached form, a

@@ -45,6 +45,21 @@ def abort_payload(batch_id: str) -> str:
     return f"{ABORT_PREFIX}{batch_id}"
 
 
+PAUSE_PREFIX = "pause:"
+RESUME_PREFIX = "resume:"
+
+
+def pause_payload(batch_id: str) -> str:
+    """Sent on WORK_CHANNEL by ``batch_pause``: workers stop starting the batch's rows at once and give back
+    the unstarted ones they hold (``alya.engine.engine``)."""
+    return f"{PAUSE_PREFIX}{batch_id}"
+
+
+def resume_payload(batch_id: str) -> str:
+    """Sent on WORK_CHANNEL by ``batch_resume`` (with the type's work payload, which wakes idle workers)."""
+    return f"{RESUME_PREFIX}{batch_id}"
+
+
 # ---------------------------------------------------------------------------- Prefect
 SWEEPER_FLOW = "alya-sweeper"
 DEFAULT_DEPLOYMENT = "alya"  # ALYA_DEPLOYMENT_NAME's default

@@ -35,6 +35,9 @@ class BatchRecord:
     ver: int
     error: str | None  # why a failed batch has no summary (it kept failing), else None
     round: int  # 1, plus one per batch_retry_failed
+    paused: bool = False  # batch control (alya.batch.control): no new row starts while set
+    notbefore: datetime | None = None  # no row starts before it
+    deadline: datetime | None = None  # the batch is ended then (aborted, "deadline passed")
 
     COLUMNS: ClassVar[str]  # the fields above, in their order (set below the class)
 

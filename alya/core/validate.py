@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import re
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -124,6 +125,20 @@ def max_failures(value: Any) -> tuple[int | None, float | None]:
     if not 0.0 < value < 1.0:  # NaN fails this too
         raise InvalidInput(f"max_failures as a fraction must be in (0, 1), got {value!r}")
     return None, float(value)
+def schedule(not_before: Any, deadline: Any) -> tuple[datetime | None, datetime | None]:
+    """A batch's ``not_before`` and ``deadline``: aware datetimes or None (a naive one is ambiguous by hours:
+    the server's zone or UTC?); a deadline must be in the future and after ``not_before`` (a batch that must
+    end before it may start could never run a row)."""
+    for what, value in (("not_before", not_before), ("deadline", deadline)):
+        if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+            raise InvalidInput(f"{what} must be a timezone-aware datetime, got {type(value).__name__}"
+                               + (" without a time zone" if isinstance(value, datetime) else ""))
+    if deadline is not None:
+        if deadline <= datetime.now(UTC):
+            raise InvalidInput(f"deadline {deadline.isoformat()} has already passed")
+        if not_before is not None and deadline <= not_before:
+            raise InvalidInput(f"deadline {deadline.isoformat()} must be after not_before {not_before.isoformat()}")
+    return not_before, deadline
 
 
 def app_name(app: Any) -> str:

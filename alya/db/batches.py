@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from alya.core.errors import BatchNotFound, InvalidInput, InvalidState
@@ -34,16 +35,20 @@ def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: 
                  status: BatchStatus, inputfile: str | None, max_rows: int,
                  idempotency_key: str | None = None, priority: int = 0,
                  max_input_bytes: int | None = None,
-                 failure_limit: tuple[int | None, float | None] = (None, None)) -> NewBatch:
+                 failure_limit: tuple[int | None, float | None] = (None, None),
+                 not_before: datetime | None = None, deadline: datetime | None = None) -> NewBatch:
     """Insert a batch of validated (app, op, context) with the rows of ``pairs`` ((line, input), validated
     while they stream). Raises InvalidInput for a bad or missing row; the caller's transaction then holds
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
-    already used, nothing is stored and the first batch is returned (``replayed``; its rows are not read)."""
+    already used, nothing is stored and the first batch is returned (``replayed``; its rows are not read).
+    ``not_before``, ``deadline``: validated (``validate.schedule``), stored on the batch record."""
     batch_id = str(uuid.uuid4())
     first = insert_record(q, idempotency_key, id=batch_id, app=app, op=op, type="B",
                           context=json_text(context), inputfile=inputfile, status=status, priority=priority)
     if first is not None:
         return NewBatch(first, app, op, status, 0, 0, replayed=True)
+    if not_before is not None or deadline is not None:
+        q.set_schedule(id=batch_id, notbefore=not_before, deadline=deadline)
     n = copy_rows(q, batch_id, pairs, max_rows, max_input_bytes)
     if failure_limit != (None, None):  # (rows, fraction): alya.core.validate.max_failures
         q.set_failure_limit(id=batch_id, max_failures=failure_limit[0], ratio=failure_limit[1])

@@ -8,9 +8,8 @@ once, here, instead of each caller indexing a tuple; and a statement issued one 
 cannot drift. The check at the bottom of this module ties the methods to the SQL: a query without a method,
 or a method without its query, fails the import (and so every test).
 
-Conventions: ids are ``str``; a batch's status is a ``BatchStatus``; JSON columns are passed as JSON text (``str``),
-serialised by the caller, which often needs the text anyway (the write-back measures it); array parameters
-are ``list`` (psycopg2 sends a list as an array, a tuple as a record).
+Conventions: ids are ``str``; statuses ``BatchStatus``; JSON columns JSON text, serialised by the caller (which
+often needs the text: the write-back measures it); array parameters ``list`` (a tuple is sent as a record).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from alya.core.records import (
     WriteResult,
     batch_output,
 )
+from alya.db.control import ControlQueries
 from alya.db.failure_queries import FailureQueries
 from alya.db.ingest import COPY_ROWS
 from alya.db.transport import OWN_STATEMENTS, Readable, Tx, named_sql
@@ -50,16 +50,16 @@ STREAM_PREFIX = "stream_"  # stream_<query>: the query read through a server-sid
 
 # Public methods that are not one named query each: the other two ways to notify (they run notify_work's
 # SQL) and the COPY.
-NOT_QUERIES = frozenset({"notify_any_work", "notify_abort", "copy_rows"})
+NOT_QUERIES = frozenset({"notify_any_work", "notify_abort", "notify_paused", "copy_rows"})
 
 
 def _ids(rows: list[tuple[Any, ...]]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-class Queries(FailureQueries):
-    """One open transaction, as typed queries. Get one from ``Store.tx()`` or ``Store.run(body)``; it is
-    valid until that transaction ends."""
+class Queries(FailureQueries, ControlQueries):
+    """One open transaction, as typed queries (batch control's in the two mixins). Get one from
+    ``Store.tx()`` or ``Store.run(body)``; it is valid until that transaction ends."""
 
     def __init__(self, tx: Tx) -> None:
         self._tx = tx

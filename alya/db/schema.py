@@ -73,6 +73,11 @@ batches = Table(
     CheckConstraint("(max_failures IS NULL OR max_failures >= 0) AND (max_failure_ratio IS NULL OR "
                     "(max_failure_ratio > 0 AND max_failure_ratio < 1)) AND (max_failures IS NULL OR "
                     "max_failure_ratio IS NULL)", name="batches_failure_limit"),
+    # Batch control (migration 0010): no new row starts while paused, nor before notbefore; the maintenance
+    # leader ends the batch at its deadline.
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("notbefore", DateTime(timezone=True)),
+    Column("deadline", DateTime(timezone=True)),
     CheckConstraint("op = lower(op)", name="batches_op_lower"),
     CheckConstraint("app ~ '^[a-z][a-z0-9_]*$'", name="batches_app_ident"),
     CheckConstraint("type IN ('B', 'Q')", name="batches_type"),
@@ -95,10 +100,15 @@ batches = Table(
         "batches_unnotified",
         "app",
         "op",
-        postgresql_where=text("notifiedat IS NULL AND status IN ('success', 'failed')"),
+        postgresql_where=text("notifiedat IS NULL AND status IN ('success', 'failed', 'aborted')"),
     ),
     # A purge finds final batches finished before a date (migration 0008).
     Index("batches_final_doneat", "doneat", "id", postgresql_where=text("status IN ('success', 'failed', 'aborted')")),
+    # Due deadlines and starts among open batches (migration 0010).
+    Index("batches_deadline", "deadline",
+          postgresql_where=text("deadline IS NOT NULL AND status IN ('wait', 'queued', 'inprog')")),
+    Index("batches_notbefore", "notbefore",
+          postgresql_where=text("notbefore IS NOT NULL AND status IN ('wait', 'queued', 'inprog')")),
 )
 
 batchrows = Table(

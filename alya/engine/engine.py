@@ -7,8 +7,7 @@ The engine is split by role, each part with at most one lock of its own:
 - :class:`~alya.engine.producer.Producer`: the claim gate and the claims (what to run next);
 - :class:`~alya.engine.executor.Executor`: the row pool and the processor calls;
 - :class:`~alya.engine.completer.Completer`: write-backs and give-backs;
-- :class:`~alya.engine.maintenance.Maintenance`: recovery, missed summaries and ``mark_done`` calls, run
-  by one worker at a time;
+- :class:`~alya.engine.maintenance.Maintenance`: recovery, missed summaries, ``mark_done`` calls (one worker);
 - :class:`~alya.engine.waker.Waker`: LISTEN/NOTIFY wake-ups and abort notices.
 
 This module wires them and runs the claim loop that drives them (:meth:`Engine.work`). The chunk is the unit
@@ -26,6 +25,7 @@ import threading
 import time
 from typing import Any
 
+from alya.batch.control import DEADLINE_ERROR
 from alya.batch.finish import Finisher
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, ProcessorNotFound
@@ -60,6 +60,7 @@ class Engine:
         self.maintenance = Maintenance(services.store, self.identity, services.config.recovery_sec)
         self.waker = Waker(services.store)
         self.waker.on_abort = self._abort_notified
+        self.waker.on_pause = self._pause_notified
         self._wake = threading.Condition()
         self._start_lock = threading.Lock()
         self._loops = 0  # claim loops running (Engine.work), under _loops_done's lock
@@ -267,6 +268,30 @@ class Engine:
             with self._wake:
                 self._wake.notify_all()
 
+    def _pause_notified(self, batch: str, paused: bool) -> None:
+        """A pause (or resume) was committed (NOTIFY): stop starting the batch's rows held here; their
+        unstarted rows are given back when their claims end (running rows finish and are written back).
+        A claim that raced the pause (its statement read the batch before the pause committed) is cancelled
+        when it registers (``Producer.pause_noticed``). Checked in PostgreSQL first, as an abort notice."""
+        if paused and not self._paused_in_db(batch):
+            self.log.warning("pause_notice_ignored", batch=batch, reason="the batch is not paused")
+            return
+        claims = self.producer.pause_noticed(batch, paused)
+        if paused and claims:
+            for c in claims:
+                c.cancelled = True
+            self.log.info("pause_notified", batch=batch, claims=len(claims))
+            with self._wake:
+                self._wake.notify_all()
+
+    def _paused_in_db(self, batch: str) -> bool:
+        try:
+            with self.svc.store.tx() as tx:
+                rec = tx.get_batch(id=batch)
+        except AlyaError:
+            return False
+        return rec is not None and rec.paused and not rec.status.is_final
+
     def _aborted_in_db(self, batch: str) -> bool:
         """Whether PostgreSQL holds the batch as ended (aborted, or stopped past its failure threshold: no
         open row left), or no longer holds it. Unknown (the database unreachable): not taken on trust;
@@ -345,6 +370,14 @@ class Engine:
 
     def stop_if_too_many_failures(self, batch_id: str) -> bool:
         return self.finisher.stop_if_too_many_failures(batch_id)
+
+    def deadline_passed(self, batch_id: str) -> bool:
+        """End the batch, its deadline passed (``Finisher.stop``), then call its mark_done (here if this
+        process has its processor, else by the holder of its type's mark_done duty)."""
+        if not self.finisher.stop(batch_id, DEADLINE_ERROR):
+            return False
+        self.notify(batch_id)
+        return True
 
 
 _gc_settled = False

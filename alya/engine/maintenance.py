@@ -19,6 +19,7 @@ Re-dispatching queued batches that have no live flow run is Prefect's business, 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,6 +35,8 @@ from alya.engine.identity import Identity
 RECOVERY = "recovery"
 RETENTION = "retention"  # ALYA_RETENTION_DAYS: purge final batches older than that
 RETENTION_PASS_SEC = 5.0  # a pass purges this long at most; a backlog of history goes over several passes
+SCHEDULE = "schedule"  # batch control: fire due deadlines, wake workers when a batch's not_before comes
+SCHEDULE_EVERY_SEC = 1.0  # how often its holder looks: a deadline fires at most about this late
 
 
 def mark_done_duty(app: str, op: str) -> str:
@@ -48,6 +51,7 @@ class Finishes(Protocol):
     def summarise(self, batch_id: str) -> bool: ...
     def notify(self, batch_id: str) -> bool: ...
     def stop_if_too_many_failures(self, batch_id: str) -> bool: ...
+    def deadline_passed(self, batch_id: str) -> bool: ...
 
 
 @dataclass
@@ -59,6 +63,7 @@ class CleanupReport:
     dispatched: list[str] = field(default_factory=list)
     purged: int = 0  # batches deleted by retention
     purged_rows: int = 0
+    deadlines: list[str] = field(default_factory=list)  # batches ended because their deadline passed
 
 
 def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recover: bool = True,
@@ -70,6 +75,7 @@ def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recove
     Steps 1 and 2 only with ``recover``; step 4 with ``retain`` (default: as ``recover``)."""
     report = CleanupReport()
     if recover:
+        schedule(engine, report)
         _recover(engine, report)
     if recover if retain is None else retain:
         _retain(engine.svc, report)
@@ -80,6 +86,23 @@ def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recove
             if engine.notify(batch):
                 report.notified.append(batch)
     return report
+
+
+def schedule(engine: Finishes, report: CleanupReport) -> None:
+    """Batch control's clock: batches whose deadline has passed are ended (aborted, "deadline passed",
+    their finished rows' files written, mark_done called), and the workers of batches whose not_before came
+    are woken: an idle worker does not poll for it (it sleeps on LISTEN and its poll fallback)."""
+    log = get_logger()
+    with engine.svc.store.tx() as tx:
+        due = tx.due_deadlines()
+        for app, op in tx.started_types(sec=3 * SCHEDULE_EVERY_SEC):
+            tx.notify_work(app, op)
+    for batch in due:
+        try:
+            if engine.deadline_passed(batch):
+                report.deadlines.append(batch)
+        except AlyaError as exc:  # a failed upload: the next pass tries again
+            log.error("deadline_stop_failed", batch=batch, error=describe(exc))
 
 
 def _retain(svc: Services, report: CleanupReport) -> None:
@@ -172,7 +195,7 @@ class Maintenance:
         with self._lock:
             for duty in sorted(held - self._held):
                 self._log.info("maintenance_duty_taken", duty=duty, holder=self._holder)
-            self._held = held
+            self._held = held | (self._held & {SCHEDULE})  # that one is renewed by tick_schedule
         return set(held)
 
     def held(self) -> set[str]:
@@ -188,6 +211,22 @@ class Maintenance:
         mine = [(a, o) for a, o in types if mark_done_duty(a, o) in held]
         return cleanup(engine, types=mine, recover=RECOVERY in held, retain=RETENTION in held)
 
+    def tick_schedule(self, engine: Finishes) -> CleanupReport | None:
+        """The ``schedule`` duty, every SCHEDULE_EVERY_SEC (deadlines must fire within seconds, the other
+        duties tick every ALYA_RECOVERY_SEC / 4): one lease upsert per worker and second, and for its holder
+        two index probes (``batches_deadline``, ``batches_notbefore``). None when another worker holds it."""
+        with self._store.tx() as tx:
+            held = bool(tx.take_leases(holder=self._holder, duties=[SCHEDULE], sec=self.lease_sec))
+        with self._lock:
+            if held and SCHEDULE not in self._held:
+                self._log.info("maintenance_duty_taken", duty=SCHEDULE, holder=self._holder)
+            self._held = self._held | {SCHEDULE} if held else self._held - {SCHEDULE}
+        if not held:
+            return None
+        report = CleanupReport()
+        schedule(engine, report)
+        return report
+
     # ------------------------------------------------------------------ the thread
     def start(self, engine: Finishes, types_of: Callable[[], list[tuple[str, str]]]) -> None:
         """Tick every ``every`` seconds on a thread until :meth:`close`."""
@@ -196,12 +235,19 @@ class Maintenance:
         self._stop.clear()
 
         def loop() -> None:
+            next_tick = 0.0
             while True:
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.every
+                    try:
+                        self.tick(engine, types_of())
+                    except Exception as exc:  # an outage: the next tick tries again
+                        self._log.error("maintenance_failed", error=describe(exc))
                 try:
-                    self.tick(engine, types_of())
-                except Exception as exc:  # an outage: the next tick tries again
-                    self._log.error("maintenance_failed", error=describe(exc))
-                if self._stop.wait(self.every):
+                    self.tick_schedule(engine)
+                except Exception as exc:
+                    self._log.error("maintenance_failed", duty=SCHEDULE, error=describe(exc))
+                if self._stop.wait(min(self.every, SCHEDULE_EVERY_SEC)):
                     return
 
         self._thread = threading.Thread(target=loop, name="alya-maintenance", daemon=True)

@@ -37,6 +37,7 @@ INIT_RETRY_SEC = 1.0  # first delay after an app's init() failed; doubles per fa
 INIT_RETRY_MAX_SEC = 30.0
 HINTS_KEPT = 1000  # batches whose last claimed line is remembered
 MAX_CONTEXTS = 1000  # batch contexts kept in a worker process (at most ALYA_MAX_CONTEXT_BYTES each)
+PAUSE_RACE_SEC = 5.0  # after a pause notice, a claim of the batch registering this soon raced the pause
 
 
 class Producer:
@@ -59,6 +60,7 @@ class Producer:
         self._init_failures: dict[str, tuple[int, float]] = {}  # app -> (failures in a row, retry at)
         self._contexts: dict[str, dict[str, Any]] = {}  # batch -> its context (immutable), read once here
         self._contexts_lock = threading.Lock()
+        self._paused: dict[str, float] = {}  # batch -> until when a claim of it registering here is cancelled
 
     # ------------------------------------------------------------------ sizing
     def wants_rows(self, app: str, op: str) -> bool:
@@ -113,6 +115,20 @@ class Producer:
         with self._lock:
             return list(self._claims.get(batch, ()))
 
+    def pause_noticed(self, batch: str, paused: bool) -> list[Claimed]:
+        """A pause (or resume) notice of ``batch``: its claims held here. After a pause, a claim of the batch
+        that registers within PAUSE_RACE_SEC is cancelled at once: its statement read the batch before the
+        pause committed (a later one cannot see it), and the notice may have come before it registered."""
+        with self._lock:
+            if paused:
+                now = time.monotonic()
+                if len(self._paused) >= HINTS_KEPT:  # notices of batches never claimed again
+                    self._paused = {b: t for b, t in self._paused.items() if t > now}
+                self._paused[batch] = now + PAUSE_RACE_SEC
+            else:
+                self._paused.pop(batch, None)
+            return list(self._claims.get(batch, ()))
+
     def forget(self, c: Claimed) -> None:
         """The claim ended (or was abandoned): it no longer counts as held here."""
         with self._turn:
@@ -163,9 +179,19 @@ class Producer:
                     self._alone_claiming = False
                 if claimed is not None:
                     self._claims.setdefault(claimed.batch, set()).add(claimed)
+                    if self._paused and self._paused_now(claimed.batch):
+                        claimed.cancelled = True  # it raced a pause: its rows are given back unstarted
                     self._suspect_active = claimed.suspect
                 self._turn.notify_all()
         return claimed
+
+    def _paused_now(self, batch: str) -> bool:
+        """(Under the lock.) Whether a pause notice of the batch came less than PAUSE_RACE_SEC ago."""
+        until = self._paused.get(batch)
+        if until is not None and time.monotonic() >= until:
+            del self._paused[batch]
+            until = None
+        return until is not None
 
     def _claim(self, app: str, op: str, type_: str, only: str | None, n: int, alone: bool) -> Claimed | None:
         worker = self.identity.worker_id

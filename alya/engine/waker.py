@@ -14,8 +14,10 @@ from collections.abc import Callable
 
 from alya.core.errors import AlyaError
 from alya.core.logs import get_logger
-from alya.core.names import ABORT_PREFIX, ANY_WORK_PAYLOAD, WORK_CHANNEL
+from alya.core.names import ABORT_PREFIX, ANY_WORK_PAYLOAD, PAUSE_PREFIX, RESUME_PREFIX, WORK_CHANNEL
 from alya.db.store import Listener, Store
+
+_NOTICES = (ABORT_PREFIX, PAUSE_PREFIX, RESUME_PREFIX)  # payloads about one batch, not work to claim
 
 
 class Waker:
@@ -30,6 +32,7 @@ class Waker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.on_abort: Callable[[str], None] | None = None  # called with the batch id of each abort
+        self.on_pause: Callable[[str, bool], None] | None = None  # (batch id, paused) of each pause / resume
 
     def start(self) -> None:
         self._ensure_started()
@@ -52,13 +55,16 @@ class Waker:
                 failed_at = time.monotonic()
                 self._stop.wait(2.0)
                 continue
-            work = [p for p in payloads if not p.startswith(ABORT_PREFIX)]
+            work = [p for p in payloads if not p.startswith(_NOTICES)]
             for p in payloads:
-                if p.startswith(ABORT_PREFIX) and self.on_abort is not None:
-                    try:
+                try:
+                    if p.startswith(ABORT_PREFIX) and self.on_abort is not None:
                         self.on_abort(p[len(ABORT_PREFIX):])
-                    except Exception as exc:  # never let a callback stop the wake-ups
-                        get_logger().warning("abort_callback_failed", error=str(exc))
+                    elif p.startswith((PAUSE_PREFIX, RESUME_PREFIX)) and self.on_pause is not None:
+                        paused = p.startswith(PAUSE_PREFIX)
+                        self.on_pause(p[len(PAUSE_PREFIX if paused else RESUME_PREFIX):], paused)
+                except Exception as exc:  # never let a callback stop the wake-ups
+                    get_logger().warning("notice_callback_failed", notice=p[:80], error=str(exc))
             if work:
                 with self._mutex:
                     self._generation += 1

@@ -45,7 +45,7 @@ def batch_state(s: BatchSummary, handed_over: bool = False) -> dict[str, Any]:
         return {"type": "FAILED", "name": "Failed", "message": message + (f"; {s.error}" if s.error else "")}
     if s.status is BatchStatus.ABORTED:
         return {"type": "CANCELLED", "name": ABORTED_NAME, "message": message}
-    why = "handed over to a fresh run" if handed_over else "left to other runs"
+    why = "paused" if s.paused else "handed over to a fresh run" if handed_over else "left to other runs"
     return {"type": "COMPLETED", "name": "Completed", "message": f"batch {s.status.value}: {message}; {why}"}
 
 

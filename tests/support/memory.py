@@ -155,10 +155,17 @@ class _Batch:
     round: int = 1
     max_failures: int | None = None
     max_failure_ratio: Decimal | None = None
+    paused: bool = False
+    notbefore: datetime | None = None
+    deadline: datetime | None = None
 
     @property
     def open(self) -> bool:
         return self.status in OPEN
+
+    def startable(self, now: datetime) -> bool:
+        """Batch control: neither paused nor waiting for its not_before."""
+        return not self.paused and (self.notbefore is None or self.notbefore <= now)
 
     def record(self) -> BatchRecord:
         values = {"context": _load(self.context), "outputfiles": _load(self.outputfiles)}
@@ -624,7 +631,7 @@ class MemoryQueries(Queries):
         value = _status(str(status))
         self._set(b, status=value, doneat=self._now, nsuccess=nsuccess, nfailed=nfailed, naborted=naborted,
                   outputfiles=_jsonb(outputfiles), ver=b.ver + 1,
-                  notifiedat=self._now if value == "aborted" else None, error=error)
+                  notifiedat=self._now if value == "aborted" and error is None else None, error=error)
         return b.ver
 
     def summary_failed(self, *, id: str, error: str) -> SummaryFailures | None:
@@ -649,7 +656,8 @@ class MemoryQueries(Queries):
     def unnotified_batches(self, *, app: str, op: str) -> list[str]:
         self._q("unnotified_batches")
         return [b.id for b in self._s.batches.values()
-                if b.app == app and b.op == op and b.notifiedat is None and b.status in ("success", "failed")]
+                if b.app == app and b.op == op and b.notifiedat is None
+                and b.status in ("success", "failed", "aborted")]
 
     def unsummarised_batches(self) -> list[str]:
         self._q("unsummarised_batches")
@@ -665,6 +673,7 @@ class MemoryQueries(Queries):
         self._q("open_batches")
         found = [b for b in self._open_batches()
                  if b.app == app and b.op == op and b.type == type and (only is None or b.id == only)
+                 and b.startable(self._now)
                  and any(r.claimable(self._now) for r in self._s.rows.get(b.id, {}).values())]
         # The 100 first by priority then age, and the 10 oldest whatever their priority (as the SQL lists them).
         listed = {b.id: b for b in sorted(found, key=lambda b: -b.priority)[:100] + found[:10]}
@@ -678,14 +687,15 @@ class MemoryQueries(Queries):
 
     def open_batches_all(self) -> list[BatchRef]:
         self._q("open_batches_all")
-        return [BatchRef.from_row((b.id, b.app, b.op)) for b in self._open_batches()[:1000]]
+        return [BatchRef.from_row((b.id, b.app, b.op)) for b in self._open_batches()
+                if b.startable(self._now)][:1000]
 
     def stalled_batches(self, *, sec: float) -> list[str]:
         self._q("stalled_batches")
         out = []
         for b in self._s.batches.values():
             rows = self._s.rows.get(b.id, {}).values()
-            if (b.open and any(r.claimable(self._now) for r in rows)
+            if (b.open and b.startable(self._now) and any(r.claimable(self._now) for r in rows)
                     and not any(r.status == "inprog" and self._live(r.doneby, sec) for r in rows)):
                 out.append(b.id)
         return out
@@ -727,7 +737,8 @@ class MemoryQueries(Queries):
     def claimable_batch_types(self) -> list[BatchKind]:
         self._q("claimable_batch_types")
         kinds = {(b.app, b.op, b.type) for b in self._s.batches.values()
-                 if b.open and any(r.claimable(self._now) for r in self._s.rows.get(b.id, {}).values())}
+                 if b.open and b.startable(self._now)
+                 and any(r.claimable(self._now) for r in self._s.rows.get(b.id, {}).values())}
         return [BatchKind.from_row(k) for k in sorted(kinds)]
 
     def open_work_exists(self, *, types: list[str]) -> bool:
@@ -737,8 +748,38 @@ class MemoryQueries(Queries):
 
     def next_claimable_in(self, *, id: str) -> float | None:
         self._q("next_claimable_in")
+        b = self._batch(id)
         times = [r.notbefore or self._now for r in self._s.rows.get(id, {}).values() if r.status == "queued"]
-        return None if not times else (min(times) - self._now).total_seconds()
+        if not times or b is None or b.paused:
+            return None
+        return (max(min(times), b.notbefore or min(times)) - self._now).total_seconds()
+
+    # ------------------------------------------------------------------ batch control
+    def set_schedule(self, *, id: str, notbefore: datetime | None, deadline: datetime | None) -> None:
+        self._q("set_schedule")
+        b = self._batch(id)
+        if b is not None:
+            self._set(b, notbefore=notbefore, deadline=deadline)
+
+    def set_paused(self, *, id: str, paused: bool) -> int:
+        self._q("set_paused")
+        b = self._batch(id)
+        assert b is not None, f"no batch {id}"
+        self._set(b, paused=paused, ver=b.ver + 1)
+        return b.ver
+
+    def due_deadlines(self) -> list[str]:
+        self._q("due_deadlines")
+        due = [b for b in self._s.batches.values()
+               if b.deadline is not None and b.status in ("wait", *OPEN) and b.deadline <= self._now]
+        return [b.id for b in sorted(due, key=lambda b: b.deadline or self._now)[:100]]
+
+    def started_types(self, *, sec: float) -> list[tuple[str, str]]:
+        self._q("started_types")
+        since = self._now - timedelta(seconds=sec)
+        return sorted({(b.app, b.op) for b in self._s.batches.values()
+                       if b.notbefore is not None and b.status in ("wait", *OPEN) and not b.paused
+                       and since < b.notbefore <= self._now})
 
     # ------------------------------------------------------------------ write-backs
     def write_results(self, *, batch: str, worker: str, lines: list[int], attempts: list[int],
@@ -768,7 +809,7 @@ class MemoryQueries(Queries):
                            finished: list[float]) -> tuple[int, int | None]:
         self._q("write_results_late")
         b = self._batch(batch)
-        if b is None or b.status != "aborted":
+        if b is None or b.status != "aborted" or b.error is not None:  # (ended by its deadline: no late results)
             return 0, None
         rows = self._s.rows.get(batch, {})
         late: dict[int, str] = {}

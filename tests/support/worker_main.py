@@ -2,13 +2,14 @@
 jm.run() until idle (``--idle``) or until signalled.
 
     python -m tests.support.worker_main DATABASE_URL STORE_URL APP OP[,OP...] LOGFILE [--sleep S] [--chunk N]
-        [--recovery-sec N] [--idle] [--concurrency N]
+        [--recovery-sec N] [--idle] [--concurrency N] [--stamp]
 
 Each row appends "start <batch> <line> <pid> <unix time>" and "end <batch> <line> <pid> <status> <unix time>"
 lines to LOGFILE
 (O_APPEND, one write per line, so several processes can share it); mark_done appends "done <batch>
 <pid> <status> <nsuccess> <nfailed> <naborted>". A row's answer depends only on its input: "mode":
-"fail" fails it, anything else succeeds; "sleep" overrides --sleep.
+"fail" fails it, anything else succeeds; "sleep" overrides --sleep. ``--stamp`` appends the wall-clock time
+(``time.time()``) to each start and end line.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from alya import BatchJobResult, BatchStatus, ErrorMessage, JobManager, JobManag
 
 
 class LogProc:
-    def __init__(self, log: str, sleep: float) -> None:
+    def __init__(self, log: str, sleep: float, stamp: bool = False) -> None:
         self.fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.stamp = stamp
         self.sleep = sleep
         self.pid = os.getpid()
 
@@ -61,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery-sec", type=int, default=60)
     p.add_argument("--idle", action="store_true")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--stamp", action="store_true")
     a = p.parse_args(argv)
     config = JobManagerConfig(batchchunk_nrows=a.chunk, recovery_sec=a.recovery_sec, retry_backoff_sec=0.0,
                               poll_sec=0.1, task_seconds=0.5, concurrency=a.concurrency)
     jm = JobManager(database_url=a.database_url, redis_url=os.environ.get("ALYA_TEST_REDIS"),
                     object_store_url=a.store_url, config=config)
-    proc = LogProc(a.log, a.sleep)
+    proc = LogProc(a.log, a.sleep, a.stamp)
     for op in a.ops.split(","):
         jm.register_batch_processor(a.app, op, proc)
     print(f"worker {os.getpid()} {jm.engine.worker_id}", flush=True)

@@ -17,7 +17,8 @@ def test_every_query_is_implemented_with_its_parameters() -> None:
     public = [m for m in dir(Queries) if not m.startswith("_") and callable(getattr(Queries, m))]
     assert "claim_rows" in public and "savepoint" in public
     missing = [m for m in public if getattr(MemoryQueries, m) is getattr(Queries, m)]
-    assert missing == ["notify_abort", "notify_any_work", "notify_work"]  # Queries' own, through _notify
+    # Queries' own, through _notify
+    assert missing == ["notify_abort", "notify_any_work", "notify_paused", "notify_work"]
     for m in public:
         assert inspect.signature(getattr(MemoryQueries, m)) == inspect.signature(getattr(Queries, m)), m
 

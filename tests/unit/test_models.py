@@ -78,7 +78,7 @@ def test_field_names_match_the_contract() -> None:
     # and defaulted so that positional construction as the contract shows it still works.
     assert names(BatchDone) == ["status", "rows", "outputfiles", "nsuccess", "nfailed", "naborted", "error"]
     assert names(BatchSummary) == ["status", "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "nqueued",
-                                   "ninprog", "error"]
+                                   "ninprog", "error", "paused"]  # paused: issue 20 (batch control), defaulted
     assert names(SlowQueryDone) == ["status", "result", "messages", "outputfiles"]
     assert names(BatchDetails) == ["id", "app", "op", "type", "status", "context", "inputfile", "reqat", "doneat",
                                    "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "error", "round"]
@@ -106,7 +106,7 @@ def test_a_summary_is_spelled_out_once() -> None:
     rows = [BatchOutput(1, BatchStatus.SUCCESS, {}, [])]
     assert s.done(rows) == BatchDone(BatchStatus.FAILED, rows, {"a.txt": "s3://b/a.txt"}, 7, 2, 1, error="boom")
     rec = BatchRecord.from_row(("00000000-0000-4000-8000-000000000001", "app", "op", "B", "failed", {"k": 1},
-                                None, "reqat", "doneat", None, 10, 7, 2, 1, 5, "boom", 2))
+                                None, "reqat", "doneat", None, 10, 7, 2, 1, 5, "boom", 2, False, None, None))
     assert rec.outputfiles == {} and rec.ver == 5 and rec.status is BatchStatus.FAILED and rec.round == 2
     details = rec.details()
     assert all(getattr(details, f.name) == getattr(rec, f.name) for f in dataclasses.fields(BatchDetails))

@@ -88,8 +88,9 @@ def test_parameters_are_keyword_only_and_named_as_in_the_sql() -> None:
 
 
 def test_the_notify_methods_are_the_only_ways_to_notify() -> None:
-    """Three meanings, one statement: every payload comes from alya.core.names inside Queries."""
-    assert {m for m in dir(Queries) if m.startswith("notify")} == {"notify_work", "notify_any_work", "notify_abort"}
+    """Four meanings, one statement: every payload comes from alya.core.names inside Queries."""
+    assert {m for m in dir(Queries) if m.startswith("notify")} == {"notify_work", "notify_any_work", "notify_abort",
+                                                                   "notify_paused"}
     assert [p.name for p in inspect.signature(Queries.notify_work).parameters.values()] == ["self", "app", "op"]
 
 

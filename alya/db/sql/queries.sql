@@ -53,7 +53,8 @@ UPDATE batchrows SET status = 'aborted', doneat = now()
 WHERE batch = %(id)s AND status IN ('queued', 'inprog');
 
 -- name: finish_batch
--- The final status and counts; mark_done is not due for aborted batches (notifiedat set at once).
+-- The final status and counts; mark_done is not due for aborted batches (notifiedat set at once), except
+-- one ended with an `error` (its deadline passed: alya.batch.control), which gets its mark_done.
 -- `error`: why the batch failed without its summary (it kept failing), else NULL.
 -- synchronous_commit on: the end of a batch is what its client is shown as final, so its commit waits for
 -- the WAL flush even in a transaction that began as a write-back (which commits without it; a slow query's
@@ -61,7 +62,7 @@ WHERE batch = %(id)s AND status IN ('queued', 'inprog');
 SET LOCAL synchronous_commit = on;
 UPDATE batches SET status = %(status)s, doneat = now(), nsuccess = %(nsuccess)s, nfailed = %(nfailed)s,
        naborted = %(naborted)s, outputfiles = %(outputfiles)s::jsonb, ver = ver + 1,
-       notifiedat = CASE WHEN %(status)s = 'aborted' THEN now() END, error = %(error)s
+       notifiedat = CASE WHEN %(status)s = 'aborted' AND %(error)s IS NULL THEN now() END, error = %(error)s
 WHERE id = %(id)s
 RETURNING ver, doneat;
 
@@ -100,10 +101,13 @@ ORDER BY reqat DESC;
 -- interrupts another batch. Only batches of the registered kind (B or Q): a processor of the other kind is
 -- not this worker's. The EXISTS (one probe of the partial index of queued rows per batch) keeps batches
 -- whose rows are all held or waiting out a retry delay from filling the list and hiding a claimable one.
+-- A paused batch, or one whose not_before has not come, is left out (its rows stay queued, untouched), so
+-- that no worker claims or spins on it; both are read from the batch row the filter already reads.
 WITH open AS (
     SELECT b.id, b.priority, b.reqat FROM batches b
     WHERE b.app = %(app)s AND b.op = %(op)s AND b.type = %(type)s AND b.status IN ('queued', 'inprog')
       AND (%(only)s::uuid IS NULL OR b.id = %(only)s::uuid)
+      AND NOT b.paused AND (b.notbefore IS NULL OR b.notbefore <= now())  -- batch control: on the batch row
       AND EXISTS (SELECT 1 FROM batchrows r
                   WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
 ), listed AS (
@@ -217,8 +221,10 @@ SELECT (SELECT status::text FROM batches WHERE id = %(batch)s), (SELECT count(*)
 -- After an abort only (write_results found the batch aborted and rows not written): rows whose call
 -- returned before the abort committed get their results, and the batch's counts move from aborted to
 -- success/failed in the same statement; a requeue (a fault) is not a result. Returns (rows, new version).
+-- Not after a batch ended with an `error` (its deadline passed): its output files and mark_done were made
+-- from the rows as they were then, and its rows stay as those say.
 WITH b AS (
-    SELECT id, status, doneat FROM batches WHERE id = %(batch)s FOR KEY SHARE
+    SELECT id, status, doneat FROM batches WHERE id = %(batch)s AND error IS NULL FOR KEY SHARE
 ), late AS (
     UPDATE batchrows r
     SET status = v.status::batch_status, res = v.res::jsonb, messages = v.messages::jsonb,
@@ -277,7 +283,7 @@ UPDATE batches SET notifiedat = now() WHERE id = %(id)s AND notifiedat IS NULL R
 
 -- name: unnotified_batches
 SELECT id FROM batches
-WHERE app = %(app)s AND op = %(op)s AND notifiedat IS NULL AND status IN ('success', 'failed');
+WHERE app = %(app)s AND op = %(op)s AND notifiedat IS NULL AND status IN ('success', 'failed', 'aborted');
 
 -- name: unsummarised_batches
 -- Open batches whose rows are all final: their summary was missed (crash, failed upload).
@@ -290,7 +296,7 @@ WHERE b.status IN ('queued', 'inprog')
 -- Types with a row to claim now: an open batch whose rows are all held by other workers or waiting for
 -- their retry backoff gives a worker nothing to do (an empty flow run per poll, otherwise).
 SELECT DISTINCT b.app, b.op, b.type FROM batches b
-WHERE b.status IN ('queued', 'inprog')
+WHERE b.status IN ('queued', 'inprog') AND NOT b.paused AND (b.notbefore IS NULL OR b.notbefore <= now())
   AND EXISTS (SELECT 1 FROM batchrows r
               WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()));
 
@@ -357,13 +363,16 @@ DELETE FROM workers WHERE lastseen < now() - make_interval(secs => %(sec)s * 10)
 INSERT INTO batchrows (batch, line, input) VALUES (%(batch)s, %(line)s, %(input)s::jsonb);
 
 -- name: open_batches_all
-SELECT id, app, op FROM batches WHERE status IN ('queued', 'inprog') ORDER BY reqat LIMIT 1000;
+-- (the sweeper's redispatch: a paused batch, or one whose not_before has not come, needs no flow run yet)
+SELECT id, app, op FROM batches
+WHERE status IN ('queued', 'inprog') AND NOT paused AND (notbefore IS NULL OR notbefore <= now())
+ORDER BY reqat LIMIT 1000;
 
 -- name: stalled_batches
 -- Open batches with rows to claim now and none in progress under a live worker: if Prefect still shows a
 -- run of theirs as Running (for longer than recovery), that run is not working on them (its machine is lost).
 SELECT b.id FROM batches b
-WHERE b.status IN ('queued', 'inprog')
+WHERE b.status IN ('queued', 'inprog') AND NOT b.paused AND (b.notbefore IS NULL OR b.notbefore <= now())
   AND EXISTS (SELECT 1 FROM batchrows r
               WHERE r.batch = b.id AND r.status = 'queued' AND (r.notbefore IS NULL OR r.notbefore <= now()))
   AND NOT EXISTS (SELECT 1 FROM batchrows r JOIN workers w ON w.id = r.doneby
@@ -371,9 +380,11 @@ WHERE b.status IN ('queued', 'inprog')
                     AND w.lastseen > now() - make_interval(secs => %(sec)s));
 
 -- name: next_claimable_in
--- Seconds until the batch's first queued row may be claimed (rows wait out a retry delay); NULL: none.
-SELECT extract(epoch FROM min(coalesce(notbefore, now())) - now())::float8
-FROM batchrows WHERE batch = %(id)s AND status = 'queued';
+-- Seconds until the batch's first queued row may be claimed (rows wait out a retry delay, the batch its
+-- not_before); NULL: none, or the batch is paused (its run ends; batch_resume dispatches a new one).
+SELECT extract(epoch FROM greatest(min(coalesce(r.notbefore, now())), min(b.notbefore)) - now())::float8
+FROM batchrows r JOIN batches b ON b.id = r.batch
+WHERE r.batch = %(id)s AND r.status = 'queued' AND NOT b.paused;
 
 -- name: savepoint
 SAVEPOINT alya_savepoint;
@@ -383,6 +394,29 @@ ROLLBACK TO SAVEPOINT alya_savepoint;
 
 -- name: release_savepoint
 RELEASE SAVEPOINT alya_savepoint;
+
+-- ---------------------------------------------------------------------------- batch control (alya.batch.control)
+-- name: set_schedule
+-- A new batch's not_before and deadline (in the submit's transaction; only when one is given).
+UPDATE batches SET notbefore = %(notbefore)s, deadline = %(deadline)s WHERE id = %(id)s;
+
+-- name: set_paused
+-- Pause or resume a batch the caller holds locked. The version moves, so that the cache takes the flag.
+UPDATE batches SET paused = %(paused)s, ver = ver + 1 WHERE id = %(id)s RETURNING ver;
+
+-- name: due_deadlines
+-- Open batches whose deadline has passed, oldest deadline first (partial index batches_deadline).
+SELECT id FROM batches
+WHERE deadline IS NOT NULL AND status IN ('wait', 'queued', 'inprog') AND deadline <= now()
+ORDER BY deadline LIMIT 100;
+
+-- name: started_types
+-- Types of open batches whose not_before came within the last `sec` seconds (partial index
+-- batches_notbefore): the maintenance leader wakes their workers, which do not poll for it. A batch may be
+-- announced twice (consecutive passes overlap); a wake-up with nothing to claim costs one look.
+SELECT DISTINCT app, op FROM batches
+WHERE notbefore IS NOT NULL AND status IN ('wait', 'queued', 'inprog') AND NOT paused
+  AND notbefore > now() - make_interval(secs => %(sec)s) AND notbefore <= now();
 
 -- ---------------------------------------------------------------------------- file intake (alya.batch.intake)
 -- name: lock_file

@@ -194,3 +194,18 @@ def test_failed_rows_are_found_through_their_partial_index(loaded: dict[str, Any
         assert "batchrows_failed" in indexes(nodes), nodes
     else:
         assert indexes(nodes) & {"batchrows_failed", "batchrows_pkey"}, nodes
+
+
+# ---------------------------------------------------------------------------- batch control (issue 20)
+@pytest.mark.parametrize(("name", "index", "params"), [
+    ("due_deadlines", "batches_deadline", {}),
+    ("started_types", "batches_notbefore", {"sec": 3.0}),
+    ("unnotified_batches", "batches_unnotified", {"app": "app3", "op": "op3"}),
+])
+def test_the_schedule_duty_probes_its_partial_indexes(loaded: dict[str, Any], name: str, index: str,
+                                                      params: dict[str, Any]) -> None:
+    """The maintenance leader runs the first two every second: they must read their partial indexes (open
+    batches with a deadline / a not_before), never every batch."""
+    nodes = explain(loaded["conn"], name, **params)
+    assert index in indexes(nodes), nodes
+    assert "batches" not in seq_scans(nodes)
