@@ -92,11 +92,13 @@ def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: d
 
 
 def record_summary(q: Queries, rec: BatchRecord) -> Summary:
-    """A final batch's counts are stored on it; an open one's are counted from its rows."""
+    """A final batch's counts are stored on it; an open one's are read from its counters (kept by
+    PostgreSQL triggers on every statement that moves rows: ``alya.db.counters``), not counted from its
+    rows: O(1) in the batch's size."""
     if rec.status.is_final:
         counts = Counts(success=rec.nsuccess, failed=rec.nfailed, aborted=rec.naborted)
     else:
-        counts = q.row_counts(id=rec.id)
+        counts = q.batch_counts(id=rec.id)
     return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error)
 
 

@@ -42,6 +42,7 @@ from alya.core.records import (
     WriteResult,
     batch_output,
 )
+from alya.db.counters import CounterQueries
 from alya.db.ingest import COPY_ROWS
 from alya.db.transport import OWN_STATEMENTS, Readable, Tx, named_sql
 
@@ -56,7 +57,7 @@ def _ids(rows: list[tuple[Any, ...]]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-class Queries:
+class Queries(CounterQueries):
     """One open transaction, as typed queries. Get one from ``Store.tx()`` or ``Store.run(body)``; it is
     valid until that transaction ends."""
 
