@@ -94,12 +94,14 @@ def run_tags(app: str, op: str, batch_id: str) -> list[str]:
     return [*type_tags(app, op), batch_tag(batch_id)]
 
 
-def run_name(app: str, op: str, batch_id: str) -> str:
-    return f"{app}-{op}-{batch_id}"
+def run_name(app: str, op: str, batch_id: str, part: int = 0) -> str:
+    """``part``: the rank of one of a batch's dispatched runs (the first has none)."""
+    return f"{app}-{op}-{batch_id}" + (f"-{part + 1}" if part else "")
 
 
 def dispatch_key(batch_id: str, event: str) -> str:
-    """Idempotency key of a flow run created for ``event`` (release, continue:<run>, sweep:<minute>)."""
+    """Idempotency key of a flow run created for ``event`` (release, release:<rank> for a batch's further runs,
+    continue:<run>, sweep:<minute>)."""
     return f"alya:{batch_id}:{event}"
 
 

@@ -34,6 +34,11 @@ from alya.engine.identity import Identity
 RECOVERY = "recovery"
 RETENTION = "retention"  # ALYA_RETENTION_DAYS: purge final batches older than that
 RETENTION_PASS_SEC = 5.0  # a pass purges this long at most; a backlog of history goes over several passes
+# Counter shards (alya.db.counters): an open batch with more than this many shard rows has them folded into
+# one, up to COMPACT_BATCHES batches per recovery pass. A read sums them, so this bounds its cost (each
+# backend that touched a batch adds a row per status, and pools reconnect over a long batch's life).
+COMPACT_OVER = 32
+COMPACT_BATCHES = 100
 
 
 def mark_done_duty(app: str, op: str) -> str:
@@ -58,6 +63,7 @@ class CleanupReport:
     dispatched: list[str] = field(default_factory=list)
     purged: int = 0  # batches deleted by retention
     purged_rows: int = 0
+    compacted: int = 0  # counter rows folded
 
 
 def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recover: bool = True,
@@ -106,6 +112,8 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
         tx.forget_dead_workers(sec=cfg.recovery_sec)
         if any(r.status == "queued" for r in recovered):
             tx.notify_any_work()
+    with svc.store.tx() as tx:  # its own transaction: it never waits for a worker (SKIP LOCKED)
+        report.compacted = tx.compact_counts(over=COMPACT_OVER, n=COMPACT_BATCHES)
     # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
     lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
     for r in recovered:

@@ -179,3 +179,18 @@ def test_write_results_probes_the_primary_key_per_line(loaded: dict[str, Any]) -
         if n["Node Type"] == "Tid Scan":
             continue
         assert n.get("Index Name") == "batchrows_pkey" and "line" in n.get("Index Cond", ""), n
+
+
+def test_batch_counts_reads_the_counter_rows_of_one_batch(loaded: dict[str, Any]) -> None:
+    """An open batch's status reads its counter rows (a range of the primary key), never its rows."""
+    nodes = explain(loaded["conn"], "batch_counts", id=loaded["half"])
+    assert indexes(nodes) <= {"batch_counts_pkey"} and not seq_scans(nodes) - {"batch_counts"}, nodes
+    assert not any(n.get("Relation Name") == "batchrows" for n in nodes)
+
+
+def test_queue_depths_reads_counters_of_open_batches_only(loaded: dict[str, Any]) -> None:
+    """The metrics' queue read walks the open batches and their counters, not the rows (it read every
+    queued and in-progress row: 480 ms at 1,000,000) nor every batch ever finished."""
+    nodes = explain(loaded["conn"], "queue_depths")
+    assert not any(n.get("Relation Name") == "batchrows" for n in nodes)
+    assert "batches" not in seq_scans(nodes), nodes
