@@ -24,7 +24,8 @@ def test_a_run_that_only_helped_is_completed_and_says_who_summarised() -> None:
                        (BatchStatus.SUCCESS, summary(BatchStatus.SUCCESS, 5000))):
         state = batch_state(st, summarised=False)
         assert state["type"] == "COMPLETED" and state["name"] == "Completed"
-        assert state["message"].startswith(f"batch {status.value}: ") and "summarised by another run" in state["message"]
+        assert state["message"].startswith(f"batch {status.value}: ")
+        assert "summarised by another run" in state["message"]
 
 
 def test_every_run_of_an_aborted_batch_ends_aborted_and_open_batches_are_left_to_others() -> None:
