@@ -113,7 +113,8 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
         if any(r.status == "queued" for r in recovered):
             tx.notify_any_work()
     with svc.store.tx() as tx:  # its own transaction: it never waits for a worker (SKIP LOCKED)
-        report.compacted = tx.compact_counts(over=COMPACT_OVER, n=COMPACT_BATCHES)
+        crowded = tx.crowded_counts(over=COMPACT_OVER, n=COMPACT_BATCHES)
+        report.compacted = tx.fold_counts(ids=crowded) if crowded else 0
     # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
     lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
     for r in recovered:

@@ -495,24 +495,28 @@ SELECT count(*) FROM workers WHERE lastseen > now() - make_interval(secs => %(se
 -- A batch's rows by status: the sum of its shard rows (one index range of the primary key).
 SELECT status::text, sum(n) FROM batch_counts WHERE batch = %(id)s GROUP BY status HAVING sum(n) <> 0;
 
--- name: compact_counts
--- Fold the shards of open batches with more than `over` counter rows into shard 0 (no backend has pid 0).
--- Rows a transaction holds (its statement's upsert, until it commits) are skipped, so this never waits for
--- a worker; a worker may wait for this one statement. Returns the counter rows folded.
-WITH many AS (
-    SELECT b.id FROM batches b
-    WHERE b.status IN ('wait', 'queued', 'inprog')
-      AND (SELECT count(*) FROM batch_counts c WHERE c.batch = b.id AND c.shard <> 0) > %(over)s
-    LIMIT %(n)s
-), gone AS (
+-- name: crowded_counts
+-- Open batches with more than `over` counter rows outside shard 0 (backends that touched them), at most `n`:
+-- maintenance folds them (fold_counts). Walks the open batches; a probe of the primary key each.
+SELECT b.id FROM batches b
+WHERE b.status IN ('wait', 'queued', 'inprog')
+  AND (SELECT count(*) FROM batch_counts c WHERE c.batch = b.id AND c.shard <> 0) > %(over)s
+LIMIT %(n)s;
+
+-- name: fold_counts
+-- Fold these batches' shard rows into shard 0 (no backend has pid 0); statuses that sum to zero leave no
+-- row. Rows a transaction holds (its statement's upsert, until it commits) are skipped, so this never
+-- waits for a worker; a worker may wait for this one statement. Returns the counter rows folded.
+WITH gone AS (
     DELETE FROM batch_counts c
     WHERE c.ctid = ANY(ARRAY(SELECT x.ctid FROM batch_counts x
-                             WHERE x.batch IN (SELECT id FROM many) AND x.shard <> 0
+                             WHERE x.batch = ANY(%(ids)s::uuid[]) AND x.shard <> 0
                              FOR UPDATE SKIP LOCKED))
     RETURNING c.batch, c.status, c.n
 ), folded AS (
     INSERT INTO batch_counts AS c (batch, status, shard, n)
-    SELECT batch, status, 0, sum(n)::int FROM gone GROUP BY batch, status ORDER BY batch, status
+    SELECT batch, status, 0, sum(n)::int FROM gone GROUP BY batch, status HAVING sum(n) <> 0
+    ORDER BY batch, status
     ON CONFLICT (batch, status, shard) DO UPDATE SET n = c.n + EXCLUDED.n
 )
 SELECT count(*) FROM gone;

@@ -98,6 +98,9 @@ def test_counters_equal_a_recount_after_every_transition(database_url: str, redi
         jm.run(stop_when_idle=True)
         exact(jm, "a worker run")
         assert jm.slowquery_done(qid).status is BatchStatus.SUCCESS
+        # a batch's end folds its counters: one row per final status it has (a slow query: one)
+        assert store_sql(jm.store, "SELECT status::text, shard, n FROM batch_counts WHERE batch = %s",
+                         qid) == [("success", 0, 1)]
         report = jm.batch_purge(datetime.now(UTC) + timedelta(seconds=5))
         assert report.nbatches == 2
         exact(jm, "a purge")
@@ -184,7 +187,9 @@ def test_compaction_folds_shards_and_keeps_the_sums(jm: JobManager) -> None:
         with conns[0].cursor() as cur:
             cur.execute("UPDATE batchrows SET status = 'queued', doneby = NULL WHERE batch = %s AND line = 1", (bid,))
         with jm.store.tx() as q:
-            folded = q.compact_counts(over=2, n=10)
+            crowded = q.crowded_counts(over=2, n=10)
+            assert crowded == [bid]
+            folded = q.fold_counts(ids=crowded)
         assert folded >= 4
         conns[0].rollback()
         exact(jm, "compaction")
@@ -207,3 +212,19 @@ def test_status_of_an_open_batch_reads_the_counters(jm: JobManager) -> None:
     assert jm.batch_status(bid).nqueued == 15
     with pytest.raises(AssertionError):
         exact(jm, "a counter changed by hand")
+
+
+def test_a_drift_is_reported_at_the_batch_s_end_and_the_rows_win(jm: JobManager) -> None:
+    """Rows moved behind the triggers' back (here: the counters changed by hand) cannot make a final batch's
+    counts wrong: the summary recounts the rows, and says the counters were wrong."""
+    from structlog.testing import capture_logs
+
+    jm.register_batch_processor("cnt", "drift", Proc())
+    bid = jm.batch_submit("cnt", "drift", {}, rows(5))
+    store_sql(jm.store, "INSERT INTO batch_counts (batch, status, shard, n) VALUES (%s, 'failed', 0, 2)", bid)
+    with capture_logs() as logs:
+        jm.run(stop_when_idle=True)
+    (drifted,) = [e for e in logs if e["event"] == "counters_drift"]
+    assert drifted["batch"] == bid and drifted["log_level"] == "error"
+    s = jm.batch_status(bid)
+    assert (s.status, s.nsuccess, s.nfailed) == (BatchStatus.SUCCESS, 5, 0)
