@@ -94,9 +94,77 @@ def run(rows: int, repeat: int) -> None:
         jm.close()
 
 
+def _flip(url: str, bid: str, lines: list[int], seconds: float, out: list[int]) -> None:
+    """Write-back-like transactions on one batch, as fast as possible: 100 rows of this client's own lines
+    move queued -> inprog, then inprog -> queued, each a transaction (synchronous_commit off, as the
+    engine's claims and write-backs)."""
+    conn = psycopg2.connect(url)
+    cur = conn.cursor()
+    n, end, k = 0, time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        part = lines[k:k + 100] or lines[:100]
+        k = (k + 100) % len(lines)
+        for old, new in (("queued", "inprog"), ("inprog", "queued")):
+            cur.execute("SET LOCAL synchronous_commit = off")
+            cur.execute(f"UPDATE batchrows SET status = '{new}' WHERE batch = %s AND line = ANY(%s) "
+                        f"AND status = '{old}'", (bid, part))
+            conn.commit()
+            n += 1
+    out.append(n)
+    conn.close()
+
+
+def contention(clients: int, seconds: float, rows: int) -> None:
+    """Transactions/s of ``clients`` connections moving rows of ONE batch: without counters, with one
+    counter row per batch and status (every transaction of every client updates the same rows), and with a
+    shard per backend (as migrated). Shows what the shards buy on this machine."""
+    import threading
+
+    with fresh_database() as url:
+        jm = JobManager(database_url=url, redis_url=None, object_store_url="memory://alya-bench-status",
+                        config=JobManagerConfig(batchrowmax=max(rows, 1)))
+        bid = jm.batch_submit(APP, OP, {}, (BatchInput(i, {"n": i}) for i in range(1, rows + 1)))
+        jm.close()
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute("SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p "
+                    "WHERE p.proname LIKE 'alya_count_%' AND pg_get_functiondef(p.oid) LIKE '%pg_backend_pid()%'")
+        functions = cur.fetchall()
+        per = rows // clients
+        variants = [("no counters (triggers disabled)", "ALTER TABLE batchrows DISABLE TRIGGER USER", None),
+                    ("one counter row per batch and status", "ALTER TABLE batchrows ENABLE TRIGGER USER", "0"),
+                    ("a shard per backend (as migrated)", None, "pg_backend_pid()")]
+        print(f"{clients} clients, {seconds:g} s each, 100-row transactions on one batch of {rows:,} rows")
+        for name, ddl, shard in variants:
+            if ddl:
+                cur.execute(ddl)
+            for _name, body in functions if shard else []:
+                cur.execute(body.replace("pg_backend_pid()", shard) if shard == "0" else body)
+            out: list[int] = []
+            threads = [threading.Thread(target=_flip, args=(url, bid, list(range(1 + i * per, 1 + (i + 1) * per)),
+                                                           seconds, out)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            print(f"  {name:<40} {sum(out) / seconds:>9,.0f} transactions/s")
+        cur.execute("SELECT status::text, sum(n) FROM batch_counts WHERE batch = %s GROUP BY 1 HAVING sum(n) <> 0",
+                    (bid,))
+        print(f"  counters at the end (triggers were off for the first part): {dict(cur.fetchall())}")
+        conn.close()
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def status(rows: int = typer.Option(1_000_000, help="rows of the open batch"),
                repeat: int = typer.Option(20, help="calls timed per read")) -> None:
         """Uncached batch_status and the metrics queue read of an open batch: counters vs a recount."""
         run(rows, repeat)
+
+    @app.command(name="counters")
+    def counters(clients: int = typer.Option(8, help="connections moving rows of one batch at once"),
+                 seconds: float = typer.Option(5.0, help="seconds per variant"),
+                 rows: int = typer.Option(100_000, help="rows of the batch")) -> None:
+        """Hot-row contention: transactions/s with no counters, one counter row per batch, a shard per backend."""
+        contention(clients, seconds, rows)

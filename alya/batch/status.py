@@ -104,8 +104,8 @@ def record_summary(q: Queries, rec: BatchRecord) -> Summary:
 
 # The status of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
 # worker that cannot reach Redis cannot invalidate it, so it must expire by itself; and since workers do not
-# invalidate it per write-back (each invalidation cost a recount of the whole batch), this expiry is also
-# how pollers see progress.
+# invalidate it per write-back (that would be a Redis call per write-back, and every poller's next read a
+# PostgreSQL read, however cheap the counters made it), this expiry is also how pollers see progress.
 OPEN_TTL_SEC = 5
 _WORKED_ON = (BatchStatus.QUEUED, BatchStatus.INPROG)
 
