@@ -102,12 +102,12 @@ def _flip(url: str, bid: str, lines: list[int], seconds: float, out: list[int]) 
     cur = conn.cursor()
     n, end, k = 0, time.monotonic() + seconds, 0
     while time.monotonic() < end:
-        part = lines[k:k + 100] or lines[:100]
-        k = (k + 100) % len(lines)
+        first = lines[k]
+        k = (k + 100) % (len(lines) - 100)
         for old, new in (("queued", "inprog"), ("inprog", "queued")):
             cur.execute("SET LOCAL synchronous_commit = off")
-            cur.execute(f"UPDATE batchrows SET status = '{new}' WHERE batch = %s AND line = ANY(%s) "
-                        f"AND status = '{old}'", (bid, part))
+            cur.execute(f"UPDATE batchrows SET status = '{new}' WHERE batch = %s AND line >= %s AND line < %s "
+                        f"AND status = '{old}'", (bid, first, first + 100))
             conn.commit()
             n += 1
     out.append(n)
@@ -128,6 +128,7 @@ def contention(clients: int, seconds: float, rows: int) -> None:
         conn = psycopg2.connect(url)
         conn.autocommit = True
         cur = conn.cursor()
+        cur.execute("ANALYZE batchrows")
         cur.execute("SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p "
                     "WHERE p.proname LIKE 'alya_count_%' AND pg_get_functiondef(p.oid) LIKE '%pg_backend_pid()%'")
         functions = cur.fetchall()
