@@ -25,6 +25,7 @@ import typer
 from alya import BatchInput, JobManager, JobManagerConfig
 from bench import engine_bench
 from bench import purge as purge_bench
+from bench import status as status_bench
 from bench.common import PG_SERVER, fresh_database, prefect_server, wait_registered
 from bench.mixed import REDIS
 from bench.worker import WARMUP_OP
@@ -274,6 +275,7 @@ def scale(rows: int = 2000, sleep_ms: int = 20, workers: str = "1,2,4", hosts: i
 
 engine_bench.register(app)  # io, latency, abort, crash
 purge_bench.register(app)  # purge
+status_bench.register(app)  # status
 
 if __name__ == "__main__":
     app()

@@ -382,7 +382,7 @@ class JobManager(BatchControl):
         self.services.statuses.put_new(batch_id, ver, status, nrows, Counts(queued=nrows), paused=paused)
         if status is BatchStatus.QUEUED and self.dispatcher is not None:
             try:
-                self.dispatcher.start_batch(app, op, batch_id)
+                self.dispatcher.release_batch(app, op, batch_id, nrows)
             except Exception as exc:  # a batch whose flow run could not be created stays queued for the sweeper
                 get_logger().warning("dispatch_failed", app=app, op=op, batch=batch_id,
                                      error=f"{type(exc).__name__}")

@@ -1,8 +1,9 @@
 """``jm.metrics()``: queue depths and live workers from PostgreSQL, joined with this process's counters.
 
-Reading the queues costs O(rows of open batches) (the partial indexes of queued and in-progress rows), so
-a snapshot's database part is reused for ``reuse_sec`` (a few scrapers, or a dashboard refreshing often,
-cost one read per interval); the process's own counters are always current.
+Reading the queues sums the counters of open batches (``alya.db.counters``: a few index entries per open
+batch, whatever its size; it counted their rows, O(open rows), before migration 0011). A snapshot's
+database part is still reused for ``reuse_sec`` (a few scrapers, or a dashboard refreshing often, cost one
+read per interval); the process's own counters are always current.
 """
 
 from __future__ import annotations

@@ -92,18 +92,20 @@ def make_summary(status: BatchStatus, nrows: int, counts: Counts, outputfiles: d
 
 
 def record_summary(q: Queries, rec: BatchRecord) -> Summary:
-    """A final batch's counts are stored on it; an open one's are counted from its rows."""
+    """A final batch's counts are stored on it; an open one's are read from its counters (kept by
+    PostgreSQL triggers on every statement that moves rows: ``alya.db.counters``), not counted from its
+    rows: O(1) in the batch's size."""
     if rec.status.is_final:
         counts = Counts(success=rec.nsuccess, failed=rec.nfailed, aborted=rec.naborted)
     else:
-        counts = q.row_counts(id=rec.id)
+        counts = q.batch_counts(id=rec.id)
     return make_summary(rec.status, rec.nrows, counts, rec.outputfiles, rec.ver, rec.error, rec.paused)
 
 
 # The status of a batch that workers are changing (queued, inprog) lives at most this long in Redis: a
 # worker that cannot reach Redis cannot invalidate it, so it must expire by itself; and since workers do not
-# invalidate it per write-back (each invalidation cost a recount of the whole batch), this expiry is also
-# how pollers see progress.
+# invalidate it per write-back (that would be a Redis call per write-back, and every poller's next read a
+# PostgreSQL read, however cheap the counters made it), this expiry is also how pollers see progress.
 OPEN_TTL_SEC = 5
 _WORKED_ON = (BatchStatus.QUEUED, BatchStatus.INPROG)
 

@@ -36,6 +36,20 @@ ANY_WORK_PAYLOAD = "*"
 """Sent on WORK_CHANNEL when rows of any type may have become claimable (recovery requeued rows)."""
 
 
+COUNTS_TABLE = "batch_counts"
+"""Rows of each batch by status, kept by triggers on ``batchrows`` (migration 0011): one row per batch and
+*shard* (the PostgreSQL backend that wrote it), summed on read. See ``alya.db.counters``."""
+COUNTS_TRIGGERS = {
+    "INSERT": ("alya_count_inserted", "alya_counts_insert"),
+    "UPDATE": ("alya_count_updated", "alya_counts_update"),
+    "DELETE": ("alya_count_deleted", "alya_counts_delete"),
+}
+"""Statement-level triggers on ``batchrows`` that move the counters: event -> (function, trigger)."""
+COUNTS_TRUNCATE = ("alya_count_truncated", "alya_counts_truncate")
+COUNTS_BATCH_GONE = ("alya_count_batch_gone", "alya_counts_batch_gone")
+"""A deleted batch takes its counter rows with it (trigger on ``batches``)."""
+
+
 ABORT_PREFIX = "abort:"
 
 
@@ -95,12 +109,14 @@ def run_tags(app: str, op: str, batch_id: str) -> list[str]:
     return [*type_tags(app, op), batch_tag(batch_id)]
 
 
-def run_name(app: str, op: str, batch_id: str) -> str:
-    return f"{app}-{op}-{batch_id}"
+def run_name(app: str, op: str, batch_id: str, part: int = 0) -> str:
+    """``part``: the rank of one of a batch's dispatched runs (the first has none)."""
+    return f"{app}-{op}-{batch_id}" + (f"-{part + 1}" if part else "")
 
 
 def dispatch_key(batch_id: str, event: str) -> str:
-    """Idempotency key of a flow run created for ``event`` (release, continue:<run>, sweep:<minute>)."""
+    """Idempotency key of a flow run created for ``event`` (release, release:<rank> for a batch's further runs,
+    continue:<run>, sweep:<minute>)."""
     return f"alya:{batch_id}:{event}"
 
 

@@ -49,6 +49,8 @@ class JobManagerConfig(_Settings):
     max_attempts: int = Field(3, ge=1, description="processor faults (raise/bad status) before a row fails")
     retry_backoff_sec: float = Field(2.0, ge=0, description="first retry delay; doubles per attempt")
     dispatch: Literal["none", "prefect"] = "none"
+    dispatch_rows_per_run: int = Field(10_000, ge=1, description="a dispatched batch gets a run per this many rows...")
+    dispatch_max_runs: int = Field(4, ge=1, le=1000, description="...up to this many (machines share it)")
     recovery_sec: int = Field(60, ge=1, description="silence after which a worker's rows are requeued")
     summary_giveup_after: int = Field(10, ge=1, description="a summary failing the same way this many times...")
     summary_giveup_sec: float = Field(900.0, ge=0, description="...over at least this long fails the batch")

@@ -42,6 +42,7 @@ from alya.core.records import (
     batch_output,
 )
 from alya.db.control import ControlQueries
+from alya.db.counters import CounterQueries
 from alya.db.failure_queries import FailureQueries
 from alya.db.ingest import COPY_ROWS
 from alya.db.transport import OWN_STATEMENTS, Readable, Tx, named_sql
@@ -57,9 +58,8 @@ def _ids(rows: list[tuple[Any, ...]]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-class Queries(FailureQueries, ControlQueries):
-    """One open transaction, as typed queries (batch control's in the two mixins). Get one from
-    ``Store.tx()`` or ``Store.run(body)``; it is valid until that transaction ends."""
+class Queries(FailureQueries, ControlQueries, CounterQueries):
+    """One open transaction, as typed queries (some in mixins), from ``Store.tx()`` or ``Store.run(body)``."""
 
     def __init__(self, tx: Tx) -> None:
         self._tx = tx

@@ -140,6 +140,17 @@ batchrows = Table(
     Index("batchrows_failed", "batch", "line", postgresql_where=text("status = 'failed'")),
 )
 
+# Rows of each batch by status: a signed number per (batch, status, shard), summed on read, kept by
+# statement-level triggers on batchrows (migration 0011; alya.db.counters). No foreign key: see the migration.
+batch_counts = Table(
+    "batch_counts",
+    metadata,
+    Column("batch", UUID(as_uuid=False), primary_key=True),
+    Column("status", batch_status, primary_key=True),
+    Column("shard", Integer, primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
 maintenance_leases = Table(
     "maintenance_leases",
     metadata,

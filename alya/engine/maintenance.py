@@ -37,6 +37,11 @@ RETENTION = "retention"  # ALYA_RETENTION_DAYS: purge final batches older than t
 RETENTION_PASS_SEC = 5.0  # a pass purges this long at most; a backlog of history goes over several passes
 SCHEDULE = "schedule"  # batch control: fire due deadlines, wake workers when a batch's not_before comes
 SCHEDULE_EVERY_SEC = 1.0  # how often its holder looks: a deadline fires at most about this late
+# Counter shards (alya.db.counters): an open batch with more than this many shard rows has them folded into
+# one, up to COMPACT_BATCHES batches per recovery pass. A read sums them, so this bounds its cost (each
+# backend that touched a batch adds a row per status, and pools reconnect over a long batch's life).
+COMPACT_OVER = 32
+COMPACT_BATCHES = 100
 
 
 def mark_done_duty(app: str, op: str) -> str:
@@ -64,6 +69,7 @@ class CleanupReport:
     purged: int = 0  # batches deleted by retention
     purged_rows: int = 0
     deadlines: list[str] = field(default_factory=list)  # batches ended because their deadline passed
+    compacted: int = 0  # counter rows folded
 
 
 def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recover: bool = True,
@@ -130,6 +136,9 @@ def _recover(engine: Finishes, report: CleanupReport) -> None:
         tx.forget_dead_workers(sec=cfg.recovery_sec)
         if any(r.status == "queued" for r in recovered):
             tx.notify_any_work()
+    with svc.store.tx() as tx:  # its own transaction: it never waits for a worker (SKIP LOCKED)
+        crowded = tx.crowded_counts(over=COMPACT_OVER, n=COMPACT_BATCHES)
+        report.compacted = tx.fold_counts(ids=crowded) if crowded else 0
     # one log line per batch and worker, not per row (a lost chunk can be 100,000 rows)
     lost: dict[tuple[str, str | None], dict[str, list[int]]] = {}
     for r in recovered:

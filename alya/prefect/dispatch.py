@@ -14,7 +14,9 @@ idempotency key (``alya.core.names.dispatch_key``) is deterministic per dispatch
 makes a second run:
 
 - ``alya:{batch}:release``: the batch became queued (submit, append with wait=False, wait-off; a batch
-  becomes queued exactly once);
+  becomes queued exactly once); ``alya:{batch}:release:{k}`` for its k-th further run: a batch gets one run
+  per ``ALYA_DISPATCH_ROWS_PER_RUN`` rows, at most ``ALYA_DISPATCH_MAX_RUNS`` (:meth:`Dispatcher.runs_for`),
+  so that the work pool's machines share a big batch (each run claims its chunks like any worker);
 - ``alya:{batch}:continue:{flow_run}``: a run that used its task budget hands over to a fresh one;
 - ``alya:{batch}:sweep:{minute}``: the sweeper's re-dispatch of a batch with no live flow run.
 """
@@ -75,7 +77,26 @@ class Dispatcher:
         return dep_id
 
     # ------------------------------------------------------------------ dispatch
-    def start_batch(self, app: str, op: str, batch_id: str, key: str | None = None) -> str | None:
+    def runs_for(self, nrows: int) -> int:
+        """Flow runs a batch of ``nrows`` rows gets when released: one per ALYA_DISPATCH_ROWS_PER_RUN rows
+        (rounded up), at least one, at most ALYA_DISPATCH_MAX_RUNS."""
+        per = self.config.dispatch_rows_per_run
+        return max(1, min(self.config.dispatch_max_runs, -(-nrows // per)))
+
+    def release_batch(self, app: str, op: str, batch_id: str, nrows: int) -> list[str]:
+        """The batch became queued: its flow runs (:meth:`runs_for`), each with its own idempotency key, so a
+        retried release makes none twice. A run that cannot be created is left to the sweeper (which
+        dispatches a batch with no live run) and to the runs that were: each serves the whole batch."""
+        started = []
+        for k in range(self.runs_for(nrows)):
+            key = names.dispatch_key(batch_id, "release" if k == 0 else f"release:{k}")
+            run = self.start_batch(app, op, batch_id, key=key, part=k)
+            if run is None:
+                break  # Prefect unreachable or no deployment: the next calls would fail alike
+            started.append(run)
+        return started
+
+    def start_batch(self, app: str, op: str, batch_id: str, key: str | None = None, part: int = 0) -> str | None:
         """Create a flow run (Scheduled now) of the batch type's deployment and return its id, without
         waiting for it. ``None`` when it could not be created: the batch stays queued for the sweeper."""
         from prefect.exceptions import ObjectNotFound
@@ -93,7 +114,7 @@ class Dispatcher:
                             dep_id,
                             parameters={"batch_id": batch_id},
                             state=Scheduled(),
-                            name=names.run_name(app, op, batch_id),
+                            name=names.run_name(app, op, batch_id, part),
                             tags=names.run_tags(app, op, batch_id),
                             idempotency_key=key,
                         )

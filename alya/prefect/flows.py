@@ -122,7 +122,8 @@ def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], to
     once its rows have settled (every chunk task has returned); a worker run's batches counted by status."""
     statuses = engine.svc.statuses
     if batch_id is not None:
-        return batch_state(statuses.read(batch_id).value, handed_over=bool(total.get("handed_over")))
+        return batch_state(statuses.read(batch_id).value, handed_over=bool(total.get("handed_over")),
+                           summarised=batch_id in total["summarised"])
     seen: list[BatchStatus | None] = []
     for batch in dict.fromkeys([*touched, *total["summarised"]]):
         try:

@@ -5,7 +5,11 @@
   failed"), ``aborted`` → *Cancelled* named *Aborted* ("1,200 of 5,000 rows, 3,800 aborted"), also when the
   abort came while the run was processing: the run sees its batch aborted and ends so itself. A run that
   ends with its batch still open (it used its task budget and handed over to a fresh run, or its worker
-  stopped) is *Completed* with a message saying so.
+  stopped) is *Completed* with a message saying so. A big batch gets several dispatched runs
+  (``ALYA_DISPATCH_MAX_RUNS``): only the run that summarised it ends in its outcome; the others end
+  *Completed*, "batch failed: 4,949 of 5,000 rows, 51 failed; summarised by another run", so the runs list
+  shows a failed batch once, not once per machine that helped. An aborted batch ends every run that served
+  it *Aborted* (each was stopped by the abort).
 - A **worker run** (``jm.run`` / ``alya worker``: one run serves many batches of its type) is *Completed*
   unless it crashed, with a message counting the batches it worked on by their status at its end ("12
   batches: 10 success, 1 failed, 1 aborted"). *Decided:* a worker run is not *Failed* for one bad batch:
@@ -36,9 +40,13 @@ def rows_message(s: BatchSummary) -> str:
     return ", ".join(parts)
 
 
-def batch_state(s: BatchSummary, handed_over: bool = False) -> dict[str, Any]:
-    """The state of a run that served one batch, whose summary at the run's end is ``s``."""
+def batch_state(s: BatchSummary, handed_over: bool = False, summarised: bool = True) -> dict[str, Any]:
+    """The state of a run that served one batch, whose summary at the run's end is ``s``. ``summarised``:
+    this run ended the batch (wrote its summary); a run that only helped does not repeat its outcome."""
     message = rows_message(s)
+    if s.status in (BatchStatus.SUCCESS, BatchStatus.FAILED) and not summarised:
+        return {"type": "COMPLETED", "name": "Completed",
+                "message": f"batch {s.status.value}: {message}; summarised by another run"}
     if s.status is BatchStatus.SUCCESS:
         return {"type": "COMPLETED", "name": "Completed", "message": message}
     if s.status is BatchStatus.FAILED:

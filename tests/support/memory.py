@@ -585,6 +585,20 @@ class MemoryQueries(Queries):
         by_status = Counter(r.status for r in self._s.rows.get(id, {}).values())
         return Counts.from_rows(list(by_status.items()))
 
+    def batch_counts(self, *, id: str) -> Counts:
+        """The counters (PostgreSQL's triggers keep them equal to a recount; here the recount is them)."""
+        self._q("batch_counts")
+        by_status = Counter(r.status for r in self._s.rows.get(id, {}).values())
+        return Counts.from_rows(list(by_status.items()))
+
+    def crowded_counts(self, *, over: int, n: int) -> list[str]:
+        self._q("crowded_counts")
+        return []  # no shards here
+
+    def fold_counts(self, *, ids: list[str]) -> int:
+        self._q("fold_counts")
+        return 0
+
     def _batch_rows(self, id: str) -> list[tuple[Any, ...]]:
         return [(r.line, r.status, _load(r.res), _load(r.messages)) for r in self._rows(id)]
 

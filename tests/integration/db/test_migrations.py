@@ -174,3 +174,26 @@ def test_auto_migrate_brings_a_fresh_database_to_head(database_url: str, file_st
         jm.close()
     finally:
         services.drop_database(name)
+
+
+def test_counters_migration_backfills_the_batches_open_at_upgrade(empty_db: str) -> None:
+    """0011_counters: batches open at the upgrade (wait, queued, inprog) get counters equal to their rows;
+    final ones read their stored counts and get none; rows moved after the upgrade move the counters."""
+    command.upgrade(alembic_config(empty_db), "0008_retention")
+    ids = {s: str(uuid.uuid4()) for s in ("wait", "queued", "inprog", "success")}
+    for status, bid in ids.items():
+        fetch(empty_db, f"INSERT INTO batches (id, app, op, type, context, status, nrows) "
+                        f"VALUES ('{bid}', 'm', 'x', 'B', '{{}}', '{status}', 10)")
+        fetch(empty_db, f"INSERT INTO batchrows (batch, line, input, status) SELECT '{bid}', i, '{{}}', "
+                        f"CASE WHEN '{status}' = 'success' OR i <= 3 THEN 'success' WHEN i <= 5 THEN 'inprog' "
+                        f"ELSE 'queued' END::batch_status FROM generate_series(1, 10) i")
+    command.upgrade(alembic_config(empty_db), "head")
+    counted = fetch(empty_db, "SELECT batch::text, status::text, sum(n)::int FROM batch_counts GROUP BY 1, 2")
+    expected = {(ids[s], st, n) for s in ("wait", "queued", "inprog")
+                for st, n in (("success", 3), ("inprog", 2), ("queued", 5))}
+    assert set(counted) == expected
+    fetch(empty_db, f"UPDATE batchrows SET status = 'success' WHERE batch = '{ids['inprog']}' AND status = 'inprog'")
+    assert fetch(empty_db, f"SELECT status::text, sum(n)::int FROM batch_counts WHERE batch = '{ids['inprog']}' "
+                           f"GROUP BY 1 HAVING sum(n) <> 0 ORDER BY 1") == [("queued", 5), ("success", 5)]
+    command.downgrade(alembic_config(empty_db), "0008_retention")
+    assert fetch(empty_db, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'alya_counts_%'") == [(0,)]

@@ -147,3 +147,34 @@ def test_sweeper_redispatches_a_batch_whose_running_run_is_lost(djm: JobManager,
     assert fresh.idempotency_key.startswith(f"alya:{lost}:sweep:")
     (kept,) = runs_of(busy)
     assert state_of(kept.id) == "RUNNING" and kept.idempotency_key == f"alya:{busy}:release"
+
+
+def test_a_big_batch_gets_several_runs_and_an_abort_cancels_them_all(
+        database_url: str, redis_url: str, file_store_url: str, djm: JobManager, deployment_id: uuid.UUID) -> None:
+    """ALYA_DISPATCH_ROWS_PER_RUN / ALYA_DISPATCH_MAX_RUNS: one run per that many rows, capped; each with its
+    own idempotency key (a retried release makes none twice), all serving the whole batch; an abort
+    cancels every one of them."""
+    jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                    config=make_config(dispatch="prefect", dispatch_rows_per_run=10, dispatch_max_runs=3))
+    try:
+        assert jm.dispatcher is not None
+        assert [jm.dispatcher.runs_for(n) for n in (0, 1, 10, 11, 25, 1000)] == [1, 1, 1, 2, 3, 3]
+        small = jm.batch_submit(APP, OP, {}, rows(10))
+        assert len(runs_of(small)) == 1
+        big = jm.batch_submit(APP, OP, {}, rows(25))
+        runs = runs_of(big)
+        assert len(runs) == 3
+        for run in runs:
+            assert run.deployment_id == deployment_id and run.parameters == {"batch_id": big}
+            assert f"alya-batch:{big}" in run.tags and run.state.type.value == "SCHEDULED"
+        assert {r.idempotency_key for r in runs} == {f"alya:{big}:release", f"alya:{big}:release:1",
+                                                     f"alya:{big}:release:2"}
+        assert {r.name for r in runs} == {f"{APP}-{OP}-{big}", f"{APP}-{OP}-{big}-2", f"{APP}-{OP}-{big}-3"}
+        assert sorted(jm.dispatcher.release_batch(APP, OP, big, 25)) == sorted(str(r.id) for r in runs)
+        assert len(runs_of(big)) == 3  # the retry made none
+        jm.batch_abort(big)
+        states = {r.id: r.state for r in runs_of(big)}
+        assert len(states) == 3 and all(s.type.value == "CANCELLED" and s.name == "Aborted" for s in states.values())
+        assert runs_of(small)[0].state.type.value == "SCHEDULED"  # another batch's run untouched
+    finally:
+        jm.close()

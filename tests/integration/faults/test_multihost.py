@@ -207,17 +207,16 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
     with prefect_api(cluster.api_url), get_client(sync_client=True) as client:
         wait_online(client, pool, mhdb, workers)
         jm = JobManager(database_url=url, redis_url=services.REDIS_URL, object_store_url=s3_url,
-                        config=make_config(dispatch="prefect", batchchunk_nrows=CHUNK))
+                        config=make_config(dispatch="prefect", batchchunk_nrows=CHUNK, dispatch_rows_per_run=400,
+                                           dispatch_max_runs=3))
         try:
             txns, opening = bank.make_transactions(300, naccounts=8, seed=11)
             bank.open_accounts(url, opening)
             t0 = time.monotonic()
-            probes = {submit_probe(jm, "big", 1200, 50): ("big", 1200)}
-            # A dispatched batch is served by one flow run at a time; more hosts join a large batch through
-            # more runs of its deployment without a batch_id (each serves any batch of its type).
-            dep = client.read_deployment_by_name("alya-mh-rec/alya")
-            for _ in range(2):
-                client.create_flow_run_from_deployment(dep.id, tags=["alya", "fan-out"])
+            # ALYA_DISPATCH_ROWS_PER_RUN=400 (the submitting client's setting): the big batch gets three
+            # dispatched flow runs, which the pool's workers on different hosts pick up.
+            big = submit_probe(jm, "big", 1200, 50)
+            probes = {big: ("big", 1200)}
             for i, n in enumerate((1, 3, 7, 12, 20, 33), 1):
                 probes[submit_probe(jm, f"small{i}", n, 10)] = (f"small{i}", n)
             bank_ids = bank.submit_transactions(jm, txns, nbatches=3)
@@ -226,8 +225,20 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
                      workers, every=0.5)
             took = time.monotonic() - t0
             by_host = rows_by_host(url)
+            big_by_host = rows_by_host(url, big)
             print(f"{len(every)} batches, {sum(n for _, n in probes.values()) + len(txns)} rows final in {took:.1f}s;"
-                  f" rows per host {by_host}; big batch per host {rows_by_host(url, next(iter(probes)))}")
+                  f" rows per host {by_host}; big batch per host {big_by_host}")
+            # the big batch itself was done on more than one host, by its own dispatched runs
+            assert len([h for h, n in big_by_host.items() if n]) >= 2, big_by_host
+            big_runs = list(client.read_flow_runs(flow_run_filter=_batch_runs(big)))
+            assert len(big_runs) >= 3, [r.name for r in big_runs]
+            wait_for("the big batch's runs to end", lambda: all(
+                r.state.is_final() for r in client.read_flow_runs(flow_run_filter=_batch_runs(big))), 120, workers)
+            ended = list(client.read_flow_runs(flow_run_filter=_batch_runs(big)))
+            assert all(r.state.type.value == "COMPLETED" for r in ended), [(r.name, r.state) for r in ended]
+            # only the run that summarised the batch says its outcome; the others say they helped
+            outcome = [r for r in ended if r.state.message == "1,200 of 1,200 rows"]
+            assert len(outcome) <= 1, [(r.name, r.state.message) for r in ended]
 
             # exactly once, on more than one host
             calls, _ = read_journals(cluster, mhdb)
@@ -248,6 +259,12 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
             jm.close()
             for w in workers:
                 w.stop()
+
+
+def _batch_runs(batch: str) -> Any:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    return FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alya-batch:{batch}"]))
 
 
 def _bank() -> Any:
