@@ -48,7 +48,7 @@ from alya.engine.maintenance import CleanupReport, cleanup
 from alya.io.cache import StatusCache
 from alya.io.files import FileChecker
 from alya.io.outputs import ObjectStore
-from alya.prefect import reaper
+from alya.prefect import events, reaper
 from alya.prefect.dispatch import Dispatcher
 from alya.prefect.reaper import guard_ephemeral_server
 
@@ -93,8 +93,8 @@ class JobManager:
         )
         self._finisher = Finisher(self.services)  # ends batches (here: aborts)
         self._monitor = Monitor(self.services)  # jm.metrics()
-        self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
-            else None
+        self.dispatcher = Dispatcher(self.config, store) if self.config.dispatch == "prefect" else None
+        events.install_for(self.config)  # ALYA_EVENTS: batch status changes as Prefect events (one sink per process)
         self._engine: Engine | None = None
         self._flows: dict[tuple[str, str], Flow[..., Any]] = {}
         self._migrated = False
@@ -257,7 +257,7 @@ class JobManager:
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id, type="Q")
             return new.id
-        status_change(app, op, req_id, "queued", type="Q")
+        status_change(app, op, req_id, "queued", type="Q", nrows=1)
         self._queued(app, op, req_id, new.ver, BatchStatus.QUEUED, 1)
         return req_id
 

@@ -84,8 +84,7 @@ class Finisher:
                 ended = self._store_end(q, rec, BatchStatus.FAILED, counts, {}, error)
             else:
                 ended = self._store_end(q, rec, counts.final_status, counts, self._outputs(q, rec), None)
-        self._announce(ended, nsuccess=counts.success, nfailed=counts.failed, naborted=counts.aborted,
-                       files=sorted(ended.outputfiles), **({"error": error} if error is not None else {}))
+        self._announce(ended, files=sorted(ended.outputfiles), **({"error": error} if error is not None else {}))
         return True
 
     @staticmethod
@@ -98,7 +97,9 @@ class Finisher:
 
     def _announce(self, ended: Ended, **fields: Any) -> Summary:
         """After the commit: the status change line, and the summary cached at the end's version."""
-        rec = ended.rec
+        rec, c = ended.rec, ended.counts
+        fields = {"nrows": rec.nrows, "nsuccess": c.success, "nfailed": c.failed, "naborted": c.aborted,
+                  "type": rec.type, **fields}  # the counts also make the event's payload (alya.core.events)
         status_change(rec.app, rec.op, rec.id, ended.status.value, old=rec.status.value, **fields)
         return self.svc.statuses.put_new(rec.id, ended.ver, ended.status, rec.nrows, ended.counts,
                                           ended.outputfiles, ended.error)

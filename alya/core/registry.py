@@ -66,7 +66,10 @@ class Registry:
     def add_processor(self, app: str, op: str, type_: str, processor: Any) -> Registration:
         app, op = app_name(app), op_name(op)
         method = "do_batch_job" if type_ == "B" else "do_slow_query"
-        if not callable(getattr(processor, method, None)) or not callable(getattr(processor, "mark_done", None)):
+        # a bulk processor (do_batch_jobs: many rows per call, alya.engine.executor) needs no do_batch_job
+        calls = callable(getattr(processor, method, None)) or (
+            type_ == "B" and callable(getattr(processor, "do_batch_jobs", None)))
+        if not calls or not callable(getattr(processor, "mark_done", None)):
             raise InvalidInput(f"a {'batch' if type_ == 'B' else 'slow-query'} processor needs {method} and mark_done")
         reg = Registration(app, op, type_, processor)
         with self._lock:
