@@ -17,6 +17,7 @@ counts in the payload, so that a Prefect Automation ("notify when a batch of app
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import queue
 import threading
 import time
@@ -85,6 +86,9 @@ class EventSink:
         self.off = False  # no Prefect API: nothing is queued any more
         self._dropped = 0
         self.emitted = 0
+        # Prefect resolves its settings (PREFECT_API_URL) per context: the thread sends with those of the code
+        # that installed the sink (a JobManager's construction), not with whatever a new thread would see.
+        self._context = contextvars.copy_context()
 
     def __call__(self, change: BatchChange) -> None:
         if self.off or (change.type == "Q" and not self.slow_queries):
@@ -99,7 +103,8 @@ class EventSink:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._run, name="alya-events", daemon=True)
+                    self._thread = threading.Thread(target=self._context.copy().run, args=(self._run,),
+                                                    name="alya-events", daemon=True)
                     self._thread.start()
 
     def _run(self) -> None:

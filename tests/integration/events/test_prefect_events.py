@@ -4,7 +4,7 @@ failed") created through the API and seen firing.
 
 Events are sent by the process that won each transition: here the client (submit, wait-off, abort) and the
 engine (first claim, summary), both in this test process, through ``alya.prefect.events``' sink thread, which
-reads the Prefect settings of the environment (PREFECT_API_URL is set for it)."""
+sends with the Prefect settings in force where the sink was installed (``api(url)`` here)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from alya import BatchDetails, BatchJobResult, BatchStatus, ErrorMessage, JobManager
 from alya.prefect import events as prefect_events
 from tests.support.config import make_config
-from tests.support.prefect_server import prefect_server, wait_for
+from tests.support.prefect_server import api, prefect_server, wait_for
 from tests.support.procs import drain
 
 APP, OP = "bank", "evt"
@@ -69,12 +69,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def ejm(server: str, database_url: str, redis_url: str, file_store_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[JobManager]:
-    monkeypatch.setenv("PREFECT_API_URL", server)
+def ejm(server: str, database_url: str, redis_url: str, file_store_url: str) -> Iterator[JobManager]:
     prefect_events.uninstall()
-    manager = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
-                         config=make_config(events=True))
+    with api(server):  # the sink sends with the Prefect settings of the code that installed it
+        manager = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                             config=make_config(events=True))
     manager.register_batch_processor(APP, OP, Pay())
     manager.register_slowquery_processor(APP, "q", Query())
     yield manager
@@ -137,7 +136,8 @@ def test_every_status_change_is_one_event_with_labels_and_counts(ejm: JobManager
     ev = {(b, e["event"].removeprefix("alya.batch.")): e["payload"] for b, evs in got.items() for e in evs}
     assert ev[(good, "queued")]["nrows"] == 5 and ev[(good, "queued")]["previous"] is None
     assert ev[(good, "inprog")].items() >= {"nrows": 5, "previous": "queued"}.items()
-    assert ev[(good, "success")].items() >= {"nrows": 5, "nsuccess": 5, "nfailed": 0, "naborted": 0, "previous": "inprog"}.items()
+    assert ev[(good, "success")].items() >= {"nrows": 5, "nsuccess": 5, "nfailed": 0, "naborted": 0,
+                                             "previous": "inprog"}.items()
     assert ev[(bad, "failed")].items() >= {"nrows": 3, "nsuccess": 2, "nfailed": 1, "naborted": 0}.items()
     assert ev[(held, "aborted")].items() >= {"nrows": 1, "naborted": 1, "previous": "queued"}.items()
     assert ev[(held, "queued")]["previous"] == "wait"
@@ -159,17 +159,17 @@ def test_every_status_change_is_one_event_with_labels_and_counts(ejm: JobManager
     assert trigger.get("resource", {}).get("prefect.resource.id") == f"alya.batch.{bad}"
 
 
-def test_events_off_and_without_a_prefect_api_nothing_blocks(database_url: str, redis_url: str,
-                                                            file_store_url: str,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefect_unreachable_or_unset_never_blocks(database_url: str, redis_url: str, file_store_url: str) -> None:
     """Prefect unreachable (a closed port): the business calls return at their usual speed; no API URL at
     all: the sink switches itself off instead of starting a temporary Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from tests.support.prefect_server import free_port
 
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
     prefect_events.uninstall()
-    jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
-                    config=make_config(events=True))
+    with api(f"http://127.0.0.1:{free_port()}/api"):
+        jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                        config=make_config(events=True))
     jm.register_batch_processor(APP, OP, Pay())
     try:
         t0 = time.monotonic()
@@ -181,8 +181,9 @@ def test_events_off_and_without_a_prefect_api_nothing_blocks(database_url: str, 
         sink = prefect_events.install()
         assert sink.flush(30)  # handed to Prefect's worker, which drops them when it cannot connect
 
-        monkeypatch.delenv("PREFECT_API_URL")
-        sink = prefect_events.install()  # looks for an API again
+        prefect_events.uninstall()
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            sink = prefect_events.install()  # a fresh sink looks for a Prefect API when its thread starts
         jm.batch_submit(APP, OP, {}, [(1, {"amount": 1})])
         wait_for("the sink to switch off", lambda: sink.off, 30)
     finally:
