@@ -138,6 +138,11 @@ class EventSink:
                         hook(self.flush)
                 registered = True
 
+    @property
+    def pending(self) -> int:
+        """Changes queued and not yet handed to Prefect."""
+        return self._queue.unfinished_tasks
+
     def _stop(self, reason: str) -> None:
         """No Prefect to send to: stop queueing, and drop what is queued."""
         self.off = True
