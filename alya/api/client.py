@@ -38,7 +38,7 @@ from alya.core.models import (
 )
 from alya.core.records import Counts
 from alya.core.redact import shown_url, stored_url
-from alya.core.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
+from alya.core.registry import BatchProcessor, BulkBatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
 from alya.core.settings import Backends, IntakeSettings, JobManagerConfig, default_object_store_url
 from alya.db.batches import append_rows, insert_batch, insert_slowquery, release_batch
 from alya.db.ingest import iter_rows
@@ -138,7 +138,7 @@ class JobManager:
     def register_initializer(self, app: str, initializer: Initializer) -> None:
         self.registry.add_initializer(app, initializer)
 
-    def register_batch_processor(self, app: str, op: str, processor: BatchProcessor) -> None:
+    def register_batch_processor(self, app: str, op: str, processor: BatchProcessor | BulkBatchProcessor) -> None:
         self.registry.add_processor(app, op, "B", processor)
 
     def register_slowquery_processor(self, app: str, op: str, processor: SlowQueryProcessor) -> None:

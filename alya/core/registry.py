@@ -37,6 +37,17 @@ class BatchProcessor(Protocol):
 
 
 @runtime_checkable
+class BulkBatchProcessor(Protocol):
+    """A batch processor answering many rows per call (up to ``ALYA_BULK_ROWS``): one result per row, in
+    order. It may define ``do_batch_job`` too; alya calls ``do_batch_jobs`` (a row retried alone: a list of one)."""
+
+    def do_batch_jobs(
+        self, initblock: Any, context: dict[str, Any], rows: list[tuple[int, dict[str, Any]]]
+    ) -> list[BatchJobResult]: ...
+    def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None: ...
+
+
+@runtime_checkable
 class SlowQueryProcessor(Protocol):
     def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> SlowQueryResult: ...
     def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None: ...

@@ -29,6 +29,7 @@ class Executor:
     def __init__(self, config: JobManagerConfig) -> None:
         self.pool = RowPool(_Runner(config), config.concurrency, config.row_timeout_sec)
         self.bulk_rows = config.bulk_rows
+        self._bulk_types: set[tuple[str, str]] = set()  # types whose pool jobs are bulk calls
 
     @property
     def concurrency(self) -> int:
@@ -38,6 +39,7 @@ class Executor:
         """Queue the claim's rows on the pool's slots (its processor's coroutine slots if it is async)."""
         bulk = getattr(reg.processor, "do_batch_jobs", None) if reg.type == "B" else None
         if callable(bulk):
+            self._bulk_types.add((reg.app, reg.op))
             self.pool.submit(self.groups(claimed, inspect.iscoroutinefunction(bulk)), stats_key=(reg.app, reg.op),
                              lane=claimed.batch, priority=claimed.priority)
             return
@@ -57,8 +59,13 @@ class Executor:
                 for g in [fresh[i:i + n] for i in range(0, len(fresh), n)] + alone]
 
     def backlog(self, app: str | None = None, op: str | None = None) -> int:
-        """Rows queued on the pool and not yet started (of batch type (app, op) if given)."""
-        return self.pool.backlog(None if app is None else (app, op))
+        """Rows queued on the pool and not yet started (of batch type (app, op) if given). The pool counts
+        calls: a bulk type's are counted as full calls (an upper bound), so that its claim loop does not
+        take a hundred times the rows it means to hold."""
+        if app is None:
+            return self.pool.backlog(None)
+        n = self.pool.backlog((app, op))
+        return n * self.bulk_rows if (app, op) in self._bulk_types else n
 
     def row_stats(self, app: str, op: str) -> PoolStats | None:
         return self.pool.stats.get((app, op))
