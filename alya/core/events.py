@@ -35,6 +35,7 @@ class BatchChange:
     type: str = "B"  # "B" a batch, "Q" a slow query
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    flow_run: str | None = None  # the Prefect flow run that made the change, if one did
 
 
 Sink = Callable[[BatchChange], None]
@@ -54,7 +55,7 @@ def uninstall(name: str) -> None:
 
 
 def publish(app: str, op: str, batch_id: str, status: str, old: str | None = None,
-            fields: dict[str, Any] | None = None) -> None:
+            fields: dict[str, Any] | None = None, flow_run: Any = None) -> None:
     """Hand a change to every installed sink (none installed: nothing to build). Never raises."""
     if not _sinks:
         return
@@ -62,7 +63,7 @@ def publish(app: str, op: str, batch_id: str, status: str, old: str | None = Non
     counts = {k: int(v) for k in COUNT_FIELDS if isinstance(v := fields.get(k), int)}
     error = fields.get("error")
     change = BatchChange(app, op, batch_id, status, old, str(fields.get("type") or "B"), counts,
-                         None if error is None else str(error))
+                         None if error is None else str(error), None if flow_run is None else str(flow_run))
     for sink in list(_sinks.values()):
         with contextlib.suppress(Exception):  # an event is best-effort: the business call already succeeded
             sink(change)

@@ -175,4 +175,4 @@ def status_change(app: str, op: str, batch: str, new: str, old: str | None = Non
     (``alya.core.events``: the Prefect event ``alya.batch.<new>``). Counts go in ``nrows``, ``nsuccess``...;
     a slow query says ``type="Q"``."""
     (log or get_logger()).info("status_change", app=app, op=op, batch=batch, old=old, new=new, **fields)
-    publish(app, op, batch, new, old, fields)
+    publish(app, op, batch, new, old, fields, flow_run=_run_ids()[0])

@@ -6,12 +6,15 @@ counts in the payload, so that a Prefect Automation ("notify when a batch of app
   the commit of the statement that won the transition), in whichever process won it.
 - *Never blocking, never failing the business call:* :class:`EventSink` only puts the change on a bounded
   queue; a daemon thread imports Prefect (a second or more in a web service that never imported it) and
-  hands each event to Prefect's own background ``EventsWorker`` (``emit_event`` queues it too). A full
-  queue drops events (logged once per process). Prefect unreachable: the worker logs it and drops them.
-- *Only to a real server:* with no ``PREFECT_API_URL`` (or Cloud), Prefect's ``emit_event`` would start a
-  temporary server in this process just to hold the events; alya emits nothing then (logged once).
-- *At exit,* queued events are handed over (at most ``FLUSH_SEC``) before Prefect drains its worker, so a
-  short-lived process (``alya abort``) still emits its event.
+  posts the events to the Prefect API's ``POST /events`` in batches with Prefect's own synchronous client
+  (its URL, auth and TLS settings). A full queue drops events; Prefect unreachable: the batch of events is
+  dropped (both logged).
+- *Not Prefect's ``emit_event``:* its background worker can only be started before the interpreter begins
+  to exit (it registers an exit hook), so the events of a short-lived process (``alya abort``) were lost
+  whenever Prefect's import had not finished by then. Plain HTTP from this thread needs no new thread: an
+  exit hook registered with the first event waits for the queue (at most ``FLUSH_SEC``).
+- *Only to a real server:* with no ``PREFECT_API_URL`` (or Cloud), Prefect's client would start a temporary
+  server in this process just to hold the events; alya sends nothing then (logged once).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from alya.core.names import (
 from alya.core.settings import JobManagerConfig
 
 SINK = "prefect"
-QUEUE_MAX = 10_000  # events waiting for the thread; beyond, dropped (Prefect has its own queue behind)
-FLUSH_SEC = 5.0  # at exit, how long queued events may hold the process
+QUEUE_MAX = 10_000  # events waiting for the thread; beyond, dropped
+POST_MAX = 200  # events per request
+FLUSH_SEC = 10.0  # at exit, how long queued events may hold the process (Prefect's import included)
 
 
 def event_of(change: BatchChange) -> dict[str, Any]:
@@ -54,18 +58,18 @@ def event_of(change: BatchChange) -> dict[str, Any]:
                                "status": change.status, "previous": change.old, **change.counts}
     if change.error is not None:
         payload["error"] = change.error
-    return {"event": batch_event_name(change.status), "resource": resource, "payload": payload}
+    related = [] if change.flow_run is None else [
+        {"prefect.resource.id": f"prefect.flow-run.{change.flow_run}", "prefect.resource.role": "flow-run"}]
+    return {"event": batch_event_name(change.status), "resource": resource, "payload": payload,
+            "related": related}
 
 
 def emit_batch_event(status: str, batch_id: str, app: str, op: str, counts: dict[str, int] | None = None,
                      old: str | None = None, type: str = "B", error: str | None = None) -> None:
-    """Emit one batch event now, from this thread, through Prefect's background events worker. Prefer
-    ``alya.core.logs.status_change`` (which logs the change and publishes it to the installed sink): this is
-    for code that stores a transition without logging it. Needs a Prefect API URL (else Prefect would start
-    a temporary server: see :func:`prefect_api_configured`)."""
-    from prefect.events import emit_event
-
-    emit_event(**event_of(BatchChange(app, op, batch_id, status, old, type, dict(counts or {}), error)))
+    """Publish one batch status change as an event (to the sink ``ALYA_EVENTS`` installed; nothing when it
+    is off). Prefer ``alya.core.logs.status_change``, which also writes the change's log line: this is for
+    code that stores a transition and logs it otherwise. Call it once, after the commit that won it."""
+    events.publish(app, op, batch_id, status, old, {**(counts or {}), "type": type, "error": error})
 
 
 def prefect_api_configured() -> bool:
@@ -85,7 +89,9 @@ class EventSink:
         self._thread: threading.Thread | None = None
         self.off = False  # no Prefect API: nothing is queued any more
         self._dropped = 0
+        self._hooked = False
         self.emitted = 0
+        self.failed = 0
         # Prefect resolves its settings (PREFECT_API_URL) per context: the thread sends with those of the code
         # that installed the sink (a JobManager's construction), not with whatever a new thread would see.
         self._context = contextvars.copy_context()
@@ -106,37 +112,41 @@ class EventSink:
                     self._thread = threading.Thread(target=self._context.copy().run, args=(self._run,),
                                                     name="alya-events", daemon=True)
                     self._thread.start()
+                    if not self._hooked:  # at exit, hand over what is queued first (new threads: none needed)
+                        hook = getattr(threading, "_register_atexit", None)
+                        if hook is not None:
+                            with contextlib.suppress(RuntimeError):  # the interpreter is already exiting
+                                hook(self.flush)
+                        self._hooked = True
 
     def _run(self) -> None:
-        log = get_logger()
         try:
-            from prefect.events import emit_event
+            from prefect.client.orchestration import get_client
+            from prefect.events import Event
 
             if not prefect_api_configured():
                 self._stop("PREFECT_API_URL is unset: no Prefect server to send batch events to "
                            "(ALYA_EVENTS=off silences this)")
                 return
+            with get_client(sync_client=True) as client:
+                while True:
+                    batch = [self._queue.get()]
+                    with contextlib.suppress(queue.Empty):
+                        while len(batch) < POST_MAX:
+                            batch.append(self._queue.get_nowait())
+                    try:
+                        body = [Event(**event_of(c)).model_dump(mode="json") for c in batch]
+                        client.request("POST", "/events", json=body)
+                        self.emitted += len(batch)
+                    except Exception as exc:  # one failed request never stops the next
+                        self.failed += len(batch)
+                        get_logger().warning("prefect_events_failed", events=len(batch), error=str(exc)[:200],
+                                             next="dropped")
+                    finally:
+                        for _ in batch:
+                            self._queue.task_done()
         except Exception as exc:  # Prefect broken: events are best-effort
             self._stop(str(exc)[:200])
-            return
-        registered = False
-        while True:
-            change = self._queue.get()
-            try:
-                emit_event(**event_of(change))
-                self.emitted += 1
-            except Exception as exc:  # one bad event never stops the others
-                log.warning("prefect_event_failed", batch=change.batch_id, status=change.status, error=str(exc)[:200])
-            finally:
-                self._queue.task_done()
-            if not registered:
-                # Prefect's events worker (started by the first emit_event) drains at exit through the same
-                # hook list, run newest first: registered after it, this hands over what is queued first.
-                hook = getattr(threading, "_register_atexit", None)
-                if hook is not None:
-                    with contextlib.suppress(RuntimeError):  # the interpreter is already exiting
-                        hook(self.flush)
-                registered = True
 
     @property
     def pending(self) -> int:

@@ -189,3 +189,37 @@ def test_prefect_unreachable_or_unset_never_blocks(database_url: str, redis_url:
     finally:
         jm.close()
         prefect_events.uninstall()
+
+
+EXIT_SCRIPT = """
+import sys
+from alya import JobManager
+from tests.support.config import make_config
+
+jm = JobManager(database_url=sys.argv[1], config=make_config(events=True))
+bid = jm.batch_submit("bank", "evt", {}, [(1, {"amount": 1})])
+jm.batch_abort(bid)
+print(bid, flush=True)
+"""
+
+
+def test_a_short_lived_process_sends_its_events_before_it_exits(server: str, database_url: str) -> None:
+    """A process that submits and aborts, then exits at once (as ``alya abort`` does): its events are
+    handed over at exit, not lost with its queue."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.prefect_server import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALYA_"))}
+    env.update(PREFECT_API_URL=server, ALYA_LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, database_url], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    print(f"\nsubmit + abort + exit: {time.monotonic() - t0:.1f} s")
+    bid = out.stdout.strip().splitlines()[-1]
+    got = by_batch(server, [bid], {bid: ["alya.batch.queued", "alya.batch.aborted"]})
+    (aborted,) = [e for e in got[bid] if e["event"] == "alya.batch.aborted"]
+    assert aborted["payload"]["naborted"] == 1 and aborted["resource"]["alya.app"] == "bank"
