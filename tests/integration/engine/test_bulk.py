@@ -118,3 +118,37 @@ def test_a_call_that_hangs_times_out_as_a_group(database_url: str, redis_url: st
         proc.release.set()
         wait_until(lambda: jm.engine.pool.abandoned_threads == 0, timeout=30, what="the stuck threads to end")
         jm.close()
+
+
+class AsyncBulk:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    async def do_batch_jobs(self, initblock: Any, context: dict[str, Any],
+                            rows: list[tuple[int, dict[str, Any]]]) -> list[BatchJobResult]:
+        import asyncio
+
+        self.calls.append(len(rows))
+        await asyncio.sleep(0.01)
+        if any(line == 7 for line, _ in rows):
+            raise RuntimeError("line 7")
+        return [BatchJobResult(BatchStatus.SUCCESS, {"line": line}) for line, _ in rows]
+
+    def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None:
+        pass
+
+
+def test_an_async_bulk_processor_runs_on_the_event_loop(database_url: str, redis_url: str,
+                                                        file_store_url: str) -> None:
+    jm = manager(database_url, redis_url, file_store_url, bulk_rows=8, batchchunk_nrows=40, max_attempts=1)
+    try:
+        proc = AsyncBulk()
+        jm.register_batch_processor("bulk", "aio", proc)
+        bid = jm.batch_submit("bulk", "aio", {}, rows(40))
+        drain(jm, "bulk", "aio")
+        s = jm.batch_status(bid)
+        assert (s.nsuccess, s.nfailed) == (39, 1)
+        assert results(jm, bid)[7].status is BatchStatus.FAILED
+        assert max(proc.calls) == 8 and proc.calls.count(1) == 8  # 1..8 retried alone after its call failed
+    finally:
+        jm.close()

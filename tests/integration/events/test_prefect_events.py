@@ -223,3 +223,18 @@ def test_a_short_lived_process_sends_its_events_before_it_exits(server: str, dat
     got = by_batch(server, [bid], {bid: ["alya.batch.queued", "alya.batch.aborted"]})
     (aborted,) = [e for e in got[bid] if e["event"] == "alya.batch.aborted"]
     assert aborted["payload"]["naborted"] == 1 and aborted["resource"]["alya.app"] == "bank"
+
+
+def test_a_worker_sends_the_events_of_its_transitions(ejm: JobManager, server: str) -> None:
+    """``jm.run`` (the worker loop, Prefect flow runs on the server): the first claim and the summary are
+    the worker's transitions. An event made inside a run names it as related (a worker's bridge claim loop,
+    which may well do all of a small batch, runs outside any run: then none)."""
+    bid = ejm.batch_submit(APP, OP, {}, [(i, {"amount": 3}) for i in range(1, 11)])
+    with api(server):
+        ejm.run(stop_when_idle=True)
+    assert ejm.batch_status(bid).status is BatchStatus.SUCCESS
+    got = by_batch(server, [bid], {bid: ["alya.batch.queued", "alya.batch.inprog", "alya.batch.success"]})
+    done = next(e for e in got[bid] if e["event"] == "alya.batch.success")
+    assert done["payload"]["nsuccess"] == 10
+    runs = [r for r in done["related"] if r["prefect.resource.role"] == "flow-run"]
+    assert len(runs) <= 1 and all(r["prefect.resource.id"].startswith("prefect.flow-run.") for r in runs)
