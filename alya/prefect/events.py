@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import queue
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from alya.core import events
@@ -70,6 +73,26 @@ def emit_batch_event(status: str, batch_id: str, app: str, op: str, counts: dict
     is off). Prefer ``alya.core.logs.status_change``, which also writes the change's log line: this is for
     code that stores a transition and logs it otherwise. Call it once, after the commit that won it."""
     events.publish(app, op, batch_id, status, old, {**(counts or {}), "type": type, "error": error})
+
+
+def prefect_api_may_be_set() -> bool:
+    """Cheaply, without importing Prefect (a second or more): whether a Prefect API URL may be configured.
+    Prefect imported already: ask it. Else the places Prefect reads it from: the environment, the profiles
+    file, ``prefect.toml`` and ``.env`` of the working directory. No: the sink is off from the start, so a
+    process without Prefect (``alya submit`` with no server) never pays Prefect's import at exit."""
+    if "prefect.settings" in sys.modules:
+        return prefect_api_configured()
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = os.environ.get("PREFECT_HOME", "~/.prefect")
+    files = [os.environ.get("PREFECT_PROFILES_PATH", f"{home}/profiles.toml"), "prefect.toml", ".env"]
+    for name in files:
+        try:
+            if "PREFECT_API_URL" in Path(name).expanduser().read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def prefect_api_configured() -> bool:
@@ -183,8 +206,16 @@ def install(slow_queries: bool = False) -> EventSink:
             _installed = EventSink(slow_queries)
             events.install(SINK, _installed)
         _installed.slow_queries = slow_queries
-        _installed.off = False  # look for a Prefect API again (it may have been set since)
+        _installed.off = not prefect_api_may_be_set()  # look again: it may have been set since
+        if _installed.off:
+            get_logger().debug("prefect_events_off", reason="no PREFECT_API_URL: no Prefect server to send "
+                               "batch events to")
         return _installed
+
+
+def installed() -> EventSink | None:
+    """This process's sink, if one is installed."""
+    return _installed
 
 
 def install_for(config: JobManagerConfig) -> None:
