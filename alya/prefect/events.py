@@ -49,7 +49,7 @@ FLUSH_SEC = 10.0  # at exit, how long queued events may hold the process (Prefec
 
 
 def event_of(change: BatchChange) -> dict[str, Any]:
-    """The ``emit_event`` arguments of a change (pure: what the tests and the README show)."""
+    """The fields of a change's Prefect event (event, resource, payload, related): pure, what the tests check."""
     resource = {
         "prefect.resource.id": batch_resource_id(change.batch_id),
         "prefect.resource.name": run_name(change.app, change.op, change.batch_id),
