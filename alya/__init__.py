@@ -31,7 +31,7 @@ from alya.core.models import (
     SlowQueryDone,
     SlowQueryResult,
 )
-from alya.core.registry import BatchProcessor, InitBlock, Initializer, SlowQueryProcessor
+from alya.core.registry import BatchProcessor, BulkBatchProcessor, InitBlock, Initializer, SlowQueryProcessor
 from alya.core.settings import JobManagerConfig
 from alya.db.migrate import migrate_database
 from alya.io.files import FileChecker, IncomingFile
@@ -58,6 +58,7 @@ __all__ = [
     "BatchProcessor",
     "BatchStatus",
     "BatchSummary",
+    "BulkBatchProcessor",
     "ConfigError",
     "DatabaseNotMigrated",
     "ErrorMessage",

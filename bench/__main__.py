@@ -154,9 +154,11 @@ def noop(rows: int = 200_000, workers: int = 2, chunk: int = 1000, threads: int 
 
 
 @app.command()
-def bank(rows: int = 100_000, batches: int = 10, workers: int = 2, accounts: int = 50) -> None:
+def bank(rows: int = 100_000, batches: int = 10, workers: int = 2, accounts: int = 50, bulk: bool = False,
+         bulk_rows: int = 100) -> None:
     """The bank example (flows/bank.py): N deposits/withdrawals in B batches, W worker processes; checks
-    that the final balances equal the ones computed from the input."""
+    that the final balances equal the ones computed from the input. ``--bulk``: its bulk processor
+    (bench/bank_bulk.py), ``--bulk-rows`` transactions per call and statement (ALYA_BULK_ROWS)."""
     with fresh_database() as url, prefect_server() as penv:
         os.environ["ALYA_DATABASE_URL"] = url
         from flows import bank as ex
@@ -168,13 +170,15 @@ def bank(rows: int = 100_000, batches: int = 10, workers: int = 2, accounts: int
         ids = [jm.batch_submit(ex.APP, ex.OP, {"user": "bench"},
                                [BatchInput(i, t) for i, t in enumerate(txns[s:s + size], 1)], wait=True)
                for s in range(0, rows, size)]
-        elapsed = _timed_release(url, penv, [sys.executable, "-m", "alya.cli.main", "worker", "flows.bank:jm"],
-                                 workers, ids, {})
+        module = "bench.bank_bulk:jm" if bulk else "flows.bank:jm"
+        elapsed = _timed_release(url, penv, [sys.executable, "-m", "alya.cli.main", "worker", module],
+                                 workers, ids, {"ALYA_BULK_ROWS": str(bulk_rows)})
         expected, refused = ex.expected_balances(txns, opening)
         actual = ex.read_balances(url, expected)
         nfailed = sum(jm.batch_status(b).nfailed for b in ids)
         jm.close()
-    print(f"bank  {rows} txns in {len(ids)} batches, {workers} workers: {elapsed:.2f} s = {rows / elapsed:.0f} rows/s;"
+    print(f"bank{f' bulk {bulk_rows}' if bulk else ''}  {rows} txns in {len(ids)} batches, {workers} workers: "
+          f"{elapsed:.2f} s = {rows / elapsed:.0f} rows/s;"
           f" balances {'match' if actual == expected else 'DIFFER'}; refused {nfailed} (expected {refused})")
 
 

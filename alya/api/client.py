@@ -39,7 +39,7 @@ from alya.core.models import (
 )
 from alya.core.records import Counts
 from alya.core.redact import shown_url, stored_url
-from alya.core.registry import BatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
+from alya.core.registry import BatchProcessor, BulkBatchProcessor, InitBlocks, Initializer, Registry, SlowQueryProcessor
 from alya.core.settings import Backends, IntakeSettings, JobManagerConfig, default_object_store_url
 from alya.db.batches import append_rows, insert_batch, insert_slowquery, release_batch
 from alya.db.ingest import iter_rows
@@ -49,7 +49,7 @@ from alya.engine.maintenance import CleanupReport, cleanup
 from alya.io.cache import StatusCache
 from alya.io.files import FileChecker
 from alya.io.outputs import ObjectStore
-from alya.prefect import reaper
+from alya.prefect import events, reaper
 from alya.prefect.dispatch import Dispatcher
 from alya.prefect.reaper import guard_ephemeral_server
 
@@ -94,8 +94,8 @@ class JobManager(BatchControl):
         )
         self._finisher = Finisher(self.services)  # ends batches (here: aborts)
         self._monitor = Monitor(self.services)  # jm.metrics()
-        self.dispatcher: Dispatcher | None = Dispatcher(self.config, store) if self.config.dispatch == "prefect" \
-            else None
+        self.dispatcher = Dispatcher(self.config, store) if self.config.dispatch == "prefect" else None
+        events.install_for(self.config)  # ALYA_EVENTS: batch status changes as Prefect events (one sink per process)
         self._engine: Engine | None = None
         self._flows: dict[tuple[str, str], Flow[..., Any]] = {}
         self._migrated = False
@@ -139,7 +139,7 @@ class JobManager(BatchControl):
     def register_initializer(self, app: str, initializer: Initializer) -> None:
         self.registry.add_initializer(app, initializer)
 
-    def register_batch_processor(self, app: str, op: str, processor: BatchProcessor) -> None:
+    def register_batch_processor(self, app: str, op: str, processor: BatchProcessor | BulkBatchProcessor) -> None:
         self.registry.add_processor(app, op, "B", processor)
 
     def register_slowquery_processor(self, app: str, op: str, processor: SlowQueryProcessor) -> None:
@@ -270,7 +270,7 @@ class JobManager(BatchControl):
         if new.replayed:
             get_logger().info("submit_replayed", app=app, op=op, batch=new.id, type="Q")
             return new.id
-        status_change(app, op, req_id, "queued", type="Q")
+        status_change(app, op, req_id, "queued", type="Q", nrows=1)
         self._queued(app, op, req_id, new.ver, BatchStatus.QUEUED, 1)
         return req_id
 

@@ -99,9 +99,8 @@ class Finisher:
 
     def announce_end(self, ended: Ended) -> None:
         """After the commit of :meth:`end_in`: the status change line and the cached summary."""
-        counts, error = ended.counts, ended.error
-        self._announce(ended, nsuccess=counts.success, nfailed=counts.failed, naborted=counts.aborted,
-                       files=sorted(ended.outputfiles), round=ended.rec.round,
+        error = ended.error
+        self._announce(ended, files=sorted(ended.outputfiles), round=ended.rec.round,
                        **({"error": error} if error is not None else {}))
 
     def stop_if_too_many_failures(self, batch_id: str) -> bool:
@@ -151,7 +150,9 @@ class Finisher:
 
     def _announce(self, ended: Ended, **fields: Any) -> Summary:
         """After the commit: the status change line, and the summary cached at the end's version."""
-        rec = ended.rec
+        rec, c = ended.rec, ended.counts
+        fields = {"nrows": rec.nrows, "nsuccess": c.success, "nfailed": c.failed, "naborted": c.aborted,
+                  "type": rec.type, **fields}  # the counts also make the event's payload (alya.core.events)
         status_change(rec.app, rec.op, rec.id, ended.status.value, old=rec.status.value, **fields)
         return self.svc.statuses.put_new(rec.id, ended.ver, ended.status, rec.nrows, ended.counts,
                                           ended.outputfiles, ended.error)

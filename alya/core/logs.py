@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from alya.core.events import publish
 from alya.core.redact import redact_value
 
 LOGGER = "alya"
@@ -170,4 +171,8 @@ def run_logger(**fields: Any) -> Any:
 
 def status_change(app: str, op: str, batch: str, new: str, old: str | None = None, log: Any = None,
                   **fields: Any) -> None:
+    """Log a batch status change, once, after the commit that won it, and publish it as an event
+    (``alya.core.events``: the Prefect event ``alya.batch.<new>``). Counts go in ``nrows``, ``nsuccess``...;
+    a slow query says ``type="Q"``."""
     (log or get_logger()).info("status_change", app=app, op=op, batch=batch, old=old, new=new, **fields)
+    publish(app, op, batch, new, old, fields, flow_run=_run_ids()[0])

@@ -163,3 +163,19 @@ def intake_done_url(folder_url: str, batch_id: str, name: str) -> str:
 def intake_failed_url(folder_url: str, name: str) -> str:
     """Where a rejected file goes: ``<folder>/failed/<name>``."""
     return f"{folder_url.rstrip('/')}/{FAILED_FOLDER}/{name}"
+
+
+# ---------------------------------------------------------------------------- Prefect events
+EVENT_LABEL_APP = "alya.app"
+EVENT_LABEL_OP = "alya.op"
+EVENT_LABEL_KIND = "alya.kind"  # "batch" or "slowquery"
+
+
+def batch_event_name(status: str) -> str:
+    """The Prefect event of a batch status change: ``alya.batch.queued`` ... ``alya.batch.aborted``."""
+    return f"alya.batch.{status}"
+
+
+def batch_resource_id(batch_id: str) -> str:
+    """The resource id of a batch's events (``prefect.resource.id``)."""
+    return f"alya.batch.{batch_id}"

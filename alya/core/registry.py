@@ -37,6 +37,17 @@ class BatchProcessor(Protocol):
 
 
 @runtime_checkable
+class BulkBatchProcessor(Protocol):
+    """A batch processor answering many rows per call (up to ``ALYA_BULK_ROWS``): one result per row, in
+    order. It may define ``do_batch_job`` too; alya calls ``do_batch_jobs`` (a row retried alone: a list of one)."""
+
+    def do_batch_jobs(
+        self, initblock: Any, context: dict[str, Any], rows: list[tuple[int, dict[str, Any]]]
+    ) -> list[BatchJobResult]: ...
+    def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None: ...
+
+
+@runtime_checkable
 class SlowQueryProcessor(Protocol):
     def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> SlowQueryResult: ...
     def mark_done(self, initblock: Any, context: dict[str, Any], details: BatchDetails) -> None: ...
@@ -66,7 +77,10 @@ class Registry:
     def add_processor(self, app: str, op: str, type_: str, processor: Any) -> Registration:
         app, op = app_name(app), op_name(op)
         method = "do_batch_job" if type_ == "B" else "do_slow_query"
-        if not callable(getattr(processor, method, None)) or not callable(getattr(processor, "mark_done", None)):
+        # a bulk processor (do_batch_jobs: many rows per call, alya.engine.executor) needs no do_batch_job
+        calls = callable(getattr(processor, method, None)) or (
+            type_ == "B" and callable(getattr(processor, "do_batch_jobs", None)))
+        if not calls or not callable(getattr(processor, "mark_done", None)):
             raise InvalidInput(f"a {'batch' if type_ == 'B' else 'slow-query'} processor needs {method} and mark_done")
         reg = Registration(app, op, type_, processor)
         with self._lock:

@@ -72,6 +72,9 @@ class JobManagerConfig(_Settings):
     auto_migrate: bool = Field(False, description="workers (jm.run, served flows) migrate the database on start")
     retention_days: float = Field(30.0, ge=0, description="final batches older than this are purged (0: never)")
     retention_files: bool = Field(False, description="retention also deletes the purged batches' output files")
+    events: bool = Field(True, description="emit a Prefect event per batch status change (on|off)")
+    events_slow_queries: bool = Field(False, description="slow queries emit them too (off: one per request)")
+    bulk_rows: int = Field(100, ge=1, le=10_000, description="most rows per do_batch_jobs call")
     app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
                                        description="most rows of an app in progress at once, across all workers")
 

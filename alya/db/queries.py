@@ -206,10 +206,10 @@ class Queries(FailureQueries, ControlQueries, CounterQueries):
         assert row is not None  # an aggregate: always one row
         return AppLoad.from_row(row)
 
-    def batch_to_inprog(self, *, batch: str) -> int | None:
-        """The batch's new version, or None when it was no longer queued."""
+    def batch_to_inprog(self, *, batch: str) -> tuple[int, int] | None:
+        """(the batch's new version, its rows), or None when it was no longer queued (another won it)."""
         row = self._tx.one("batch_to_inprog", batch=batch)
-        return None if row is None else int(row[0])
+        return None if row is None else (int(row[0]), int(row[1]))
 
     def claimable_batch_types(self) -> list[BatchKind]:
         return [BatchKind.from_row(r) for r in self._tx.all("claimable_batch_types")]

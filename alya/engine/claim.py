@@ -78,18 +78,26 @@ class Claimed:
         self.first_outcome_at = 0.0  # monotonic time of the oldest outcome not yet written
         self.skipped: list[int] = []  # lines never started
 
-    def finish(self, job: Job, outcome: Outcome | None) -> bool:
+    def finish(self, job: Job, outcome: Outcome | list[Outcome] | None) -> bool:
+        """A row's outcome, or a bulk call's (``job.group``: a list, one per row); None: never started."""
         with self._lock:
             if job.done:
                 return False
             job.done = True
+            group = job.group
             if outcome is None:
-                self.skipped.append(job.row.line)
+                if group is None:
+                    self.skipped.append(job.row.line)
+                else:
+                    self.skipped.extend(r.line for r in group)
             else:
                 if not self.outcomes:
                     self.first_outcome_at = time.monotonic()
-                self.outcomes.append(outcome)
-            self.pending -= 1
+                if group is None:
+                    self.outcomes.append(outcome)  # type: ignore[arg-type]
+                else:
+                    self.outcomes.extend(outcome)  # type: ignore[arg-type]
+            self.pending -= 1 if group is None else len(group)
             last = self.pending == 0
         if last and self.wake is not None:
             with self.wake:

@@ -195,7 +195,7 @@ class Producer:
 
     def _claim(self, app: str, op: str, type_: str, only: str | None, n: int, alone: bool) -> Claimed | None:
         worker = self.identity.worker_id
-        moved: list[tuple[str, int]] = []
+        moved: list[tuple[str, int, int]] = []
         claimed = None
         limit = self.svc.config.app_limits.get(app)
         t0 = time.perf_counter()
@@ -212,8 +212,8 @@ class Producer:
                 if ob.status is BatchStatus.QUEUED and (bumped := tx.batch_to_inprog(batch=batch)) is not None:
                     # The batch row is locked before its rows, the order abort takes them in: rows first
                     # would deadlock with an abort arriving during the claim (and fail one of the two).
-                    ver = bumped
-                    moved.append((batch, ver))
+                    ver = bumped[0]
+                    moved.append((batch, ver, bumped[1]))
                 if alone:
                     suspect = tx.claim_suspect(batch=batch, worker=worker)
                     if suspect:
@@ -231,8 +231,8 @@ class Producer:
                                       sorted(rows, key=lambda r: r.line), worker, ver, priority=ob.priority)
                     break
         self.svc.metrics.claimed(time.perf_counter() - t0)  # per claim statement, never per row
-        for batch, ver in moved:
-            status_change(app, op, batch, "inprog", old="queued")
+        for batch, ver, nrows in moved:  # this claim's UPDATE won queued -> inprog: logged (and its event) once
+            status_change(app, op, batch, "inprog", old="queued", nrows=nrows, type=type_)
             self.svc.statuses.invalidate(batch, ver)
         return claimed
 

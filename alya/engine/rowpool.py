@@ -44,6 +44,7 @@ class Job:
     is_async: bool = False
     started: float = 0.0  # monotonic time the call began (0: not started)
     done: bool = False  # set once, under the owner's lock, by whoever finishes it first
+    group: list[ClaimedRow] | None = None  # a bulk call's rows (``row`` is the first): one call, one outcome list
 
 
 class RowRunner(Protocol):
@@ -146,9 +147,11 @@ class PoolStats:
     busy_sec: float = 0.0
     _ewma: float = field(default=0.0)
 
-    def add(self, seconds: float) -> None:
-        self.rows += 1
+    def add(self, seconds: float, n: int = 1) -> None:
+        """One call of ``n`` rows (a bulk call: n > 1) took ``seconds``: its rows count at their share."""
+        self.rows += n
         self.busy_sec += seconds
+        seconds /= n
         self._ewma = seconds if self._ewma == 0.0 else 0.9 * self._ewma + 0.1 * seconds
 
     @property
@@ -236,7 +239,7 @@ class RowPool:
             s = stats.get(key)
             if s is None:
                 s = stats[key] = PoolStats()
-            s.add(took)
+            s.add(took, 1 if job.group is None else len(job.group))
             with self._lock:
                 slot.job = None
                 abandoned = slot.abandoned
@@ -326,7 +329,7 @@ class RowPool:
             s = self.stats.get(key)
             if s is None:
                 s = self.stats[key] = PoolStats()
-            s.add(time.monotonic() - job.started)
+            s.add(time.monotonic() - job.started, 1 if job.group is None else len(job.group))
             job.owner.finish(job, outcome)
 
     # ------------------------------------------------------------------ shutdown

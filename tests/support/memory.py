@@ -740,13 +740,13 @@ class MemoryQueries(Queries):
         live = sum(1 for w in self._s.workers.values() if w.lastseen > self._ago(sec))
         return AppLoad.from_row((len(held), sum(1 for r in held if r.doneby == worker), live))
 
-    def batch_to_inprog(self, *, batch: str) -> int | None:
+    def batch_to_inprog(self, *, batch: str) -> tuple[int, int] | None:
         self._q("batch_to_inprog")
         b = self._batch(batch)
         if b is None or b.status != "queued":
             return None
         self._set(b, status="inprog", ver=b.ver + 1)
-        return b.ver
+        return b.ver, b.nrows
 
     def claimable_batch_types(self) -> list[BatchKind]:
         self._q("claimable_batch_types")

@@ -169,7 +169,8 @@ FROM batchrows r JOIN batches b ON b.id = r.batch
 WHERE b.app = %(app)s AND b.status IN ('queued', 'inprog') AND r.status = 'inprog';
 
 -- name: batch_to_inprog
-UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND status = 'queued' RETURNING ver;
+UPDATE batches SET status = 'inprog', ver = ver + 1 WHERE id = %(batch)s AND status = 'queued'
+RETURNING ver, nrows;
 
 -- name: write_results
 -- Acknowledge finished rows (one statement per batch and flush): only rows this worker still holds, at

@@ -220,7 +220,7 @@ def test_claim_order_hints_and_attempts(h: Harness) -> None:
         assert q.open_batches(app=APP, op=OP, type="Q", only=None) == []
         assert q.open_batches(app=APP, op="other", type="B", only=None) == []
         assert [r.id for r in q.open_batches_all()] == [old, b]
-        assert q.batch_to_inprog(batch=b) == 3
+        assert q.batch_to_inprog(batch=b) == (3, 10)
         assert q.batch_to_inprog(batch=b) is None
         first = q.claim_rows(batch=b, n=3, worker="w1", after=0)
         assert lines(first) == [1, 2, 3] and {r.attempts for r in first} == {1}
