@@ -34,7 +34,7 @@ def sjm(database_url: str, redis_url: str, file_store_url: str) -> Iterator[JobM
                     config=make_config(dispatch="prefect", cancel_timeout_sec=60, batchchunk_nrows=4,
                                        task_seconds=0.3))
     jm.register_batch_processor(APP, OP, Proc())
-    jm.flow(APP, OP).to_deployment(name=jm.config.deployment_name).apply()
+    jm.flow(APP, OP).to_deployment(name=names.type_deployment(APP, OP, jm.config.deployment_name)).apply()
     yield jm
     jm.close()
 
@@ -93,7 +93,7 @@ def artifacts(key: str) -> list[Any]:
 
 def summary_row(bid: str, run_id: uuid.UUID) -> dict[str, Any]:
     """The batch's one summary table, which must be linked to the run ``run_id``."""
-    (art,) = artifacts(names.summary_artifact_key(bid))
+    (art,) = artifacts(names.summary_artifact_key(APP, OP, bid))
     assert art.flow_run_id == run_id
     (row,) = json.loads(art.data)  # type: ignore[arg-type]
     return row  # type: ignore[no-any-return]
@@ -159,7 +159,7 @@ def test_a_batch_aborted_while_its_run_processes(sjm: JobManager) -> None:
     assert run.state.message == f"{s.nsuccess:,} of 400 rows, {s.naborted:,} aborted"
     row = summary_row(bid, run.id)
     assert (row["status"], row["nsuccess"], row["naborted"]) == ("aborted", s.nsuccess, s.naborted)
-    (progress,) = artifacts(names.progress_artifact_key(bid))
+    (progress,) = artifacts(names.progress_artifact_key(APP, OP, bid))
     assert float(progress.data) == round(100.0 * s.nsuccess / 400, 2) < 100.0  # type: ignore[arg-type]
     assert "aborted" in (progress.description or "")
 
@@ -172,7 +172,7 @@ def test_a_worker_run_is_completed_and_counts_its_batches(jm: JobManager) -> Non
     ids.append(jm.batch_submit(APP, "many", {}, [(1, {"mode": "fail"}), (2, {})]))
     jm.run(stop_when_idle=True)
     assert [jm.batch_status(b).status for b in ids] == [BatchStatus.SUCCESS] * 2 + [BatchStatus.FAILED]
-    (art,) = artifacts(names.summary_artifact_key(ids[0]))
+    (art,) = artifacts(names.summary_artifact_key(APP, "many", ids[0]))
     with client() as c:
         run = c.read_flow_run(art.flow_run_id)
     assert (run.state.type.value, run.state.name) == ("COMPLETED", "Completed")
