@@ -100,7 +100,9 @@ class Intake:
                     roots: Roots | None = None) -> FileIntake:
         """Check one file and submit its batch (Go: BulkfileinProcess); the file stays where it is. The same
         file again (URL, size, version) returns its first FileIntake and submits nothing, also when the two
-        calls race; that FileIntake then has ``repeat=True``, and a log line says "already taken as batch X".
+        calls race; that FileIntake then has ``repeat=True``, and a WARNING says "already taken as batch X"
+        (a warning: the caller asked for a batch and got none, e.g. a scheduled submit of a file that
+        was not replaced since).
         Raises InvalidInput (no such file, bad context), ProcessorNotFound (unknown file type),
         BackendUnavailable (the file's store or PostgreSQL unreachable: then nothing is stored).
         Confined (``roots``, else the intake's own): a URL outside them is refused before it is touched."""
@@ -117,7 +119,7 @@ class Intake:
         if taken.new:
             return fi
         first = f"batch {fi.batch_id}" if fi.batch_id else f"a rejected file ({fi.error})"
-        get_logger().info("file_already_taken", url=shown_url(info.url), filetype=ftype, batch=fi.batch_id,
+        get_logger().warning("file_already_taken", url=shown_url(info.url), filetype=ftype, batch=fi.batch_id,
                           status=fi.status, taken_at=fi.reqat.isoformat(), detail=f"already taken as {first}",
                           next="nothing submitted")
         return replace(fi, repeat=True)

@@ -183,3 +183,42 @@ def _ran(jm: JobManager, bid: str) -> int:
     from tests.support.services import store_sql
 
     return int(store_sql(jm.store, "SELECT count(*) FROM batchrows WHERE batch = %s AND status = 'success'", bid)[0][0])
+
+
+def test_a_running_dispatched_run_says_how_far_its_batch_is(sjm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it runs, the run's own state message says how far its batch is ("120 of 400 rows done, 2
+    failed"), read through the Prefect API while the run is Running; the run then ends Failed as usual."""
+    import re
+
+    import alya.batch.status
+    import alya.prefect.artifacts
+
+    monkeypatch.setattr(alya.prefect.artifacts, "RUNNING_MESSAGE_SEC", 0.3)
+    monkeypatch.setattr(alya.batch.status, "OPEN_TTL_SEC", 0.2)  # counts of an open batch cached 0.2 s, not 5
+    bid = sjm.batch_submit(APP, OP, {}, [(n, {"x": n, "sleep": 0.02, **({"mode": "fail"} if n in (2, 5) else {})})
+                                         for n in range(1, 401)])
+    run_id = the_run(bid).id
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(run=run_dispatched(sjm, bid)))
+    t.start()
+    seen: list[str] = []
+    while t.is_alive():
+        with client() as c:
+            st = c.read_flow_run(run_id).state
+        if st is not None and st.type.value == "RUNNING" and st.message and st.message not in seen:
+            seen.append(st.message)
+        time.sleep(0.1)
+    t.join()
+    assert seen, "no progress message while the run ran"
+    done = []
+    for m in seen:
+        match = re.fullmatch(r"([\d,]+) of 400 rows done(, ([\d,]+) failed)?", m)
+        assert match, m
+        done.append(int(match.group(1).replace(",", "")))
+    assert done == sorted(done) and done[0] < 400 and done[-1] > 0  # it moved forward while the batch ran
+    with client() as c:
+        history = c.read_flow_run_states(run_id)
+    running = [s for s in history if s.type.value == "RUNNING"]
+    assert all(s.name == "Running" for s in running)  # not "Rerunning": one run, several messages
+    run = out["run"]
+    assert (run.state.type.value, run.state.message) == ("FAILED", "398 of 400 rows, 2 failed")
