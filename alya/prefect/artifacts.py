@@ -11,11 +11,12 @@ the run has summarised it, a summary table; in every mode, a dispatched run (one
 - **Overview** (no key, worker runs only): one table of every batch the run wrote rows of or summarised.
 - **The run's own state message**, while it runs: a dispatched run's Running state says how far its batch
   is ("1,200 of 5,000 rows done, 3 failed"), a worker run's what it did so far ("1,200 rows of 3 batches"),
-  at most every ``RUNNING_MESSAGE_SEC``: the runs list and the run's page show it without opening an
-  artifact. Prefect has no call that changes a state's message, so this proposes a new Running state
-  (not forced) when the run's current state is Running: never over a Cancelling one (an abort), never
-  after the batch is final. Each such state adds one to the run's ``run_count`` (Prefect counts entries
-  into Running); the batch flows never retry, so nothing reads it.
+  at most every ``RUNNING_MESSAGE_SEC`` and the first that long after the start (a short run gets none):
+  the run's page shows it under Details, "State Message", without opening an artifact. Prefect has no
+  call that changes a state's message, so this proposes a new Running state (not forced) when the run's
+  current state is Running: never over a Cancelling one (an abort), never after the batch is final. Each
+  such state adds one to the run's ``run_count`` (Prefect counts entries into Running: the UI's "Run
+  Count" of a long run grows by about 6 a minute); the batch flows never retry, so nothing reads it.
 
 Each artifact is created with the flow run's id, so it is linked to the run, and only inside a run: outside
 one nothing is published. The Prefect calls and status reads run on one helper thread per flow run, so that
@@ -38,7 +39,7 @@ from alya.core.models import BatchStatus, BatchSummary
 from alya.prefect.states import rows_message
 
 FINISH_WAIT_SEC = 30.0  # the run's end waits this long for its final artifacts
-RUNNING_MESSAGE_SEC = 5.0  # a run's Running state message changes at most this often (one state each)
+RUNNING_MESSAGE_SEC = 10.0  # a run's Running state message changes at most this often (one state each)
 
 
 class RunArtifacts:
@@ -63,7 +64,9 @@ class RunArtifacts:
         self._done: list[str] = []  # summarised batches whose table is still to be made
         self._tabled: set[str] = set()  # batches whose summary table this run made
         self._thread: threading.Thread | None = None
-        self._message: tuple[float, str] = (0.0, "")  # (monotonic time, text) of the last Running message
+        # (monotonic time, text) of the last Running message: the first comes RUNNING_MESSAGE_SEC after the
+        # start, so a short run (most) gets none and keeps its run_count of 1
+        self._message: tuple[float, str] = (time.monotonic(), "")
         if self.flow_run_id is not None:  # never outside a run (Prefect deprecates it)
             self._thread = threading.Thread(target=self._publish, name=f"alya-artifacts-{app}-{op}", daemon=True)
             self._thread.start()
@@ -243,9 +246,15 @@ def progress_of(type_: str, batch: str, s: BatchSummary) -> tuple[float, str]:
     return done_percent(s), f"{head}: {s.status.value}, {rows_message(s)}"
 
 
+FIRST_COLUMNS = ("status", "nrows", "nsuccess", "nfailed", "naborted", "nqueued", "ninprog")
+
+
 def table_row(batch: str, s: BatchSummary) -> dict[str, Any]:
-    """A row of a summary table: the batch, then every field of its summary as a cell."""
-    return {"batch": batch, **{k: _cell(v) for k, v in s.as_row().items()}}
+    """A row of a summary table: the batch, its status and counts (what the UI must show without scrolling
+    sideways), then every other field of its summary as a cell, the long output file URLs last."""
+    row = s.as_row()
+    order = [*FIRST_COLUMNS, *(k for k in row if k not in FIRST_COLUMNS and k != "outputfiles"), "outputfiles"]
+    return {"batch": batch, **{k: _cell(row[k]) for k in order if k in row}}
 
 
 def _cell(value: Any) -> Any:
