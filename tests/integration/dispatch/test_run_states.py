@@ -195,8 +195,8 @@ def test_a_running_dispatched_run_says_how_far_its_batch_is(sjm: JobManager, mon
 
     monkeypatch.setattr(alya.prefect.artifacts, "RUNNING_MESSAGE_SEC", 0.3)
     monkeypatch.setattr(alya.batch.status, "OPEN_TTL_SEC", 0.2)  # counts of an open batch cached 0.2 s, not 5
-    bid = sjm.batch_submit(APP, OP, {}, [(n, {"x": n, "sleep": 0.02, **({"mode": "fail"} if n in (2, 5) else {})})
-                                         for n in range(1, 401)])
+    bid = sjm.batch_submit(APP, OP, {}, [(n, {"x": n, "sleep": 0.05, **({"mode": "fail"} if n in (2, 5) else {})})
+                                         for n in range(1, 401)])  # 2.5 s at 8 rows at once, or longer
     run_id = the_run(bid).id
     out: dict[str, Any] = {}
     t = threading.Thread(target=lambda: out.update(run=run_dispatched(sjm, bid)))
