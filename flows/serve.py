@@ -3,10 +3,9 @@
 Deployments are named after what they run, as the Dispatcher expects them: ``alya-bank-txn/bank-txn``, ...
 (``alya.core.names``); the sweeper ``alya-sweeper/sweeper`` runs every 5 minutes; the file intake
 ``alya-intake/intake`` every ALYA_INTAKE_EVERY_SEC (when ALYA_INTAKE_URL is set), and
-``alya-submit-file/submit-file`` on demand. Each flow
-run executes in a subprocess of this one, with this process's environment (set ALYA_DATABASE_URL,
-ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH, the ALYA_INTAKE_* settings and PREFECT_API_URL before
-starting it). Stop with Ctrl-C or SIGTERM.
+``alya-submit-file/submit-file`` on demand. Each flow run executes in a subprocess of this one, with this
+process's environment (set ALYA_DATABASE_URL, ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH, the
+ALYA_INTAKE_* settings and PREFECT_API_URL before starting it). Stop with Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations

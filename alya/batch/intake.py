@@ -120,8 +120,8 @@ class Intake:
             return fi
         first = f"batch {fi.batch_id}" if fi.batch_id else f"a rejected file ({fi.error})"
         get_logger().warning("file_already_taken", url=shown_url(info.url), filetype=ftype, batch=fi.batch_id,
-                          status=fi.status, taken_at=fi.reqat.isoformat(), detail=f"already taken as {first}",
-                          next="nothing submitted")
+                             status=fi.status, taken_at=fi.reqat.isoformat(), detail=f"already taken as {first}",
+                             next="nothing submitted")
         return replace(fi, repeat=True)
 
     def scan(self, folder_url: str, patterns: dict[str, str] | str, min_age_sec: float = 10,
