@@ -1,6 +1,7 @@
 """Remake the screenshots of README.md, "In the Prefect UI", from real alya batches on a real Prefect server.
 
-    .venv/bin/python docs/screenshots.py            # from the repository top; about 2 minutes
+    apt-get install chromium pngquant               # Debian's; pngquant only squeezes PNGs over 300 KB
+    .venv/bin/python docs/screenshots.py            # from the repository top; about 2.5 minutes here
     .venv/bin/python docs/screenshots.py --keep     # leave the server running to look around (Ctrl-C)
 
 What it does, as a user would: a ``prefect server start`` on a free port (its own PREFECT_HOME, the UI on,
