@@ -26,15 +26,15 @@ if ! "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1; then
   "$PREFECT" work-pool create "$POOL" --type "$POOL_TYPE" ${POOL_TEMPLATE:+--base-job-template "$POOL_TEMPLATE"}
 fi
 "$PREFECT" --no-prompt deploy --all "$@"
-if ! "$PREFECT" deployment inspect alya-intake/alya >/dev/null 2>&1; then
+if ! "$PREFECT" deployment inspect alya-intake/intake >/dev/null 2>&1; then
   :  # another definitions file, without the intake
 elif [ -z "${ALYA_INTAKE_URL:-}" ] || [ -z "${ALYA_INTAKE_PATTERNS:-}" ]; then
   # nothing to scan: a run every minute would only fail; deploy it unscheduled and say so
-  "$PREFECT" --no-prompt deployment schedule clear alya-intake/alya -y >/dev/null
-  echo "deploy.sh: alya-intake/alya deployed without a schedule: set ALYA_INTAKE_URL and ALYA_INTAKE_PATTERNS (here and for the worker) and deploy again to scan a folder" >&2
+  "$PREFECT" --no-prompt deployment schedule clear alya-intake/intake -y >/dev/null
+  echo "deploy.sh: alya-intake/intake deployed without a schedule: set ALYA_INTAKE_URL and ALYA_INTAKE_PATTERNS (here and for the worker) and deploy again to scan a folder" >&2
 elif [ -n "${ALYA_INTAKE_EVERY_SEC:-}" ] && [ "$ALYA_INTAKE_EVERY_SEC" != 60 ]; then
   # prefect.yaml holds the default (60 s): prefect validates schedules before it fills in variables
-  "$PREFECT" --no-prompt deployment schedule clear alya-intake/alya -y >/dev/null
-  "$PREFECT" --no-prompt deployment schedule create alya-intake/alya --interval "$ALYA_INTAKE_EVERY_SEC" >/dev/null
+  "$PREFECT" --no-prompt deployment schedule clear alya-intake/intake -y >/dev/null
+  "$PREFECT" --no-prompt deployment schedule create alya-intake/intake --interval "$ALYA_INTAKE_EVERY_SEC" >/dev/null
 fi
 echo "deployed; start a worker with the same ALYA_* settings: prefect worker start --pool $POOL"

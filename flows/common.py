@@ -1,6 +1,6 @@
 """What the example apps share: one lazily connecting JobManager per process, an init block holding a
 SQLAlchemy engine on the alya database, and the glue that turns a module-level flow into a served
-deployment named as the dispatcher expects (``{flow}/{ALYA_DEPLOYMENT_NAME}``)."""
+deployment named as the dispatcher expects (``alya-bank-txn/bank-txn``: ``names.deployment_name``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from alya import JobManager
+from alya.core import names
 from alya.core.logs import get_logger
 from alya.db.store import sqlalchemy_url
 
@@ -69,7 +70,15 @@ class LoggingDone:
                           files=sorted(details.outputfiles))
 
 
-def deployment_of(flow: Any, **kwargs: Any) -> Any:
-    """A served deployment ``{flow}/{ALYA_DEPLOYMENT_NAME}`` of a module-level flow (Prefect finds its
-    entrypoint, ``flows/<module>.py:<function>``, the same as in prefect.yaml)."""
-    return flow.to_deployment(name=example_jobmanager().config.deployment_name, **kwargs)
+def deployment_of(flow: Any, app: str | None = None, op: str | None = None, *, name: str | None = None,
+                  **kwargs: Any) -> Any:
+    """A served deployment of a module-level flow (Prefect finds its entrypoint,
+    ``flows/<module>.py:<function>``, the same as in prefect.yaml): for batch type (app, op) named as the
+    dispatcher looks it up (``alya-bank-txn/bank-txn``, ALYA_DEPLOYMENT_NAME), else ``name``
+    (``names.SWEEPER_DEPLOYMENT``, ...). Its description is the flow's unless ``description`` is given."""
+    if app is not None and op is not None:
+        name = names.type_deployment(app, op, example_jobmanager().config.deployment_name)
+    if name is None:
+        raise ValueError("deployment_of needs (app, op) or name")
+    kwargs.setdefault("description", flow.description)
+    return flow.to_deployment(name=name, **kwargs)

@@ -18,7 +18,7 @@ from prefect import flow
 
 from alya.core import names
 from alya.core.errors import ConfigError, InvalidInput
-from alya.prefect.intake import intake_dict, intake_pass, submit_file
+from alya.prefect.intake import intake_dict, intake_pass, submit_file, submitted_state
 from alya.prefect.states import refused
 from flows import bank
 from flows.common import example_jobmanager
@@ -44,6 +44,6 @@ def submit_file_flow(file_url: str, file_type: str, context: dict[str, Any] | st
     ``file_type``; the file stays where it is. A bad parameter or a rejected file fails the run, with one
     line saying why."""
     try:
-        return intake_dict(submit_file(jm.intake, file_url, file_type, context))
+        return submitted_state(submit_file(jm.intake, file_url, file_type, context))  # type: ignore[no-any-return]
     except (ConfigError, InvalidInput) as exc:
         return refused(exc)  # type: ignore[no-any-return]

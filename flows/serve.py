@@ -1,11 +1,11 @@
 """Serve every example batch type and the sweeper from one process: ``python -m flows.serve``.
 
-Deployments are named as the Dispatcher expects them, ``{flow}/alya`` (``alya-bank-txn/alya``, ...); the
-sweeper ``alya-sweeper/alya`` runs every 5 minutes; the file intake ``alya-intake/alya`` every
-ALYA_INTAKE_EVERY_SEC (when ALYA_INTAKE_URL is set), and ``alya-submit-file/alya`` on demand. Each flow
-run executes in a subprocess of this one, with this process's environment (set ALYA_DATABASE_URL,
-ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH, the ALYA_INTAKE_* settings and PREFECT_API_URL before
-starting it). Stop with Ctrl-C or SIGTERM.
+Deployments are named after what they run, as the Dispatcher expects them: ``alya-bank-txn/bank-txn``, ...
+(``alya.core.names``); the sweeper ``alya-sweeper/sweeper`` runs every 5 minutes; the file intake
+``alya-intake/intake`` every ALYA_INTAKE_EVERY_SEC (when ALYA_INTAKE_URL is set), and
+``alya-submit-file/submit-file`` on demand. Each flow run executes in a subprocess of this one, with this
+process's environment (set ALYA_DATABASE_URL, ALYA_REDIS_URL, ALYA_OBJECT_STORE_URL, ALYA_DISPATCH, the
+ALYA_INTAKE_* settings and PREFECT_API_URL before starting it). Stop with Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,17 +31,18 @@ def example_deployments(sweeper_interval_sec: float = SWEEPER_EVERY_SEC) -> list
     deployments = []
     for fl, app, op in ((bank.bank_txn_flow, bank.APP, bank.OP), (mail.mail_send_flow, mail.APP, mail.OP),
                         (report.report_summary_flow, report.APP, report.OP)):
-        deployments.append(deployment_of(fl, tags=names.type_tags(app, op)))
+        deployments.append(deployment_of(fl, app, op, tags=names.type_tags(app, op)))
     schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=sweeper_interval_sec)} \
         if sweeper_interval_sec else {}
-    deployments.append(deployment_of(sweeper.sweeper_flow, tags=[names.TAG, "alya-sweeper"], **schedule))
+    deployments.append(deployment_of(sweeper.sweeper_flow, name=names.SWEEPER_DEPLOYMENT,
+                                     tags=[names.TAG, "alya-sweeper"], **schedule))
     deployments.extend(intake_deployments())
     return deployments
 
 
 def intake_deployments() -> list[Any]:
-    """``alya-intake/alya``, every ALYA_INTAKE_EVERY_SEC when ALYA_INTAKE_URL and ALYA_INTAKE_PATTERNS are
-    set (else unscheduled, with one line saying so: a run needs both), and ``alya-submit-file/alya`` (run
+    """``alya-intake/intake``, every ALYA_INTAKE_EVERY_SEC when ALYA_INTAKE_URL and ALYA_INTAKE_PATTERNS are
+    set (else unscheduled, with one line saying so: a run needs both), and ``alya-submit-file/submit-file`` (run
     with parameters from the UI)."""
     from alya.core.logs import get_logger
     from alya.core.settings import IntakeSettings
@@ -51,10 +52,10 @@ def intake_deployments() -> list[Any]:
     ready = bool(settings.intake_url and settings.patterns)
     schedule: dict[str, Any] = {"interval": dt.timedelta(seconds=settings.intake_every_sec)} if ready else {}
     if not ready:
-        get_logger().info("intake_not_scheduled", deployment="alya-intake", reason="ALYA_INTAKE_URL and "
+        get_logger().info("intake_not_scheduled", deployment=names.intake_deployment(), reason="ALYA_INTAKE_URL and "
                           "ALYA_INTAKE_PATTERNS are not both set: nothing to scan (run it from the UI with parameters)")
-    return [deployment_of(intake.intake_flow, tags=names.INTAKE_TAGS, **schedule),
-            deployment_of(intake.submit_file_flow, tags=names.INTAKE_TAGS)]
+    return [deployment_of(intake.intake_flow, name=names.INTAKE_DEPLOYMENT, tags=names.INTAKE_TAGS, **schedule),
+            deployment_of(intake.submit_file_flow, name=names.SUBMIT_FILE_DEPLOYMENT, tags=names.INTAKE_TAGS)]
 
 
 def take_over(deployments: Iterable[Any]) -> list[str]:

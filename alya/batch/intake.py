@@ -24,7 +24,7 @@ import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any
 
@@ -100,7 +100,10 @@ class Intake:
                     roots: Roots | None = None) -> FileIntake:
         """Check one file and submit its batch (Go: BulkfileinProcess); the file stays where it is. The same
         file again (URL, size, version) returns its first FileIntake and submits nothing, also when the two
-        calls race. Raises InvalidInput (no such file, bad context), ProcessorNotFound (unknown file type),
+        calls race; that FileIntake then has ``repeat=True``, and a WARNING says "already taken as batch X"
+        (a warning: the caller asked for a batch and got none, e.g. a scheduled submit of a file that
+        was not replaced since).
+        Raises InvalidInput (no such file, bad context), ProcessorNotFound (unknown file type),
         BackendUnavailable (the file's store or PostgreSQL unreachable: then nothing is stored).
         Confined (``roots``, else the intake's own): a URL outside them is refused before it is touched."""
         ftype = validate.file_type(filetype)
@@ -112,7 +115,14 @@ class Intake:
         info = stat(url, self.options_for(url))
         taken = self._take(info, ftype, checker, ctx, folder=None, wait=True)
         assert taken is not None  # waiting for the lock always gets it
-        return taken.record.intake()
+        fi = taken.record.intake()
+        if taken.new:
+            return fi
+        first = f"batch {fi.batch_id}" if fi.batch_id else f"a rejected file ({fi.error})"
+        get_logger().warning("file_already_taken", url=shown_url(info.url), filetype=ftype, batch=fi.batch_id,
+                             status=fi.status, taken_at=fi.reqat.isoformat(), detail=f"already taken as {first}",
+                             next="nothing submitted")
+        return replace(fi, repeat=True)
 
     def scan(self, folder_url: str, patterns: dict[str, str] | str, min_age_sec: float = 10,
              context: dict[str, Any] | str | None = None, *, roots: Roots | None = None) -> list[FileIntake]:

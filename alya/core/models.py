@@ -182,7 +182,9 @@ class FileCheck:
 class FileIntake:
     """What happened to one file: ``submitted`` as batch ``batch_id``, or ``rejected`` with ``error``.
     ``url`` is where the file lies now (``<folder>/done/<batch_id>/<name>``, ``<folder>/failed/<name>``, or
-    where it was found until it has been moved); ``source`` is where it was found."""
+    where it was found until it has been moved); ``source`` is where it was found. ``repeat``: the same file
+    (URL, size, version) was taken before, and this call submitted nothing: status, ``batch_id`` and
+    ``error`` are those of that first take (a repeat of batch ``batch_id``)."""
 
     url: str
     filetype: str
@@ -194,6 +196,7 @@ class FileIntake:
     source: str = ""
     nrows: int = 0
     moved: bool = False
+    repeat: bool = False
 
 
 @dataclass(frozen=True, slots=True)

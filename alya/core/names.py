@@ -8,6 +8,8 @@ name can never drift between them.
 
 from __future__ import annotations
 
+import re
+
 # ---------------------------------------------------------------------------- Redis
 # Every key of a batch carries the batch id as a Redis Cluster hash tag ({...}), so all of one batch's keys
 # live in one slot. Values are JSON with a "ver" field (see alya.io.cache); any key may be deleted at any time.
@@ -76,8 +78,18 @@ def resume_payload(batch_id: str) -> str:
 
 # ---------------------------------------------------------------------------- Prefect
 SWEEPER_FLOW = "alya-sweeper"
-DEFAULT_DEPLOYMENT = "alya"  # ALYA_DEPLOYMENT_NAME's default
+DEFAULT_DEPLOYMENT = "{app}-{op}"  # ALYA_DEPLOYMENT_NAME's default: a batch type's deployment reads bank-txn
 TAG = "alya"  # every flow run and deployment alya makes carries it
+SWEEPER_DEPLOYMENT = "sweeper"
+"""The sweeper's deployment: ``alya-sweeper/sweeper``."""
+
+
+def sanitize(text: str) -> str:
+    """``text`` as Prefect allows an artifact key (and as reads well in a deployment name): lower-case
+    letters, digits and single dashes, no dash at either end. Deterministic, so a key made from the same
+    batch is found again; different inputs may meet (``a_b`` and ``a.b``), so every key built here also
+    carries the batch id (a UUID: already in this alphabet), which keeps it unique per batch."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-") or "x"
 
 
 def flow_name(app: str, op: str) -> str:
@@ -85,9 +97,22 @@ def flow_name(app: str, op: str) -> str:
     return f"alya-{app}-{op}".replace("_", "-").replace(".", "-")
 
 
+def type_deployment(app: str, op: str, template: str = DEFAULT_DEPLOYMENT) -> str:
+    """The deployment's own name (after the ``/``): ``template`` (ALYA_DEPLOYMENT_NAME) with ``{app}`` and
+    ``{op}`` filled in, so by default the batch type itself (``bank-txn``): lists and breadcrumbs of the
+    Prefect UI then say which type a deployment serves. A template without placeholders (``alya``, the old
+    default) names every deployment alike."""
+    return sanitize(template.replace("{app}", app).replace("{op}", op))
+
+
 def deployment_name(app: str, op: str, deployment: str = DEFAULT_DEPLOYMENT) -> str:
-    """``{flow}/{deployment}``: the full name the dispatcher looks up and ``prefect.yaml`` declares."""
-    return f"{flow_name(app, op)}/{deployment}"
+    """``{flow}/{deployment}``: the full name the dispatcher looks up and ``prefect.yaml`` declares
+    (``alya-bank-txn/bank-txn``); ``deployment`` is ALYA_DEPLOYMENT_NAME (a template, see above)."""
+    return f"{flow_name(app, op)}/{type_deployment(app, op, deployment)}"
+
+
+def sweeper_deployment() -> str:
+    return f"{SWEEPER_FLOW}/{SWEEPER_DEPLOYMENT}"
 
 
 def batch_tag(batch_id: str) -> str:
@@ -125,13 +150,20 @@ def retry_key(batch_id: str, round: int) -> str:
     return dispatch_key(batch_id, f"retry:{round}")
 
 
-def progress_artifact_key(batch_id: str) -> str:
-    """Prefect artifact keys allow lower-case letters, digits and dashes only."""
-    return f"alya-progress-{batch_id}"
+def progress_artifact_key(app: str, op: str, batch_id: str) -> str:
+    """``bank-txn-progress-<batch>``: the batch type first, so a key in the Artifacts page says what it is;
+    the batch id keeps it unique per batch. Sanitized (Prefect allows lower-case letters, digits, dashes)."""
+    return sanitize(f"{app}-{op}-progress-{batch_id}")
 
 
-def summary_artifact_key(batch_id: str) -> str:
-    return f"alya-summary-{batch_id}"
+def summary_artifact_key(app: str, op: str, batch_id: str) -> str:
+    """``bank-txn-summary-<batch>`` (see :func:`progress_artifact_key`)."""
+    return sanitize(f"{app}-{op}-summary-{batch_id}")
+
+
+def batch_artifact_description(app: str, op: str, batch_id: str, what: str) -> str:
+    """An artifact's description: the batch type and batch, then what it shows."""
+    return f"{app}/{op} batch {batch_id}: {what}"
 
 
 # ---------------------------------------------------------------------------- object store
@@ -144,13 +176,30 @@ def batch_prefix(root_url: str, app: str, op: str, batch_id: str) -> str:
 
 # ---------------------------------------------------------------------------- file intake
 INTAKE_FLOW = "alya-intake"
-"""The scheduled flow that runs one intake pass over ALYA_INTAKE_URL (deployment ``alya-intake/alya``)."""
+"""The scheduled flow that runs one intake pass over ALYA_INTAKE_URL (deployment ``alya-intake/intake``)."""
 SUBMIT_FILE_FLOW = "alya-submit-file"
 """The flow that makes one file (URL, file type, context) a batch: run it from the Prefect UI."""
+INTAKE_DEPLOYMENT = "intake"
+SUBMIT_FILE_DEPLOYMENT = "submit-file"
 INTAKE_ARTIFACT_KEY = "alya-intake"
-"""The table artifact of the files one intake run took (one version per run)."""
-SUBMIT_FILE_ARTIFACT_KEY = "alya-submit-file"
+"""The table artifact of the files one intake run took (one version per run that took or refused a file)."""
 INTAKE_TAGS = [TAG, "alya-intake"]
+
+
+def intake_deployment() -> str:
+    return f"{INTAKE_FLOW}/{INTAKE_DEPLOYMENT}"
+
+
+def submit_file_deployment() -> str:
+    return f"{SUBMIT_FILE_FLOW}/{SUBMIT_FILE_DEPLOYMENT}"
+
+
+def file_artifact_key(file_name: str) -> str:
+    """``alya-file-<name>``: the table of what ``alya-submit-file`` did with a file, one version per run of
+    the same file name, so a file submitted again shows under the same key (and says it was a repeat)."""
+    return sanitize(f"alya-file-{file_name}")
+
+
 DONE_FOLDER = "done"
 FAILED_FOLDER = "failed"
 

@@ -61,7 +61,8 @@ class JobManagerConfig(_Settings):
     worker_threads: int = Field(2, ge=1, le=32, description="Prefect task-runner threads per flow run")
     task_seconds: float = Field(2.0, gt=0, description="a chunk task keeps claiming this long")
     flow_max_tasks: int = Field(100, ge=1, le=1000, description="chunk tasks per flow run (Prefect limit)")
-    deployment_name: str = Field("alya", min_length=1, description="deployments are {flow}/{this}")
+    deployment_name: str = Field("{app}-{op}", min_length=1,
+                                 description="deployments are {flow}/{this}, {app} and {op} filled in")
     cancel_timeout_sec: float = Field(30.0, ge=0, description="Cancelling runs are forced Cancelled after")
     poll_sec: float = Field(0.5, gt=0, description="idle poll interval of jm.run workers (wake-ups aside)")
     done_cache_rows: int = Field(1000, ge=0, description="final batches this small cache their rows too")

@@ -2,13 +2,21 @@
 the run has summarised it, a summary table; in every mode, a dispatched run (one batch) as a ``jm.run`` /
 ``alya worker`` run (any batch of its type, many at once).
 
-- **Progress** (key ``alya-progress-<batch>``): made when the run first wrote rows of the batch (a dispatched
+- **Progress** (key ``<app>-<op>-progress-<batch>``): made when the run first wrote rows of the batch (a dispatched
   run: when it starts), then set once per wave of chunk tasks to the batch's done fraction (its final rows of
   all workers, read from the status read model, not this run's own count), 100 once the batch is final.
-- **Summary** (key ``alya-summary-<batch>``): a one-row table of the batch's counts, status and output files
+- **Summary** (key ``<app>-<op>-summary-<batch>``): a one-row table of the batch's counts, status and output files
   (``BatchSummary.as_row``) for each batch the run summarised, and for a dispatched run's batch whatever its
   state at the end of the run.
 - **Overview** (no key, worker runs only): one table of every batch the run wrote rows of or summarised.
+- **The run's own state message**, while it runs: a dispatched run's Running state says how far its batch
+  is ("1,200 of 5,000 rows done, 3 failed"), a worker run's what it did so far ("1,200 rows of 3 batches"),
+  at most every ``RUNNING_MESSAGE_SEC`` and the first that long after the start (a short run gets none):
+  the run's page shows it under Details, "State Message", without opening an artifact. Prefect has no
+  call that changes a state's message, so this proposes a new Running state (not forced) when the run's
+  current state is Running: never over a Cancelling one (an abort), never after the batch is final. Each
+  such state adds one to the run's ``run_count`` (Prefect counts entries into Running: the UI's "Run
+  Count" of a long run grows by about 6 a minute); the batch flows never retry, so nothing reads it.
 
 Each artifact is created with the flow run's id, so it is linked to the run, and only inside a run: outside
 one nothing is published. The Prefect calls and status reads run on one helper thread per flow run, so that
@@ -20,6 +28,7 @@ logged and never stops the run.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from alya.batch.status import Statuses
@@ -30,6 +39,7 @@ from alya.core.models import BatchStatus, BatchSummary
 from alya.prefect.states import rows_message
 
 FINISH_WAIT_SEC = 30.0  # the run's end waits this long for its final artifacts
+RUNNING_MESSAGE_SEC = 10.0  # a run's Running state message changes at most this often (one state each)
 
 
 class RunArtifacts:
@@ -38,6 +48,7 @@ class RunArtifacts:
 
     def __init__(self, statuses: Statuses, app: str, op: str, batch_id: str | None) -> None:
         self.statuses = statuses
+        self.app, self.op = app, op
         self.type = f"{app}/{op}"
         self.batch_id = batch_id
         self.log = get_logger().bind(app=app, op=op)
@@ -53,6 +64,9 @@ class RunArtifacts:
         self._done: list[str] = []  # summarised batches whose table is still to be made
         self._tabled: set[str] = set()  # batches whose summary table this run made
         self._thread: threading.Thread | None = None
+        # (monotonic time, text) of the last Running message: the first comes RUNNING_MESSAGE_SEC after the
+        # start, so a short run (most) gets none and keeps its run_count of 1
+        self._message: tuple[float, str] = (time.monotonic(), "")
         if self.flow_run_id is not None:  # never outside a run (Prefect deprecates it)
             self._thread = threading.Thread(target=self._publish, name=f"alya-artifacts-{app}-{op}", daemon=True)
             self._thread.start()
@@ -102,6 +116,8 @@ class RunArtifacts:
                         summarised = self._summarised
                     for batch in sorted(news):
                         self._progress(client, batch)
+                    if summarised is None:
+                        self._running_message(client)
                     self._summaries(client, done)
                     if summarised is not None:
                         self._tables(client, summarised)
@@ -121,7 +137,7 @@ class RunArtifacts:
                 from prefect.client.schemas.actions import ArtifactCreate
 
                 art = client.create_artifact(ArtifactCreate(
-                    key=names.progress_artifact_key(batch), type="progress", data=percent,
+                    key=names.progress_artifact_key(self.app, self.op, batch), type="progress", data=percent,
                     description=description, flow_run_id=self.flow_run_id))
                 self.progress_ids[batch] = art.id
             elif (percent, description) != self.percent.get(batch):
@@ -136,6 +152,33 @@ class RunArtifacts:
             return
         if s.status is BatchStatus.ABORTED:  # no run summarises an aborted batch: its table comes from here,
             self._summaries(client, [batch])  # after a wave, so once this run's rows of it have settled
+
+    def _running_message(self, client: Any) -> None:
+        """The run's Running state, re-proposed with a message saying how far it is (see the module doc)."""
+        if self.batch_id is not None:
+            s = self.seen.get(self.batch_id)
+            if s is None or s.status.is_final:
+                return
+            text = running_message(s)
+        else:
+            rows = sum(self.touched.values())
+            if not rows:
+                return
+            n = len(self.touched)
+            text = f"{rows:,} rows of {n:,} batch{'es' if n != 1 else ''}"
+        last_at, last = self._message
+        if text == last or time.monotonic() - last_at < RUNNING_MESSAGE_SEC:
+            return
+        try:
+            from prefect.states import Running
+
+            run = client.read_flow_run(self.flow_run_id)
+            if run.state is None or run.state.type.value != "RUNNING":  # Cancelling (an abort), or ending
+                return
+            client.set_flow_run_state(self.flow_run_id, Running(message=text))
+            self._message = (time.monotonic(), text)
+        except Exception as exc:
+            self.log.debug("running_message_failed", error=describe(exc))
 
     def _tables(self, client: Any, summarised: list[str]) -> None:
         """A keyed summary table per batch summarised (and the dispatched batch); the worker run's overview."""
@@ -160,20 +203,28 @@ class RunArtifacts:
             try:
                 s = self.statuses.read(batch).value
                 self.seen[batch] = s
-                create_summary(client, self.type, batch, s, self.flow_run_id)
+                create_summary(client, self.app, self.op, batch, s, self.flow_run_id)
             except Exception as exc:
                 self.log.warning("summary_artifact_failed", batch=batch, error=describe(exc))
 
 
-def create_summary(client: Any, type_: str, batch: str, s: BatchSummary, flow_run_id: Any) -> None:
-    """The batch's summary table (key ``alya-summary-<batch>``), linked to the flow run ``flow_run_id``:
+def create_summary(client: Any, app: str, op: str, batch: str, s: BatchSummary, flow_run_id: Any) -> None:
+    """The batch's summary table (key ``<app>-<op>-summary-<batch>``), linked to the flow run ``flow_run_id``:
     by the run itself, or through the API with the id of the run that could not make it (a run cancelled
     before it started, one stopped because it hung)."""
     from prefect.client.schemas.actions import ArtifactCreate
 
     client.create_artifact(ArtifactCreate(
-        key=names.summary_artifact_key(batch), type="table", data=_json_table([table_row(batch, s)]),
-        description=f"{type_} batch {batch}: {s.status.value}", flow_run_id=flow_run_id))
+        key=names.summary_artifact_key(app, op, batch), type="table", data=_json_table([table_row(batch, s)]),
+        description=names.batch_artifact_description(app, op, batch, f"{s.status.value}, {rows_message(s)}"),
+        flow_run_id=flow_run_id))
+
+
+def running_message(s: BatchSummary) -> str:
+    """ "1,200 of 5,000 rows done, 3 failed": a running batch's final rows of all its rows."""
+    done = s.nsuccess + s.nfailed + s.naborted
+    text = f"{done:,} of {s.nrows:,} rows done"
+    return text + (f", {s.nfailed:,} failed" if s.nfailed else "")
 
 
 def done_percent(s: BatchSummary) -> float:
@@ -195,9 +246,15 @@ def progress_of(type_: str, batch: str, s: BatchSummary) -> tuple[float, str]:
     return done_percent(s), f"{head}: {s.status.value}, {rows_message(s)}"
 
 
+FIRST_COLUMNS = ("status", "nrows", "nsuccess", "nfailed", "naborted", "nqueued", "ninprog")
+
+
 def table_row(batch: str, s: BatchSummary) -> dict[str, Any]:
-    """A row of a summary table: the batch, then every field of its summary as a cell."""
-    return {"batch": batch, **{k: _cell(v) for k, v in s.as_row().items()}}
+    """A row of a summary table: the batch, its status and counts (what the UI must show without scrolling
+    sideways), then every other field of its summary as a cell, the long output file URLs last."""
+    row = s.as_row()
+    order = [*FIRST_COLUMNS, *(k for k in row if k not in FIRST_COLUMNS and k != "outputfiles"), "outputfiles"]
+    return {"batch": batch, **{k: _cell(row[k]) for k in order if k in row}}
 
 
 def _cell(value: Any) -> Any:

@@ -277,11 +277,11 @@ class Dispatcher:
         try:
             def read(q: Any) -> Any:
                 rec = q.get_batch(id=batch_id)
-                return None if rec is None else (f"{rec.app}/{rec.op}", record_summary(q, rec).value)
+                return None if rec is None else (rec.app, rec.op, record_summary(q, rec).value)
 
             found = self.store.run(read, readonly=True)
             if found is not None:
-                create_summary(client, found[0], batch_id, found[1], run_id)
+                create_summary(client, found[0], found[1], batch_id, found[2], run_id)
         except Exception as exc:
             get_logger().warning("summary_artifact_failed", batch=batch_id, error=describe(exc))
 

@@ -41,7 +41,7 @@ def intake_pass(intake: Intake, folder_url: str | None = None, patterns: dict[st
     taken = intake.scan(folder, pats, min_age, roots=flow_roots(settings))
     if taken:  # a pass that took nothing leaves no artifact: an empty table every minute buries the rest
         publish_artifact(names.INTAKE_ARTIFACT_KEY, taken,
-                         f"Files the intake took from {shown_url(folder)} in this run")
+                         f"{shown_url(folder)}: {', '.join(_took(fi) for fi in taken)}")
     return taken
 
 
@@ -54,10 +54,33 @@ def submit_file(intake: Intake, file_url: Any, file_type: Any, context: Any = No
     ctx = validate.json_object(context if context not in (None, "") else {}, "context", intake.max_context_bytes)
     settings = IntakeSettings()  # type: ignore[call-arg]  # the fields come from ALYA_INTAKE_*
     fi = intake.file_submit(file_url.strip(), ftype, ctx, roots=flow_roots(settings))
-    publish_artifact(names.SUBMIT_FILE_ARTIFACT_KEY, [fi], f"{shown_url(file_url)} as file type {ftype}")
+    name = file_name_of(fi)
+    publish_artifact(names.file_artifact_key(name), [fi], f"{shown_url(file_url)} as file type {ftype}: {_took(fi)}")
     if fi.status != "submitted":
-        raise InvalidInput(f"{shown_url(file_url)} was rejected: {fi.error}")
+        again = " (the same file again: rejected when first taken)" if fi.repeat else ""
+        raise InvalidInput(f"{shown_url(file_url)} was rejected{again}: {fi.error}")
     return fi
+
+
+def file_name_of(fi: FileIntake) -> str:
+    """The file's own name (where it was found), for keys and descriptions a person reads."""
+    return (fi.source or fi.url).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _took(fi: FileIntake) -> str:
+    """ "in.csv: batch X (5 rows)", "in.csv: rejected (why)", "in.csv: already taken as batch X"."""
+    what = f"batch {fi.batch_id} ({fi.nrows:,} rows)" if fi.batch_id else f"rejected ({fi.error})"
+    if fi.repeat:
+        what = f"already taken as batch {fi.batch_id}" if fi.batch_id else f"already taken and {what}"
+    return f"{file_name_of(fi)}: {what}"
+
+
+def submitted_state(fi: FileIntake) -> Any:
+    """The state an ``alya-submit-file`` run ends in: Completed, its message saying what became of the
+    file ("in.csv: already taken as batch X" for the same file again), the FileIntake as its data."""
+    from prefect.states import Completed
+
+    return Completed(message=_took(fi), data=intake_dict(fi))
 
 
 def flow_roots(settings: IntakeSettings) -> Roots:
@@ -81,7 +104,8 @@ def publish_artifact(key: str, files: list[FileIntake], description: str) -> Non
 
         if FlowRunContext.get() is None:
             return
-        table = [{"file": fi.source.rsplit("/", 1)[-1], "type": fi.filetype, "status": fi.status,
+        table = [{"file": file_name_of(fi), "type": fi.filetype,
+                  "status": f"{fi.status} (repeat)" if fi.repeat else fi.status,
                   "batch": fi.batch_id or "", "rows": fi.nrows, "error": fi.error or "", "now at": fi.url}
                  for fi in files]
         create_table_artifact(table=table, key=key, description=description)

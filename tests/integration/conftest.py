@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from alya import JobManager
+from alya.core import names
 
 # Test Prefect servers must not try to send telemetry (no network here; it only adds noise).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -117,5 +118,6 @@ def djm(database_url: str, redis_url: str, file_store_url: str, prefect_harness:
 
 @pytest.fixture
 def deployment_id(djm: JobManager) -> uuid.UUID:
-    """The batch type's deployment ``alya-disp-work/alya`` (applied, not served)."""
-    return djm.flow(dispatch.APP, dispatch.OP).to_deployment(name=djm.config.deployment_name).apply()  # type: ignore[no-any-return]
+    """The batch type's deployment ``alya-disp-work/disp-work`` (applied, not served)."""
+    return djm.flow(dispatch.APP, dispatch.OP).to_deployment(
+        name=names.type_deployment(dispatch.APP, dispatch.OP, djm.config.deployment_name)).apply()  # type: ignore[no-any-return]

@@ -63,7 +63,7 @@ def slow_flow(batch_id=None):
 if __name__ == "__main__":
     from flows.serve import serve_all
 
-    serve_all(extra=[deployment_of(slow_flow, tags=["alya"])], limit=4, poll_sec=1.0,
+    serve_all(extra=[deployment_of(slow_flow, "e2e", "slow", tags=["alya"])], limit=4, poll_sec=1.0,
               sweeper_interval_sec=0)
 '''
 
@@ -216,8 +216,8 @@ def serve_examples(work: Path, template_db: str) -> Iterator[dict[str, Any]]:
             try:
                 t0 = time.monotonic()
                 with api(url):
-                    names = ["alya-bank-txn/alya", "alya-mail-send/alya", "alya-report-summary/alya",
-                             "alya-sweeper/alya", "alya-e2e-slow/alya"]
+                    names = ["alya-bank-txn/bank-txn", "alya-mail-send/mail-send", "alya-report-summary/report-summary",
+                             "alya-sweeper/sweeper", "alya-e2e-slow/e2e-slow"]
 
                     def deployed() -> bool:
                         with client() as c:

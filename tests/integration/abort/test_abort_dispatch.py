@@ -12,6 +12,7 @@ import uuid
 from structlog.testing import capture_logs
 
 from alya import BatchStatus, JobManager
+from alya.core import names
 from alya.prefect.dispatch import Dispatcher
 from tests.support.config import make_config
 from tests.support.dispatch import APP, OP, closed_port_url, rows, runs_of, state_of, wait_state
@@ -50,7 +51,7 @@ def test_a_running_run_is_left_to_end_then_stopped_then_forced(djm: JobManager, 
     assert time.monotonic() - t0 >= 2.0
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[f"alya-summary-{bid}"])))
+            key=ArtifactFilterKey(any_=[names.summary_artifact_key(APP, OP, bid)])))
     assert [a.flow_run_id for a in arts] == [run.id]
     assert json.loads(arts[0].data)[0]["naborted"] == 5  # type: ignore[arg-type]
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from alya import BatchInput, BatchStatus, JobManager
+from alya.core import names
 from tests.support.prefect_server import api, client, row_counts, runs_of, serve_examples, state_of, wait_for
 
 pytestmark = pytest.mark.slow
@@ -63,12 +64,13 @@ def test_abort_running_batch_cancels_its_flow_run(s: dict[str, Any]) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with client() as c:
+        pkey, skey = names.progress_artifact_key("e2e", "slow", bid), names.summary_artifact_key("e2e", "slow", bid)
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[f"alya-progress-{bid}", f"alya-summary-{bid}"])))
-    (progress,) = [a for a in arts if a.key == f"alya-progress-{bid}"]
+            key=ArtifactFilterKey(any_=[pkey, skey])))
+    (progress,) = [a for a in arts if a.key == pkey]
     assert float(progress.data) == round(100 * after.nsuccess / 60, 2) < 100  # type: ignore[arg-type]
     assert "aborted" in (progress.description or "")
-    (table,) = [a for a in arts if a.key == f"alya-summary-{bid}"]
+    (table,) = [a for a in arts if a.key == skey]
     assert table.flow_run_id == run.id
     (row,) = json.loads(table.data)  # type: ignore[arg-type]
     assert (row["status"], row["nsuccess"], row["naborted"]) == ("aborted", after.nsuccess, after.naborted)

@@ -108,7 +108,7 @@ def test_missing_deployment_is_logged_and_batch_kept(djm: JobManager, prefect_ha
     with capture_logs() as logs:
         bid = djm.batch_submit("nodeploy", "x", {}, rows(1))
     (failed,) = [e for e in logs if e["event"] == "dispatch_failed"]
-    assert failed["deployment"] == "alya-nodeploy-x/alya" and "no such deployment" in failed["reason"]
+    assert failed["deployment"] == "alya-nodeploy-x/nodeploy-x" and "no such deployment" in failed["reason"]
     assert djm.batch_status(bid).status is BatchStatus.QUEUED and runs_of(bid) == []
     # the sweeper looks the missing deployment up once, and says so once, however many batches wait for it
     djm.batch_submit("nodeploy", "x", {}, rows(2))
@@ -116,7 +116,7 @@ def test_missing_deployment_is_logged_and_batch_kept(djm: JobManager, prefect_ha
         report = djm.cleanup(redispatch=True)
     assert report.dispatched == []
     (missing,) = [e for e in logs if e["event"] == "sweeper_no_deployment"]
-    assert missing["deployment"] == "alya-nodeploy-x/alya" and missing["open_batches"] == 2
+    assert missing["deployment"] == "alya-nodeploy-x/nodeploy-x" and missing["open_batches"] == 2
     assert not [e for e in logs if e["event"] == "dispatch_failed"]
 
 

@@ -117,7 +117,7 @@ def test_prefect_unreachable_at_submit_then_sweeper_dispatches(s: dict[str, Any]
     assert jm.batch_status(bid).status is BatchStatus.QUEUED and runs_of(bid) == []
     # the sweeper (served; scheduled every 5 minutes in real life, triggered here) dispatches it
     with client() as c:
-        dep = c.read_deployment_by_name("alya-sweeper/alya")
+        dep = c.read_deployment_by_name("alya-sweeper/sweeper")
         sweep = c.create_flow_run_from_deployment(dep.id)
     wait_for("batch dispatched by the sweeper and final", lambda: final_status(jm, bid), 120, s["serve"])
     assert runs_of(bid)[0].idempotency_key.startswith(f"alya:{bid}:sweep:")
@@ -139,15 +139,15 @@ def test_prefect_deploy_all_and_process_worker(tmp_path: Path, database_url: str
         print(f"deploy.sh (work pool + prefect deploy --all) took {time.monotonic() - t0:.1f}s")
         with client() as c:
             deps = {f"{c.read_flow(d.flow_id).name}/{d.name}": d for d in c.read_deployments()}
-        assert set(deps) == {"alya-bank-txn/alya", "alya-mail-send/alya", "alya-report-summary/alya",
-                             "alya-sweeper/alya", "alya-intake/alya", "alya-submit-file/alya"}
+        assert set(deps) == {"alya-bank-txn/bank-txn", "alya-mail-send/mail-send", "alya-report-summary/report-summary",
+                             "alya-sweeper/sweeper", "alya-intake/intake", "alya-submit-file/submit-file"}
         assert {d.work_pool_name for d in deps.values()} == {"alya-pool"}
-        assert deps["alya-bank-txn/alya"].entrypoint == "flows/bank.py:bank_txn_flow"
-        sweeper = deps["alya-sweeper/alya"]
+        assert deps["alya-bank-txn/bank-txn"].entrypoint == "flows/bank.py:bank_txn_flow"
+        sweeper = deps["alya-sweeper/sweeper"]
         assert [sch.schedule.interval.total_seconds() for sch in sweeper.schedules] == [300.0]
         # nothing to scan in this environment: the intake is deployed unscheduled, not failing every minute
-        assert deps["alya-intake/alya"].schedules == []
-        assert "alya-intake/alya deployed without a schedule" in out.stderr
+        assert deps["alya-intake/intake"].schedules == []
+        assert "alya-intake/intake deployed without a schedule" in out.stderr
 
         worker = Proc([PREFECT, "worker", "start", "--pool", "alya-pool", "--limit", "2"],
                       {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}, tmp_path / "worker.log")

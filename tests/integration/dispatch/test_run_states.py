@@ -34,7 +34,7 @@ def sjm(database_url: str, redis_url: str, file_store_url: str) -> Iterator[JobM
                     config=make_config(dispatch="prefect", cancel_timeout_sec=60, batchchunk_nrows=4,
                                        task_seconds=0.3))
     jm.register_batch_processor(APP, OP, Proc())
-    jm.flow(APP, OP).to_deployment(name=jm.config.deployment_name).apply()
+    jm.flow(APP, OP).to_deployment(name=names.type_deployment(APP, OP, jm.config.deployment_name)).apply()
     yield jm
     jm.close()
 
@@ -93,7 +93,7 @@ def artifacts(key: str) -> list[Any]:
 
 def summary_row(bid: str, run_id: uuid.UUID) -> dict[str, Any]:
     """The batch's one summary table, which must be linked to the run ``run_id``."""
-    (art,) = artifacts(names.summary_artifact_key(bid))
+    (art,) = artifacts(names.summary_artifact_key(APP, OP, bid))
     assert art.flow_run_id == run_id
     (row,) = json.loads(art.data)  # type: ignore[arg-type]
     return row  # type: ignore[no-any-return]
@@ -159,7 +159,7 @@ def test_a_batch_aborted_while_its_run_processes(sjm: JobManager) -> None:
     assert run.state.message == f"{s.nsuccess:,} of 400 rows, {s.naborted:,} aborted"
     row = summary_row(bid, run.id)
     assert (row["status"], row["nsuccess"], row["naborted"]) == ("aborted", s.nsuccess, s.naborted)
-    (progress,) = artifacts(names.progress_artifact_key(bid))
+    (progress,) = artifacts(names.progress_artifact_key(APP, OP, bid))
     assert float(progress.data) == round(100.0 * s.nsuccess / 400, 2) < 100.0  # type: ignore[arg-type]
     assert "aborted" in (progress.description or "")
 
@@ -172,7 +172,7 @@ def test_a_worker_run_is_completed_and_counts_its_batches(jm: JobManager) -> Non
     ids.append(jm.batch_submit(APP, "many", {}, [(1, {"mode": "fail"}), (2, {})]))
     jm.run(stop_when_idle=True)
     assert [jm.batch_status(b).status for b in ids] == [BatchStatus.SUCCESS] * 2 + [BatchStatus.FAILED]
-    (art,) = artifacts(names.summary_artifact_key(ids[0]))
+    (art,) = artifacts(names.summary_artifact_key(APP, "many", ids[0]))
     with client() as c:
         run = c.read_flow_run(art.flow_run_id)
     assert (run.state.type.value, run.state.name) == ("COMPLETED", "Completed")
@@ -183,3 +183,42 @@ def _ran(jm: JobManager, bid: str) -> int:
     from tests.support.services import store_sql
 
     return int(store_sql(jm.store, "SELECT count(*) FROM batchrows WHERE batch = %s AND status = 'success'", bid)[0][0])
+
+
+def test_a_running_dispatched_run_says_how_far_its_batch_is(sjm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it runs, the run's own state message says how far its batch is ("120 of 400 rows done, 2
+    failed"), read through the Prefect API while the run is Running; the run then ends Failed as usual."""
+    import re
+
+    import alya.batch.status
+    import alya.prefect.artifacts
+
+    monkeypatch.setattr(alya.prefect.artifacts, "RUNNING_MESSAGE_SEC", 0.3)
+    monkeypatch.setattr(alya.batch.status, "OPEN_TTL_SEC", 0.2)  # counts of an open batch cached 0.2 s, not 5
+    bid = sjm.batch_submit(APP, OP, {}, [(n, {"x": n, "sleep": 0.05, **({"mode": "fail"} if n in (2, 5) else {})})
+                                         for n in range(1, 401)])  # 2.5 s at 8 rows at once, or longer
+    run_id = the_run(bid).id
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(run=run_dispatched(sjm, bid)))
+    t.start()
+    seen: list[str] = []
+    while t.is_alive():
+        with client() as c:
+            st = c.read_flow_run(run_id).state
+        if st is not None and st.type.value == "RUNNING" and st.message and st.message not in seen:
+            seen.append(st.message)
+        time.sleep(0.1)
+    t.join()
+    assert seen, "no progress message while the run ran"
+    done = []
+    for m in seen:
+        match = re.fullmatch(r"([\d,]+) of 400 rows done(, ([\d,]+) failed)?", m)
+        assert match, m
+        done.append(int(match.group(1).replace(",", "")))
+    assert done == sorted(done) and done[0] < 400 and done[-1] > 0  # it moved forward while the batch ran
+    with client() as c:
+        history = c.read_flow_run_states(run_id)
+    running = [s for s in history if s.type.value == "RUNNING"]
+    assert all(s.name == "Running" for s in running)  # not "Rerunning": one run, several messages
+    run = out["run"]
+    assert (run.state.type.value, run.state.message) == ("FAILED", "398 of 400 rows, 2 failed")

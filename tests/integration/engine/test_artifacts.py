@@ -48,12 +48,13 @@ def test_worker_run_makes_a_summary_and_a_progress_artifact_per_batch(jm: JobMan
     expected = {a1: ("alya-art-one", BatchStatus.FAILED, 251, 250, 1),
                 a2: ("alya-art-one", BatchStatus.SUCCESS, 120, 120, 0),
                 b: ("alya-art-two", BatchStatus.SUCCESS, 40, 40, 0)}
+    ops = {a1: "one", a2: "one", b: "two"}
     runs: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
         for bid, (flow, status, nrows, nsuccess, nfailed) in expected.items():
             s = jm.batch_status(bid)
             assert (s.status, s.nrows, s.nsuccess, s.nfailed) == (status, nrows, nsuccess, nfailed)
-            summaries = artifacts_of(names.summary_artifact_key(bid))
+            summaries = artifacts_of(names.summary_artifact_key("art", ops[bid], bid))
             assert len(summaries) == 1, summaries  # one worker: the batch was summarised once
             summary = summaries[0]
             assert summary.type == "table" and summary.flow_run_id is not None
@@ -69,7 +70,7 @@ def test_worker_run_makes_a_summary_and_a_progress_artifact_per_batch(jm: JobMan
             assert client.read_flow(run.flow_id).name == flow
             assert run.parameters.get("batch_id") is None  # a worker run, not a dispatched one
             runs[bid] = run.id
-            progress = artifacts_of(names.progress_artifact_key(bid))
+            progress = artifacts_of(names.progress_artifact_key("art", ops[bid], bid))
             assert progress, f"no progress artifact for {bid}"
             for p in progress:
                 assert p.type == "progress" and float(p.data) == 100.0  # type: ignore[arg-type]
@@ -93,7 +94,7 @@ def test_worker_run_progress_follows_the_batch_per_wave(database_url: str, redis
     try:
         jm.register_batch_processor("art", "slow", Proc())
         bid = jm.batch_submit("art", "slow", {}, rows(400, sleep=0.04))  # about 2 s at 8 rows at once
-        key = names.progress_artifact_key(bid)
+        key = names.progress_artifact_key("art", "slow", bid)
         seen: list[float] = []
         worker = threading.Thread(target=lambda: jm.run(stop_when_idle=True), daemon=True)
         worker.start()

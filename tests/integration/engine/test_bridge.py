@@ -92,7 +92,7 @@ def test_rows_do_not_wait_for_a_slow_flow_run_and_the_run_still_shows_them(jm: J
 
         with get_client(sync_client=True) as client:
             found = client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[names.summary_artifact_key(b)])))
+                key=ArtifactFilterKey(any_=[names.summary_artifact_key("brg", "op", b)])))
         assert len(found) == 1 and found[0].flow_run_id is not None
         assert json.loads(found[0].data)[0]["nsuccess"] == 30  # type: ignore[arg-type]
     finally:

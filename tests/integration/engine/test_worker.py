@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from alya import BatchStatus, JobManager
+from alya.core import names
 from tests.support.procs import Proc, drain, manager, read_log, rows, run_claim, spawn_worker, states, wait_until
 from tests.support.services import store_sql
 
@@ -136,11 +137,12 @@ def test_batch_flow_run_artifacts_and_task_budget(database_url: str, redis_url: 
         with get_client(sync_client=True) as client:
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
             assert 0 < len(tasks) <= 6
+            pkey, skey = names.progress_artifact_key("wrk", "flow", bid), names.summary_artifact_key("wrk", "flow", bid)
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[f"alya-progress-{bid}", f"alya-summary-{bid}"])))
-        progress = [a for a in arts if a.key == f"alya-progress-{bid}"]
+                key=ArtifactFilterKey(any_=[pkey, skey])))
+        progress = [a for a in arts if a.key == pkey]
         assert progress and max(float(a.data) for a in progress) == 100.0  # type: ignore[arg-type]
-        tables = [a for a in arts if a.key == f"alya-summary-{bid}" and bid in str(a.data)]  # one key per batch
+        tables = [a for a in arts if a.key == skey and bid in str(a.data)]  # one key per batch
         assert tables and any("success" in str(a.data) and "f.txt" in str(a.data) for a in tables)
     finally:
         jm.close()

@@ -70,8 +70,8 @@ def stored(pool: str) -> tuple[Any, dict[str, Any]]:
 
 def check_common(wp: Any, deps: dict[str, Any], pool_type: str) -> None:
     assert wp.type == pool_type
-    assert set(deps) == {"alya-bank-txn/alya", "alya-mail-send/alya", "alya-report-summary/alya",
-                         "alya-sweeper/alya"}
+    assert set(deps) == {"alya-bank-txn/bank-txn", "alya-mail-send/mail-send", "alya-report-summary/report-summary",
+                         "alya-sweeper/sweeper"}
     known = set(wp.base_job_template["variables"]["properties"])
     expected_entry = {f"{Path(d['entrypoint'].split(':')[0]).stem}": d["entrypoint"]
                       for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
@@ -83,7 +83,7 @@ def check_common(wp: Any, deps: dict[str, Any], pool_type: str) -> None:
         assert jv["env"]["ALYA_OBJECT_STORE_URL"] == "s3://alya-outputs/batches"
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/alya"}}]
         assert dep.entrypoint == expected_entry[Path(dep.entrypoint.split(":")[0]).stem]  # same as prefect.yaml
-    sweeper = deps["alya-sweeper/alya"]
+    sweeper = deps["alya-sweeper/sweeper"]
     assert [s.schedule.interval.total_seconds() for s in sweeper.schedules] == [300.0]
 
 
@@ -92,17 +92,17 @@ def test_docker_and_kubernetes_pools_deploy(tmp_path: Path) -> None:
         deploy(tmp_path, url, "alya-docker", "docker", "deployments/prefect.docker.yaml")
         wp, deps = stored("alya-docker")
         check_common(wp, deps, "docker")
-        bank = deps["alya-bank-txn/alya"].job_variables
+        bank = deps["alya-bank-txn/bank-txn"].job_variables
         assert bank["mem_limit"] == "1g" and bank["auto_remove"] is True
         assert bank["env"]["ALYA_DATABASE_URL"] == "postgresql://alya@pg.internal:5432/alya"
-        assert deps["alya-sweeper/alya"].job_variables["mem_limit"] == "512m"
+        assert deps["alya-sweeper/sweeper"].job_variables["mem_limit"] == "512m"
 
         # the same deployment names (the Dispatcher's), now on the kubernetes pool: a site uses one of the two
         deploy(tmp_path, url, "alya-k8s", "kubernetes", "deployments/prefect.kubernetes.yaml",
                "deployments/kubernetes-job-template.json")
         wp, deps = stored("alya-k8s")
         check_common(wp, deps, "kubernetes")
-        bank = deps["alya-bank-txn/alya"].job_variables
+        bank = deps["alya-bank-txn/bank-txn"].job_variables
         assert (bank["cpu_request"], bank["cpu_limit"], bank["memory_request"], bank["memory_limit"]) == \
             ("500m", "2", "512Mi", "1Gi")
         assert bank["namespace"] == "alya" and bank["settings_secret"] == "alya-settings"

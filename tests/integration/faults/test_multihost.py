@@ -162,7 +162,7 @@ def deploy_to_pool(cluster: Cluster, database: str) -> None:
     for dep in spec["deployments"]:
         dep.pop("schedules", None)
     pool = spec["deployments"][0]["work_pool"]
-    spec["deployments"].append({"name": "alya", "entrypoint": "tests/support/mh_app.py:mh_rec_flow", "parameters": {},
+    spec["deployments"].append({"name": "mh-rec", "entrypoint": "tests/support/mh_app.py:mh_rec_flow", "parameters": {},
                                 "tags": ["alya", "alya-app:mh", "alya-op:rec"], "work_pool": pool})
     path = cluster.workdir / "prefect.multihost.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -447,7 +447,7 @@ def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: 
             print(f"cut {victim.name} {t_cut - t0:.1f}s after submit, its flow run holding {len(stranded)} rows")
 
             time.sleep(max(0.0, RECOVERY_SEC + 1 - (time.monotonic() - t_cut)))
-            sweep = client.create_flow_run_from_deployment(client.read_deployment_by_name("alya-sweeper/alya").id)
+            sweep = client.create_flow_run_from_deployment(client.read_deployment_by_name("alya-sweeper/sweeper").id)
             wait_for("the sweeper's run completed on a live host",
                      lambda: (r := client.read_flow_run(sweep.id)).state is not None and r.state.is_completed(), 120)
             assert not held_rows(url, victim.name) & stranded  # requeued by the sweeper's cleanup()
@@ -473,7 +473,7 @@ def test_prefect_worker_host_cut_off_mid_run(cluster: Cluster, pool: str, mhdb: 
                     wait_for("the batch final", lambda: jm.batch_status(bid).status.is_final, 30, every=0.5)
                 except AssertionError:
                     assert time.monotonic() < deadline, "batch not final 180 s after the link came back"
-                    client.create_flow_run_from_deployment(client.read_deployment_by_name("alya-sweeper/alya").id)
+                    client.create_flow_run_from_deployment(client.read_deployment_by_name("alya-sweeper/sweeper").id)
             print(f"batch final {time.monotonic() - t_cut:.1f}s after the cut")
             runs_of = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"alya-batch:{bid}"]))
             wait_for("no run of the batch left active", lambda: all(

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import pandas as pd
 import pytest
+from structlog.testing import capture_logs
 
 from alya import BatchInput, BatchStatus, FileCheck, IncomingFile, InvalidInput, JobManager
 from alya.core.errors import ProcessorNotFound
@@ -74,7 +76,13 @@ def test_good_csv_becomes_a_batch_and_missing_cells_stay_missing(ijm: JobManager
 def test_the_same_file_twice_returns_the_first_intake(ijm: JobManager, database_url: str, tmp_path: Path) -> None:
     f = write(tmp_path / "a.csv", "id\n1\n2\n")
     first = ijm.file_submit(f.as_uri(), FILE_TYPE)
-    assert ijm.file_submit(str(f), FILE_TYPE) == first  # a path and its file:// URL are one file
+    assert not first.repeat
+    with capture_logs() as logs:
+        again = ijm.file_submit(str(f), FILE_TYPE)
+    assert again == replace(first, repeat=True)  # a path and its file:// URL are one file: a repeat of it
+    (line,) = [e for e in logs if e["event"] == "file_already_taken"]
+    assert line["batch"] == first.batch_id and line["detail"] == f"already taken as batch {first.batch_id}"
+    assert not [e for e in logs if e["event"] == "file_submitted"]
     # racing submits of one new file: one batch, the same answer for all
     g = write(tmp_path / "b.csv", "id\n1\n")
     results: list[Any] = []
@@ -85,10 +93,12 @@ def test_the_same_file_twice_returns_the_first_intake(ijm: JobManager, database_
     for t in threads:
         t.join(60)
     assert len(results) == 4 and len({r.batch_id for r in results}) == 1
+    assert sorted(r.repeat for r in results) == [False, True, True, True]  # one took it, three were told
     assert len(batches(database_url)) == 2
     # the file rewritten is a new file
     write(f, "id\n1\n2\n3\n")
-    assert ijm.file_submit(str(f), FILE_TYPE).batch_id != first.batch_id
+    rewritten = ijm.file_submit(str(f), FILE_TYPE)
+    assert rewritten.batch_id != first.batch_id and not rewritten.repeat
     assert len(batches(database_url)) == 3
 
 
@@ -280,7 +290,8 @@ def test_csv_parquet_and_json_lines_from_s3(ijm: JobManager, database_url: str, 
     # by URL, and the same object twice
     fs.pipe(f"{s3_url}/one.parquet", fs.cat(taken["b.parquet"].url))
     fi = ijm.file_submit(f"{s3_url}/one.parquet", FILE_TYPE)
-    assert fi.status == "submitted" and fi.nrows == 3 and ijm.file_submit(f"{s3_url}/one.parquet", FILE_TYPE) == fi
+    assert fi.status == "submitted" and fi.nrows == 3
+    assert ijm.file_submit(f"{s3_url}/one.parquet", FILE_TYPE) == replace(fi, repeat=True)
     assert len(batches(database_url)) == 4
 
 
@@ -338,6 +349,8 @@ try:
 except FailedRun as exc:
     out["badtype"] = str(exc)
 out["one"] = submit_file_flow(file_url=sys.argv[2], file_type="txn", context={"user": "ui"})
+rep = submit_file_flow(file_url=sys.argv[2], file_type="txn", return_state=True)
+out["repeat"] = [rep.result(), rep.type.value, rep.message, str(rep.state_details.flow_run_id)]
 print(json.dumps(out))
 """
 
@@ -377,6 +390,10 @@ def test_intake_flow_takes_files_and_leaves_an_artifact(database_url: str, redis
     assert res["bad"].startswith("no file at") and "\n" not in res["bad"]
     assert res["badtype"].startswith("file type") and "\n" not in res["badtype"]
     assert res["one"]["status"] == "submitted" and res["one"]["url"] == single.as_uri()
+    # the same file again: nothing submitted, and the run says it is a repeat of that batch
+    again, kind, message, again_run = res["repeat"]
+    assert again["repeat"] and again["batch_id"] == res["one"]["batch_id"] and not res["one"]["repeat"]
+    assert (kind, message) == ("COMPLETED", f"single.csv: already taken as batch {res['one']['batch_id']}")
     rows = rows_of(database_url, taken["t1.csv"]["batch_id"])
     assert rows == [(1, {"account": "0042", "kind": "deposit", "amount": 500, "txn": "t-1"}),
                     (2, {"account": "0042", "kind": "withdraw", "amount": 200, "txn": "t-2"})]
@@ -388,6 +405,14 @@ def test_intake_flow_takes_files_and_leaves_an_artifact(database_url: str, redis
     assert any({r["file"] for r in t} == {"t1.csv", "wrong.csv"} for t in tables), tables
     assert res["again"][0] == []  # the files were taken: a pass that takes nothing leaves no artifact
     assert str(res["again"][1]) not in {str(a.flow_run_id) for a in arts}
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        lines = [lg.message for lg in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[again_run])))]
+        (file_art,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["alya-file-single-csv"])), limit=1)
+    assert any(f"already taken as batch {res['one']['batch_id']}" in m for m in lines), lines
+    assert "already taken as batch" in (file_art.description or "")  # the latest version: the repeat
 
 
 def test_cli_intake_runs_one_pass(database_url: str, tmp_path: Path) -> None:
