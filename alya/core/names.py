@@ -42,11 +42,11 @@ COUNTS_TABLE = "batch_counts"
 """Rows of each batch by status, kept by triggers on ``batchrows`` (migration 0011): one row per batch and
 *shard* (the PostgreSQL backend that wrote it), summed on read. See ``alya.db.counters``."""
 COUNTS_TRIGGERS = {
-    "INSERT": ("alya_count_inserted", "alya_counts_insert"),
     "UPDATE": ("alya_count_updated", "alya_counts_update"),
     "DELETE": ("alya_count_deleted", "alya_counts_delete"),
 }
-"""Statement-level triggers on ``batchrows`` that move the counters: event -> (function, trigger)."""
+"""Statement-level triggers on ``batchrows`` that move the counters: event -> (function, trigger). Inserts
+are counted by the statements that insert (``alya.db.batches``): see migration 0011."""
 COUNTS_TRUNCATE = ("alya_count_truncated", "alya_counts_truncate")
 COUNTS_BATCH_GONE = ("alya_count_batch_gone", "alya_counts_batch_gone")
 """A deleted batch takes its counter rows with it (trigger on ``batches``)."""

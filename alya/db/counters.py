@@ -1,8 +1,10 @@
 """Reading the counters: a batch's rows by status without reading its rows.
 
 ``batch_counts`` (migration 0011) is kept by statement-level triggers on ``batchrows``: every statement
-that inserts, updates or deletes rows adds, in its own transaction, the difference it made per (batch,
-status) to its backend's *shard* row. So the counters are exact at every commit whatever statement moved
+that updates or deletes rows adds, in its own transaction, the difference it made per (batch, status) to
+its backend's *shard* row; the two that insert rows (a submit's or an append's COPY, a slow query's row)
+add their count themselves (:meth:`CounterQueries.count_inserted`), since a trigger would keep every
+copied row only to count it. So the counters are exact at every commit whatever statement moved
 the rows, including statements written after this module (they need not know about it), and a batch's
 rows in a status are the sum of its shard rows: a handful of index entries, O(1) in the batch's size.
 
@@ -33,6 +35,11 @@ class CounterQueries:
         """The batch's rows by status, from its counters (a batch whose counters are gone, or that was never
         counted, reads as all zeros: callers read counters only for open batches)."""
         return Counts.from_rows(self._tx.all("batch_counts", id=id))
+
+    def count_inserted(self, *, batch: str, n: int) -> None:
+        """``n`` rows were just inserted into ``batch`` (all ``queued``), in this transaction: the statements
+        that insert count themselves (no INSERT trigger: see migration 0011)."""
+        self._tx.run("count_inserted", batch=batch, n=n)
 
     def crowded_counts(self, *, over: int, n: int) -> list[str]:
         """Up to ``n`` open batches with more than ``over`` shard rows (to fold)."""

@@ -591,6 +591,9 @@ class MemoryQueries(Queries):
         by_status = Counter(r.status for r in self._s.rows.get(id, {}).values())
         return Counts.from_rows(list(by_status.items()))
 
+    def count_inserted(self, *, batch: str, n: int) -> None:
+        self._q("count_inserted")
+
     def crowded_counts(self, *, over: int, n: int) -> list[str]:
         self._q("crowded_counts")
         return []  # no shards here

@@ -598,6 +598,11 @@ SELECT k FROM (
 -- A batch's rows by status: the sum of its shard rows (one index range of the primary key).
 SELECT status::text, sum(n) FROM batch_counts WHERE batch = %(id)s GROUP BY status HAVING sum(n) <> 0;
 
+-- name: count_inserted
+-- `n` rows just inserted (COPY, a slow query's row), all queued: counted by the inserting transaction.
+INSERT INTO batch_counts AS c (batch, status, shard, n) VALUES (%(batch)s, 'queued', pg_backend_pid(), %(n)s)
+ON CONFLICT (batch, status, shard) DO UPDATE SET n = c.n + EXCLUDED.n;
+
 -- name: crowded_counts
 -- Open batches with more than `over` counter rows outside shard 0 (backends that touched them), at most `n`:
 -- maintenance folds them (fold_counts). Walks the open batches; a probe of the primary key each.
