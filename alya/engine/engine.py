@@ -197,7 +197,7 @@ class Engine:
                     claimed = self.producer.claim(reg, only, claim_size, log)
                     if claimed is not None:
                         claimed.wake = self._wake
-                        claimed.limited = self.completer.has_failure_limit(claimed.batch)
+                        claimed.limited = claimed.type == "B" and self.completer.has_failure_limit(claimed.batch)
                         self.executor.submit(claimed, reg)
                         active.append(claimed)
                         nclaims += 1
