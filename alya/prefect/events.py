@@ -132,6 +132,7 @@ class EventSink:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
+                    _import_prefect_client()
                     self._thread = threading.Thread(target=self._context.copy().run, args=(self._run,),
                                                     name="alya-events", daemon=True)
                     self._thread.start()
@@ -191,6 +192,17 @@ class EventSink:
         while self._queue.unfinished_tasks and not self.off and time.monotonic() < deadline:
             time.sleep(0.01)
         return not self._queue.unfinished_tasks
+
+
+def _import_prefect_client() -> None:
+    """Import what the sender thread uses here, in the thread of the first event, before the sender starts.
+    Imported on the sender thread instead, it raced the main thread importing Prefect for a dispatch (``alya
+    submit`` with ``ALYA_DISPATCH=prefect``): Python's import deadlock detection fired and Prefect printed
+    "Failed to initialize plugins: deadlock detected by _ModuleLock(...)" on every submit and abort (the
+    batch went through). The cost, once per process, is paid by a process that sends events anyway."""
+    with contextlib.suppress(Exception):  # no Prefect to import: the sender stops itself and says why
+        import prefect.client.orchestration  # noqa: F401
+        import prefect.events  # noqa: F401
 
 
 _installed: EventSink | None = None
