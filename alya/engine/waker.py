@@ -28,6 +28,7 @@ class Waker:
         self._type_conds: dict[str, threading.Condition] = {}  # for wait_turn(): one per type
         self._generation = 0
         self._turns: dict[str, bool] = {}  # type (app/op) -> a notification no claim loop has taken yet
+        self._nudges: dict[str, int] = {}  # type -> times its waiters were told to look again (nudge)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -105,10 +106,23 @@ class Waker:
         with self._mutex:
             self._turns.setdefault(type_key, False)
             cond = self._type_conds.setdefault(type_key, threading.Condition(self._mutex))
-            if not cond.wait_for(lambda: self._turns.get(type_key, False), timeout=max(0.0, timeout)):
+            nudged = self._nudges.get(type_key, 0)
+            cond.wait_for(lambda: self._turns.get(type_key, False) or self._nudges.get(type_key, 0) != nudged,
+                          timeout=max(0.0, timeout))
+            if not self._turns.get(type_key, False):
                 return False
             self._turns[type_key] = False
             return True
+
+    def nudge(self, type_key: str) -> None:
+        """Every waiter of the type returns now (with the turn if there is one, else False): a loop whose
+        reason to wait ended (a bridge whose flow run started) must not hold its place in the queue of
+        waiters, or the next notification would wake it instead of a loop that claims."""
+        with self._mutex:
+            self._nudges[type_key] = self._nudges.get(type_key, 0) + 1
+            cond = self._type_conds.get(type_key)
+            if cond is not None:
+                cond.notify_all()
 
     def give_back(self, type_key: str) -> None:
         """A turn taken by a loop that then could not claim (its time was up, it was told to stop): the

@@ -243,7 +243,7 @@ class _TypeRuns:
         self.flows: dict[tuple[str, str], Flow[..., Any]] = {}
         self.threads: list[threading.Thread] = []  # runs of a type may overlap while one reports its end
         self.retry_at: dict[tuple[str, str], float] = {}
-        self.bridges = Bridges(engine)  # rows start while a run is being created
+        self.bridges = Bridges(engine, linger=linger > 0)  # rows start while a run is being created
         self.ended = threading.Event()  # a run ended: look again at once
         self.worked = False  # some run processed rows or finished a batch since the last look
 

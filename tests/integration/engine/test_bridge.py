@@ -60,8 +60,9 @@ def test_attaching_stops_the_claims_and_leaves_no_row_held(jm: JobManager, datab
 @pytest.mark.usefixtures("prefect_harness")
 def test_rows_do_not_wait_for_a_slow_flow_run_and_the_run_still_shows_them(jm: JobManager,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefect takes 3 s to start the type's run (seconds are what a busy Prefect server costs): the batch
-    is final long before, and the run, once up, still makes its summary artifact and counts its rows."""
+    """Prefect takes 3 s to start the type's run (seconds are what a busy Prefect server costs): the batch,
+    and another submitted after it, are final long before, and the run, once up, still makes the summary
+    artifact and counts their rows."""
     real = flows.run_batch
     started: list[float] = []
     results: list[dict[str, Any]] = []
@@ -85,8 +86,15 @@ def test_rows_do_not_wait_for_a_slow_flow_run_and_the_run_still_shows_them(jm: J
         took = time.monotonic() - t0
         assert jm.batch_status(b).status is BatchStatus.SUCCESS
         assert took < 2.0, took  # not the 3 s the run took to start
+        # A second batch while the run is still starting: the bridge lingers for it (it used to end when
+        # idle, and this batch waited for the run)
+        t1 = time.monotonic()
+        b2 = jm.batch_submit("brg", "op", {}, rows(20))
+        wait_until(lambda: jm.batch_status(b2).status.is_final, timeout=30, every=0.005, what="the second batch")
+        took2 = time.monotonic() - t1
+        assert not started and took2 < 1.0, (took2, started)  # final before the run's body began
         wait_until(lambda: results, timeout=60, what="the flow run")
-        assert results[0]["nrows"] == 30 and b in results[0]["summarised"]  # the bridge's rows, counted
+        assert results[0]["nrows"] == 50 and {b, b2} <= set(results[0]["summarised"])  # the bridge's rows, counted
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 

@@ -96,20 +96,22 @@ def test_a_higher_priority_batch_goes_first_and_the_lower_one_keeps_a_share(wjm:
     query = jm.slowquery_submit("prio", "q", {}, {"x": 1})
     wait_until(lambda: jm.slowquery_done(query).status.is_final, timeout=30, every=0.005, what="the query")
     query_sec = time.monotonic() - t0
+    low_at_query = worker.tags.count("low")
     wait_until(lambda: jm.batch_status(high).status.is_final, timeout=60, every=0.02, what="the high batch")
-    low_then = jm.batch_status(low)
     assert jm.batch_status(high).status is BatchStatus.SUCCESS
-    assert not low_then.status.is_final  # the high batch did not wait for the low one
-    tags = worker.tags
-    first_high, last_high = tags.index("high"), len(tags) - 1 - tags[::-1].index("high")
-    during = tags[first_high:last_high + 1]
-    low_share = during.count("low") / len(during)
-    # mostly the high batch; the low one neither stopped (starved) nor kept its fair half
-    assert 0 < low_share < 0.35, (low_share, len(during))
-    assert not jm.batch_status(low).status.is_final, query_sec  # answered while the big batch runs
-    print(f"\nslow query during a priority-5 and a priority-0 batch: {query_sec * 1000:.0f} ms")
     wait_until(lambda: jm.batch_status(low).status.is_final, timeout=120, what="the low batch")
     assert jm.batch_status(low).nsuccess == 1500
+    # Judged by the order the rows ran in (the processor's own record), not by when a poll saw a status:
+    # the high batch did not wait for the low one...
+    tags = worker.tags
+    first_high, last_high = tags.index("high"), len(tags) - 1 - tags[::-1].index("high")
+    assert tags[last_high + 1:].count("low") >= 500, tags[last_high + 1:].count("low")
+    # ...it had most of the slots, and the low one neither stopped (starved) nor kept its fair half
+    during = tags[first_high:last_high + 1]
+    low_share = during.count("low") / len(during)
+    assert 0 < low_share < 0.35, (low_share, len(during))
+    assert low_at_query < 1500, query_sec  # the query was answered while the big batch ran
+    print(f"\nslow query during a priority-5 and a priority-0 batch: {query_sec * 1000:.0f} ms")
 
 
 def test_a_stream_of_higher_priority_work_never_starves_a_low_batch(wjm: JobManager, worker: Sleepy) -> None:
