@@ -8,7 +8,8 @@ The engine is split by role, each part with at most one lock of its own:
 - :class:`~alya.engine.executor.Executor`: the row pool and the processor calls;
 - :class:`~alya.engine.completer.Completer`: write-backs and give-backs;
 - :class:`~alya.engine.maintenance.Maintenance`: recovery, missed summaries, ``mark_done`` calls (one worker);
-- :class:`~alya.engine.waker.Waker`: LISTEN/NOTIFY wake-ups and abort notices.
+- :class:`~alya.engine.waker.Waker`: LISTEN/NOTIFY wake-ups; :class:`~alya.engine.notices.Notices`: what an
+  abort or pause notice does to the claims held here.
 
 This module wires them and runs the claim loop that drives them (:meth:`Engine.work`). The chunk is the unit
 of database work, never of concurrency or of visibility: rows of many claims share the pool's slots; a claim
@@ -30,13 +31,13 @@ from alya.batch.finish import Finisher
 from alya.batch.services import Services
 from alya.core.errors import AlyaError, ProcessorNotFound
 from alya.core.logs import run_logger
-from alya.core.models import BatchStatus
 from alya.core.names import work_payload
 from alya.engine.claim import ChunkReport, Claimed
 from alya.engine.completer import Completer
 from alya.engine.executor import Executor
 from alya.engine.identity import Identity
 from alya.engine.maintenance import Maintenance
+from alya.engine.notices import Notices
 from alya.engine.producer import Producer
 from alya.engine.waker import Waker
 
@@ -59,9 +60,10 @@ class Engine:
         self.completer = Completer(services, self.identity, self.finisher)
         self.maintenance = Maintenance(services.store, self.identity, services.config.recovery_sec)
         self.waker = Waker(services.store)
-        self.waker.on_abort = self._abort_notified
-        self.waker.on_pause = self._pause_notified
         self._wake = threading.Condition()
+        self.notices = Notices(services.store, self.producer, self._wake, self.identity)
+        self.waker.on_abort = self.notices.abort_notified
+        self.waker.on_pause = self.notices.pause_notified
         self._start_lock = threading.Lock()
         self._loops = 0  # claim loops running (Engine.work), under _loops_done's lock
         self._loops_done = threading.Condition()
@@ -212,6 +214,9 @@ class Engine:
                             next_flush = time.monotonic() + cfg.flush_sec
                             idle = False  # the polling fallback
                         continue
+                    if may_claim and not idle:  # the type's backlog is full of other loops' rows: busy, not idle
+                        self._wait(active, next_flush, eager=True)
+                        continue
                     break
                 if self.stopping.is_set():
                     for c in active:
@@ -252,59 +257,6 @@ class Engine:
         with self._wake:
             if not any(c.done for c in active) and not self.stopping.is_set():
                 self._wake.wait(max(0.0, timeout))
-
-    def _abort_notified(self, batch: str) -> None:
-        """An abort was committed (NOTIFY): stop starting the batch's rows now. The next write-back of its
-        claims sees the abort and keeps the results of rows that finished before it. Any database role may
-        NOTIFY: the batch's status is checked first, so a forged notice drops nothing."""
-        claims = self.producer.claims_of(batch)
-        if claims and not self._aborted_in_db(batch):
-            self.log.warning("abort_notice_ignored", batch=batch, reason="the batch is not aborted")
-            return
-        for c in claims:
-            c.cancelled = True
-        if claims:
-            self.log.info("abort_notified", batch=batch, claims=len(claims))
-            with self._wake:
-                self._wake.notify_all()
-
-    def _pause_notified(self, batch: str, paused: bool) -> None:
-        """A pause (or resume) was committed (NOTIFY): stop starting the batch's rows held here; their
-        unstarted rows are given back when their claims end (running rows finish and are written back).
-        A claim that raced the pause (its statement read the batch before the pause committed) is cancelled
-        when it registers (``Producer.pause_noticed``). Checked in PostgreSQL first, as an abort notice."""
-        if paused and not self._paused_in_db(batch):
-            self.log.warning("pause_notice_ignored", batch=batch, reason="the batch is not paused")
-            return
-        claims = self.producer.pause_noticed(batch, paused)
-        if paused and claims:
-            for c in claims:
-                c.cancelled = True
-            self.log.info("pause_notified", batch=batch, claims=len(claims))
-            with self._wake:
-                self._wake.notify_all()
-
-    def _paused_in_db(self, batch: str) -> bool:
-        try:
-            with self.svc.store.tx() as tx:
-                rec = tx.get_batch(id=batch)
-        except AlyaError:
-            return False
-        return rec is not None and rec.paused and not rec.status.is_final
-
-    def _aborted_in_db(self, batch: str) -> bool:
-        """Whether PostgreSQL holds the batch as ended (aborted, or stopped past its failure threshold: no
-        open row left), or no longer holds it. Unknown (the database unreachable): not taken on trust;
-        every write-back checks for an abort itself, so a real abort still stops the batch's rows at the
-        next write-back."""
-        try:
-            with self.svc.store.tx() as tx:
-                status = next((s.status for s in tx.batch_statuses(ids=[batch])), None)
-                # Stopped past its failure threshold, its summary under way: no row of it is open any more
-                # (a batch with rows held here has open rows, so a forged notice cannot pass this either).
-                return status is None or BatchStatus(status).is_final or not tx.has_open_rows(id=batch)
-        except AlyaError:
-            return False
 
     def _abandon(self, claims: list[Claimed], log: Any) -> None:
         """The claim loop failed with these claims in flight (a database outage, mostly). They are no longer

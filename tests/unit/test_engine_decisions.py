@@ -408,7 +408,7 @@ def test_an_abort_during_work(make_engine: Callable[..., Engine], store: MemoryS
     worker.start()
     wait_until(lambda: sorted(proc.started) == [1, 2, 3, 4])  # 1, 2 done (not written yet); 3, 4 running
     engine.finisher.abort(b)
-    engine._abort_notified(b)  # what the Waker does on the abort's NOTIFY
+    engine.notices.abort_notified(b)  # what the Waker does on the abort's NOTIFY
     proc.gate.set()
     worker.join(10)
     assert sorted(proc.started) == [1, 2, 3, 4]  # 5 and 6 were never started
