@@ -1,4 +1,7 @@
-"""Shared set-up for benchmarks: a fresh migrated database per run, and a Prefect server on loopback."""
+"""Shared set-up for benchmarks: a fresh migrated database per run, and a Prefect server on loopback.
+
+Also the small process helpers that docs/screenshots.py and tests/support use as well (they need no
+``tests/`` on the path): :func:`free_port`, :func:`wait_until` (poll until true) and :func:`stop_process`."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25,
+               died: Callable[[], str | None] | None = None, tail: Callable[[], str] | None = None) -> Any:
+    """Call ``check`` every ``every`` seconds until it returns something true, and return that; an exception
+    it raises counts as "not yet" (a server still starting, say). Fails with AssertionError after
+    ``timeout`` seconds, or as soon as ``died`` (asked after each miss) says why waiting is pointless, e.g.
+    :func:`exited`; ``tail`` (a log's end) is added to the failure's message."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        why = died() if died is not None else None
+        if why:
+            raise AssertionError(f"{what}: {why}" + (f"\n{tail()}" if tail else ""))
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})"
+                         + (f"\n{tail()}" if tail else ""))
+
+
+def exited(proc: subprocess.Popen[bytes]) -> Callable[[], str | None]:
+    """For :func:`wait_until`'s ``died``: "process exited N" once ``proc`` has exited."""
+    return lambda: None if proc.poll() is None else f"process exited {proc.returncode}"
+
+
+def log_tail(log: Path, n: int = 4000) -> Callable[[], str]:
+    """For :func:`wait_until`'s ``tail``: the last ``n`` characters of the log file."""
+    return lambda: log.read_text(errors="replace")[-n:]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Terminate ``proc``, and kill it if it has not exited ``timeout`` seconds later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @contextmanager
 def prefect_server() -> Iterator[dict[str, str]]:
     """``prefect server start`` on a free loopback port with its own PREFECT_HOME; yields the env to use."""
@@ -62,22 +107,12 @@ def prefect_server() -> Iterator[dict[str, str]]:
     proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1).read()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((home / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.3)
+        health = f"http://127.0.0.1:{port}/api/health"
+        wait_until("prefect server", lambda: urllib.request.urlopen(health, timeout=1).status == 200, 90,
+                   every=0.3, died=exited(proc), tail=log_tail(home / "server.log", 2000))
         yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": env["PREFECT_API_URL"]}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 15)
         log.close()
         shutil.rmtree(home, ignore_errors=True)
 

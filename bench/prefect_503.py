@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import PG_SERVER, _admin, free_port
+from bench.common import PG_SERVER, _admin, exited, free_port, log_tail, stop_process, wait_until
 
 
 def start_server(db: str) -> tuple[subprocess.Popen[bytes], str, Path, str | None]:
@@ -53,16 +53,8 @@ def start_server(db: str) -> tuple[subprocess.Popen[bytes], str, Path, str | Non
     log = open(home / "server.log", "wb")  # noqa: SIM115 - the server's, closed when it exits
     proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((home / "server.log").read_text()[-3000:])
-        time.sleep(0.3)
+    wait_until("prefect server", lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 120,
+               every=0.3, died=exited(proc), tail=log_tail(home / "server.log", 3000))
     return proc, url, home, pgdb
 
 
@@ -129,11 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = asyncio.run(load(url, args.requests, args.submitters, args.pollers))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 20)
         text = (home / "server.log").read_text(errors="replace")
         shutil.rmtree(home, ignore_errors=True)
         if pgdb:

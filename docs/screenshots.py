@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from bench.common import free_port, fresh_database  # noqa: E402
+from bench.common import free_port, fresh_database, wait_until  # noqa: E402
 
 DOCS = REPO / "docs"
 MAX_PNG_BYTES = 300_000
@@ -48,17 +48,7 @@ CHROMIUM = shutil.which("chromium") or "chromium"
 
 
 def wait(what: str, check: Callable[[], Any], timeout: float = 120, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return wait_until(what, check, timeout, every)
 
 
 class Proc:

@@ -267,15 +267,20 @@ def list_batches(app_name: str = typer.Argument(..., metavar="APP"),
                  op: Optional[str] = typer.Option(None, help="only this op"),  # noqa: UP045
                  age_days: int = typer.Option(7, help="requested in the last AGE_DAYS days"),
                  slow_queries: bool = typer.Option(False, "--slow-queries", help="slow queries, not batches"),
+                 paused: bool = typer.Option(False, "--paused", help="only paused batches"),
                  as_json: bool = JSON_OPT) -> None:
-    """Batches (or slow queries) of an app, newest first."""
+    """Batches (or slow queries) of an app, newest first; a batch's paused, not_before and deadline too."""
     from alya.cli.views import batches_table
 
     jm = _jm()
     items = (jm.slowquery_list if slow_queries else jm.batch_list)(app_name, op, age_days)
+    if paused:
+        items = [d for d in items if d.paused]
     if as_json:
         _print_json([{"id": d.id, "op": d.op, "status": d.status.value, "nrows": d.nrows, "nsuccess": d.nsuccess,
-                      "nfailed": d.nfailed, "naborted": d.naborted, "reqat": str(d.reqat)} for d in items])
+                      "nfailed": d.nfailed, "naborted": d.naborted, "reqat": str(d.reqat), "paused": d.paused,
+                      "not_before": d.not_before and str(d.not_before), "deadline": d.deadline and str(d.deadline)}
+                     for d in items])
     else:
         _console().print(batches_table(items))
 

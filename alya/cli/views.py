@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -63,6 +64,9 @@ def summary_table(batch_id: str, s: BatchSummary, title: str | None = None) -> T
 
 
 def batches_table(items: Iterable[BatchDetails]) -> Table:
+    """One line a batch; a paused batch says so after its status, and the columns "not before" and
+    "deadline" are there when a batch listed has one."""
+    items = list(items)
     t = Table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False, header_style="bold")
     t.add_column("id", no_wrap=True, min_width=36)  # ids are copied from here: never cut
     t.add_column("op", overflow="fold")
@@ -70,10 +74,19 @@ def batches_table(items: Iterable[BatchDetails]) -> Table:
     for col in ("rows", "ok", "failed"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("requested", no_wrap=True)
+    times = [name for name in ("not_before", "deadline") if any(getattr(d, name) for d in items)]
+    for name in times:
+        t.add_column(name.replace("_", " "), no_wrap=True)
     for d in items:
-        t.add_row(d.id, escape(d.op), styled(d.status), f"{d.nrows:,}", f"{d.nsuccess:,}", f"{d.nfailed:,}",
-                  d.reqat.strftime("%m-%d %H:%M"))
+        status = styled(d.status) + (" [yellow]paused[/]" if d.paused else "")
+        when = [_when(getattr(d, name)) for name in times]
+        t.add_row(d.id, escape(d.op), status, f"{d.nrows:,}", f"{d.nsuccess:,}", f"{d.nfailed:,}", _when(d.reqat),
+                  *when)
     return t
+
+
+def _when(t: datetime | None) -> str:
+    return t.strftime("%m-%d %H:%M") if t else ""
 
 
 def progress_bar(console: Console) -> Progress:

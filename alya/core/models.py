@@ -151,6 +151,9 @@ class BatchDetails:
     naborted: int
     error: str | None = None  # set when the batch failed because its summary kept failing (no output files)
     round: int = 1  # 1, plus one per batch_retry_failed: which summary a mark_done is of
+    paused: bool = False  # batch_pause: no new row of it starts until batch_resume
+    not_before: datetime | None = None  # batch_submit(not_before=...): no row starts before it
+    deadline: datetime | None = None  # batch_submit(deadline=...): the batch is aborted then
 
 
 _SUMMARY_FIELDS = tuple(f.name for f in fields(BatchSummary))

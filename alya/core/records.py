@@ -49,6 +49,11 @@ class BatchRecord:
         return cls(**values)
 
     @property
+    def not_before(self) -> datetime | None:
+        """``notbefore`` as BatchDetails (and batch_submit) name it."""
+        return self.notbefore
+
+    @property
     def is_query(self) -> bool:
         return self.type == "Q"
 

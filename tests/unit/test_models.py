@@ -81,7 +81,8 @@ def test_field_names_match_the_contract() -> None:
                                    "ninprog", "error", "paused"]  # paused: issue 20 (batch control), defaulted
     assert names(SlowQueryDone) == ["status", "result", "messages", "outputfiles"]
     assert names(BatchDetails) == ["id", "app", "op", "type", "status", "context", "inputfile", "reqat", "doneat",
-                                   "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "error", "round"]
+                                   "outputfiles", "nrows", "nsuccess", "nfailed", "naborted", "error", "round",
+                                   "paused", "not_before", "deadline"]  # batch control (issue 20), defaulted
 
 
 # ---------------------------------------------------------------------------------------------- values

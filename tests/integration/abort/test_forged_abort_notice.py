@@ -3,12 +3,10 @@ used to drop their claims of a live batch on such a notice; they now look at the
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from alya import BatchStatus
-from tests.support.procs import Proc, manager, states, wait_until
+from tests.support.procs import Proc, finish, manager, run_until_idle, states, wait_until
 from tests.support.services import sql
 
 
@@ -19,19 +17,14 @@ def test_a_forged_abort_notice_drops_no_claim(database_url: str, redis_url: str,
     proc = Proc()
     jm.register_batch_processor("wrk", "forged", proc)
     bid = jm.batch_submit("wrk", "forged", {}, [(n, {"x": n, "sleep": 0.01}) for n in range(1, 301)])
-    runner = threading.Thread(daemon=True, target=jm.run, kwargs={"stop_when_idle": True})
     try:
-        runner.start()
-        wait_until(lambda: sum(1 for s in states(jm, bid).values() if s[0] == "success") >= 20,
-                   timeout=60, every=0.02, what="some rows done")
-        for _ in range(5):
-            sql(database_url, "SELECT pg_notify('alya_work', %s)", f"abort:{bid}")
-        runner.join(60)
-        assert not runner.is_alive()
+        with run_until_idle(jm) as runner:
+            wait_until(lambda: sum(1 for s in states(jm, bid).values() if s[0] == "success") >= 20,
+                       timeout=60, every=0.02, what="some rows done")
+            for _ in range(5):
+                sql(database_url, "SELECT pg_notify('alya_work', %s)", f"abort:{bid}")
+            finish(runner)
     finally:
-        if runner.is_alive():
-            jm.engine.stopping.set()
-            runner.join(30)
         jm.close()
     s = jm.batch_status(bid)
     assert (s.status, s.nsuccess) == (BatchStatus.SUCCESS, 300)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,39 @@ def test_demo_on_embedded_defaults_leaves_nothing_running(tmp_path: Path) -> Non
         assert not embedded.is_running()
     finally:
         os.chdir(cwd)
+
+
+def test_list_shows_paused_not_before_and_deadline(env: None, jm: JobManager,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``alya list`` (and BatchDetails) show batch control: paused after the status, the not_before and
+    deadline columns when a listed batch has one, the same in --json; --paused lists only paused batches."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width: one line a batch
+    now = datetime.now(UTC).replace(microsecond=0)
+    not_before, deadline = now + timedelta(hours=1), now + timedelta(hours=2)
+    plain = jm.batch_submit(APP, "echo", {}, [(1, {"x": 1})])
+    assert "not before" not in cli("list", APP).stdout and "deadline" not in cli("list", APP).stdout
+    later = jm.batch_submit(APP, "echo", {}, [(1, {"x": 1})], not_before=not_before, deadline=deadline)
+    assert jm.batch_pause(later).paused
+    details = {d.id: d for d in jm.batch_list(APP)}
+    assert (details[plain].paused, details[plain].not_before, details[plain].deadline) == (False, None, None)
+    assert (details[later].paused, details[later].not_before, details[later].deadline) == (True, not_before, deadline)
+
+    listed = {b["id"]: b for b in as_json("list", APP)}
+    assert (listed[plain]["paused"], listed[plain]["not_before"], listed[plain]["deadline"]) == (False, None, None)
+    assert listed[later]["paused"] is True
+    assert datetime.fromisoformat(listed[later]["not_before"]) == not_before
+    assert datetime.fromisoformat(listed[later]["deadline"]) == deadline
+    assert [b["id"] for b in as_json("list", APP, "--paused")] == [later]
+
+    lines = cli("list", APP).stdout.splitlines()
+    assert lines[0].split()[-4:] == ["requested", "not", "before", "deadline"]
+    [row] = [line for line in lines if later in line]
+    local = details[later]
+    assert "queued paused" in row and row.endswith(f"{local.not_before:%m-%d %H:%M} {local.deadline:%m-%d %H:%M}")
+    [row] = [line for line in lines if plain in line]
+    assert "paused" not in row and row.rstrip().endswith(f"{details[plain].reqat:%m-%d %H:%M}")
+    assert [line for line in cli("list", APP, "--paused").stdout.splitlines()[1:] if line.strip()] == [
+        next(line for line in lines if later in line)]
 
 
 def test_text_from_a_batch_is_never_read_as_markup(env: None, jm: JobManager, database_url: str) -> None:

@@ -4,7 +4,6 @@ workers neither claim nor spin on a paused batch, a resume completes it, and an 
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections import Counter
@@ -15,7 +14,20 @@ import pytest
 from alya import BatchStatus, JobManager
 from alya.core.errors import BatchNotFound, InvalidState
 from tests.support.faults import on_statement
-from tests.support.procs import Gauge, Proc, QueryProc, batch_row, read_log, rows, spawn_worker, states, wait_until
+from tests.support.procs import (
+    Gauge,
+    Proc,
+    QueryProc,
+    batch_row,
+    read_log,
+    rows,
+    spawn_worker,
+    states,
+    stop_workers,
+    wait_until,
+    wait_workers_registered,
+    worker_processes,
+)
 from tests.support.services import store_sql
 
 
@@ -29,12 +41,10 @@ def test_pause_under_two_workers_then_resume(jm: JobManager, database_url: str, 
     log = str(tmp_path / "rows.log")
     n = 400
     bid = jm.batch_submit("ctl", "work", {"tag": "p"}, [(i, {}) for i in range(1, n + 1)], wait=True)
-    workers = [spawn_worker(database_url, file_store_url, "ctl", "work", log, "--sleep", "0.05", "--chunk", "10",
-                            "--concurrency", "4", "--stamp", out=str(tmp_path / f"w{i}.out"))
-               for i in range(2)]
-    try:
-        wait_until(lambda: int(store_sql(jm.store, "SELECT count(*) FROM workers")[0][0]) >= 2, timeout=180,
-                   what="two workers registered")
+    with worker_processes([spawn_worker(database_url, file_store_url, "ctl", "work", log, "--sleep", "0.05",
+                                        "--chunk", "10", "--concurrency", "4", "--stamp",
+                                        out=str(tmp_path / f"w{i}.out")) for i in range(2)]) as workers:
+        wait_workers_registered(jm, 2)
         jm.wait_off(bid)
         wait_until(lambda: sum(1 for r in read_log(log) if r[0] == "end") >= 80, timeout=120, every=0.05,
                    what="80 rows done")
@@ -70,13 +80,7 @@ def test_pause_under_two_workers_then_resume(jm: JobManager, database_url: str, 
         s = jm.batch_resume(bid)
         assert not s.paused
         wait_until(lambda: jm.batch_status(bid).status.is_final, timeout=180, what="batch final after resume")
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        codes = [w.wait(60) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
+        codes = stop_workers(workers)
     assert codes == [0, 0]
     s = jm.batch_status(bid)
     assert (s.status, s.nsuccess, s.naborted, s.paused) == (BatchStatus.SUCCESS, n, 0, False)

@@ -5,7 +5,6 @@ object store and the Prefect test harness (``jm.run``)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from alya import BatchStatus, JobManager
 from alya.core.errors import InvalidInput
 from tests.support.faults import on_statement
-from tests.support.procs import Proc, batch_row, manager, rows, states, wait_until
+from tests.support.procs import Proc, batch_row, finish, manager, rows, run_until_idle, states, wait_until
 from tests.support.services import store_sql
 
 
@@ -55,17 +54,10 @@ def test_a_not_before_batch_starts_after_its_time_and_not_before(database_url: s
     on_statement(monkeypatch, before=lambda name: claims.append(time.time()) if name == "claim_rows" else None)
     not_before = datetime.now(UTC) + timedelta(seconds=4)
     bid = jm.batch_submit("ctl", "later", {}, rows(20), not_before=not_before)
-    runner = threading.Thread(daemon=True, target=jm.run, kwargs={"stop_when_idle": True})
-    try:
-        runner.start()
+    with run_until_idle(jm) as runner:
         time.sleep(2.0)
         assert jm.batch_status(bid).status is BatchStatus.QUEUED and not started
-        runner.join(60)
-        assert not runner.is_alive()
-    finally:
-        if runner.is_alive():
-            jm.engine.stopping.set()
-            runner.join(30)
+        finish(runner)
     t = not_before.timestamp()
     print(f"\nnot_before: first claim {min(claims) - t:+.3f} s, first row {min(started) - t:+.3f} s after it")
     assert min(claims) >= t and min(started) >= t
@@ -88,17 +80,10 @@ def test_a_deadline_passing_mid_batch(database_url: str, redis_url: str, file_st
             for i in range(1, n + 1)]
     deadline = datetime.now(UTC) + timedelta(seconds=3)
     bid = jm.batch_submit("ctl", "until", {}, data, deadline=deadline)
-    runner = threading.Thread(daemon=True, target=jm.run, kwargs={"stop_when_idle": True})
-    try:
-        runner.start()
+    with run_until_idle(jm) as runner:
         wait_until(lambda: jm.batch_status(bid).status.is_final, timeout=60, what="the batch ended")
-        runner.join(60)
-        assert not runner.is_alive()
+        finish(runner)
         time.sleep(1.5)  # late write-backs and maintenance passes: nothing may change any more
-    finally:
-        if runner.is_alive():
-            jm.engine.stopping.set()
-            runner.join(30)
     [(doneat,)] = store_sql(jm.store, "SELECT doneat FROM batches WHERE id = %s", bid)
     late = (doneat - deadline).total_seconds()
     st = states(jm, bid)

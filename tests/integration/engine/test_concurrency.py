@@ -3,7 +3,6 @@ worker processes (jm.run) on several batches."""
 
 from __future__ import annotations
 
-import signal
 import threading
 from collections import Counter
 from typing import Any
@@ -112,7 +111,7 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
     the output files hold every line in order."""
     import fsspec
 
-    from tests.support.procs import read_log, spawn_worker
+    from tests.support.procs import read_log, spawn_worker, stop_workers, wait_workers_registered, worker_processes
 
     log = str(tmp_path / "rows.log")
     jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
@@ -126,25 +125,15 @@ def test_several_worker_processes_on_several_batches(database_url: str, redis_ur
     # Held in `wait` until all three workers are up: they start at different speeds (Prefect's import
     # alone takes seconds on a loaded machine), and the first one up would otherwise do everything;
     # 50 ms per row, two at a time (25 s of work for one worker) outlasts each worker's first flow run start.
-    workers = [spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.05",
-                            "--chunk", "15", "--concurrency", "2", out=str(tmp_path / f"worker{i}.out"))
-               for i in range(3)]
-    try:
-        def registered() -> bool:
-            return int(store_sql(jm.store, "SELECT count(*) FROM workers")[0][0]) >= 3
-
-        wait_until(registered, timeout=180, what="three workers registered")
+    with worker_processes([spawn_worker(database_url, file_store_url, "multi", "alpha,beta", log, "--sleep", "0.05",
+                                        "--chunk", "15", "--concurrency", "2", out=str(tmp_path / f"worker{i}.out"))
+                           for i in range(3)]) as workers:
+        wait_workers_registered(jm, 3)
         for bid in ids.values():
             jm.wait_off(bid)
         wait_until(lambda: all(jm.batch_status(b).status.is_final for b in ids.values()), timeout=240,
                    what="every batch final")
-        for w in workers:
-            w.send_signal(signal.SIGTERM)
-        codes = [w.wait(60) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
+        codes = stop_workers(workers)
     assert codes == [0, 0, 0]
     entries = read_log(log)
     ends = [(r[1], int(r[2])) for r in entries if r[0] == "end"]

@@ -264,7 +264,7 @@ def test_workers_without_redis_leave_no_stale_status(database_url: str, redis_ur
     never updates that entry. The client must still see `success` within a few seconds of the end."""
     client = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
                         config=make_config(batchstatus_cachedur_sec=60))
-    worker = JobManager(database_url=database_url, redis_url=f"redis://127.0.0.1:{services._free_port()}/0",
+    worker = JobManager(database_url=database_url, redis_url=f"redis://127.0.0.1:{services.free_port()}/0",
                         object_store_url=file_store_url, config=make_config())
     try:
         bid = client.batch_submit(APP, "op", {}, rows(50))

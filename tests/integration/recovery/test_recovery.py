@@ -13,15 +13,20 @@ import pytest
 
 from alya import BackendUnavailable, BatchStatus, JobManager
 from alya.engine.maintenance import cleanup
-from tests.support.config import make_config
 from tests.support.faults import on_statement
-from tests.support.procs import Proc, drain, read_log, rows, run_claim, spawn_worker, wait_until
+from tests.support.procs import (
+    Proc,
+    drain,
+    kill_when_busy,
+    manager,
+    read_log,
+    rows,
+    run_claim,
+    spawn_worker,
+    wait_until,
+    worker_processes,
+)
 from tests.support.services import store_sql
-
-
-def manager(database_url: str, redis_url: str, store_url: str, **cfg: Any) -> JobManager:
-    return JobManager(database_url=database_url, redis_url=redis_url, object_store_url=store_url,
-                      config=make_config(**cfg))
 
 
 def states(jm: JobManager, batch: str) -> dict[int, tuple[Any, ...]]:
@@ -49,20 +54,10 @@ def test_sigkill_mid_batch_rows_go_to_another_worker(database_url: str, redis_ur
     jm.register_batch_processor("rec", "kill", proc)
     data = [(n, {"x": n, "mode": "fail"} if n % 25 == 0 else {"x": n}) for n in range(1, 201)]
     bid = jm.batch_submit("rec", "kill", {"tag": "k"}, data)
-    worker = spawn_worker(database_url, file_store_url, "rec", "kill", log, "--sleep", "0.1", "--chunk", "10",
-                          "--recovery-sec", "2", out=str(tmp_path / "worker.out"))
-    try:
-        # killed while it holds a chunk, after it has finished a few
-        def busy() -> bool:
-            st = [s[0] for s in states(jm, bid).values()]
-            return st.count("success") >= 20 and "inprog" in st
-
-        wait_until(busy, timeout=60, every=0.05, what="the worker to be busy")
-        worker.send_signal(signal.SIGKILL)
-        assert worker.wait(10) == -signal.SIGKILL
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    with worker_processes([spawn_worker(database_url, file_store_url, "rec", "kill", log, "--sleep", "0.1",
+                                        "--chunk", "10", "--recovery-sec", "2",
+                                        out=str(tmp_path / "worker.out"))]) as [worker]:
+        kill_when_busy(jm, bid, worker, 20, timeout=60)  # while it holds a chunk, after it has finished a few
     at_kill = states(jm, bid)
     held = {line for line, s in at_kill.items() if s[0] == "inprog"}
     finished = {line: s for line, s in at_kill.items() if s[0] in ("success", "failed")}

@@ -6,7 +6,6 @@ purge, a cascading delete) and at every moment a concurrent reader can observe; 
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,17 @@ import pytest
 
 from alya import BatchStatus, JobManager
 from alya.engine.maintenance import cleanup
-from tests.support.procs import Proc, QueryProc, manager, rows, run_claim, spawn_worker, states, wait_until
+from tests.support.procs import (
+    Proc,
+    QueryProc,
+    kill_when_busy,
+    manager,
+    rows,
+    run_claim,
+    spawn_worker,
+    states,
+    worker_processes,
+)
 from tests.support.services import store_sql
 
 # Counters and a recount of every batch's rows, in one statement (one snapshot): any difference.
@@ -138,24 +147,17 @@ def test_counters_stay_exact_under_workers_and_a_kill(prefect_harness: None, dat
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     log = str(tmp_path / "rows.log")
-    worker = spawn_worker(database_url, file_store_url, "cnt", "kill", log, "--sleep", "0.02", "--chunk", "10",
-                          "--recovery-sec", "2", out=str(tmp_path / "worker.out"))
     try:
-        def busy() -> bool:
-            st = [s[0] for s in states(jm, bid).values()]
-            return st.count("success") >= 50 and "inprog" in st
-
-        wait_until(busy, timeout=90, every=0.05, what="the worker to be busy")
-        worker.send_signal(signal.SIGKILL)
-        assert worker.wait(10) == -signal.SIGKILL
+        with worker_processes([spawn_worker(database_url, file_store_url, "cnt", "kill", log, "--sleep", "0.02",
+                                            "--chunk", "10", "--recovery-sec", "2",
+                                            out=str(tmp_path / "worker.out"))]) as [worker]:
+            kill_when_busy(jm, bid, worker, 50, timeout=90)
         exact(jm, "a worker killed holding rows")
         assert jm.batch_status(bid).ninprog > 0  # the dead worker's rows, still held
         jm.run(stop_when_idle=True)  # recovers them (as suspects) and finishes the batch
     finally:
         stop.set()
         poller.join(10)
-        if worker.poll() is None:
-            worker.kill()
         jm.close()
     jm = manager(database_url, redis_url, file_store_url)
     try:
