@@ -285,7 +285,7 @@ def test_write_back_of_held_and_not_held_rows_and_retry_delays(h: Harness) -> No
     h.age_rows(b, 31)
     with h.store.tx() as q:
         wait = q.next_claimable_in(id=b)
-        assert wait is not None and -2 < wait < 0
+        assert wait is not None and -10 < wait < 0  # about -1 s; wider for a loaded machine
         assert [(k.app, k.op, k.type) for k in q.claimable_batch_types()] == [(APP, OP, "B")]
         assert [(r.line, r.attempts) for r in q.claim_rows(batch=b, n=10, worker="A", after=0)] == [(3, 2)]
         assert q.next_claimable_in(id=b) is None
