@@ -72,3 +72,29 @@ def test_a_turn_given_back_wakes_the_next_loop(jm: JobManager) -> None:
         assert waker.wait_turn("wk/one", 0.1)
     finally:
         waker.close()
+
+
+def test_a_nudge_ends_every_wait_of_its_type_and_takes_no_turn(jm: JobManager) -> None:
+    """A bridge waiting for work whose flow run has started is nudged: it stops waiting at once, without a
+    turn (none was notified), and the type's next notification still wakes a loop."""
+    waker = Waker(jm.store)
+    try:
+        waker.start()
+        results: list[tuple[bool, float]] = []
+
+        def loop() -> None:
+            t0 = time.monotonic()
+            results.append((waker.wait_turn("wk/one", 5.0), time.monotonic() - t0))
+
+        threads = [threading.Thread(target=loop) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        waker.nudge("wk/one")
+        for t in threads:
+            t.join(5)
+        assert [r[0] for r in results] == [False, False] and all(r[1] < 1.0 for r in results), results
+        notify(jm, "wk", "one")
+        assert waker.wait_turn("wk/one", 3.0)  # the turn of a later notification is not lost
+    finally:
+        waker.close()
