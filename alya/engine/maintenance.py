@@ -237,8 +237,11 @@ class Maintenance:
         return report
 
     # ------------------------------------------------------------------ the thread
-    def start(self, engine: Finishes, types_of: Callable[[], list[tuple[str, str]]]) -> None:
-        """Tick every ``every`` seconds on a thread until :meth:`close`."""
+    def start(self, engine: Finishes, types_of: Callable[[], list[tuple[str, str]]],
+              on_ended: Callable[[list[str]], None] | None = None) -> None:
+        """Tick every ``every`` seconds on a thread until :meth:`close`. ``on_ended`` is told the batches a
+        tick ended (a missed summary, a deadline): no flow run ended them, so a run of their type must
+        still show them (``jm.run`` hands them to one)."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
@@ -246,16 +249,23 @@ class Maintenance:
         def loop() -> None:
             next_tick = 0.0
             while True:
+                reports = []
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.every
                     try:
-                        self.tick(engine, types_of())
+                        reports.append(self.tick(engine, types_of()))
                     except Exception as exc:  # an outage: the next tick tries again
                         self._log.error("maintenance_failed", error=describe(exc))
                 try:
-                    self.tick_schedule(engine)
+                    reports.append(self.tick_schedule(engine))
                 except Exception as exc:
                     self._log.error("maintenance_failed", duty=SCHEDULE, error=describe(exc))
+                ended = [b for r in reports if r is not None for b in r.summarised + r.deadlines]
+                if ended and on_ended is not None:
+                    try:
+                        on_ended(ended)
+                    except Exception as exc:  # only the Prefect view of those batches is at stake
+                        self._log.warning("ended_batches_not_handed_over", error=describe(exc))
                 if self._stop.wait(min(self.every, SCHEDULE_EVERY_SEC)):
                     return
 

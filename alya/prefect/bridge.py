@@ -85,6 +85,19 @@ class Bridges:
         with self._lock:
             return self._reports.pop((app, op), [])
 
+    def ended_elsewhere(self, app: str, op: str, batches: list[str]) -> None:
+        """Batches of the type that maintenance ended (no run did): handed to the type's run like a bridge's
+        report, so that it makes their summary artifacts and counts them."""
+        with self._lock:
+            self._reports.setdefault((app, op), []).append(
+                {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "summarised": list(batches), "batches": {}})
+
+    def undelivered(self) -> list[tuple[str, str]]:
+        """Types with a report no run has taken (maintenance's, or a bridge's that ended after its run):
+        the worker starts a run for each, or nothing would ever show them."""
+        with self._lock:
+            return [k for k, v in self._reports.items() if v and k not in self._serving]
+
     def join(self, timeout: float | None = None) -> None:
         for t in list(self._threads.values()):
             t.join(timeout)

@@ -287,6 +287,22 @@ class _TypeRuns:
         self.threads = [t for t in self.threads if t.is_alive()] + [thread]
         thread.start()
 
+    def ended_elsewhere(self, batches: list[str], types: list[tuple[str, str]]) -> None:
+        """Batches maintenance ended (missed summaries, deadlines): a run of their type (the live one, or one
+        started for them) makes their summary artifacts. Batches of types this worker does not serve get none
+        from it (a worker cannot run a type it has no processor for)."""
+        served = set(types)
+        by_type: dict[tuple[str, str], list[str]] = {}
+        with self.engine.svc.store.tx() as tx:
+            for batch in batches:
+                rec = tx.get_batch(id=batch)
+                if rec is not None and (rec.app, rec.op) in served:
+                    by_type.setdefault((rec.app, rec.op), []).append(batch)
+        for (app, op), ids in by_type.items():
+            self.bridges.ended_elsewhere(app, op, ids)
+        if by_type:
+            self.ended.set()  # the worker loop looks again now: it starts runs for them
+
     def _run(self, app: str, op: str, token: threading.Event) -> None:
         try:
             result = cast(dict[str, Any], self.flows[(app, op)](batch_id=None))
@@ -314,8 +330,8 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
     log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
     # Recovery, missed summaries and mark_done calls: on a thread of their own, so that a long flow run
     # never delays them, and each done by one worker of the cluster at a time (alya.engine.maintenance).
-    engine.maintenance.start(engine, types_of)
     runs = _TypeRuns(engine, dispatcher, 0.0 if stop_when_idle else cfg.linger_sec, log)  # no lingering then
+    engine.maintenance.start(engine, types_of, on_ended=lambda ended: runs.ended_elsewhere(ended, types_of()))
     try:
         while not engine.stopping.is_set():
             types = types_of()
@@ -327,7 +343,7 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
                 log.error("worker_loop_failed", error=str(exc), note="waiting for the database")
                 engine.stopping.wait(max(1.0, cfg.poll_sec))
                 continue
-            for app, op in todo:
+            for app, op in dict.fromkeys(todo + runs.bridges.undelivered()):
                 runs.start(app, op)
             try:
                 if stop_when_idle and not todo and not runs.running() and not engine.open_work(types):

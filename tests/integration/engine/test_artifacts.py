@@ -112,3 +112,29 @@ def test_worker_run_progress_follows_the_batch_per_wave(database_url: str, redis
         assert any(0.0 < v < 100.0 for v in seen), seen
     finally:
         jm.close()
+
+
+def test_a_batch_ended_by_maintenance_gets_its_summary_from_a_run_of_its_type(jm: JobManager) -> None:
+    """A paused batch whose deadline passes is ended by the maintenance leader, not by a flow run (none ever
+    claimed a row of it): the worker hands it to a run of its type, which makes its summary table."""
+    from datetime import UTC, datetime, timedelta
+
+    jm.register_batch_processor("art", "late", Proc())
+    bid = jm.batch_submit("art", "late", {}, rows(5), deadline=datetime.now(UTC) + timedelta(seconds=2))
+    jm.batch_pause(bid)  # no run ever claims a row of it
+    runner = threading.Thread(target=jm.run, daemon=True)
+    runner.start()
+    try:
+        key = names.summary_artifact_key("art", "late", bid)
+        deadline = time.monotonic() + 60
+        while not artifacts_of(key) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        s = jm.batch_status(bid)
+        assert (s.status, s.error, s.naborted) == (BatchStatus.ABORTED, "deadline passed", 5)
+        (art,) = artifacts_of(key)
+        assert art.flow_run_id is not None  # made by a run, not from outside one
+        row = json.loads(art.data)[0]  # type: ignore[arg-type]
+        assert (row["batch"], row["status"], row["naborted"]) == (bid, "aborted", 5)
+    finally:
+        jm.engine.stopping.set()
+        runner.join(60)
