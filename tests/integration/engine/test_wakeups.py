@@ -15,10 +15,23 @@ def notify(jm: JobManager, app: str, op: str) -> None:
         q.notify_work(app, op)
 
 
+def started(waker: Waker) -> Waker:
+    """Start the waker and wait until its connection LISTENs: a notification before that is not delivered
+    (a worker then finds the work at its next poll), which a loaded machine made these tests meet."""
+    waker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        conn = waker._listener._conn  # the test looks inside: the engine never needs to wait for this
+        if conn is not None and not conn.closed:
+            return waker
+        time.sleep(0.01)
+    raise AssertionError("the waker never connected")
+
+
 def test_one_notification_wakes_one_claim_loop_of_its_type(jm: JobManager) -> None:
     waker = Waker(jm.store)
     try:
-        waker.start()
+        started(waker)
         woke: list[str] = []
         lock = threading.Lock()
 
@@ -46,7 +59,7 @@ def test_one_notification_wakes_one_claim_loop_of_its_type(jm: JobManager) -> No
 def test_a_notification_while_nobody_waits_is_kept_for_the_next_wait(jm: JobManager) -> None:
     waker = Waker(jm.store)
     try:
-        waker.start()
+        started(waker)
         assert not waker.wait_turn("wk/one", 0.3)  # registers the type; nothing notified
         notify(jm, "wk", "one")
         time.sleep(0.5)  # it arrives while nobody waits
@@ -65,7 +78,7 @@ def test_a_turn_given_back_wakes_the_next_loop(jm: JobManager) -> None:
     notification is not lost with it."""
     waker = Waker(jm.store)
     try:
-        waker.start()
+        started(waker)
         notify(jm, "wk", "one")
         assert waker.wait_turn("wk/one", 3.0)
         waker.give_back("wk/one")
@@ -79,7 +92,7 @@ def test_a_nudge_ends_every_wait_of_its_type_and_takes_no_turn(jm: JobManager) -
     turn (none was notified), and the type's next notification still wakes a loop."""
     waker = Waker(jm.store)
     try:
-        waker.start()
+        started(waker)
         results: list[tuple[bool, float]] = []
 
         def loop() -> None:
