@@ -24,7 +24,7 @@ SELECT id, op, type FROM batches WHERE app = %(app)s AND idempotency_key = %(key
 SELECT b.op = %(op)s AND b.type = %(type)s AND b.context = %(context)s::jsonb
        AND b.inputfile IS NOT DISTINCT FROM %(inputfile)s
        AND (%(input)s::jsonb IS NULL
-            OR EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.line = 0 AND r.input = %(input)s::jsonb))
+            OR EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = %(id)s AND r.line = 0 AND r.input = %(input)s::jsonb))
 FROM batches b WHERE b.id = %(id)s;
 
 -- name: get_batch
@@ -213,7 +213,7 @@ WITH v AS MATERIALIZED (
         doneby = CASE WHEN t.status = 'queued' THEN NULL ELSE r.doneby END,
         notbefore = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => t.delay) END
     FROM t
-    WHERE r.ctid = t.tid
+    WHERE r.batch = %(batch)s AND r.ctid = t.tid  -- a tuple id is unique only within a partition (0012)
     RETURNING 1
 )
 SELECT (SELECT status::text FROM batches WHERE id = %(batch)s), (SELECT count(*) FROM w), 0, NULL::int;
@@ -480,7 +480,7 @@ WITH b AS (
     SELECT r.ctid AS tid FROM batchrows r
     WHERE r.batch = (SELECT id FROM b) AND r.line > %(after)s ORDER BY r.line LIMIT %(n)s
 ), gone AS (
-    DELETE FROM batchrows r WHERE r.ctid = ANY(ARRAY(SELECT tid FROM pick)) RETURNING r.line
+    DELETE FROM batchrows r WHERE r.batch = %(id)s AND r.ctid = ANY(ARRAY(SELECT tid FROM pick)) RETURNING r.line
 )
 SELECT count(*), coalesce(max(line), %(after)s) FROM gone;
 
@@ -553,7 +553,7 @@ WITH b AS (
 )
 SELECT b.nrows, b.lim,
        (SELECT count(*) FROM (SELECT 1 FROM batchrows r
-                              WHERE r.batch = b.id AND r.status = 'failed' LIMIT b.lim + 1) f)
+                              WHERE r.batch = %(id)s AND r.status = 'failed' LIMIT b.lim + 1) f)
 FROM b;
 
 -- name: reopen_batch

@@ -18,6 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from alya import BatchStatus, JobManager, migrate_database
+from alya.core.names import is_rows_partition
 from alya.db.migrate import alembic_config
 from alya.db.schema import metadata
 from alya.db.store import sqlalchemy_url
@@ -46,7 +47,13 @@ def fetch(url: str, query: str) -> list[tuple[Any, ...]]:
 
 
 def catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Everything of the public schema that a migration could get wrong, as PostgreSQL reports it."""
+    """Everything of the public schema that a migration could get wrong, as PostgreSQL reports it; the
+    partitions of batchrows (made by migration 0012 and by maintenance, not declared in the models) apart."""
+    parts = {k: [r for r in rows if not is_rows_partition(str(r[0]))] for k, rows in _catalog(url).items()}
+    return parts
+
+
+def _catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
     return {
         "columns": fetch(url, """
             SELECT table_name, column_name, ordinal_position, data_type, udt_name, character_maximum_length,
@@ -81,7 +88,9 @@ def model_diffs(url: str) -> list[Any]:
     engine = create_engine(sqlalchemy_url(url))
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            ctx = MigrationContext.configure(conn, opts={
+                "compare_type": True, "compare_server_default": True,
+                "include_name": lambda name, kind, _: not (kind == "table" and is_rows_partition(name or ""))})
             return list(compare_metadata(ctx, metadata))
     finally:
         engine.dispose()
@@ -90,8 +99,8 @@ def model_diffs(url: str) -> list[Any]:
 def test_upgrade_from_empty_to_head_equals_the_models(empty_db: str) -> None:
     migrate_database(empty_db)
     assert version(empty_db) == [(head(),)]
-    assert {t for (t,) in fetch(empty_db, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")} == {
-        "alembic_version", *metadata.tables}
+    assert {t for (t,) in fetch(empty_db, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            if not is_rows_partition(t)} == {"alembic_version", *metadata.tables}
     # Alembic's comparison: tables, columns, types, nullability, server defaults, indexes, unique/FK keys.
     assert model_diffs(empty_db) == []
 
