@@ -23,10 +23,12 @@ _counter = 0
 
 
 def uuid7(now_ms: int | None = None) -> str:
-    """A new UUIDv7 as text; ``now_ms`` (tests): the time to stamp instead of the clock's."""
+    """A new UUIDv7 as text; ``now_ms`` (tests, benches): the time to stamp instead of the clock's."""
     global _last_ms, _counter
+    if now_ms is not None:  # outside the process's sequence
+        return _make(now_ms, secrets.randbits(12))
     with _lock:
-        ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms, _counter = ms, secrets.randbits(11)  # room to count up within the millisecond
         else:  # the same millisecond (or the clock stepped back): keep increasing
@@ -35,6 +37,10 @@ def uuid7(now_ms: int | None = None) -> str:
                 _last_ms, _counter = _last_ms + 1, secrets.randbits(11)
             ms = _last_ms
         counter = _counter
+    return _make(ms, counter)
+
+
+def _make(ms: int, counter: int) -> str:
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | secrets.randbits(62)
     return str(uuid.UUID(int=value))
 
