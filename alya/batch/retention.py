@@ -102,30 +102,50 @@ def purge(svc: Services, before: datetime, app: str | None = None, files: bool =
 
 def _drop_partitions(svc: Services, before: datetime, app: str | None, report: _Counts,
                      deadline: float | None) -> None:
-    """The cheap path (migration 0012): a range partition of ``batchrows`` whose period ended before
-    ``before`` and whose batches are all purgeable is dropped whole, whatever its size. A partition holding
-    an open or younger batch (or, with ``app``, another app's) is left to the batched DELETE below, as are
-    the default partition's rows; the batch records of a dropped partition go there too (their rows are
-    gone: a probe each). The DROP takes ACCESS EXCLUSIVE locks on ``batchrows`` for milliseconds; it waits
-    at most ``partitions.LOCK_TIMEOUT_MS`` for them (workers queue behind a waiting DROP) and is tried again
-    a few times, then left for the next purge."""
+    """The cheap path (migration 0012): a range partition of ``batchrows`` whose week ended before
+    ``before`` and whose batches are all purgeable goes whole, whatever its size. A partition holding an
+    open or younger batch (or, with ``app``, another app's) is left to the batched DELETE below, as are the
+    default partition's rows; the batch records of a dropped partition go there too (their rows are gone:
+    a probe each). Three short transactions (``alya.db.partitions``): DETACH (ACCESS EXCLUSIVE on
+    ``batchrows`` for about a millisecond), its foreign key (the same on ``batches``), then DROP, whose
+    unlinking of the files locks nothing but the detached table. Each waits at most
+    ``partitions.LOCK_TIMEOUT_MS`` for its locks (statements queue behind a waiting lock) and is tried again
+    a few times, then left for the next purge (which first finishes partitions left detached)."""
     with svc.store.tx() as q:
         parts = [p for p in q.rows_partitions() if id_time(p.hi) <= before]
+        orphans = q.detached_rows_partitions()
+    for name in orphans:
+        _discard(svc, name)
     for p in parts:
+        n = -2
         for attempt in range(DROP_ATTEMPTS):
             if _late(deadline):
                 return
             with svc.store.tx() as q:
-                n = q.drop_rows_partition(part=p.name, before=before, app=app)
+                n = q.detach_rows_partition(part=p.name, before=before, app=app)
             if n != -2:
                 break
             time.sleep(0.05 * (attempt + 1))
         if n >= 0:
             report.nrows += n
             report.npartitions += 1
+            _discard(svc, p.name)
             get_logger().info("partition_dropped", partition=p.name, rows=n)
         elif n == -2:
             get_logger().warning("partition_drop_deferred", partition=p.name, reason="lock not available")
+
+
+def _discard(svc: Services, name: str) -> None:
+    """Drop a detached partition: its foreign key, then the table (each retried; else the next purge)."""
+    for fk in (True, False):
+        for attempt in range(DROP_ATTEMPTS):
+            with svc.store.tx() as q:
+                if q.discard_rows_partition(part=name, fk=fk):
+                    break
+            time.sleep(0.05 * (attempt + 1))
+        else:
+            get_logger().warning("partition_drop_deferred", partition=name, reason="lock not available")
+            return
 
 
 def _late(deadline: float | None) -> bool:

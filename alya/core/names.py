@@ -58,8 +58,8 @@ ROWS_DEFAULT = "batchrows_default"
 """The DEFAULT partition: the table of rows as it was before migration 0012 (random v4 ids), and rows of
 any id no range partition covers (a period not created yet, or one already dropped)."""
 _ROWS_PARTITION = re.compile(r"^batchrows_w(\d{8})$")
-PARTITION_FUNCTIONS = ("alya_partition_create", "alya_partition_drop")
-"""Server-side functions of migration 0012 that create and drop a range partition (DDL with its name)."""
+PARTITION_FUNCTIONS = ("alya_partition_create", "alya_partition_detach", "alya_partition_discard")
+"""Server-side functions of migration 0012 that create, detach and drop a range partition (DDL naming it)."""
 
 
 def rows_partition(start: str) -> str:

@@ -71,12 +71,22 @@ class PartitionQueries:
         row = self._tx.one("create_rows_partition", part=part, lo=lo, hi=hi, ms=ms)
         return bool(row and row[0])
 
-    def drop_rows_partition(self, *, part: str, before: datetime, app: str | None,
-                            ms: int = LOCK_TIMEOUT_MS) -> int:
-        """Drop the partition if all its batches are purgeable: their rows; -1 if not; -2 if a lock was not had
-        within ``ms``."""
-        row = self._tx.one("drop_rows_partition", part=part, before=before, app=app, ms=ms)
+    def detach_rows_partition(self, *, part: str, before: datetime, app: str | None,
+                              ms: int = LOCK_TIMEOUT_MS) -> int:
+        """Detach the partition if all its batches are purgeable: their rows; -1 if not; -2 if a lock was not
+        had within ``ms``. Then :meth:`discard_rows_partition`, twice, each in a transaction of its own."""
+        row = self._tx.one("detach_rows_partition", part=part, before=before, app=app, ms=ms)
         return int(row[0]) if row else -1
+
+    def discard_rows_partition(self, *, part: str, fk: bool, ms: int = LOCK_TIMEOUT_MS) -> bool:
+        """A detached partition's foreign key (``fk``), then the table (its files unlinked under its own lock
+        only). False: a lock was not had within ``ms`` (or no such table)."""
+        row = self._tx.one("discard_rows_partition", part=part, fk=fk, ms=ms)
+        return bool(row and row[0])
+
+    def detached_rows_partitions(self) -> list[str]:
+        """Partitions a purge detached and did not drop yet (it stopped between its steps)."""
+        return [str(r[0]) for r in self._tx.all("detached_rows_partitions")]
 
 
 def ensure_partitions(store: Any, now: datetime | None = None) -> list[str]:

@@ -21,8 +21,8 @@ partition covers. The upgrade:
    partition; the maintenance that creates later partitions pays a scan of the default partition each time,
    which is why it waits while that partition is large (``alya.db.partitions``).
 
-Two server-side functions do the DDL that names a partition (``alya_partition_create``,
-``alya_partition_drop``), so the named SQL of ``alya/db/sql/partitions.sql`` passes names as parameters.
+Server-side functions do the DDL that names a partition (``alya_partition_create``, ``_detach``,
+``_discard``), so the named SQL of ``alya/db/sql/partitions.sql`` passes names as parameters.
 
 Revision ID: 0012_partitions
 Revises: 0011_counters
@@ -52,17 +52,25 @@ FINAL = "('success', 'failed', 'aborted')"
 _REFERENCING = {"UPDATE": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
                 "DELETE": "REFERENCING OLD TABLE AS old_rows"}
 
-CREATE, DROP = PARTITION_FUNCTIONS
+CREATE, DETACH, DISCARD = PARTITION_FUNCTIONS
 _PART_INDEXES = "\n".join(  # the body of alya_partition_create creates them on the new table
     "    EXECUTE format('CREATE INDEX %I ON %I " + d.replace("'", "''") + f"', part || '{i[len(T):]}', part);"
     for i, d in INDEXES.items()) + "\n"
 _FUNCTIONS = f"""
 CREATE FUNCTION {CREATE}(part text, lo uuid, hi uuid) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    opts text;
 BEGIN
     IF to_regclass(format('%I', part)) IS NOT NULL THEN
         RETURN false;
     END IF;
     EXECUTE format('CREATE TABLE %I (LIKE {T} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', part);
+    -- A partitioned table has no storage parameters: a new partition takes the default partition's (the
+    -- autovacuum settings an operator gave batchrows before 0012, or gives batchrows_default since).
+    SELECT array_to_string(c.reloptions, ', ') INTO opts FROM pg_class c WHERE c.oid = to_regclass('{D}');
+    IF opts IS NOT NULL THEN
+        EXECUTE format('ALTER TABLE %I SET (%s)', part, opts);
+    END IF;
     -- Its indexes named as the parent's (<partition>_queued...): ATTACH adopts them.
     EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I PRIMARY KEY (batch, line)', part, part || '_pkey');
 {{indexes}}    -- Rows the default partition holds in this range (an old random id, a client clock far off) move with it.
@@ -72,12 +80,14 @@ BEGIN
     RETURN true;
 END $$;
 
--- Drop a range partition if every batch of its range is final, ended before `before` and (unless NULL) of
+-- Detach a range partition if every batch of its range is final, ended before `before` and (unless NULL) of
 -- `only_app`: returns their rows, or -1 (not all of them are; or no such partition), or -2 (a lock was not
 -- had within the caller's lock_timeout: try again later). The partition is locked before the batches are
 -- read, so no row can enter it meanwhile: a batch whose record is not committed yet has no row in it (its
--- rows wait for the lock, then go to the default partition once this one is gone).
-CREATE FUNCTION {DROP}(part text, before timestamptz, only_app text) RETURNS bigint LANGUAGE plpgsql AS $$
+-- rows wait for the lock, then go to the default partition once this one is gone). Detached, not dropped:
+-- a DROP unlinks the files at commit while it still holds ACCESS EXCLUSIVE on batchrows (218 ms for a
+-- million rows, measured; more for more), so the files go in a transaction of their own (below).
+CREATE FUNCTION {DETACH}(part text, before timestamptz, only_app text) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     bound text;
     lo uuid;
@@ -104,11 +114,36 @@ BEGIN
         IF bad > 0 THEN
             RETURN -1;
         END IF;
-        EXECUTE format('DROP TABLE %I', part);
+        EXECUTE format('ALTER TABLE {T} DETACH PARTITION %I', part);
         RETURN n;
     EXCEPTION WHEN lock_not_available THEN
         RETURN -2;
     END;
+END $$;
+
+-- The rest of a detached partition (never any other table): its foreign key first (a brief ACCESS
+-- EXCLUSIVE lock on batches, to drop the key's triggers there; no file is unlinked), then, with `fk` false,
+-- the table itself, whose files are unlinked while only the table is locked. False: a lock was not had
+-- within the caller's lock_timeout, or no such table.
+CREATE FUNCTION {DISCARD}(part text, fk boolean) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    c text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = part AND relkind = 'r' AND NOT relispartition
+                   AND relnamespace = current_schema()::regnamespace AND relname ~ '^{T}_w[0-9]{{8}}$') THEN
+        RETURN false;
+    END IF;
+    IF fk THEN
+        FOR c IN SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(format('%I', part))
+                                                     AND contype = 'f' LOOP
+            EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', part, c);
+        END LOOP;
+    ELSE
+        EXECUTE format('DROP TABLE %I', part);
+    END IF;
+    RETURN true;
+EXCEPTION WHEN lock_not_available THEN
+    RETURN false;
 END $$;
 """
 

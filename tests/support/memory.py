@@ -616,10 +616,18 @@ class MemoryQueries(Queries):
         self._q("create_rows_partition")
         return False
 
-    def drop_rows_partition(self, *, part: str, before: datetime, app: str | None,
-                            ms: int = LOCK_TIMEOUT_MS) -> int:
-        self._q("drop_rows_partition")
+    def detach_rows_partition(self, *, part: str, before: datetime, app: str | None,
+                              ms: int = LOCK_TIMEOUT_MS) -> int:
+        self._q("detach_rows_partition")
         return -1
+
+    def discard_rows_partition(self, *, part: str, fk: bool, ms: int = LOCK_TIMEOUT_MS) -> bool:
+        self._q("discard_rows_partition")
+        return False
+
+    def detached_rows_partitions(self) -> list[str]:
+        self._q("detached_rows_partitions")
+        return []
 
     def _batch_rows(self, id: str) -> list[tuple[Any, ...]]:
         return [(r.line, r.status, _load(r.res), _load(r.messages)) for r in self._rows(id)]

@@ -20,6 +20,17 @@ WHERE i.inhparent = 'batchrows'::regclass AND pg_get_expr(c.relpartbound, c.oid)
 SELECT set_config('lock_timeout', %(ms)s::text || 'ms', true);
 SELECT alya_partition_create(%(part)s, %(lo)s::uuid, %(hi)s::uuid);
 
--- name: drop_rows_partition
+-- name: detach_rows_partition
 SELECT set_config('lock_timeout', %(ms)s::text || 'ms', true);
-SELECT alya_partition_drop(%(part)s, %(before)s::timestamptz, %(app)s::text);
+SELECT alya_partition_detach(%(part)s, %(before)s::timestamptz, %(app)s::text);
+
+-- name: discard_rows_partition
+SELECT set_config('lock_timeout', %(ms)s::text || 'ms', true);
+SELECT alya_partition_discard(%(part)s, %(fk)s);
+
+-- name: detached_rows_partitions
+-- Partitions detached by a purge and not yet dropped (it stopped between its transactions).
+SELECT relname FROM pg_class
+WHERE relkind = 'r' AND NOT relispartition AND relnamespace = current_schema()::regnamespace
+  AND relname ~ '^batchrows_w[0-9]{8}$'
+ORDER BY relname;

@@ -254,3 +254,27 @@ def test_workers_are_not_held_up_by_drops(jm: JobManager, proc: Proc) -> None:
     counters_exact(jm)
 
 
+
+
+def test_new_partitions_take_the_default_partition_s_storage_parameters(jm: JobManager, proc: Proc) -> None:
+    """A partitioned table has no autovacuum settings of its own: operators set them on batchrows_default
+    (README, "PostgreSQL settings") and every partition made later copies them."""
+    store_sql(jm.store, "ALTER TABLE batchrows_default SET (autovacuum_vacuum_scale_factor = 0.02)")
+    name = make_week(jm, datetime.now(UTC) - 30 * WEEK)
+    assert store_sql(jm.store, "SELECT reloptions FROM pg_class WHERE relname = %s", name)[0][0] == [
+        "autovacuum_vacuum_scale_factor=0.02"]
+
+
+def test_a_partition_left_detached_by_a_stopped_purge_is_dropped_by_the_next(jm: JobManager, proc: Proc) -> None:
+    now = datetime.now(UTC)
+    at = period_start(now) - 40 * WEEK
+    week = make_week(jm, at)
+    with ids_at(at):
+        b = ended(jm, 8)
+    age(jm, b)
+    with jm.store.tx() as q:  # the purge's first step, then a crash
+        assert q.detach_rows_partition(part=week, before=now - timedelta(days=30), app=None) == 8
+    assert table_exists(jm, week) and nrows(jm, b) == 0  # no longer part of batchrows
+    report = purge(jm.services, now - timedelta(days=30))
+    assert not table_exists(jm, week)
+    assert report.nbatches == 1 and not store_sql(jm.store, "SELECT 1 FROM batches WHERE id = %s", b)
