@@ -13,12 +13,16 @@ holding them.
 Two paths (``--paths drop,delete``, migration 0012): *drop*, the batches' ids are of a past week (its
 partition made first), so the purge drops that week's partition whole; *delete*, their ids are of this week
 (its partition is not over yet), so the purge deletes their rows in bounded transactions, as it does for
-the default partition's old rows. ``batchrows`` sizes are summed over its partitions.
+the default partition's old rows. ``batchrows`` sizes are summed over its partitions. "stall": the longest
+write-back of one row of this week (a worker's statement, looping on its own connection) during the purge.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,6 +78,32 @@ def _fill(jm: JobManager, conn: Any, size: int, batch_rows: int, at: datetime | 
     return ids
 
 
+@contextmanager
+def _writer(url: str, batch: str) -> Iterator[list[float]]:
+    """A worker's write-back meanwhile, in a loop on its own connection: the longest one (what a purge's
+    locks cost the workers) in the list it yields, filled when the block ends."""
+    stall = [0.0]
+    stop = threading.Event()
+
+    def loop() -> None:
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        while not stop.is_set():
+            t = time.perf_counter()
+            _sql(conn, "UPDATE batchrows SET attempts = attempts WHERE batch = %s AND line = 1", batch)
+            stall[0] = max(stall[0], time.perf_counter() - t)
+            time.sleep(0.001)
+        conn.close()
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    try:
+        yield stall
+    finally:
+        stop.set()
+        th.join()
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:7.1f}"
 
@@ -98,8 +128,9 @@ def run(sizes: list[int], cycles: int, batch_rows: int, compare: bool, vacuum: b
                 longest[0] = max(longest[0], time.perf_counter() - t)
             return cm()
 
+        live = jm.batch_submit(APP, OP, {}, [(1, {"live": True})])  # a worker's row of this week, written meanwhile
         print(f"{'path':>6} {'rows':>9} {'cycle':>5} {'purge s':>8} {'rows/s':>9} {'WAL MiB':>8} {'max tx ms':>9} "
-              f"{'batches MiB peak/after':>23} {'batchrows MiB peak/after':>25}")
+              f"{'stall ms':>8} {'batches MiB peak/after':>23} {'batchrows MiB peak/after':>25}")
         week = period_start(datetime.now(UTC)) - 60 * PERIOD  # drop path: a past week per cycle
         for path, size in [(p, s) for p in paths for s in sizes]:
             for cycle in range(1, cycles + 1):
@@ -109,9 +140,10 @@ def run(sizes: list[int], cycles: int, batch_rows: int, compare: bool, vacuum: b
                 (lsn0,), = _sql(conn, "SELECT pg_current_wal_lsn()")
                 longest[0] = 0.0
                 jm.store.tx = timed_tx  # type: ignore[method-assign]
-                t = time.perf_counter()
-                rep = jm.batch_purge(datetime.now(UTC) - timedelta(days=30))
-                took = time.perf_counter() - t
+                with _writer(url, live) as stall:
+                    t = time.perf_counter()
+                    rep = jm.batch_purge(datetime.now(UTC) - timedelta(days=30))
+                    took = time.perf_counter() - t
                 del jm.store.tx
                 (wal,), = _sql(conn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", lsn0)
                 assert rep.nrows == size, rep
@@ -119,7 +151,7 @@ def run(sizes: list[int], cycles: int, batch_rows: int, compare: bool, vacuum: b
                 if vacuum:  # what autovacuum does between purges a day apart (not VACUUM FULL: no lock)
                     _sql(conn, "VACUUM batchrows, batches")
                 print(f"{path:>6} {size:>9} {cycle:>5} {took:8.2f} {size / took:9.0f} {_mib(int(wal))} "
-                      f"{longest[0] * 1000:9.0f} "
+                      f"{longest[0] * 1000:9.0f} {stall[0] * 1000:8.0f} "
                       f"{_mib(peak[0]):>11} /{_mib(after[0])} {_mib(peak[1]):>13} /{_mib(after[1])}")
             if compare and path == paths[-1]:
                 _compare(jm, conn, size, batch_rows)
