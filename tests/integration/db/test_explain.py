@@ -197,6 +197,8 @@ def test_write_results_probes_the_primary_key_per_line(loaded: dict[str, Any]) -
     scans = [n for n in nodes if role(n.get("Relation Name", "")) == "batchrows" and "Scan" in n["Node Type"]]
     assert scans and "batchrows" not in seq_scans(nodes)
     assert len(partitions(nodes)) == 1, partitions(nodes)  # the look-up and the UPDATE: the batch's partition
+    # never a join that reads the whole batch by its `batch` filter (it halved no-op throughput once)
+    assert not [n for n in nodes if n["Node Type"] in ("Hash Join", "Merge Join")], nodes
     for n in scans:
         if n["Node Type"] == "Tid Scan":
             continue
