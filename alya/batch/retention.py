@@ -1,11 +1,14 @@
 """Retention: deleting final batches (and slow queries) that ended before a date, with their rows, their
 file-intake records, their cached statuses and, when asked, their output files.
 
-A purge is many small transactions, never one big one: batches go in groups of about ``chunk_rows`` rows
-(one ``purge_batches`` statement per group), and a batch bigger than that loses its rows ``chunk_rows`` at
-a time (``purge_rows``) before its record goes. So a purge of months of history holds each lock for a
-fraction of a second (workers claim and write back meanwhile), writes a bounded amount of WAL per
-commit, and leaves dead tuples that autovacuum reclaims as it goes (``bench purge`` measures it).
+First, weeks of ``batchrows`` (migration 0012: partitions by range of UUIDv7 batch ids) whose batches are
+all purgeable are detached and dropped whole, whatever their size (:func:`_drop_partitions`); what is left
+(and the records of those batches) goes as follows. A purge is many small transactions, never one big
+one: batches go in groups of about ``chunk_rows`` rows (one ``purge_batches`` statement per group), and a
+batch bigger than that loses its rows ``chunk_rows`` at a time (``purge_rows``) before its record goes. So
+a purge of months of history holds each lock for a fraction of a second (workers claim and write back
+meanwhile), writes a bounded amount of WAL per commit, and leaves dead tuples that autovacuum reclaims as
+it goes (``bench purge`` measures it).
 
 Open batches are never touched: every statement re-checks, under the batch's lock, that the batch is final
 and ended before ``before``. Two purges at once skip each other's batches (``SKIP LOCKED``). A purge that
