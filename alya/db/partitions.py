@@ -9,18 +9,20 @@ up to a month of rows past retention.
 
 *Ahead of time:* a submit never waits for DDL: maintenance (duty ``partitions``) keeps this week and the next
 ``AHEAD`` created. Creating one takes a brief SHARE UPDATE EXCLUSIVE lock on ``batchrows`` (no conflict with
-reads and writes of rows) but scans the DEFAULT partition under an ACCESS EXCLUSIVE lock on it, to prove that
-none of its rows belongs to the new range (0.09 s per million rows, measured); so while the default
-partition holds more than ``SMALL_DEFAULT`` rows (the table of old v4 ids, emptied by retention), creation
-waits, unless no partition covers this week at all: then it is created whatever the scan costs, once. A
-submit whose id no partition covers (later than the horizon, or a week already dropped: a client's clock far
-off) lands in the default partition, and a purge deletes it with the batched DELETE.
+reads and writes of rows) and SHARE ROW EXCLUSIVE on ``batches`` (its foreign key: batch writes wait a few
+milliseconds), each waited for at most LOCK_TIMEOUT_MS, but it scans the DEFAULT partition under an ACCESS
+EXCLUSIVE lock on it, to prove that none of its rows belongs to the new range (0.09 s per million rows,
+measured); so while the default partition holds more than ``SMALL_DEFAULT`` rows (the table of old v4 ids,
+emptied by retention), creation waits, unless no partition covers this week at all: then it is created
+whatever the scan costs, once. A submit whose id no partition covers (later than the horizon, or a week
+already dropped: a client's clock far off) lands in the default partition, and a purge deletes it with the
+batched DELETE.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from alya.core.ids import floor_id
@@ -45,10 +47,6 @@ def periods(now: datetime, ahead: int = AHEAD) -> Iterator[tuple[str, str, str]]
     for k in range(ahead + 1):
         lo = start + k * PERIOD
         yield rows_partition(lo.strftime("%Y%m%d")), floor_id(lo), floor_id(lo + PERIOD)
-
-
-def period_of(name: str) -> date:
-    return datetime.strptime(name[-8:], "%Y%m%d").date()
 
 
 class PartitionQueries:
