@@ -8,7 +8,6 @@ PostgreSQL already holds.
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Union
@@ -24,6 +23,7 @@ from alya.batch.status import Statuses
 from alya.core import validate
 from alya.core.confine import Roots
 from alya.core.errors import InvalidState
+from alya.core.ids import uuid7
 from alya.core.logs import get_logger, status_change
 from alya.core.metrics import Metrics
 from alya.core.models import (
@@ -264,7 +264,7 @@ class JobManager(BatchControl):
         data = json_text(validate.json_object(input, "input", self.config.max_input_bytes))
         key = validate.idempotency_key(idempotency_key)
         prio = validate.priority(priority)
-        req_id = str(uuid.uuid4())  # chosen outside the transaction: Store.run may run it again
+        req_id = uuid7()  # time-ordered (partitions); chosen outside the transaction: Store.run may rerun it
         new = self.store.run(lambda q: insert_slowquery(q, req_id, app, op, ctx, data, idempotency_key=key,
                                                         priority=prio))
         if new.replayed:

@@ -1,11 +1,14 @@
 """Retention: deleting final batches (and slow queries) that ended before a date, with their rows, their
 file-intake records, their cached statuses and, when asked, their output files.
 
-A purge is many small transactions, never one big one: batches go in groups of about ``chunk_rows`` rows
-(one ``purge_batches`` statement per group), and a batch bigger than that loses its rows ``chunk_rows`` at
-a time (``purge_rows``) before its record goes. So a purge of months of history holds each lock for a
-fraction of a second (workers claim and write back meanwhile), writes a bounded amount of WAL per
-commit, and leaves dead tuples that autovacuum reclaims as it goes (``bench purge`` measures it).
+First, weeks of ``batchrows`` (migration 0012: partitions by range of UUIDv7 batch ids) whose batches are
+all purgeable are detached and dropped whole, whatever their size (:func:`_drop_partitions`); what is left
+(and the records of those batches) goes as follows. A purge is many small transactions, never one big
+one: batches go in groups of about ``chunk_rows`` rows (one ``purge_batches`` statement per group), and a
+batch bigger than that loses its rows ``chunk_rows`` at a time (``purge_rows``) before its record goes. So
+a purge of months of history holds each lock for a fraction of a second (workers claim and write back
+meanwhile), writes a bounded amount of WAL per commit, and leaves dead tuples that autovacuum reclaims as
+it goes (``bench purge`` measures it).
 
 Open batches are never touched: every statement re-checks, under the batch's lock, that the batch is final
 and ended before ``before``. Two purges at once skip each other's batches (``SKIP LOCKED``). A purge that
@@ -25,6 +28,7 @@ from typing import Any
 from alya.batch.services import Services
 from alya.core import validate
 from alya.core.errors import InvalidInput
+from alya.core.ids import id_time
 from alya.core.logs import get_logger
 from alya.core.models import PurgeReport
 from alya.core.names import done_key, summary_key
@@ -32,6 +36,7 @@ from alya.core.records import PurgeCandidate
 
 CHUNK_ROWS = 10_000  # rows per purge transaction
 PAGE = 1000  # candidates read per look-up
+DROP_ATTEMPTS = 5  # a partition's DROP that cannot have its locks soon is tried this often, then left
 _START = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_ID = "00000000-0000-0000-0000-000000000000"
 
@@ -72,6 +77,7 @@ def purge(svc: Services, before: datetime, app: str | None = None, files: bool =
         raise InvalidInput(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     deadline = None if max_sec is None else time.monotonic() + max_sec
     report = _Counts()
+    _drop_partitions(svc, before, app, report, deadline)
     after_at, after_id = _START, _NO_ID
     page: list[PurgeCandidate] | None = None
     while (page is None or page) and not _late(deadline):
@@ -91,10 +97,58 @@ def purge(svc: Services, before: datetime, app: str | None = None, files: bool =
             if n < chunk_rows:
                 break
     out = PurgeReport(nbatches=report.nbatches, nrows=report.nrows, nfiles=report.nfiles, nrecords=report.nrecords)
-    if out.nbatches or out.nrecords:
+    if out.nbatches or out.nrecords or report.npartitions:
         get_logger().info("batches_purged", before=before.isoformat(), app=app, batches=out.nbatches, rows=out.nrows,
-                          files=out.nfiles, records=out.nrecords)
+                          files=out.nfiles, records=out.nrecords, partitions=report.npartitions)
     return out
+
+
+def _drop_partitions(svc: Services, before: datetime, app: str | None, report: _Counts,
+                     deadline: float | None) -> None:
+    """The cheap path (migration 0012): a range partition of ``batchrows`` whose week ended before
+    ``before`` and whose batches are all purgeable goes whole, whatever its size. A partition holding an
+    open or younger batch (or, with ``app``, another app's) is left to the batched DELETE below, as are the
+    default partition's rows; the batch records of a dropped partition go there too (their rows are gone:
+    a probe each). Three short transactions (``alya.db.partitions``): DETACH (ACCESS EXCLUSIVE on
+    ``batchrows`` for about a millisecond), its foreign key (the same on ``batches``), then DROP, whose
+    unlinking of the files locks nothing but the detached table. Each waits at most
+    ``partitions.LOCK_TIMEOUT_MS`` for its locks (statements queue behind a waiting lock) and is tried again
+    a few times, then left for the next purge (which first finishes partitions left detached)."""
+    with svc.store.tx() as q:
+        parts = [p for p in q.rows_partitions() if id_time(p.hi) <= before]
+        orphans = q.detached_rows_partitions()
+    for name in orphans:
+        _discard(svc, name)
+    for p in parts:
+        n = -2
+        for attempt in range(DROP_ATTEMPTS):
+            if _late(deadline):
+                return
+            with svc.store.tx() as q:
+                n = q.detach_rows_partition(part=p.name, before=before, app=app)
+            if n != -2:
+                break
+            time.sleep(0.05 * (attempt + 1))
+        if n >= 0:
+            report.nrows += n
+            report.npartitions += 1
+            _discard(svc, p.name)
+            get_logger().info("partition_dropped", partition=p.name, rows=n)
+        elif n == -2:
+            get_logger().warning("partition_drop_deferred", partition=p.name, reason="lock not available")
+
+
+def _discard(svc: Services, name: str) -> None:
+    """Drop a detached partition: its foreign key, then the table (each retried; else the next purge)."""
+    for fk in (True, False):
+        for attempt in range(DROP_ATTEMPTS):
+            with svc.store.tx() as q:
+                if q.discard_rows_partition(part=name, fk=fk):
+                    break
+            time.sleep(0.05 * (attempt + 1))
+        else:
+            get_logger().warning("partition_drop_deferred", partition=name, reason="lock not available")
+            return
 
 
 def _late(deadline: float | None) -> bool:
@@ -103,7 +157,7 @@ def _late(deadline: float | None) -> bool:
 
 class _Counts:
     def __init__(self) -> None:
-        self.nbatches = self.nrows = self.nfiles = self.nrecords = 0
+        self.nbatches = self.nrows = self.nfiles = self.nrecords = self.npartitions = 0
 
 
 def _groups(page: list[PurgeCandidate], chunk_rows: int) -> list[list[PurgeCandidate]]:

@@ -52,6 +52,35 @@ COUNTS_BATCH_GONE = ("alya_count_batch_gone", "alya_counts_batch_gone")
 """A deleted batch takes its counter rows with it (trigger on ``batches``)."""
 
 
+ROWS_TABLE = "batchrows"
+"""Partitioned by range of ``batch`` (UUIDv7, time-ordered: migration 0012, ``alya.db.partitions``)."""
+ROWS_DEFAULT = "batchrows_default"
+"""The DEFAULT partition: the table of rows as it was before migration 0012 (random v4 ids), and rows of
+any id no range partition covers (a period not created yet, or one already dropped)."""
+_ROWS_PARTITION = re.compile(r"^batchrows_w(\d{8})$")
+PARTITION_FUNCTIONS = ("alya_partition_create", "alya_partition_detach", "alya_partition_discard")
+"""Server-side functions of migration 0012 that create, detach and drop a range partition (DDL naming it)."""
+
+
+def rows_partition(start: str) -> str:
+    """The range partition of the period starting on ``start`` (``YYYYMMDD``, a Monday, UTC)."""
+    return f"batchrows_w{start}"
+
+
+def is_rows_partition(name: str) -> bool:
+    """A partition of ``batchrows`` (a range one or the default), e.g. to leave out of schema comparisons."""
+    return name == ROWS_DEFAULT or _ROWS_PARTITION.match(name) is not None
+
+
+def parent_constraint(name: str) -> str:
+    """A partition's constraint or index (``batchrows_w20261130_pkey``, ``batchrows_default_queued``) as
+    its parent's (``batchrows_pkey``); any other name as it is."""
+    return _PARTITION_PART.sub("batchrows_", name)
+
+
+_PARTITION_PART = re.compile(r"^batchrows_(?:w\d{8}|default)_")
+
+
 ABORT_PREFIX = "abort:"
 
 

@@ -290,6 +290,15 @@ class AppLoad:
 
 
 @dataclass(frozen=True, slots=True)
+class RowsPartition:
+    """A range partition of ``batchrows`` (migration 0012): its name and its bounds (batch ids, UUIDv7)."""
+
+    name: str
+    lo: str
+    hi: str
+
+
+@dataclass(frozen=True, slots=True)
 class PurgeCandidate:
     """A final batch a purge may delete (``alya.batch.retention``): its type, size, files and when it ended."""
 

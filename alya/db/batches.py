@@ -4,13 +4,13 @@ file's record in the same transaction as its batch) store batches the same way."
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from alya.core.errors import BatchNotFound, InvalidInput, InvalidState
+from alya.core.ids import uuid7
 from alya.core.models import BatchStatus
 from alya.core.records import BatchRecord
 from alya.db.ingest import CopyStream
@@ -42,7 +42,7 @@ def insert_batch(q: Queries, app: str, op: str, context: dict[str, Any], pairs: 
     half a batch and must be rolled back (or the caller's savepoint). With an idempotency key this app
     already used, nothing is stored and the first batch is returned (``replayed``; its rows are not read).
     ``not_before``, ``deadline``: validated (``validate.schedule``), stored on the batch record."""
-    batch_id = str(uuid.uuid4())
+    batch_id = uuid7()  # time-ordered: batchrows is partitioned by ranges of it (migration 0012)
     first = insert_record(q, idempotency_key, id=batch_id, app=app, op=op, type="B",
                           context=json_text(context), inputfile=inputfile, status=status, priority=priority)
     if first is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg2
 
 from alya.core.errors import AlyaError, BackendUnavailable, ConnectionLost, DatabaseNotMigrated, InvalidInput
+from alya.core.names import parent_constraint
 
 # Statements of a schema that is missing or older than this code: undefined_table, undefined_column.
 NOT_MIGRATED = frozenset({"42P01", "42703"})
@@ -47,9 +48,11 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def constraint_name(exc: BaseException) -> str | None:
+    """The constraint's name as the models declare it: a partition of batchrows reports its own
+    (``batchrows_w20261130_pkey``), which is named after the parent's (``batchrows_pkey``)."""
     diag = getattr(exc, "diag", None)
     name = getattr(diag, "constraint_name", None) if diag is not None else None
-    return name if isinstance(name, str) and name else None
+    return parent_constraint(name) if isinstance(name, str) and name else None
 
 
 def is_disconnect(exc: BaseException, conn: Any) -> bool:

@@ -5,11 +5,10 @@ query of ``sql/queries.sql``, named exactly as the query, its keyword-only param
 Why methods and not ``tx.run("name", ...)``: a misspelt query name or parameter is then an error that mypy
 and the import of this module report, not a ``KeyError`` in production; what a query returns is written
 once, here, instead of each caller indexing a tuple; and a statement issued one way only (``notify_work``)
-cannot drift. The check at the bottom of this module ties the methods to the SQL: a query without a method,
-or a method without its query, fails the import (and so every test).
-
-Conventions: ids are ``str``; statuses ``BatchStatus``; JSON columns JSON text, serialised by the caller (which
-often needs the text: the write-back measures it); array parameters ``list`` (a tuple is sent as a record).
+cannot drift. The check at the bottom of this module ties the methods to the SQL (``sql/*.sql``): a query
+without a method, or a method without its query, fails the import (and so every test). Conventions: ids
+are ``str``; statuses ``BatchStatus``; JSON columns JSON text, serialised by the caller (which often needs
+the text: the write-back measures it); array parameters ``list`` (a tuple is sent as a record).
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from alya.db.control import ControlQueries
 from alya.db.counters import CounterQueries
 from alya.db.failure_queries import FailureQueries
 from alya.db.ingest import COPY_ROWS
+from alya.db.partitions import PartitionQueries
 from alya.db.transport import OWN_STATEMENTS, Readable, Tx, named_sql
 
 STREAM_PREFIX = "stream_"  # stream_<query>: the query read through a server-side cursor
@@ -58,7 +58,7 @@ def _ids(rows: list[tuple[Any, ...]]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-class Queries(FailureQueries, ControlQueries, CounterQueries):
+class Queries(FailureQueries, ControlQueries, CounterQueries, PartitionQueries):
     """One open transaction, as typed queries (some in mixins), from ``Store.tx()`` or ``Store.run(body)``."""
 
     def __init__(self, tx: Tx) -> None:

@@ -138,6 +138,9 @@ batchrows = Table(
     Index("batchrows_suspect", "batch", "line", postgresql_where=text("status = 'queued' AND suspect")),
     # The failure threshold counts failed rows, a retry requeues them: only failed rows (migration 0009).
     Index("batchrows_failed", "batch", "line", postgresql_where=text("status = 'failed'")),
+    # One partition per week of batch ids (UUIDv7), plus a DEFAULT one (migration 0012, alya.db.partitions):
+    # a purge drops whole weeks. Partitions are made by maintenance, not declared here.
+    postgresql_partition_by="RANGE (batch)",
 )
 
 # Rows of each batch by status: a signed number per (batch, status, shard), summed on read, kept by

@@ -26,10 +26,14 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 OWN_STATEMENTS = frozenset({"rollback_to_savepoint", "release_savepoint"})
 
 
+SQL_FILES = ("queries.sql", "partitions.sql")  # partitions.sql: alya.db.partitions (migration 0012)
+
+
 @cache
 def named_sql() -> dict[str, str]:
-    """Every ``-- name:`` block of ``sql/queries.sql`` by name, with the records' column lists filled in."""
-    text = resources.files("alya.db").joinpath("sql/queries.sql").read_text()
+    """Every ``-- name:`` block of ``sql/queries.sql`` and of the files of other roles (``SQL_FILES``) by
+    name, with the records' column lists filled in."""
+    text = "\n".join(resources.files("alya.db").joinpath(f"sql/{f}").read_text() for f in SQL_FILES)
     text = text.replace("{batch_columns}", BatchRecord.COLUMNS).replace("{file_columns}", FileRecord.COLUMNS)
     parts = _NAME.split(text)
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}

@@ -7,7 +7,8 @@ scheduled sweeper flow, ``jm.cleanup()``); each step changes only what is still 
 never delays recovery), but each *duty* is done by one worker at a time: the worker holding the duty's
 lease (table ``maintenance_leases``: holder and expiry). The duties are ``recovery`` (requeue rows of silent
 workers, forget them, summarise batches whose summary was missed: work for the whole cluster),
-``retention`` (purge final batches older than ALYA_RETENTION_DAYS, a few seconds per tick) and one
+``retention`` (purge final batches older than ALYA_RETENTION_DAYS, a few seconds per tick), ``partitions``
+(create the partitions of ``batchrows`` ahead of time: ``alya.db.partitions``) and one
 ``mark_done:<app>/<op>`` per batch type (only a worker that has that type's processor can call its
 ``mark_done``). When the holder dies or is cut off, its leases run out and another worker takes the duties
 at its next tick; a holder that stops gives them up at once.
@@ -29,12 +30,14 @@ from alya.batch.services import Services
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
 from alya.core.models import ErrorMessage
+from alya.db.partitions import ensure_partitions
 from alya.db.store import Store, json_text
 from alya.engine.identity import Identity
 
 RECOVERY = "recovery"
 RETENTION = "retention"  # ALYA_RETENTION_DAYS: purge final batches older than that
 RETENTION_PASS_SEC = 5.0  # a pass purges this long at most; a backlog of history goes over several passes
+PARTITIONS = "partitions"  # batchrows' partitions of this week and the next ones (alya.db.partitions)
 SCHEDULE = "schedule"  # batch control: fire due deadlines, wake workers when a batch's not_before comes
 SCHEDULE_EVERY_SEC = 1.0  # how often its holder looks: a deadline fires at most about this late
 # Counter shards (alya.db.counters): an open batch with more than this many shard rows has them folded into
@@ -70,16 +73,21 @@ class CleanupReport:
     purged_rows: int = 0
     deadlines: list[str] = field(default_factory=list)  # batches ended because their deadline passed
     compacted: int = 0  # counter rows folded
+    partitions: list[str] = field(default_factory=list)  # partitions of batchrows created
 
 
 def cleanup(engine: Finishes, types: list[tuple[str, str]] | None = None, recover: bool = True,
-            retain: bool | None = None) -> CleanupReport:
+            retain: bool | None = None, partition: bool | None = None) -> CleanupReport:
     """1. rows of workers silent for ALYA_RECOVERY_SEC go back to the queue (or fail, out of attempts);
     2. open batches whose rows are all final are summarised (their summary was missed);
     3. mark_done is called for finished batches of ``types`` that were never notified;
     4. final batches older than ALYA_RETENTION_DAYS are purged (for RETENTION_PASS_SEC at most).
-    Steps 1 and 2 only with ``recover``; step 4 with ``retain`` (default: as ``recover``)."""
+    5. the partitions of ``batchrows`` of this week and the next ones exist (before step 4 drops any).
+    Steps 1 and 2 only with ``recover``; steps 4 and 5 with ``retain`` and ``partition`` (default: as
+    ``recover``)."""
     report = CleanupReport()
+    if recover if partition is None else partition:
+        _partition(engine.svc, report)
     if recover:
         schedule(engine, report)
         _recover(engine, report)
@@ -109,6 +117,16 @@ def schedule(engine: Finishes, report: CleanupReport) -> None:
                 report.deadlines.append(batch)
         except AlyaError as exc:  # a failed upload: the next pass tries again
             log.error("deadline_stop_failed", batch=batch, error=describe(exc))
+
+
+def _partition(svc: Services, report: CleanupReport) -> None:
+    try:
+        report.partitions = ensure_partitions(svc.store)
+    except AlyaError as exc:  # a lock not had soon (workers were busy on batchrows): the next pass
+        get_logger().warning("partitions_deferred", error=describe(exc))
+        return
+    for name in report.partitions:
+        get_logger().info("partition_created", partition=name)
 
 
 def _retain(svc: Services, report: CleanupReport) -> None:
@@ -214,11 +232,12 @@ class Maintenance:
     def tick(self, engine: Finishes, types: list[tuple[str, str]]) -> CleanupReport | None:
         """One pass over the duties this worker holds (None when it holds none)."""
         retention = [RETENTION] if engine.svc.config.retention_days > 0 else []
-        held = self.hold([RECOVERY] + retention + [mark_done_duty(a, o) for a, o in types])
+        held = self.hold([RECOVERY, PARTITIONS] + retention + [mark_done_duty(a, o) for a, o in types])
         if not held:
             return None
         mine = [(a, o) for a, o in types if mark_done_duty(a, o) in held]
-        return cleanup(engine, types=mine, recover=RECOVERY in held, retain=RETENTION in held)
+        return cleanup(engine, types=mine, recover=RECOVERY in held, retain=RETENTION in held,
+                       partition=PARTITIONS in held)
 
     def tick_schedule(self, engine: Finishes) -> CleanupReport | None:
         """The ``schedule`` duty, every SCHEDULE_EVERY_SEC (deadlines must fire within seconds, the other

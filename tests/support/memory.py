@@ -67,12 +67,14 @@ from alya.core.records import (
     Purged,
     RecoveredRow,
     RowResult,
+    RowsPartition,
     SlowQueryRow,
     SummaryFailures,
     WriteResult,
     batch_output,
 )
 from alya.db import batches as db_batches
+from alya.db.partitions import LOCK_TIMEOUT_MS
 from alya.db.queries import Queries
 from alya.db.store import Store
 from alya.db.transport import Readable
@@ -601,6 +603,31 @@ class MemoryQueries(Queries):
     def fold_counts(self, *, ids: list[str]) -> int:
         self._q("fold_counts")
         return 0
+
+    def rows_partitions(self) -> list[RowsPartition]:
+        self._q("rows_partitions")
+        return []  # one table here: every partition exists, none is ever dropped
+
+    def default_rows(self) -> int:
+        self._q("default_rows")
+        return 0
+
+    def create_rows_partition(self, *, part: str, lo: str, hi: str, ms: int = LOCK_TIMEOUT_MS) -> bool:
+        self._q("create_rows_partition")
+        return False
+
+    def detach_rows_partition(self, *, part: str, before: datetime, app: str | None,
+                              ms: int = LOCK_TIMEOUT_MS) -> int:
+        self._q("detach_rows_partition")
+        return -1
+
+    def discard_rows_partition(self, *, part: str, fk: bool, ms: int = LOCK_TIMEOUT_MS) -> bool:
+        self._q("discard_rows_partition")
+        return False
+
+    def detached_rows_partitions(self) -> list[str]:
+        self._q("detached_rows_partitions")
+        return []
 
     def _batch_rows(self, id: str) -> list[tuple[Any, ...]]:
         return [(r.line, r.status, _load(r.res), _load(r.messages)) for r in self._rows(id)]

@@ -24,7 +24,7 @@ SELECT id, op, type FROM batches WHERE app = %(app)s AND idempotency_key = %(key
 SELECT b.op = %(op)s AND b.type = %(type)s AND b.context = %(context)s::jsonb
        AND b.inputfile IS NOT DISTINCT FROM %(inputfile)s
        AND (%(input)s::jsonb IS NULL
-            OR EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = b.id AND r.line = 0 AND r.input = %(input)s::jsonb))
+            OR EXISTS (SELECT 1 FROM batchrows r WHERE r.batch = %(id)s AND r.line = 0 AND r.input = %(input)s::jsonb))
 FROM batches b WHERE b.id = %(id)s;
 
 -- name: get_batch
@@ -185,6 +185,12 @@ RETURNING ver, nrows;
 -- The batch row is key-share locked first (writers share it; abort's FOR UPDATE waits for them, and they
 -- for it): abort locks the batch and then the rows, and rows locked in two different orders deadlock.
 SET LOCAL synchronous_commit = off;
+-- No hash or merge join: the UPDATE must reach each row by its tuple id (a Tid Scan per row). Its `batch`
+-- filter (a tuple id is unique only within a partition: migration 0012) let the planner, guessing a few
+-- hundred rows for a batch it has no statistics for, hash-join the whole batch instead: read by that filter
+-- at every write-back (measured: no-op throughput halved).
+SET LOCAL enable_hashjoin = off;
+SET LOCAL enable_mergejoin = off;
 SELECT 1 FROM batches WHERE id = %(batch)s FOR KEY SHARE;
 -- The rows are found by one primary-key probe per line (`t`: a LATERAL look-up with LIMIT is run per
 -- row as written, whatever the planner guesses for a batch it has no statistics for), then updated by
@@ -213,7 +219,7 @@ WITH v AS MATERIALIZED (
         doneby = CASE WHEN t.status = 'queued' THEN NULL ELSE r.doneby END,
         notbefore = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => t.delay) END
     FROM t
-    WHERE r.ctid = t.tid
+    WHERE r.batch = %(batch)s AND r.ctid = t.tid  -- unique only within a partition (0012): see above
     RETURNING 1
 )
 SELECT (SELECT status::text FROM batches WHERE id = %(batch)s), (SELECT count(*) FROM w), 0, NULL::int;
@@ -471,16 +477,21 @@ LIMIT %(n)s;
 -- Up to `n` rows of one purgeable batch, in line order after `after` (so that each step starts past the
 -- index entries of rows the last one deleted): a big batch goes in bounded transactions. The batch is
 -- locked first (skipped if another purge holds it) and must still be final and older than `before`.
--- Rows are picked by an ordered walk of the primary key and deleted by tuple id. Returns (rows, last line).
+-- Rows are picked by an ordered walk of the primary key and deleted as that range of lines (after, last
+-- picked], another walk of the same key (the batch is final: no row enters it). Not by tuple id: with
+-- batchrows partitioned (migration 0012) a tuple id needs the `batch` filter for its partition, and the
+-- planner, guessing few rows for a batch it has no statistics for, then read the whole batch by that filter.
+-- Returns (rows, last line).
 WITH b AS (
     SELECT id FROM batches
     WHERE id = %(id)s AND status IN ('success', 'failed', 'aborted') AND doneat < %(before)s
     FOR UPDATE SKIP LOCKED
 ), pick AS MATERIALIZED (
-    SELECT r.ctid AS tid FROM batchrows r
+    SELECT r.line FROM batchrows r
     WHERE r.batch = (SELECT id FROM b) AND r.line > %(after)s ORDER BY r.line LIMIT %(n)s
 ), gone AS (
-    DELETE FROM batchrows r WHERE r.ctid = ANY(ARRAY(SELECT tid FROM pick)) RETURNING r.line
+    DELETE FROM batchrows r WHERE r.batch = %(id)s AND r.line > %(after)s AND r.line <= (SELECT max(line) FROM pick)
+    RETURNING r.line
 )
 SELECT count(*), coalesce(max(line), %(after)s) FROM gone;
 
@@ -553,7 +564,7 @@ WITH b AS (
 )
 SELECT b.nrows, b.lim,
        (SELECT count(*) FROM (SELECT 1 FROM batchrows r
-                              WHERE r.batch = b.id AND r.status = 'failed' LIMIT b.lim + 1) f)
+                              WHERE r.batch = %(id)s AND r.status = 'failed' LIMIT b.lim + 1) f)
 FROM b;
 
 -- name: reopen_batch

@@ -3,7 +3,7 @@ walk their indexes, never scan batchrows sequentially (it holds every row of eve
 
 from __future__ import annotations
 
-import uuid
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +11,9 @@ import psycopg2
 import pytest
 
 from alya import BatchInput, JobManager
+from alya.core.ids import id_time, uuid7
+from alya.core.names import rows_partition
+from alya.db.partitions import period_start
 from alya.db.transport import named_sql
 from tests.support import services
 from tests.support.config import make_config
@@ -81,12 +84,28 @@ def explain(conn: Any, name: str, cursor: bool = False, **params: Any) -> list[d
     return nodes
 
 
+def rows_partition_of(batch: str) -> str:
+    """The range partition of a UUIDv7 batch id."""
+    return rows_partition(period_start(id_time(batch)).strftime("%Y%m%d"))
+
+
+def role(name: str) -> str:
+    """A partition of batchrows (migration 0012) or its index as the parent's: batchrows_w20261130_queued ->
+    batchrows_queued, batchrows_default -> batchrows."""
+    return re.sub(r"^batchrows_(?:w\d{8}|default)(?=_|$)", "batchrows", name)
+
+
 def indexes(nodes: list[dict[str, Any]]) -> set[str]:
-    return {n["Index Name"] for n in nodes if "Index Name" in n}
+    return {role(n["Index Name"]) for n in nodes if "Index Name" in n}
 
 
 def seq_scans(nodes: list[dict[str, Any]]) -> set[str]:
-    return {n.get("Relation Name", "?") for n in nodes if n["Node Type"] == "Seq Scan"}
+    return {role(n.get("Relation Name", "?")) for n in nodes if n["Node Type"] == "Seq Scan"}
+
+
+def partitions(nodes: list[dict[str, Any]]) -> set[str]:
+    """The partitions of batchrows the plan reads or writes (after plan-time pruning)."""
+    return {n["Relation Name"] for n in nodes if n.get("Relation Name", "").startswith("batchrows_")}
 
 
 def sorts(nodes: list[dict[str, Any]]) -> list[str]:
@@ -97,6 +116,8 @@ def test_claim_rows_walks_the_queued_index_in_line_order(loaded: dict[str, Any])
     for after in (0, 700):
         nodes = explain(loaded["conn"], "claim_rows", batch=loaded["half"], n=100, worker="w1", after=after)
         assert "batchrows_queued" in indexes(nodes), nodes
+        # pruned at plan time to the batch's week (migration 0012): one partition, whatever their number
+        assert partitions(nodes) == {rows_partition_of(loaded["half"])}
         assert "batchrows" not in seq_scans(nodes)
         assert sorts(nodes) == []
 
@@ -115,14 +136,14 @@ def test_claim_rows_on_a_batch_the_statistics_have_never_seen(loaded: dict[str, 
 
 
 def test_has_open_rows_uses_the_partial_indexes(loaded: dict[str, Any]) -> None:
-    for batch in (loaded["half"], loaded["running"], loaded["done"], str(uuid.uuid4())):
+    for batch in (loaded["half"], loaded["running"], loaded["done"], uuid7()):
         nodes = explain(loaded["conn"], "has_open_rows", id=batch)
         assert {"batchrows_queued", "batchrows_inprog"} <= indexes(nodes), batch
         assert "batchrows" not in seq_scans(nodes)
 
 
 def test_queued_after_probes_the_queued_index(loaded: dict[str, Any]) -> None:
-    for batch in (loaded["half"], str(uuid.uuid4())):
+    for batch in (loaded["half"], uuid7()):
         nodes = explain(loaded["conn"], "queued_after", id=batch, after=10)
         assert "batchrows_queued" in indexes(nodes), batch
         assert "batchrows" not in seq_scans(nodes)
@@ -173,12 +194,15 @@ def test_write_results_probes_the_primary_key_per_line(loaded: dict[str, Any]) -
     nodes = explain(loaded["conn"], "write_results", batch=loaded["running"], worker="w", lines=lines,
                     attempts=[0] * 10, statuses=["success"] * 10, res=[None] * 10, messages=[None] * 10,
                     blobrows=[None] * 10, delays=[0.0] * 10, finished=[time.time()] * 10)
-    scans = [n for n in nodes if n.get("Relation Name") == "batchrows" and "Scan" in n["Node Type"]]
+    scans = [n for n in nodes if role(n.get("Relation Name", "")) == "batchrows" and "Scan" in n["Node Type"]]
     assert scans and "batchrows" not in seq_scans(nodes)
+    assert len(partitions(nodes)) == 1, partitions(nodes)  # the look-up and the UPDATE: the batch's partition
+    # never a join that reads the whole batch by its `batch` filter (it halved no-op throughput once)
+    assert not [n for n in nodes if n["Node Type"] in ("Hash Join", "Merge Join")], nodes
     for n in scans:
         if n["Node Type"] == "Tid Scan":
             continue
-        assert n.get("Index Name") == "batchrows_pkey" and "line" in n.get("Index Cond", ""), n
+        assert role(n.get("Index Name", "")) == "batchrows_pkey" and "line" in n.get("Index Cond", ""), n
 
 
 @pytest.mark.parametrize("name, params", [("failure_limit", {}), ("requeue_rows", {"status": "failed"}),
