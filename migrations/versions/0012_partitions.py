@@ -73,7 +73,7 @@ BEGIN
     END IF;
     -- Its indexes named as the parent's (<partition>_queued...): ATTACH adopts them.
     EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I PRIMARY KEY (batch, line)', part, part || '_pkey');
-{{indexes}}    -- Rows the default partition holds in this range (an old random id, a client clock far off) move with it.
+{{indexes}}    -- Rows the default partition holds in this range (an old random id, a far-off clock) move with it.
     EXECUTE format('WITH m AS (DELETE FROM {D} WHERE batch >= %L AND batch < %L RETURNING *) '
                    'INSERT INTO %I SELECT * FROM m', lo, hi, part);
     EXECUTE format('ALTER TABLE {T} ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
@@ -163,15 +163,21 @@ def upgrade() -> None:
     for index, definition in INDEXES.items():
         columns, where = definition.split(" WHERE ")
         op.execute(f"CREATE INDEX {index} ON {T} {columns} WHERE {where}")
+    _count_triggers()
+    op.execute(_FUNCTIONS.replace("{indexes}", _PART_INDEXES))
+    for name, lo, hi in periods(datetime.now(UTC), AHEAD):
+        op.execute(f"SELECT {CREATE}('{name}', '{lo}', '{hi}')")
+    op.execute(f"ALTER TABLE {T} ATTACH PARTITION {D} DEFAULT")
+
+
+def _count_triggers() -> None:
+    """The counters' statement triggers (migration 0011) on ``batchrows``: the partitioned parent (upgrade)
+    or the plain table again (downgrade)."""
     for event, (function, trigger) in COUNTS_TRIGGERS.items():
         op.execute(f"CREATE TRIGGER {trigger} AFTER {event} ON {T} {_REFERENCING[event]} "
                    f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
     function, trigger = COUNTS_TRUNCATE
     op.execute(f"CREATE TRIGGER {trigger} AFTER TRUNCATE ON {T} FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
-    op.execute(_FUNCTIONS.replace("{indexes}", _PART_INDEXES))
-    for name, lo, hi in periods(datetime.now(UTC), AHEAD):
-        op.execute(f"SELECT {CREATE}('{name}', '{lo}', '{hi}')")
-    op.execute(f"ALTER TABLE {T} ATTACH PARTITION {D} DEFAULT")
 
 
 def downgrade() -> None:
@@ -188,8 +194,4 @@ def downgrade() -> None:
     op.execute(f"ALTER TABLE {D} RENAME TO {T}")
     for index in ("batchrows_pkey", *INDEXES):
         op.execute(f"ALTER INDEX {index.replace(T, D, 1)} RENAME TO {index}")
-    for event, (function, trigger) in COUNTS_TRIGGERS.items():
-        op.execute(f"CREATE TRIGGER {trigger} AFTER {event} ON {T} {_REFERENCING[event]} "
-                   f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
-    function, trigger = COUNTS_TRUNCATE
-    op.execute(f"CREATE TRIGGER {trigger} AFTER TRUNCATE ON {T} FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
+    _count_triggers()
