@@ -216,6 +216,12 @@ def test_prefect_workers_share_batches_across_hosts(cluster: Cluster, pool: str,
             # ALYA_DISPATCH_ROWS_PER_RUN=400 (the submitting client's setting): the big batch gets three
             # dispatched flow runs, which the pool's workers on different hosts pick up.
             big = submit_probe(jm, "big", 1200, 50)
+            # Its runs first, alone: submitted together with the others, the third could wait for a free slot
+            # of the pool (two flow runs per worker) behind the small batches' runs until the big batch's other
+            # two runs, on one host, had claimed every row (seen once in CI: all 1,200 rows on one host).
+            wait_for("the big batch's rows on two hosts", lambda: sum(
+                1 for n in rows_by_host(url, big).values() if n) >= 2 or jm.batch_status(big).status.is_final,
+                     120, workers, every=0.2)
             probes = {big: ("big", 1200)}
             for i, n in enumerate((1, 3, 7, 12, 20, 33), 1):
                 probes[submit_probe(jm, f"small{i}", n, 10)] = (f"small{i}", n)
