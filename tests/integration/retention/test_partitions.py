@@ -73,6 +73,17 @@ def age(jm: JobManager, *ids: str, days: int = 40) -> None:
               days, list(ids))
 
 
+def old_week(jm: JobManager, weeks_ago: int, n: int) -> tuple[datetime, str, str]:
+    """(now, the partition of the week ``weeks_ago`` weeks back, a batch of ``n`` rows in it, ended 40 days ago)."""
+    now = datetime.now(UTC)
+    at = period_start(now) - weeks_ago * WEEK
+    week = make_week(jm, at)
+    with ids_at(at):
+        b = ended(jm, n)
+    age(jm, b)
+    return now, week, b
+
+
 def table_exists(jm: JobManager, name: str) -> bool:
     return store_sql(jm.store, "SELECT to_regclass(%s) IS NOT NULL", name)[0][0] is True
 
@@ -199,12 +210,7 @@ def test_a_drop_that_cannot_have_its_locks_gives_up_fast(jm: JobManager, proc: P
     """A long transaction reading the old week (or any statement on batchrows) holds the DROP off: it waits
     at most the lock timeout per attempt, is retried a few times, and the purge goes on; the next purge
     drops it."""
-    now = datetime.now(UTC)
-    at = period_start(now) - 15 * WEEK
-    week = make_week(jm, at)
-    with ids_at(at):
-        b = ended(jm, 5)
-    age(jm, b)
+    now, week, b = old_week(jm, 15, 5)
     conn = psycopg2.connect(jm.store.database_url)
     try:
         with conn.cursor() as cur:
@@ -266,12 +272,7 @@ def test_new_partitions_take_the_default_partition_s_storage_parameters(jm: JobM
 
 
 def test_a_partition_left_detached_by_a_stopped_purge_is_dropped_by_the_next(jm: JobManager, proc: Proc) -> None:
-    now = datetime.now(UTC)
-    at = period_start(now) - 40 * WEEK
-    week = make_week(jm, at)
-    with ids_at(at):
-        b = ended(jm, 8)
-    age(jm, b)
+    now, week, b = old_week(jm, 40, 8)
     with jm.store.tx() as q:  # the purge's first step, then a crash
         assert q.detach_rows_partition(part=week, before=now - timedelta(days=30), app=None) == 8
     assert table_exists(jm, week) and nrows(jm, b) == 0  # no longer part of batchrows
