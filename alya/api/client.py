@@ -80,9 +80,9 @@ class JobManager(BatchControl):
         if not database_url:
             from alya.db.embedded import embedded_database_url
 
-            store = Store(embedded_database_url)  # started on first use, not here
+            store = Store(embedded_database_url, prepare=self.config.prepared_statements)  # started on first use
         else:
-            store = Store(database_url)
+            store = Store(database_url, prepare=self.config.prepared_statements)
         cache = StatusCache(redis_url or env.redis_url, self.config.batchstatus_cachedur_sec)
         objects = ObjectStore(object_store_url or env.object_store_url or default_object_store_url(),
                               storage_options)

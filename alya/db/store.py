@@ -37,8 +37,9 @@ class Store:
     """A connection pool on one database. The URL may be a callable (the embedded default), resolved on
     first use: constructing a JobManager, e.g. when Prefect imports a flow module, touches nothing."""
 
-    def __init__(self, database_url: str | Callable[[], str], pool_size: int = 4) -> None:
+    def __init__(self, database_url: str | Callable[[], str], pool_size: int = 4, prepare: bool = True) -> None:
         self._url_source = database_url
+        self.prepare = prepare  # ALYA_PREPARED_STATEMENTS (alya.db.prepared)
         self._url: str | None = database_url if isinstance(database_url, str) else None
         self._pool_size = pool_size
         self._capacity = pool_size + 8
@@ -82,7 +83,7 @@ class Store:
     @contextmanager
     def tx(self) -> Iterator[Queries]:
         """A transaction, as typed queries: committed on success, rolled back on any exception."""
-        tx = Tx(self._connect(), reconnect=self._connect, max_reconnects=self._capacity + 1)
+        tx = Tx(self._connect(), reconnect=self._connect, max_reconnects=self._capacity + 1, prepare=self.prepare)
         try:
             yield Queries(tx)
             tx.committing = True

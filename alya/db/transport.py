@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import psycopg2
 
 from alya.core.records import BatchRecord, FileRecord
+from alya.db import prepared
 from alya.db.errors import is_disconnect, mapped
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
@@ -55,8 +56,10 @@ class Tx:
     Every named statement goes through ``_execute(name, params)``: the one seam where the tests inject
     faults and count statements."""
 
-    def __init__(self, conn: Any, reconnect: Callable[[], Any] | None = None, max_reconnects: int = 0) -> None:
+    def __init__(self, conn: Any, reconnect: Callable[[], Any] | None = None, max_reconnects: int = 0,
+                 prepare: bool = False) -> None:
         self.conn = conn
+        self.prepare = prepare  # named statements as server-side prepared statements (alya.db.prepared)
         self.cur = conn.cursor()
         self._reconnect = reconnect
         self._max_reconnects = max_reconnects
@@ -85,9 +88,16 @@ class Tx:
     def _execute(self, name: str, params: dict[str, Any]) -> None:
         sql = named_sql()[name]
         if self._reconnect is None:
-            self.cur.execute(sql, params)
+            self.cur.execute(self._text(name, sql), params)
         else:
-            self._first(lambda: self.cur.execute(sql, params))
+            self._first(lambda: self.cur.execute(self._text(name, sql), params))
+
+    def _text(self, name: str, sql: str) -> str:
+        """What to send for the named block on the connection in hand (it changes on a reconnect)."""
+        if not self.prepare:
+            return sql
+        cache = prepared.cache_of(self.conn)
+        return sql if cache is None else prepared.executable(self.cur, cache, name, sql)
 
     def run(self, name: str, **params: Any) -> int:
         """The statement's row count (rows inserted, updated, deleted)."""

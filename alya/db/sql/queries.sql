@@ -62,7 +62,7 @@ WHERE batch = %(id)s AND status IN ('queued', 'inprog');
 SET LOCAL synchronous_commit = on;
 UPDATE batches SET status = %(status)s, doneat = now(), nsuccess = %(nsuccess)s, nfailed = %(nfailed)s,
        naborted = %(naborted)s, outputfiles = %(outputfiles)s::jsonb, ver = ver + 1,
-       notifiedat = CASE WHEN %(status)s = 'aborted' AND %(error)s IS NULL THEN now() END, error = %(error)s
+       notifiedat = CASE WHEN %(status)s::batch_status = 'aborted' AND %(error)s::text IS NULL THEN now() END, error = %(error)s
 WHERE id = %(id)s
 RETURNING ver, doneat;
 
