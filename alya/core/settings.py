@@ -75,6 +75,8 @@ class JobManagerConfig(_Settings):
     retention_files: bool = Field(False, description="retention also deletes the purged batches' output files")
     events: bool = Field(True, description="emit a Prefect event per batch status change (on|off)")
     events_slow_queries: bool = Field(False, description="slow queries emit them too (off: one per request)")
+    artifacts_slow_queries: bool = Field(False, description="slow queries get progress and summary artifacts "
+                                         "(off: counted in their run's overview and state only)")
     bulk_rows: int = Field(100, ge=1, le=10_000, description="most rows per do_batch_jobs call")
     app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
                                        description="most rows of an app in progress at once, across all workers")

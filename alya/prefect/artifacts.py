@@ -9,6 +9,12 @@ the run has summarised it, a summary table; in every mode, a dispatched run (one
   (``BatchSummary.as_row``) for each batch the run summarised, and for a dispatched run's batch whatever its
   state at the end of the run.
 - **Overview** (no key, worker runs only): one table of every batch the run wrote rows of or summarised.
+- **Slow queries** (a run of a slow-query type) get none of the per-batch artifacts above unless
+  ``ALYA_ARTIFACTS_SLOW_QUERIES`` is on: each is one request, and a progress and a summary artifact per
+  request (1.3 artifacts, 2.4 events and 7 event-resource rows per query in the Prefect server's database)
+  cost the server more CPU than the query itself (measured: ~0.9 of a core for ~40 queries/s). The run
+  counts them from its chunk reports instead (rows written: each slow query is one row), with no status read
+  per query: its overview is one row (answered, success, failed) and its state message says the same.
 - **The run's own state message**, while it runs: a dispatched run's Running state says how far its batch
   is ("1,200 of 5,000 rows done, 3 failed"), a worker run's what it did so far ("1,200 rows of 3 batches"),
   at most every ``RUNNING_MESSAGE_SEC`` and the first that long after the start (a short run gets none):
@@ -36,7 +42,7 @@ from alya.core import names
 from alya.core.errors import describe
 from alya.core.logs import get_logger
 from alya.core.models import BatchStatus, BatchSummary
-from alya.prefect.states import rows_message
+from alya.prefect.states import queries_message, rows_message
 
 FINISH_WAIT_SEC = 30.0  # the run's end waits this long for its final artifacts
 RUNNING_MESSAGE_SEC = 10.0  # a run's Running state message changes at most this often (one state each)
@@ -46,8 +52,11 @@ class RunArtifacts:
     """The artifacts of one flow run of batch type (app, op); ``batch_id`` for a dispatched run. Call
     :meth:`wave` with the chunk reports of each wave and :meth:`finish` once, at the end of the run."""
 
-    def __init__(self, statuses: Statuses, app: str, op: str, batch_id: str | None) -> None:
+    def __init__(self, statuses: Statuses, app: str, op: str, batch_id: str | None, quiet: bool = False) -> None:
         self.statuses = statuses
+        # quiet: slow queries without artifacts of their own (ALYA_ARTIFACTS_SLOW_QUERIES off); only counted
+        self.quiet = quiet
+        self.queries = [0, 0]  # quiet: slow queries answered, of which failed (the flow's thread only)
         self.app, self.op = app, op
         self.type = f"{app}/{op}"
         self.batch_id = batch_id
@@ -59,7 +68,8 @@ class RunArtifacts:
         self.seen: dict[str, BatchSummary] = {}  # batch -> its summary as last read
         self.touched: dict[str, int] = {}  # batch -> rows this run wrote back (the flow's thread only)
         self._cond = threading.Condition()
-        self._news: set[str] = {batch_id} if batch_id else set()  # batches to look at again
+        self._news: set[str] = {batch_id} if batch_id and not quiet else set()  # batches to look at again
+        self._counted = False  # quiet: queries were counted since the helper thread last looked
         self._summarised: list[str] | None = None  # set by finish()
         self._done: list[str] = []  # summarised batches whose table is still to be made
         self._tabled: set[str] = set()  # batches whose summary table this run made
@@ -67,12 +77,22 @@ class RunArtifacts:
         # (monotonic time, text) of the last Running message: the first comes RUNNING_MESSAGE_SEC after the
         # start, so a short run (most) gets none and keeps its run_count of 1
         self._message: tuple[float, str] = (time.monotonic(), "")
-        if self.flow_run_id is not None:  # never outside a run (Prefect deprecates it)
+        # never outside a run (Prefect deprecates it); a dispatched slow query's quiet run has nothing to show
+        if self.flow_run_id is not None and not (quiet and batch_id):
             self._thread = threading.Thread(target=self._publish, name=f"alya-artifacts-{app}-{op}", daemon=True)
             self._thread.start()
 
     def wave(self, reports: list[dict[str, Any]]) -> None:
         """One wave of chunk tasks ended: the batches they wrote rows of (or summarised) get their progress."""
+        if self.quiet:  # slow queries: counted, no artifact each (one row each: rows are queries)
+            for r in reports:
+                self.queries[0] += r["nsuccess"] + r["nfailed"]
+                self.queries[1] += r["nfailed"]
+            if self._thread is not None and any(r["nsuccess"] or r["nfailed"] for r in reports):
+                with self._cond:
+                    self._counted = True  # the run's state message follows
+                    self._cond.notify()
+            return
         news: set[str] = {self.batch_id} if self.batch_id else set()
         done: list[str] = []  # summarised in this wave: their tables now, not at the end of a long run
         for r in reports:
@@ -109,9 +129,10 @@ class RunArtifacts:
             with get_client(sync_client=True) as client:
                 while True:
                     with self._cond:
-                        while not self._news and not self._done and self._summarised is None:
+                        while not self._news and not self._done and self._summarised is None and not self._counted:
                             self._cond.wait()
                         news, self._news = self._news, set()
+                        self._counted = False
                         done, self._done = self._done, []
                         summarised = self._summarised
                     for batch in sorted(news):
@@ -160,6 +181,10 @@ class RunArtifacts:
             if s is None or s.status.is_final:
                 return
             text = running_message(s)
+        elif self.quiet:
+            if not self.queries[0]:
+                return
+            text = queries_message(*self.queries)
         else:
             rows = sum(self.touched.values())
             if not rows:
@@ -184,6 +209,10 @@ class RunArtifacts:
         """A keyed summary table per batch summarised (and the dispatched batch); the worker run's overview."""
         from prefect.client.schemas.actions import ArtifactCreate
 
+        if self.quiet:
+            if self.queries[0]:
+                self._queries_overview(client)
+            return
         self._summaries(client, ([self.batch_id] if self.batch_id else []) + summarised)
         if self.batch_id is None and self.seen:
             try:
@@ -193,6 +222,21 @@ class RunArtifacts:
                     description=f"{self.type}: the {len(rows)} batches this run worked on"))
             except Exception as exc:
                 self.log.debug("overview_artifact_failed", error=describe(exc))
+
+    def _queries_overview(self, client: Any) -> None:
+        """A quiet slow-query run's overview: one row counting the queries it answered."""
+        from prefect.client.schemas.actions import ArtifactCreate
+
+        answered, failed = self.queries
+        try:
+            client.create_artifact(ArtifactCreate(
+                type="table", flow_run_id=self.flow_run_id,
+                data=_json_table([{"slow queries answered": answered, "success": answered - failed,
+                                   "failed": failed}]),
+                description=f"{self.type}: {queries_message(answered, failed)} (no artifact per query: "
+                            "ALYA_ARTIFACTS_SLOW_QUERIES is off)"))
+        except Exception as exc:
+            self.log.debug("overview_artifact_failed", error=describe(exc))
 
     def _summaries(self, client: Any, batches: list[str]) -> None:
         """A keyed summary table per batch, once per run each."""

@@ -32,7 +32,7 @@ from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alya.core import names, validate
-from alya.core.errors import AlyaError, describe
+from alya.core.errors import AlyaError, ProcessorNotFound, describe
 from alya.core.logs import get_logger
 from alya.core.models import BatchStatus
 from alya.core.settings import JobManagerConfig
@@ -40,7 +40,7 @@ from alya.engine.engine import Engine
 from alya.prefect.artifacts import RunArtifacts
 from alya.prefect.bridge import Bridges
 from alya.prefect.dispatch import Dispatcher
-from alya.prefect.states import STATE_KEY, batch_state, to_prefect, worker_state
+from alya.prefect.states import STATE_KEY, batch_state, queries_state, to_prefect, worker_state
 
 RETRY_WAIT_MAX_SEC = 60.0
 
@@ -107,7 +107,8 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
     engine.start()
     total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
                              "summarised": []}
-    artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id)  # the Prefect UI's view, per batch
+    artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id,  # the Prefect UI's view, per batch
+                             quiet=_quiet_queries(engine, app, op))
     try:
         _waves(engine, app, op, batch_id, dispatcher, linger, total, artifacts, bridges)
     finally:  # a failed task too: the artifacts of what was done, and no publishing thread left behind
@@ -115,8 +116,23 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
             bridges.detached(app, op)  # new work starts a new run while this one reports its end
             _count(total, bridges.reports(app, op), artifacts)
         artifacts.finish(total["summarised"])
-    total[STATE_KEY] = _final_state(engine, batch_id, total, list(artifacts.touched))
+    if artifacts.quiet and batch_id is None:  # counted from the chunk reports: no status read per query
+        total[STATE_KEY] = queries_state(*artifacts.queries)
+    else:
+        total[STATE_KEY] = _final_state(engine, batch_id, total, list(artifacts.touched))
     return total
+
+
+def _quiet_queries(engine: Engine, app: str, op: str) -> bool:
+    """Whether the run's batches are slow queries that get no artifact each (``ALYA_ARTIFACTS_SLOW_QUERIES``
+    off). Known from the registration, not per batch: a type is one kind (``Registry.add_processor``) and
+    claims take only batches of the registered kind, so a run of a slow-query type serves slow queries alone."""
+    if engine.svc.config.artifacts_slow_queries:
+        return False
+    try:
+        return engine.svc.registry.processor(app, op).type == "Q"
+    except ProcessorNotFound:  # the run's claims fail on it, and say so
+        return False
 
 
 def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], touched: list[str]) -> dict[str, Any]:

@@ -71,6 +71,21 @@ def worker_state(statuses: Iterable[BatchStatus | None]) -> dict[str, Any]:
             "message": f"{n:,} batch{'es' if n != 1 else ''}: {detail}"}
 
 
+def queries_state(answered: int, failed: int) -> dict[str, Any]:
+    """The state of a worker run of a slow-query type whose queries get no artifacts of their own
+    (``ALYA_ARTIFACTS_SLOW_QUERIES`` off): Completed, with how many it answered and how many failed, counted
+    from its chunk reports (no status read per query)."""
+    return {"type": "COMPLETED", "name": "Completed", "message": queries_message(answered, failed)}
+
+
+def queries_message(answered: int, failed: int) -> str:
+    """ "1,200 slow queries answered: 1,197 success, 3 failed" (or "no slow query answered")."""
+    if not answered:
+        return "no slow query answered"
+    return (f"{answered:,} slow quer{'ies' if answered != 1 else 'y'} answered: "
+            f"{answered - failed:,} success, {failed:,} failed")
+
+
 def to_prefect(result: Any) -> Any:
     """A run's result as the Prefect state the flow returns: the ``state`` entry made above, with the whole
     result as a Completed state's data. Anything else is returned as it is (Prefect makes it Completed)."""
