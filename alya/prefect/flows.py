@@ -32,17 +32,19 @@ from prefect.flows import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from alya.core import names, validate
-from alya.core.errors import AlyaError, ProcessorNotFound, describe
+from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
-from alya.core.models import BatchStatus
+from alya.core.models import BatchSummary
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
-from alya.prefect.artifacts import RunArtifacts
+from alya.prefect.artifacts import RunArtifacts, quiet_queries
 from alya.prefect.bridge import Bridges
 from alya.prefect.dispatch import Dispatcher
+from alya.prefect.ledger import Ledger
 from alya.prefect.states import STATE_KEY, batch_state, queries_state, to_prefect, worker_state
 
 RETRY_WAIT_MAX_SEC = 60.0
+SUMMARISED_KEPT = 200  # a run's result lists the last this many batches it summarised (and counts them all)
 
 
 def batch_flow(app: str, op: str,
@@ -106,9 +108,9 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
         batch_id = validate.batch_id(batch_id)
     engine.start()
     total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
-                             "summarised": []}
+                             "summarised": [], "nsummarised": 0}
     artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id,  # the Prefect UI's view, per batch
-                             quiet=_quiet_queries(engine, app, op))
+                             quiet=quiet_queries(engine.svc.config, engine.svc.registry, app, op))
     try:
         _waves(engine, app, op, batch_id, dispatcher, linger, total, artifacts, bridges)
     finally:  # a failed task too: the artifacts of what was done, and no publishing thread left behind
@@ -119,36 +121,28 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
     if artifacts.quiet and batch_id is None:  # counted from the chunk reports: no status read per query
         total[STATE_KEY] = queries_state(*artifacts.queries)
     else:
-        total[STATE_KEY] = _final_state(engine, batch_id, total, list(artifacts.touched))
+        total[STATE_KEY] = _final_state(engine, batch_id, total, artifacts.ledger)
     return total
 
 
-def _quiet_queries(engine: Engine, app: str, op: str) -> bool:
-    """Whether the run's batches are slow queries that get no artifact each (``ALYA_ARTIFACTS_SLOW_QUERIES``
-    off). Known from the registration, not per batch: a type is one kind (``Registry.add_processor``) and
-    claims take only batches of the registered kind, so a run of a slow-query type serves slow queries alone."""
-    if engine.svc.config.artifacts_slow_queries:
-        return False
-    try:
-        return engine.svc.registry.processor(app, op).type == "Q"
-    except ProcessorNotFound:  # the run's claims fail on it, and say so
-        return False
-
-
-def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], touched: list[str]) -> dict[str, Any]:
+def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
     """The state the run ends in (``alya.prefect.states``): its batch's outcome for a dispatched run, read
-    once its rows have settled (every chunk task has returned); a worker run's batches counted by status."""
+    once its rows have settled (every chunk task has returned); a worker run's batches counted by status,
+    from what the run read while it ran (``alya.prefect.ledger``): at most ``END_READS`` statuses are read
+    here, of open batches no one read yet (a run without its artifacts' thread)."""
     statuses = engine.svc.statuses
     if batch_id is not None:
         return batch_state(statuses.read(batch_id).value, handed_over=bool(total.get("handed_over")),
                            summarised=batch_id in total["summarised"])
-    seen: list[BatchStatus | None] = []
-    for batch in dict.fromkeys([*touched, *total["summarised"]]):
+
+    def read(batch: str) -> BatchSummary | None:
         try:
-            seen.append(statuses.read(batch).value.status)
+            return statuses.read(batch).value
         except AlyaError:  # the run's work is done: a status it cannot read is counted as unknown
-            seen.append(None)
-    return worker_state(seen)
+            return None
+
+    ledger.settle(read)
+    return worker_state(ledger.statuses())
 
 
 def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: Dispatcher | None,
@@ -220,6 +214,8 @@ def _count(total: dict[str, Any], reports: list[dict[str, Any]], artifacts: RunA
         for k in ("nrows", "nsuccess", "nfailed", "nretry"):
             total[k] += r[k]
         total["summarised"].extend(r["summarised"])
+        total["nsummarised"] += len(r["summarised"])
+    del total["summarised"][:-SUMMARISED_KEPT]  # a long worker run: the last ones, and how many
     artifacts.wave(reports)
 
 

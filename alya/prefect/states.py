@@ -22,8 +22,8 @@ entry made here; :func:`alya.prefect.flows.batch_flow` turns it into the Prefect
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from alya.core.models import BatchStatus, BatchSummary
@@ -57,18 +57,23 @@ def batch_state(s: BatchSummary, handed_over: bool = False, summarised: bool = T
     return {"type": "COMPLETED", "name": "Completed", "message": f"batch {s.status.value}: {message}; {why}"}
 
 
-def worker_state(statuses: Iterable[BatchStatus | None]) -> dict[str, Any]:
+def worker_state(counts: Mapping[str, int]) -> dict[str, Any]:
     """The state of a run that served any batch of its type: Completed, counting its batches by status
-    (``None``: a batch whose status could not be read)."""
-    counts = Counter("unknown" if s is None else s.value for s in statuses)
+    (``counts``: status value, or ``unknown`` for a batch whose status could not be read, to batches)."""
     n = sum(counts.values())
     if not n:
         return {"type": "COMPLETED", "name": "Completed", "message": "no batch to work on"}
-    order = [s.value for s in (BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED, BatchStatus.INPROG,
-                               BatchStatus.QUEUED, BatchStatus.WAIT)] + ["unknown"]
-    detail = ", ".join(f"{counts[k]:,} {k}" for k in order if counts[k])
     return {"type": "COMPLETED", "name": "Completed",
-            "message": f"{n:,} batch{'es' if n != 1 else ''}: {detail}"}
+            "message": f"{n:,} batch{'es' if n != 1 else ''}: {status_counts(counts)}"}
+
+
+STATUS_ORDER = [s.value for s in (BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED, BatchStatus.INPROG,
+                                  BatchStatus.QUEUED, BatchStatus.WAIT)] + ["unknown"]
+
+
+def status_counts(counts: Mapping[str, int]) -> str:
+    """ "10 success, 1 failed, 1 aborted": batches by status, in a fixed order."""
+    return ", ".join(f"{counts[k]:,} {k}" for k in STATUS_ORDER if counts.get(k))
 
 
 def queries_state(answered: int, failed: int) -> dict[str, Any]:

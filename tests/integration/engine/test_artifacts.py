@@ -207,3 +207,42 @@ def test_slow_queries_get_their_artifacts_when_asked(database_url: str, redis_ur
             assert run.state is not None and "slow quer" not in (run.state.message or "")  # batches, as before
     finally:
         jm.close()
+
+
+def test_a_worker_run_of_many_batches_lists_a_bounded_overview(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker run that served more batches than its overview lists (the bound lowered to 20 here, so that
+    60 one-row batches pass it: 200 by default): the overview lists 20, the failed ones first, then a row
+    with the total; the run's final state counts all 60 by status."""
+    import re
+
+    from alya.prefect import ledger
+
+    monkeypatch.setattr(ledger, "OVERVIEW_ROWS", 20)
+    jm.register_batch_processor("art", "many", Proc())
+    ids = [jm.batch_submit("art", "many", {}, [(1, {"x": n, **({"mode": "fail"} if n % 12 == 0 else {})})])
+           for n in range(1, 61)]  # 5 of 60 fail
+    jm.run(stop_when_idle=True)
+    failed = {b for b in ids if jm.batch_status(b).status is BatchStatus.FAILED}
+    assert len(failed) == 5
+    counted: dict[str, int] = {}
+    biggest = 0
+    for run in runs_of(names.flow_name("art", "many")):
+        assert run.state is not None
+        m = re.fullmatch(r"([\d,]+) batch(?:es)?: (.*)", run.state.message or "")
+        assert m is not None, run.state.message
+        for part in m.group(2).split(", "):
+            n, status = part.split(" ")
+            counted[status] = counted.get(status, 0) + int(n.replace(",", ""))
+        nbatches = int(m.group(1).replace(",", ""))
+        (overview,) = overviews_of(run.id)
+        table = json.loads(overview.data)  # type: ignore[arg-type]
+        listed = table[:-1] if nbatches > 1 else table  # then the total, when more than one
+        assert len(listed) == min(20, nbatches)
+        if nbatches > 1:
+            assert table[-1]["batch"] == f"all {m.group(1)} batches"
+        biggest = max(biggest, nbatches)
+        bad = [r["status"] == "failed" for r in listed]
+        assert bad == sorted(bad, reverse=True), bad  # failed first
+        assert {r["batch"] for r in listed if r["status"] == "failed"} <= failed
+    assert counted == {"success": 55, "failed": 5}
+    assert biggest > 20  # a run served more batches than its overview lists
