@@ -34,7 +34,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from alya.core import names, validate
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
-from alya.core.models import BatchSummary
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
 from alya.prefect.artifacts import RunArtifacts, quiet_queries
@@ -134,14 +133,7 @@ def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], le
     if batch_id is not None:
         return batch_state(statuses.read(batch_id).value, handed_over=bool(total.get("handed_over")),
                            summarised=batch_id in total["summarised"])
-
-    def read(batch: str) -> BatchSummary | None:
-        try:
-            return statuses.read(batch).value
-        except AlyaError:  # the run's work is done: a status it cannot read is counted as unknown
-            return None
-
-    ledger.settle(read)
+    ledger.settle(lambda batch: statuses.read(batch).value)  # one it cannot read counts as unknown
     return worker_state(ledger.statuses())
 
 
@@ -238,8 +230,10 @@ def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_
     whenever their work is queued, and the maintenance duties this worker holds.
 
     Flows run on a helper thread, so the main thread keeps alya's SIGTERM handler: Prefect only installs
-    its own (which crashes the flow run mid-chunk) when a flow runs on the main thread."""
-    engine.stopping.clear()
+    its own (which crashes the flow run mid-chunk) when a flow runs on the main thread.
+
+    A stop (``engine.stopping``: ``jm.close()``, SIGTERM, Ctrl-C, another thread) is cleared by the loop it
+    ended, once shut down, never at the start: a stop in a ``jm.run`` thread's first instants ends it."""
     if threading.current_thread() is not threading.main_thread():
         _worker_loop(engine, types, stop_when_idle, dispatcher)
         return
@@ -338,6 +332,10 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
                  dispatcher: Dispatcher | None) -> None:
     cfg = engine.svc.config
     log = get_logger().bind(worker=engine.worker_id)
+    if engine.stopping.is_set():  # stopped before it started: nothing to start, the stop is spent
+        engine.stopping.clear()
+        log.info("worker_stopped", note="stopped before it started")
+        return
     engine.start()
     log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
     # Recovery, missed summaries and mark_done calls: on a thread of their own, so that a long flow run
@@ -369,6 +367,7 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
         engine.stopping.set()
         runs.join()  # runs stop claiming, finish their rows and give back the unstarted ones
         engine.shutdown()
+        engine.stopping.clear()  # spent: the next jm.run of this JobManager runs (see run_worker)
         log.info("worker_stopped")
 
 

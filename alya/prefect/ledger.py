@@ -27,6 +27,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from alya.core.errors import AlyaError
 from alya.core.models import BatchStatus, BatchSummary
 from alya.prefect.states import status_counts
 
@@ -115,15 +116,17 @@ class Ledger:
         with self._lock:
             return list(self.open)[-n:] if n > 0 else []
 
-    def settle(self, read: Callable[[str], BatchSummary | None], n: int = END_READS) -> None:
+    def settle(self, read: Callable[[str], BatchSummary], n: int = END_READS) -> None:
         """At the run's end: read the open batches never read yet (no helper thread read them), the most
-        recently touched first, at most ``n``."""
+        recently touched first, at most ``n``. One whose status cannot be read stays ``unknown``: the run's
+        work is done, its state only counts."""
         with self._lock:
             todo = [b for b, s in reversed(self.open.items()) if s is None][:n]
         for batch in todo:
-            s = read(batch)
-            if s is not None:
-                self.read(batch, s)
+            try:
+                self.read(batch, read(batch))
+            except AlyaError:
+                continue
 
     def statuses(self) -> Counter[str]:
         """Batches by status: those that ended, and the open ones as last read (``unknown``: never read)."""
