@@ -297,9 +297,10 @@ class _TypeRuns:
         """Batches maintenance ended (missed summaries, deadlines): a run of their type (the live one, or one
         started for them) makes their summary artifacts. Batches of types this worker does not serve get none
         from it (a worker cannot run a type it has no processor for)."""
-        served = set(types)
+        svc = self.engine.svc  # slow queries without artifacts of their own: no run to start for them
+        served = {t for t in types if not quiet_queries(svc.config, svc.registry, *t)}
         by_type: dict[tuple[str, str], list[str]] = {}
-        with self.engine.svc.store.tx() as tx:
+        with svc.store.tx() as tx:
             for batch in batches:
                 rec = tx.get_batch(id=batch)
                 if rec is not None and (rec.app, rec.op) in served:
