@@ -5,7 +5,10 @@ by the workers after their write-backs.
 
 A retry is one transaction: the batch is reopened by a conditional UPDATE (only a final ``failed`` batch,
 so that two retries at once requeue once), then its failed rows (and aborted ones, if asked) are requeued
-by one set-based statement per status, and workers are woken at the commit. Its Redis summary is then
+by one set-based statement per status, and workers are woken at the commit. Fewer rows requeued than the
+batch's stored counts say it has means a purge is removing it (retention: its week of ``batchrows``
+detached by a purge that has not yet deleted its record, or its rows deleted in steps before its record):
+``BatchNotFound``, nothing changed, as once the purge has ended. Its Redis summary is then
 replaced (``Statuses.reopen``): a poller never reads the old final status again. When the requeued rows
 are final the batch is summarised as at its first end (counts, output files rebuilt in line order over all
 its rows, ``mark_done`` again, its details' ``round`` one more). Rows that succeeded never run again.
@@ -65,6 +68,11 @@ def retry_failed(svc: Services, batch_id: str, include_aborted: bool = False) ->
             raise InvalidState(f"batch {batch_id} is {found.status.value}: only a failed batch is retried")
         failed = q.requeue_rows(batch=batch_id, status=BatchStatus.FAILED.value)
         aborted = q.requeue_rows(batch=batch_id, status=BatchStatus.ABORTED.value) if include_aborted else 0
+        if failed < rec.nfailed or aborted < (rec.naborted if include_aborted else 0):
+            # Rows the batch's stored counts say it has are gone: a purge is removing it (its week of
+            # batchrows detached, or its rows deleted in steps, its record last). Reopened, it would be a
+            # batch without those rows (and without its record once the purge ends); rolled back instead.
+            raise BatchNotFound(f"no batch {batch_id}: it is being purged")
         if failed + aborted == 0:  # raised: the transaction rolls back and the batch stays as it was
             what = "failed or aborted rows" if include_aborted else "failed rows (include_aborted=True?)"
             raise InvalidState(f"batch {batch_id} has no {what} to retry")

@@ -77,6 +77,8 @@ class JobManagerConfig(_Settings):
     events_slow_queries: bool = Field(False, description="slow queries emit them too (off: one per request)")
     prepared_statements: bool = Field(True, description="named SQL as server-side prepared statements "
                                       "(off behind a pooler in transaction mode, e.g. PgBouncer)")
+    artifacts_slow_queries: bool = Field(False, description="slow queries get progress and summary artifacts "
+                                         "(off: counted in their run's overview and state only)")
     bulk_rows: int = Field(100, ge=1, le=10_000, description="most rows per do_batch_jobs call")
     app_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict,
                                        description="most rows of an app in progress at once, across all workers")

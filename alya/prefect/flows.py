@@ -34,15 +34,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from alya.core import names, validate
 from alya.core.errors import AlyaError, describe
 from alya.core.logs import get_logger
-from alya.core.models import BatchStatus
 from alya.core.settings import JobManagerConfig
 from alya.engine.engine import Engine
-from alya.prefect.artifacts import RunArtifacts
+from alya.prefect.artifacts import RunArtifacts, quiet_queries
 from alya.prefect.bridge import Bridges
 from alya.prefect.dispatch import Dispatcher
-from alya.prefect.states import STATE_KEY, batch_state, to_prefect, worker_state
+from alya.prefect.ledger import Ledger
+from alya.prefect.states import STATE_KEY, batch_state, queries_state, to_prefect, worker_state
 
 RETRY_WAIT_MAX_SEC = 60.0
+SUMMARISED_KEPT = 200  # a run's result lists the last this many batches it summarised (and counts them all)
 
 
 def batch_flow(app: str, op: str,
@@ -106,8 +107,9 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
         batch_id = validate.batch_id(batch_id)
     engine.start()
     total: dict[str, Any] = {"nrows": 0, "nsuccess": 0, "nfailed": 0, "nretry": 0, "tasks": 0,
-                             "summarised": []}
-    artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id)  # the Prefect UI's view, per batch
+                             "summarised": [], "nsummarised": 0}
+    artifacts = RunArtifacts(engine.svc.statuses, app, op, batch_id,  # the Prefect UI's view, per batch
+                             quiet=quiet_queries(engine.svc.config, engine.svc.registry, app, op))
     try:
         _waves(engine, app, op, batch_id, dispatcher, linger, total, artifacts, bridges)
     finally:  # a failed task too: the artifacts of what was done, and no publishing thread left behind
@@ -115,24 +117,24 @@ def run_batch(engine: Engine, app: str, op: str, batch_id: str | None = None,
             bridges.detached(app, op)  # new work starts a new run while this one reports its end
             _count(total, bridges.reports(app, op), artifacts)
         artifacts.finish(total["summarised"])
-    total[STATE_KEY] = _final_state(engine, batch_id, total, list(artifacts.touched))
+    if artifacts.quiet and batch_id is None:  # counted from the chunk reports: no status read per query
+        total[STATE_KEY] = queries_state(*artifacts.queries)
+    else:
+        total[STATE_KEY] = _final_state(engine, batch_id, total, artifacts.ledger)
     return total
 
 
-def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], touched: list[str]) -> dict[str, Any]:
+def _final_state(engine: Engine, batch_id: str | None, total: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
     """The state the run ends in (``alya.prefect.states``): its batch's outcome for a dispatched run, read
-    once its rows have settled (every chunk task has returned); a worker run's batches counted by status."""
+    once its rows have settled (every chunk task has returned); a worker run's batches counted by status,
+    from what the run read while it ran (``alya.prefect.ledger``): at most ``END_READS`` statuses are read
+    here, of open batches no one read yet (a run without its artifacts' thread)."""
     statuses = engine.svc.statuses
     if batch_id is not None:
         return batch_state(statuses.read(batch_id).value, handed_over=bool(total.get("handed_over")),
                            summarised=batch_id in total["summarised"])
-    seen: list[BatchStatus | None] = []
-    for batch in dict.fromkeys([*touched, *total["summarised"]]):
-        try:
-            seen.append(statuses.read(batch).value.status)
-        except AlyaError:  # the run's work is done: a status it cannot read is counted as unknown
-            seen.append(None)
-    return worker_state(seen)
+    ledger.settle(lambda batch: statuses.read(batch).value)  # one it cannot read counts as unknown
+    return worker_state(ledger.statuses())
 
 
 def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: Dispatcher | None,
@@ -204,6 +206,8 @@ def _count(total: dict[str, Any], reports: list[dict[str, Any]], artifacts: RunA
         for k in ("nrows", "nsuccess", "nfailed", "nretry"):
             total[k] += r[k]
         total["summarised"].extend(r["summarised"])
+        total["nsummarised"] += len(r["summarised"])
+    del total["summarised"][:-SUMMARISED_KEPT]  # a long worker run: the last ones, and how many
     artifacts.wave(reports)
 
 
@@ -226,8 +230,10 @@ def run_worker(engine: Engine, types: Callable[[], list[tuple[str, str]]], stop_
     whenever their work is queued, and the maintenance duties this worker holds.
 
     Flows run on a helper thread, so the main thread keeps alya's SIGTERM handler: Prefect only installs
-    its own (which crashes the flow run mid-chunk) when a flow runs on the main thread."""
-    engine.stopping.clear()
+    its own (which crashes the flow run mid-chunk) when a flow runs on the main thread.
+
+    A stop (``engine.stopping``: ``jm.close()``, SIGTERM, Ctrl-C, another thread) is cleared by the loop it
+    ended, once shut down, never at the start: a stop in a ``jm.run`` thread's first instants ends it."""
     if threading.current_thread() is not threading.main_thread():
         _worker_loop(engine, types, stop_when_idle, dispatcher)
         return
@@ -291,9 +297,10 @@ class _TypeRuns:
         """Batches maintenance ended (missed summaries, deadlines): a run of their type (the live one, or one
         started for them) makes their summary artifacts. Batches of types this worker does not serve get none
         from it (a worker cannot run a type it has no processor for)."""
-        served = set(types)
+        svc = self.engine.svc  # slow queries without artifacts of their own: no run to start for them
+        served = {t for t in types if not quiet_queries(svc.config, svc.registry, *t)}
         by_type: dict[tuple[str, str], list[str]] = {}
-        with self.engine.svc.store.tx() as tx:
+        with svc.store.tx() as tx:
             for batch in batches:
                 rec = tx.get_batch(id=batch)
                 if rec is not None and (rec.app, rec.op) in served:
@@ -326,6 +333,10 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
                  dispatcher: Dispatcher | None) -> None:
     cfg = engine.svc.config
     log = get_logger().bind(worker=engine.worker_id)
+    if engine.stopping.is_set():  # stopped before it started: nothing to start, the stop is spent
+        engine.stopping.clear()
+        log.info("worker_stopped", note="stopped before it started")
+        return
     engine.start()
     log.info("worker_started", types=[f"{a}/{o}" for a, o in types_of()])
     # Recovery, missed summaries and mark_done calls: on a thread of their own, so that a long flow run
@@ -357,6 +368,7 @@ def _worker_loop(engine: Engine, types_of: Callable[[], list[tuple[str, str]]], 
         engine.stopping.set()
         runs.join()  # runs stop claiming, finish their rows and give back the unstarted ones
         engine.shutdown()
+        engine.stopping.clear()  # spent: the next jm.run of this JobManager runs (see run_worker)
         log.info("worker_stopped")
 
 

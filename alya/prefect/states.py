@@ -22,8 +22,8 @@ entry made here; :func:`alya.prefect.flows.batch_flow` turns it into the Prefect
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from alya.core.models import BatchStatus, BatchSummary
@@ -57,18 +57,38 @@ def batch_state(s: BatchSummary, handed_over: bool = False, summarised: bool = T
     return {"type": "COMPLETED", "name": "Completed", "message": f"batch {s.status.value}: {message}; {why}"}
 
 
-def worker_state(statuses: Iterable[BatchStatus | None]) -> dict[str, Any]:
+def worker_state(counts: Mapping[str, int]) -> dict[str, Any]:
     """The state of a run that served any batch of its type: Completed, counting its batches by status
-    (``None``: a batch whose status could not be read)."""
-    counts = Counter("unknown" if s is None else s.value for s in statuses)
+    (``counts``: status value, or ``unknown`` for a batch whose status could not be read, to batches)."""
     n = sum(counts.values())
     if not n:
         return {"type": "COMPLETED", "name": "Completed", "message": "no batch to work on"}
-    order = [s.value for s in (BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED, BatchStatus.INPROG,
-                               BatchStatus.QUEUED, BatchStatus.WAIT)] + ["unknown"]
-    detail = ", ".join(f"{counts[k]:,} {k}" for k in order if counts[k])
     return {"type": "COMPLETED", "name": "Completed",
-            "message": f"{n:,} batch{'es' if n != 1 else ''}: {detail}"}
+            "message": f"{n:,} batch{'es' if n != 1 else ''}: {status_counts(counts)}"}
+
+
+STATUS_ORDER = [s.value for s in (BatchStatus.SUCCESS, BatchStatus.FAILED, BatchStatus.ABORTED, BatchStatus.INPROG,
+                                  BatchStatus.QUEUED, BatchStatus.WAIT)] + ["unknown"]
+
+
+def status_counts(counts: Mapping[str, int]) -> str:
+    """ "10 success, 1 failed, 1 aborted": batches by status, in a fixed order."""
+    return ", ".join(f"{counts[k]:,} {k}" for k in STATUS_ORDER if counts.get(k))
+
+
+def queries_state(answered: int, failed: int) -> dict[str, Any]:
+    """The state of a worker run of a slow-query type whose queries get no artifacts of their own
+    (``ALYA_ARTIFACTS_SLOW_QUERIES`` off): Completed, with how many it answered and how many failed, counted
+    from its chunk reports (no status read per query)."""
+    return {"type": "COMPLETED", "name": "Completed", "message": queries_message(answered, failed)}
+
+
+def queries_message(answered: int, failed: int) -> str:
+    """ "1,200 slow queries answered: 1,197 success, 3 failed" (or "no slow query answered")."""
+    if not answered:
+        return "no slow query answered"
+    return (f"{answered:,} slow quer{'ies' if answered != 1 else 'y'} answered: "
+            f"{answered - failed:,} success, {failed:,} failed")
 
 
 def to_prefect(result: Any) -> Any:

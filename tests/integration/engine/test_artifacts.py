@@ -15,7 +15,7 @@ import pytest
 
 from alya import BatchStatus, JobManager
 from alya.core import names
-from tests.support.procs import Proc, manager, rows
+from tests.support.procs import Proc, QueryProc, manager, rows
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -138,3 +138,111 @@ def test_a_batch_ended_by_maintenance_gets_its_summary_from_a_run_of_its_type(jm
     finally:
         jm.engine.stopping.set()
         runner.join(60)
+
+
+def runs_of(flow: str) -> list[Any]:
+    """Every flow run of the flow named ``flow`` on the session's Prefect server, with their final states."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow]))))
+
+
+def overviews_of(run_id: Any) -> list[Any]:
+    """The unkeyed tables (overviews) of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return [a for a in arts if a.key is None and a.type == "table"]
+
+
+def test_slow_queries_get_no_artifact_each_by_default(jm: JobManager) -> None:
+    """ALYA_ARTIFACTS_SLOW_QUERIES off (the default): a worker run that answered slow queries made no
+    progress or summary artifact for any of them, but its overview and its final state count them, failed
+    ones too."""
+    import re
+
+    jm.register_slowquery_processor("art", "sqquiet", QueryProc())
+    ids = [jm.slowquery_submit("art", "sqquiet", {}, {"q": n, **({"mode": "fail"} if n % 4 == 0 else {})})
+           for n in range(1, 13)]  # 3 of 12 fail
+    jm.run(stop_when_idle=True)
+    assert [jm.slowquery_done(q).status for q in ids].count(BatchStatus.FAILED) == 3
+    for q in ids:
+        assert artifacts_of(names.summary_artifact_key("art", "sqquiet", q)) == []
+        assert artifacts_of(names.progress_artifact_key("art", "sqquiet", q)) == []
+    runs = runs_of(names.flow_name("art", "sqquiet"))
+    assert runs
+    answered = failed = 0
+    for run in runs:
+        assert run.state is not None and run.state.type.value == "COMPLETED", run.state
+        m = re.fullmatch(r"([\d,]+) slow quer(?:ies|y) answered: ([\d,]+) success, ([\d,]+) failed",
+                         run.state.message or "")
+        if m is None:
+            assert run.state.message == "no slow query answered", run.state.message
+            continue
+        n, ok, bad = (int(g.replace(",", "")) for g in m.groups())
+        assert ok + bad == n
+        answered, failed = answered + n, failed + bad
+        (overview,) = overviews_of(run.id)  # one aggregate row, not a row per query
+        assert json.loads(overview.data) == [{"slow queries answered": n, "success": ok, "failed": bad}]  # type: ignore[arg-type]
+    assert (answered, failed) == (12, 3)
+
+
+def test_slow_queries_get_their_artifacts_when_asked(database_url: str, redis_url: str,
+                                                     file_store_url: str) -> None:
+    """ALYA_ARTIFACTS_SLOW_QUERIES on: each slow query gets its summary table and its progress, as before."""
+    jm = manager(database_url, redis_url, file_store_url, artifacts_slow_queries=True)
+    try:
+        jm.register_slowquery_processor("art", "sqloud", QueryProc())
+        ids = [jm.slowquery_submit("art", "sqloud", {}, {"q": n}) for n in range(1, 4)]
+        jm.run(stop_when_idle=True)
+        for q in ids:
+            (summary,) = artifacts_of(names.summary_artifact_key("art", "sqloud", q))
+            assert json.loads(summary.data)[0]["status"] == "success"  # type: ignore[arg-type]
+            assert [float(p.data) for p in artifacts_of(names.progress_artifact_key("art", "sqloud", q))]  # type: ignore[arg-type]
+        for run in runs_of(names.flow_name("art", "sqloud")):
+            assert run.state is not None and "slow quer" not in (run.state.message or "")  # batches, as before
+    finally:
+        jm.close()
+
+
+def test_a_worker_run_of_many_batches_lists_a_bounded_overview(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker run that served more batches than its overview lists (the bound lowered to 20 here, so that
+    60 one-row batches pass it: 200 by default): the overview lists 20, the failed ones first, then a row
+    with the total; the run's final state counts all 60 by status."""
+    import re
+
+    from alya.prefect import ledger
+
+    monkeypatch.setattr(ledger, "OVERVIEW_ROWS", 20)
+    jm.register_batch_processor("art", "many", Proc())
+    ids = [jm.batch_submit("art", "many", {}, [(1, {"x": n, **({"mode": "fail"} if n % 12 == 0 else {})})])
+           for n in range(1, 61)]  # 5 of 60 fail
+    jm.run(stop_when_idle=True)
+    failed = {b for b in ids if jm.batch_status(b).status is BatchStatus.FAILED}
+    assert len(failed) == 5
+    counted: dict[str, int] = {}
+    biggest = 0
+    for run in runs_of(names.flow_name("art", "many")):
+        assert run.state is not None
+        m = re.fullmatch(r"([\d,]+) batch(?:es)?: (.*)", run.state.message or "")
+        assert m is not None, run.state.message
+        for part in m.group(2).split(", "):
+            n, status = part.split(" ")
+            counted[status] = counted.get(status, 0) + int(n.replace(",", ""))
+        nbatches = int(m.group(1).replace(",", ""))
+        (overview,) = overviews_of(run.id)
+        table = json.loads(overview.data)  # type: ignore[arg-type]
+        listed = table[:-1] if nbatches > 1 else table  # then the total, when more than one
+        assert len(listed) == min(20, nbatches)
+        if nbatches > 1:
+            assert table[-1]["batch"] == f"all {m.group(1)} batches"
+        biggest = max(biggest, nbatches)
+        bad = [r["status"] == "failed" for r in listed]
+        assert bad == sorted(bad, reverse=True), bad  # failed first
+        assert {r["batch"] for r in listed if r["status"] == "failed"} <= failed
+    assert counted == {"success": 55, "failed": 5}
+    assert biggest > 20  # a run served more batches than its overview lists

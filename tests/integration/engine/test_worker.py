@@ -168,3 +168,26 @@ def test_dispatched_flow_run_waits_out_a_failing_init(database_url: str, redis_u
         assert result["tasks"] <= 20, result
     finally:
         jm.close()
+
+
+def test_a_stop_right_after_starting_jm_run_ends_it(jm: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop requested in the first instants of a jm.run thread, before its worker loop runs (here while
+    it would migrate the database: that step is slowed to make the moment certain), ends that run at once
+    instead of being forgotten; it is spent by that run, so the next jm.run works."""
+    jm.register_batch_processor("wrk", "early", Proc())
+    bid = jm.batch_submit("wrk", "early", {}, rows(20))
+    monkeypatch.setattr(jm, "_migrate_if_asked", lambda: time.sleep(0.5))
+    runner = threading.Thread(target=jm.run, daemon=True)  # not stop_when_idle: only the stop can end it
+    runner.start()
+    jm.engine.stopping.set()
+    t0 = time.monotonic()
+    runner.join(20)
+    alive = runner.is_alive()
+    if alive:  # the old behaviour: the stop was cleared and the worker ran on
+        jm.engine.stopping.set()
+        runner.join(30)
+    assert not alive, "jm.run went on after a stop requested as it started"
+    assert time.monotonic() - t0 < 5
+    assert not jm.engine.stopping.is_set()  # spent by the run it ended
+    jm.run(stop_when_idle=True)
+    assert jm.batch_status(bid).status is BatchStatus.SUCCESS

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 
-from alya import BatchStatus, JobManager
+from alya import BatchNotFound, BatchStatus, JobManager
 from alya.batch.retention import purge
 from alya.core.ids import id_time, uuid7
 from alya.db import batches as batches_module
@@ -279,3 +279,34 @@ def test_a_partition_left_detached_by_a_stopped_purge_is_dropped_by_the_next(jm:
     report = purge(jm.services, now - timedelta(days=30))
     assert not table_exists(jm, week)
     assert report.nbatches == 1 and not store_sql(jm.store, "SELECT 1 FROM batches WHERE id = %s", b)
+
+
+def test_a_retry_of_a_batch_being_purged_is_batch_not_found(jm: JobManager, proc: Proc) -> None:
+    """batch_retry_failed of a failed batch whose week a purge has detached (its record not deleted yet: the
+    purge's later step), or whose rows a purge is deleting in steps: BatchNotFound, nothing changed (was
+    InvalidState "no failed rows", or a reopened batch without its purged rows); the purge then ends it."""
+    now = datetime.now(UTC)
+    at = period_start(now) - 41 * WEEK
+    week = make_week(jm, at)
+    with ids_at(at):
+        b = jm.batch_submit(APP, OP, {}, rows(6) + [(7, {"mode": "fail"}), (8, {"mode": "fail"})])
+        drain(jm, APP, OP)
+    assert jm.batch_status(b).status is BatchStatus.FAILED
+    age(jm, b)
+    with jm.store.tx() as q:  # the purge's first step (the partition goes), its record is still there
+        assert q.detach_rows_partition(part=week, before=now - timedelta(days=30), app=None) == 8
+    with pytest.raises(BatchNotFound, match="being purged"):
+        jm.batch_retry_failed(b)
+    assert store_sql(jm.store, "SELECT status::text, round FROM batches WHERE id = %s", b) == [("failed", 1)]
+    assert purge(jm.services, now - timedelta(days=30)).nbatches == 1
+    with pytest.raises(BatchNotFound):
+        jm.batch_retry_failed(b)
+    # The delete path: a batch whose rows a purge deletes in steps (purge_rows), its record last.
+    c = jm.batch_submit(APP, OP, {}, rows(6) + [(7, {"mode": "fail"}), (8, {"mode": "fail"})])
+    drain(jm, APP, OP)
+    age(jm, c)
+    with jm.store.tx() as q:
+        assert q.purge_rows(id=c, before=now - timedelta(days=30), after=0, n=7) == (7, 7)
+    with pytest.raises(BatchNotFound, match="being purged"):
+        jm.batch_retry_failed(c)
+    assert nrows(jm, c) == 1 and jm.batch_status(c).status is BatchStatus.FAILED
