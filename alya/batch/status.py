@@ -23,7 +23,7 @@ from alya.core.errors import BatchNotFound, InvalidState
 from alya.core.logs import get_logger
 from alya.core.models import BatchOutput, BatchStatus, BatchSummary, SlowQueryDone, messages_from_json
 from alya.core.names import done_key, summary_key
-from alya.core.records import BatchRecord, Counts, batch_output
+from alya.core.records import BatchRecord, Counts, RowResult, batch_output
 from alya.db.queries import Queries
 from alya.db.store import Store
 from alya.io.cache import StatusCache
@@ -190,19 +190,33 @@ class Statuses:
             if rows is not None:
                 return rows
             stored = self.store.run(lambda q: q.batch_rows(id=batch_id), readonly=True)
-            value = {"rows": [r.as_cached() for r in stored]}
-            if not self.cache.put(key, value, summary.ver, final=True) and self._forged(batch_id, key, summary.ver):
-                self.cache.put(key, value, summary.ver, final=True)
+            self.put_rows(batch_id, summary.ver, stored)
             return [r.output() for r in stored]
 
         # Large: rows go from a server-side cursor straight into the result, never held twice.
         return self.store.run(lambda q: list(q.stream_batch_rows(id=batch_id)), readonly=True)
 
+    def put_rows(self, batch_id: str, ver: int, rows: list[RowResult]) -> None:
+        """Cache every row of a final batch at its final version (never raises: the cache is optional)."""
+        key = done_key(batch_id)
+        value = {"rows": [r.as_cached() for r in rows]}
+        if not self.cache.put(key, value, ver, final=True) and self._forged(batch_id, key, ver):
+            self.cache.put(key, value, ver, final=True)
+
     def slowquery_done(self, req_id: str) -> SlowQueryDone:
-        """A slow query's result once final (its status alone before)."""
-        s = self.read(req_id).value
+        """A slow query's result once final (its status alone before). Its row comes from the done cache, which
+        the worker that ended it filled (``Finisher.announce_end``): a poll that sees the answer reads Redis
+        only, as a poll before it does."""
+        summary = self.read(req_id)
+        s = summary.value
         if not s.status.is_final:
             return SlowQueryDone(status=s.status, result=None, messages=[], outputfiles={})
+        if s.nrows == 1 and self.done_cache_rows >= 1:
+            rows = self.final_rows(req_id, summary)
+            if rows[0].line != 0:
+                raise InvalidState(f"{req_id} is not a slow query")
+            return SlowQueryDone(status=s.status, result=rows[0].res, messages=rows[0].messages,
+                                 outputfiles=s.outputfiles)
         row = self.store.run(lambda q: q.slowquery_row(id=req_id), readonly=True)
         if row is None:
             raise InvalidState(f"{req_id} is not a slow query")

@@ -17,7 +17,8 @@ import pytest
 import redis
 import structlog.testing
 
-from alya import BatchInput, BatchJobResult, BatchStatus, JobManager
+from alya import BatchInput, BatchJobResult, BatchStatus, JobManager, SlowQueryResult
+from alya.core.errors import InvalidState
 from alya.core.names import done_key, summary_key
 from alya.io.cache import StatusCache
 from tests.support.config import make_config
@@ -193,6 +194,34 @@ def test_done_rows_of_small_final_batches_are_cached(jm: JobManager, database_ur
     assert jm.batch_done(bid) == first  # rows from Redis
     r.delete(done_key(bid))
     assert jm.batch_done(bid).rows[0].res == {"changed": 1}  # type: ignore[index]
+
+
+class Answer:
+    def do_slow_query(self, initblock: Any, context: dict[str, Any], input: dict[str, Any]) -> Any:
+        return SlowQueryResult(S.SUCCESS, {"answer": input["q"] * 2})
+
+    def mark_done(self, *args: Any) -> None:
+        pass
+
+
+def test_a_slow_query_answer_is_cached_by_the_worker_that_ended_it(jm: JobManager, database_url: str,
+                                                                   r: redis.Redis) -> None:
+    """The client that sees a slow query final reads its answer from Redis too: the worker cached the row
+    with the end (before the final status), so the poll that sees it final does not go to PostgreSQL."""
+    jm.register_slowquery_processor(APP, "ask", Answer())
+    req = jm.slowquery_submit(APP, "ask", {}, {"q": 21})
+    assert jm.engine.process_chunk(APP, "ask").batch == req
+    value = cached(r, done_key(req))
+    assert value is not None and value["rows"][0][:3] == [0, "success", {"answer": 42}]
+    sql(database_url, "UPDATE batchrows SET res = '{\"changed\": 1}' WHERE batch = %s", req)
+    done = jm.slowquery_done(req)
+    assert (done.status, done.result) == (S.SUCCESS, {"answer": 42})  # from Redis, not the changed row
+    r.delete(done_key(req))
+    assert jm.slowquery_done(req).result == {"changed": 1}  # a miss reads PostgreSQL (and caches it again)
+    assert cached(r, done_key(req)) is not None
+    bid = finish(jm, "one", 1)  # a batch of one row (line 1) is no slow query, cached or not
+    with pytest.raises(InvalidState):
+        jm.slowquery_done(bid)
 
 
 def test_done_rows_of_large_batches_are_not_cached(database_url: str, redis_url: str, file_store_url: str,
