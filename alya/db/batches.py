@@ -64,6 +64,9 @@ def insert_slowquery(q: Queries, req_id: str, app: str, op: str, context: dict[s
     Safe to run again on a fresh transaction (``Store.run``): the caller chose ``req_id``. With an
     idempotency key this app already used, nothing is stored and the first one is returned (``replayed``)."""
     queued = BatchStatus.QUEUED
+    if idempotency_key is None:
+        ver = q.insert_query(id=req_id, app=app, op=op, context=json_text(context), input=input, priority=priority)
+        return NewBatch(req_id, app, op, queued, 1, ver)
     first = insert_record(q, idempotency_key, id=req_id, app=app, op=op, type="Q", context=json_text(context),
                           inputfile=None, status=queued, input=input, priority=priority)
     if first is not None:

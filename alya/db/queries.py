@@ -45,6 +45,7 @@ from alya.db.counters import CounterQueries
 from alya.db.failure_queries import FailureQueries
 from alya.db.ingest import COPY_ROWS
 from alya.db.partitions import PartitionQueries
+from alya.db.submit_queries import SubmitQueries
 from alya.db.transport import OWN_STATEMENTS, Readable, Tx, named_sql
 
 STREAM_PREFIX = "stream_"  # stream_<query>: the query read through a server-side cursor
@@ -58,7 +59,7 @@ def _ids(rows: list[tuple[Any, ...]]) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
-class Queries(FailureQueries, ControlQueries, CounterQueries, PartitionQueries):
+class Queries(FailureQueries, ControlQueries, CounterQueries, PartitionQueries, SubmitQueries):
     """One open transaction, as typed queries (some in mixins), from ``Store.tx()`` or ``Store.run(body)``."""
 
     def __init__(self, tx: Tx) -> None:
@@ -90,9 +91,6 @@ class Queries(FailureQueries, ControlQueries, CounterQueries, PartitionQueries):
     def copy_rows(self, stream: Readable) -> None:
         """COPY a batch's rows from a stream of COPY text (``alya.db.ingest.CopyStream``)."""
         self._tx.copy_in(COPY_ROWS, stream)
-
-    def insert_row(self, *, batch: str, line: int, input: str) -> None:
-        self._tx.run("insert_row", batch=batch, line=line, input=input)
 
     def set_nrows_status(self, *, id: str, nrows: int, status: BatchStatus) -> int:
         """The batch's new version."""

@@ -77,6 +77,8 @@ class Claimed:
         self.outcomes: list[Outcome] = []
         self.first_outcome_at = 0.0  # monotonic time of the oldest outcome not yet written
         self.skipped: list[int] = []  # lines never started
+        # batches this claim moved queued -> inprog: (batch, ver, nrows), announced once its rows are running
+        self.moved: list[tuple[str, int, int]] = []
 
     def finish(self, job: Job, outcome: Outcome | list[Outcome] | None) -> bool:
         """A row's outcome, or a bulk call's (``job.group``: a list, one per row); None: never started."""

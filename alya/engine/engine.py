@@ -201,6 +201,8 @@ class Engine:
                         claimed.wake = self._wake
                         claimed.limited = claimed.type == "B" and self.completer.has_failure_limit(claimed.batch)
                         self.executor.submit(claimed, reg)
+                        if claimed.moved:
+                            self.producer.announce(app, op, claimed.type, claimed.moved)
                         active.append(claimed)
                         nclaims += 1
                         report.batch = report.batch or claimed.batch

@@ -231,10 +231,18 @@ class Producer:
                                       sorted(rows, key=lambda r: r.line), worker, ver, priority=ob.priority)
                     break
         self.svc.metrics.claimed(time.perf_counter() - t0)  # per claim statement, never per row
-        for batch, ver, nrows in moved:  # this claim's UPDATE won queued -> inprog: logged (and its event) once
+        if claimed is None:
+            self.announce(app, op, type_, moved)
+        else:  # announced by the claim loop once the rows are in the pool: a slow query starts first
+            claimed.moved = moved
+        return claimed
+
+    def announce(self, app: str, op: str, type_: str, moved: list[tuple[str, int, int]]) -> None:
+        """Batches a claim's UPDATE moved queued -> inprog: logged (and their events) once, their cached status
+        invalidated (the claim won that UPDATE, so no other process does this for them)."""
+        for batch, ver, nrows in moved:
             status_change(app, op, batch, "inprog", old="queued", nrows=nrows, type=type_)
             self.svc.statuses.invalidate(batch, ver)
-        return claimed
 
     def forget_hints(self) -> None:
         """Start every batch's next scan from its first line (rows were requeued behind the hints)."""

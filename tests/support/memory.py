@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from alya.core import names
 from alya.core.errors import InvalidInput
 from alya.core.models import BatchOutput, BatchStatus
 from alya.core.records import (
@@ -538,6 +539,17 @@ class MemoryQueries(Queries):
     def insert_row(self, *, batch: str, line: int, input: str) -> None:
         self._q("insert_row")
         self._add_row(batch, line, input)
+
+    def insert_query(self, *, id: str, app: str, op: str, context: str, input: str, priority: int) -> int:
+        self._q("insert_query")
+        self._insert(id=id, app=app, op=op, type="Q", context=context, inputfile=None, status=BatchStatus.QUEUED,
+                     key=None, priority=priority)
+        self._add_row(id, 0, input)
+        b = self._batch(id)
+        assert b is not None
+        self._set(b, nrows=1)
+        self._journal.notes.append(names.work_payload(app, op))
+        return b.ver
 
     def set_nrows_status(self, *, id: str, nrows: int, status: BatchStatus) -> int:
         self._q("set_nrows_status")
