@@ -107,6 +107,26 @@ def _types(cur: Any, names: list[str]) -> dict[str, list[str]]:
     return {n: list(t or []) for n, t in cur.fetchall()}
 
 
+def stale(exc: Exception) -> bool:
+    """Whether a statement failed because the connection's prepared statements are gone (``DEALLOCATE ALL``
+    or ``DISCARD ALL`` behind alya's back, a pooler that moved the session) or their plans no longer fit the
+    tables (a migration changed a result's columns under a live process). Nothing ran: prepare again."""
+    code = getattr(exc, "pgcode", None)
+    return code == "26000" or (code == "0A000" and "cached plan must not change result type" in str(exc))
+
+
+def reset(conn: Any) -> None:
+    """After :func:`stale` (the transaction rolled back): drop the connection's prepared statements, here and
+    on the server, so that the next transaction prepares them again."""
+    forget(conn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DEALLOCATE ALL")
+        conn.commit()
+    except Exception:  # the connection is unusable: the pool's next use finds out, as for any dead one
+        pass
+
+
 def forget(conn: Any) -> None:
     """The connection's prepared statements are gone or stale (``DEALLOCATE ALL`` was sent): prepare again."""
     info = getattr(conn, "info", None)

@@ -23,6 +23,7 @@ from sqlalchemy.pool import QueuePool
 
 from alya.core.errors import BackendUnavailable, ConnectionLost
 from alya.core.logs import get_logger
+from alya.db import prepared
 from alya.db.errors import is_disconnect, mapped
 from alya.db.queries import Queries
 from alya.db.transport import Tx
@@ -94,6 +95,10 @@ class Store:
             if lost:
                 with suppress(Exception):
                     tx.conn.invalidate()  # a dead connection must not go back into the pool
+            elif tx.prepare and not tx.committing and prepared.stale(exc):
+                prepared.reset(tx.conn)  # nothing ran: like a connection lost before commit, run it again
+                raise ConnectionLost(f"PostgreSQL dropped this connection's prepared statements ({type(exc).__name__});"
+                                     " they are prepared again", False) from exc
             raise mapped(exc, lost=lost, at_commit=tx.committing) from exc
         except BaseException:
             _rollback(tx.conn)

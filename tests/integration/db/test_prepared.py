@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
+import structlog.testing
 
 from alya import BatchInput, JobManager, JobManagerConfig
 from alya.db.prepared import parts_of
@@ -95,4 +96,22 @@ def test_a_statement_means_the_same_prepared_or_not(database_url: str, prepare: 
                 assert len(q.open_batches(app="prep", op="b", type="B", only=bid)) == 1
     finally:
         store.dispose()
+        jm.close()
+
+
+def test_statements_dropped_behind_alyas_back_are_prepared_again(database_url: str) -> None:
+    """DEALLOCATE ALL (or DISCARD ALL, or a pooler moving the session) on a pooled connection: the next
+    call's statement finds its prepared statement gone; nothing ran, so it is run again, prepared anew."""
+    jm = JobManager(database_url=database_url)
+    try:
+        jm.slowquery_submit("prep", "q", {}, {"a": 1})
+        store = jm.services.store
+        with store.tx() as q:
+            q._tx.cur.execute("DEALLOCATE ALL")  # noqa: SLF001 - behind alya's back, on its pooled connection
+        with structlog.testing.capture_logs() as logs:
+            req = jm.slowquery_submit("prep", "q", {}, {"a": 2})  # Store.run: the stale attempt is run again
+        assert [e["attempt"] for e in logs if e["event"] == "postgres_reconnect"] == [1]
+        assert jm.batch_status(req).status.value == "queued"
+        assert "alya_insert_query" in _prepared_names(store)
+    finally:
         jm.close()
