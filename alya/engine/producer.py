@@ -148,7 +148,7 @@ class Producer:
         ok, initblock = self._initblock(reg.app)
         if not ok:
             return None
-        claimed = self.take(reg.app, reg.op, reg.type, only, size or self.claim_size(reg.app, reg.op))
+        claimed = self.take(reg.app, reg.op, reg.type, only, size or self.claim_size(reg.app, reg.op), defer=True)
         if claimed is None:
             return None
         claimed.processor, claimed.initblock, claimed.log = reg.processor, initblock, log
@@ -157,10 +157,12 @@ class Producer:
                         attempt=claimed.rows[0].attempts, note="its worker died holding it; run with nothing else")
         return claimed
 
-    def take(self, app: str, op: str, type_: str, only: str | None, n: int | None = None) -> Claimed | None:
+    def take(self, app: str, op: str, type_: str, only: str | None, n: int | None = None,
+             defer: bool = False) -> Claimed | None:
         """One claim of up to ``n`` rows (default ``ALYA_BATCHCHUNK_NROWS``) through the suspect gate: a
         claim that starts while this process holds and claims nothing else may take a suspect (the others
-        wait for it, a few ms); while a suspect runs, nothing else is claimed."""
+        wait for it, a few ms); while a suspect runs, nothing else is claimed. ``defer``: a batch the claim
+        moved to ``inprog`` is announced (:meth:`announce`) by the caller, once the rows run (the claim loop)."""
         n = n or self.svc.config.batchchunk_nrows
         with self._turn:
             self._turn.wait_for(lambda: not self._alone_claiming, timeout=5.0)
@@ -171,7 +173,7 @@ class Producer:
             self._claiming += 1
         claimed = None
         try:
-            claimed = self._claim(app, op, type_, only, n, alone=alone)
+            claimed = self._claim(app, op, type_, only, n, alone=alone, defer=defer)
         finally:
             with self._turn:
                 self._claiming -= 1
@@ -193,7 +195,8 @@ class Producer:
             until = None
         return until is not None
 
-    def _claim(self, app: str, op: str, type_: str, only: str | None, n: int, alone: bool) -> Claimed | None:
+    def _claim(self, app: str, op: str, type_: str, only: str | None, n: int, alone: bool,
+               defer: bool) -> Claimed | None:
         worker = self.identity.worker_id
         moved: list[tuple[str, int, int]] = []
         claimed = None
@@ -231,7 +234,7 @@ class Producer:
                                       sorted(rows, key=lambda r: r.line), worker, ver, priority=ob.priority)
                     break
         self.svc.metrics.claimed(time.perf_counter() - t0)  # per claim statement, never per row
-        if claimed is None:
+        if claimed is None or not defer:
             self.announce(app, op, type_, moved)
         else:  # announced by the claim loop once the rows are in the pool: a slow query starts first
             claimed.moved = moved

@@ -228,6 +228,8 @@ def test_a_worker_run_of_many_batches_lists_a_bounded_overview(jm: JobManager, m
     biggest = 0
     for run in runs_of(names.flow_name("art", "many")):
         assert run.state is not None
+        if run.state.message == "no batch to work on":  # a run woken for rows another run had taken
+            continue
         m = re.fullmatch(r"([\d,]+) batch(?:es)?: (.*)", run.state.message or "")
         assert m is not None, run.state.message
         for part in m.group(2).split(", "):
