@@ -141,7 +141,9 @@ def test_the_limit_with_rows_in_flight_on_two_workers(database_url: str, file_st
     failed = sorted(n for n, v in st.items() if v[0] == "failed")
     aborted = {n for n, v in st.items() if v[0] == "aborted"}
     assert s.status is BatchStatus.FAILED and s.error == f"too many failures: {len(failed)} of 800 rows (limit 5)"
-    assert len(failed) >= 6 and failed[:6] == [20, 40, 60, 80, 100, 120]
+    # every 20th row fails; which six came first depends on how the two workers' claims interleaved (row 140's
+    # chunk can finish before row 120's), so the limit is checked by count and by the order of write-backs
+    assert len(failed) >= 6 and all(n % 20 == 0 for n in failed), failed
     assert (s.nsuccess, s.nfailed, s.naborted) == (sum(v[0] == "success" for v in st.values()), len(failed),
                                                    len(aborted))
     assert s.nrows == 800 == s.nsuccess + s.nfailed + s.naborted
@@ -155,7 +157,7 @@ def test_the_limit_with_rows_in_flight_on_two_workers(database_url: str, file_st
         assert fh.read() == "".join(f"{n}\n" for n in sorted(n for n, v in st.items() if v[0] == "success"))
     # when the limit passed: the write-back of the failure too many (its rows' doneat, database clock)
     [(passed_at,)] = store_sql(jm.store, "SELECT extract(epoch FROM doneat)::float8 FROM batchrows "
-                               "WHERE batch = %s AND line = %s", bid, failed[5])
+                               "WHERE batch = %s AND status = 'failed' ORDER BY doneat OFFSET 5 LIMIT 1", bid)
     started = {int(r[2]): float(r[4]) for r in entries if r[0] == "start"}
     ended = {int(r[2]): float(r[5]) for r in entries if r[0] == "end"}
     after = [n for n, t in started.items() if t > passed_at]
