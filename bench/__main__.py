@@ -96,9 +96,16 @@ def _timed_release(url: str, penv: dict[str, str], worker_cmd: list[str], worker
             time.sleep(0.05)
         elapsed = time.perf_counter() - t
         with conn.cursor() as cur:
-            cur.execute("SELECT min(doneat) - %s FROM batchrows WHERE batch = ANY(%s::uuid[])", (released, batch_ids))
-            first = cur.fetchone()[0]
-        print(f"first row done {first.total_seconds() * 1000:.0f} ms after the release")
+            cur.execute("SELECT min(doneat) - %s, max(doneat) - %s FROM batchrows WHERE batch = ANY(%s::uuid[])",
+                        (released, released, batch_ids))
+            first, last = cur.fetchone()
+            # rows done per tenth of the run: where the time goes (start-up, steady state, the tail)
+            cur.execute("SELECT width_bucket(extract(epoch FROM doneat - %s), 0, %s, 10), count(*) FROM batchrows"
+                        " WHERE batch = ANY(%s::uuid[]) GROUP BY 1 ORDER BY 1", (released, elapsed, batch_ids))
+            tenths = dict(cur.fetchall())
+        print(f"first row done {first.total_seconds() * 1000:.0f} ms after the release, the last"
+              f" {last.total_seconds() * 1000:.0f} ms; final status seen at {elapsed * 1000:.0f} ms")
+        print("rows done per tenth of the run: " + " ".join(str(tenths.get(i, 0)) for i in range(1, 11)))
         peaks = [_peak_rss_mib(p.pid) for p in procs]
         print(f"worker peak RSS (MiB): {', '.join(f'{m:.0f}' for m in peaks)}")
         return elapsed

@@ -94,7 +94,7 @@ class Finisher:
             return self._end_query(q, rec)
         if q.has_open_rows(id=batch_id):
             return None
-        counts = q.row_counts(id=batch_id)
+        counts = self.final_counts(q, rec)
         if error is not None:
             return self._store_end(q, rec, BatchStatus.FAILED, counts, {}, error)
         # A batch past its failure threshold says so, however it came to its end (slow queries have none).
@@ -152,18 +152,31 @@ class Finisher:
         return True
 
     @staticmethod
+    def final_counts(q: Queries, rec: BatchRecord) -> Counts:
+        """The counts a batch ends with (in the caller's transaction, the batch locked, no row open), kept for
+        ever. From its counters (``alya.db.counters``: O(1) in the batch's size) when three exact checks agree
+        with them: no row open, every row of the batch counted (``nrows``), and as many failed rows as the
+        partial index of failed rows holds (O(failed rows)). Otherwise a bug or a hand-made change moved rows
+        behind the triggers' back: said loudly, and the rows win (a recount). Why not always recount: it reads
+        every row of the batch under the batch's lock, on the path its client waits on (125 ms at 200,000
+        rows, measured; 6 % of a no-op batch's time from release to final status)."""
+        counted = q.batch_counts(id=rec.id)
+        if (counted.queued == counted.inprog == 0
+                and counted.success + counted.failed + counted.aborted == rec.nrows
+                and counted.failed == q.failed_rows(id=rec.id)):
+            return counted
+        counts = q.row_counts(id=rec.id)
+        if counts != counted:
+            get_logger().error("counters_drift", batch=rec.id, counted=str(counted), recounted=str(counts),
+                               note="the stored counts come from the rows; the counters were wrong")
+        return counts
+
+    @staticmethod
     def _store_end(q: Queries, rec: BatchRecord, status: BatchStatus, counts: Counts, outputfiles: dict[str, str],
                    error: str | None) -> Ended:
         """Store the batch's end (in the caller's transaction, the batch locked): final status and counts
-        (``counts``: recounted from the rows, the truth kept for ever). Its counters (``alya.db.counters``)
-        are checked against that recount, which they always equal unless a bug or a hand-made change moved
-        rows behind the triggers' back (said loudly, not hidden), and folded into one row per status. A slow
-        query's one row is not checked: a statement less on the path its client waits on, and the triggers it
-        would check are those every batch's end checks."""
-        counted = counts if rec.is_query else q.batch_counts(id=rec.id)
-        if counted != counts:
-            get_logger().error("counters_drift", batch=rec.id, counted=str(counted), recounted=str(counts),
-                               note="the stored counts come from the rows; the counters were wrong")
+        (``counts``: :meth:`final_counts`, or a slow query's one row), its counters folded into one row per
+        status."""
         q.fold_counts(ids=[rec.id])
         ver = q.finish_batch(id=rec.id, status=status, nsuccess=counts.success, nfailed=counts.failed,
                              naborted=counts.aborted, outputfiles=json_text(outputfiles), error=error)
@@ -208,7 +221,7 @@ class Finisher:
                 return rec, record_summary(q, rec), 0
             n_aborted_now = q.abort_rows(id=batch_id)
             q.notify_abort(batch_id)
-            counts = q.row_counts(id=batch_id)
+            counts = self.final_counts(q, rec)
             return rec, self._store_end(q, rec, BatchStatus.ABORTED, counts, {}, None), n_aborted_now
 
         rec, end, n_aborted_now = self.svc.store.run(abort)
@@ -228,7 +241,7 @@ class Finisher:
                 return False
             n_aborted_now = q.abort_rows(id=batch_id)
             q.notify_abort(batch_id)
-            counts = q.row_counts(id=batch_id)
+            counts = self.final_counts(q, rec)
             ended = self._store_end(q, rec, BatchStatus.ABORTED, counts, self._outputs(q, rec), error)
         self._announce(ended, rows_aborted=n_aborted_now, nsuccess=counts.success, nfailed=counts.failed,
                        files=sorted(ended.outputfiles), error=error)

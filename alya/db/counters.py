@@ -36,6 +36,11 @@ class CounterQueries:
         counted, reads as all zeros: callers read counters only for open batches)."""
         return Counts.from_rows(self._tx.all("batch_counts", id=id))
 
+    def failed_rows(self, *, id: str) -> int:
+        """The batch's failed rows, counted exactly (through their partial index: O(failed rows))."""
+        row = self._tx.one("failed_rows", id=id)
+        return int(row[0]) if row else 0
+
     def count_inserted(self, *, batch: str, n: int) -> None:
         """``n`` rows were just inserted into ``batch`` (all ``queued``), in this transaction: the statements
         that insert count themselves (no INSERT trigger: see migration 0011)."""

@@ -40,6 +40,7 @@ from alya.core.records import (
     WriteResult,
     batch_output,
 )
+from alya.db.arrays import literals
 from alya.db.control import ControlQueries
 from alya.db.counters import CounterQueries
 from alya.db.failure_queries import FailureQueries
@@ -228,9 +229,9 @@ class Queries(FailureQueries, ControlQueries, CounterQueries, PartitionQueries, 
                       blobrows: list[str | None], delays: list[float], finished: list[float]) -> WriteResult:
         """``res``, ``messages``, ``blobrows``: JSON text per row. ``finished`` is not read by this statement
         (only by ``write_results_late``); it is taken so that both are called with the same columns."""
-        row = self._tx.one("write_results", batch=batch, worker=worker, lines=lines, attempts=attempts,
-                           statuses=statuses, res=res, messages=messages, blobrows=blobrows, delays=delays,
-                           finished=finished)
+        row = self._tx.one("write_results", batch=batch, worker=worker, **literals(  # arrays: alya.db.arrays
+            lines=lines, attempts=attempts, statuses=statuses, res=res, messages=messages, blobrows=blobrows,
+            delays=delays, finished=finished))
         assert row is not None  # a SELECT of scalar subqueries: always one row
         return WriteResult.from_row(row)
 
@@ -239,9 +240,9 @@ class Queries(FailureQueries, ControlQueries, CounterQueries, PartitionQueries, 
                            blobrows: list[str | None], delays: list[float],
                            finished: list[float]) -> tuple[int, int | None]:
         """(rows written after the abort, the batch's new version or None when none was)."""
-        row = self._tx.one("write_results_late", batch=batch, worker=worker, lines=lines, attempts=attempts,
-                           statuses=statuses, res=res, messages=messages, blobrows=blobrows, delays=delays,
-                           finished=finished)
+        row = self._tx.one("write_results_late", batch=batch, worker=worker, **literals(
+            lines=lines, attempts=attempts, statuses=statuses, res=res, messages=messages, blobrows=blobrows,
+            delays=delays, finished=finished))
         assert row is not None
         return int(row[0]), None if row[1] is None else int(row[1])
 

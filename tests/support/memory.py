@@ -605,6 +605,10 @@ class MemoryQueries(Queries):
         by_status = Counter(r.status for r in self._s.rows.get(id, {}).values())
         return Counts.from_rows(list(by_status.items()))
 
+    def failed_rows(self, *, id: str) -> int:
+        self._q("failed_rows")
+        return sum(1 for r in self._s.rows.get(id, {}).values() if r.status == "failed")
+
     def count_inserted(self, *, batch: str, n: int) -> None:
         self._q("count_inserted")
 
