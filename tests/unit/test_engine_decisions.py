@@ -515,6 +515,8 @@ def test_a_whole_run_summarises_the_batch(make_engine: Callable[..., Engine], st
     assert [(d.id, d.status, d.nsuccess, d.context) for d in proc.done] == [
         (b, BatchStatus.SUCCESS, 40, {"who": "unit"})]
     assert store.calls["claim_notify"] == 1
+    # counted from the counters, checked against the failed rows' index: no recount of every row
+    assert (store.calls["row_counts"], store.calls["failed_rows"]) == (0, 1)
     assert engine.svc.statuses.read(b).value.status is BatchStatus.SUCCESS
     assert engine.work(APP, OP, seconds=1).batch is None  # nothing left
     assert len(proc.done) == 1

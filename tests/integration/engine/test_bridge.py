@@ -15,6 +15,7 @@ from alya import BatchStatus, JobManager
 from alya.core import names
 from alya.prefect import flows
 from alya.prefect.bridge import Bridges
+from tests.support.config import make_config
 from tests.support.procs import Proc, rows, wait_until
 
 
@@ -55,6 +56,39 @@ def test_attaching_stops_the_claims_and_leaves_no_row_held(jm: JobManager, datab
     assert counts.get("inprog", 0) == 0 and counts["queued"] > 1000, counts  # its rows all written back
     assert sum(r["nrows"] for r in bridges.reports("brg", "op")) == counts["success"]
     jm.engine.shutdown()
+
+
+def test_a_bridge_claims_with_as_many_loops_as_its_run(database_url: str, redis_url: str, file_store_url: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one claim loop, a claim waited for the write-back before it: the first half second of a no-op
+    batch ran at half the rate of the rest (bench noop). A bridge runs ALYA_WORKER_THREADS loops at once,
+    as the run will, and hands over every loop's report."""
+    jm = JobManager(database_url=database_url, redis_url=redis_url, object_store_url=file_store_url,
+                    config=make_config(worker_threads=3))
+    loops: set[str] = set()
+    real = jm.engine.work
+
+    def work(*args: Any, **kwargs: Any) -> Any:
+        loops.add(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jm.engine, "work", work)
+    try:
+        jm.register_batch_processor("brg", "loops", Proc())
+        b = jm.batch_submit("brg", "loops", {}, [(n, {"x": n, "sleep": 0.002}) for n in range(1, 601)])
+        bridges = Bridges(jm.engine)
+        bridges.start("brg", "loops")
+        wait_until(lambda: jm.batch_status(b).status.is_final, timeout=30, what="the batch")
+        bridges.attached("brg", "loops")
+        bridges.join(10)
+        assert len(loops) == 3, loops
+        reports = bridges.reports("brg", "loops")
+        assert sum(r["nrows"] for r in reports) == 600
+        assert [s for r in reports for s in r["summarised"]] == [b]
+        assert jm.batch_status(b).nsuccess == 600
+    finally:
+        jm.engine.shutdown()
+        jm.close()
 
 
 @pytest.mark.usefixtures("prefect_harness")
