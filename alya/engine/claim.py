@@ -32,10 +32,11 @@ class ChunkReport:
     nretry: int = 0
     summarised: list[str] = field(default_factory=list)
     batches: dict[str, int] = field(default_factory=dict)  # every batch it wrote rows of: rows written
+    busy: bool = False  # its last claim was full (``Claimed.full``): work was likely left when it stopped
 
     def as_dict(self) -> dict[str, Any]:
         return {"batch": self.batch, "nrows": self.nrows, "nsuccess": self.nsuccess, "nfailed": self.nfailed,
-                "nretry": self.nretry, "summarised": self.summarised, "batches": self.batches}
+                "nretry": self.nretry, "summarised": self.summarised, "batches": self.batches, "busy": self.busy}
 
     def add(self, statuses: list[str], batch: str | None = None) -> None:
         if batch is not None:
@@ -66,6 +67,7 @@ class Claimed:
     lost: bool = False  # its write-back failed for good: its rows were given back (or are recovered)
     ended: bool = False  # its write-back also summarised its batch (a slow query's one row)
     limited: bool = False  # the batch has a failure threshold: a failed row is written back at once
+    full: bool = False  # it got as many rows as it asked for: its batch likely has more queued
     processor: Any = None
     initblock: Any = None
     log: Any = None

@@ -197,6 +197,7 @@ class Engine:
                 if may_claim and not idle and self.producer.wants_rows(app, op):
                     turn = False
                     claimed = self.producer.claim(reg, only, claim_size, log)
+                    report.busy = claimed is not None and claimed.full
                     if claimed is not None:
                         claimed.wake = self._wake
                         claimed.limited = claimed.type == "B" and self.completer.has_failure_limit(claimed.batch)

@@ -231,7 +231,8 @@ class Producer:
                 if rows:
                     self._remember(batch, max(r.line for r in rows), (app, op, ob.priority))
                     claimed = Claimed(batch, app, op, type_, self._context(tx, batch),
-                                      sorted(rows, key=lambda r: r.line), worker, ver, priority=ob.priority)
+                                      sorted(rows, key=lambda r: r.line), worker, ver, priority=ob.priority,
+                                      full=len(rows) >= n)
                     break
         self.svc.metrics.claimed(time.perf_counter() - t0)  # per claim statement, never per row
         if claimed is None or not defer:

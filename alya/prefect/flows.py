@@ -148,16 +148,20 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
     claimed rows have run, about half a second later; when every loop of a type ended together (waves of
     tasks that started together), nothing claimed for the type meanwhile and the slots drained: the big
     batch of ``bench mixed`` got 0.76-0.93 of the ideal from run to run. Now another loop of the type is
-    always claiming while one drains."""
+    always claiming while one drains. As many as the work needs: a task whose last claim was full (``busy``)
+    is replaced and the run goes back to full width; one whose last claim found nothing is not (down to one).
+    A stream of slow queries needs one loop: 16 threads kept 16 tasks rolling (48 task runs for 200 queries,
+    12 with 2 threads), and the Prefect server's CPU for them slowed every query on two cores."""
     cfg = engine.svc.config
     chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
     width = cfg.worker_threads
+    target = width  # chunk tasks wanted now
     while not engine.stopping.is_set():
         first = True  # (again after an idle spell: the tasks then start together)
         idle = False  # a task found nothing to claim: submit no more, let the others end
         pending: list[Any] = []
         while True:
-            while not idle and len(pending) < width and total["tasks"] < cfg.flow_max_tasks \
+            while not idle and len(pending) < target and total["tasks"] < cfg.flow_max_tasks \
                     and not engine.stopping.is_set():
                 seconds = cfg.task_seconds / 2 if first and width > 1 else cfg.task_seconds
                 pending.append(chunk_task.submit(engine, app, op, batch_id, linger, seconds))
@@ -173,6 +177,8 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
             _count(total, reports + (bridges.reports(app, op) if bridges is not None else []), artifacts)
             if any(r["nrows"] == 0 and not r["summarised"] for r in reports):
                 idle = True
+            for r in reports:
+                target = width if r.get("busy") else max(1, target - 1)
         if engine.stopping.is_set():
             return
         if not idle:  # the task budget is used and work is left: a fresh run goes on with it
@@ -190,6 +196,7 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
                 r = engine.work(app, op, None, seconds=linger, linger=linger).as_dict()
                 _count(total, [r], artifacts)
                 if r["nrows"] or r["summarised"]:
+                    target = width if r["busy"] else 1
                     continue
             return
         wait = engine.next_claimable_in(batch_id)
