@@ -58,6 +58,11 @@ def loaded(template_db: str) -> Iterator[dict[str, Any]]:
     services.drop_database(name)
 
 
+def flattened(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A plan's nodes, depth first."""
+    return [plan, *(n for child in plan.get("Plans", []) for n in flattened(child))]
+
+
 def explain(conn: Any, name: str, cursor: bool = False, **params: Any) -> list[dict[str, Any]]:
     """The plan of a named query (after its SET LOCAL preamble, as it runs), flattened to its nodes.
     ``cursor``: planned as the server-side cursor ``Tx.stream`` declares (which favours fast-start plans)."""
@@ -74,15 +79,7 @@ def explain(conn: Any, name: str, cursor: bool = False, **params: Any) -> list[d
     finally:
         conn.rollback()
         conn.autocommit = True
-    nodes: list[dict[str, Any]] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        nodes.append(node)
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan)
-    return nodes
+    return flattened(plan)
 
 
 def explain_generic(conn: Any, name: str, **params: Any) -> list[dict[str, Any]]:
@@ -106,15 +103,7 @@ def explain_generic(conn: Any, name: str, **params: Any) -> list[dict[str, Any]]
         conn.autocommit = True
         with conn.cursor() as cur:  # a prepared statement outlives the transaction
             cur.execute("DEALLOCATE ALL")
-    nodes: list[dict[str, Any]] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        nodes.append(node)
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan)
-    return nodes
+    return flattened(plan)
 
 
 def rows_partition_of(batch: str) -> str:

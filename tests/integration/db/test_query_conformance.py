@@ -296,6 +296,7 @@ def test_write_back_of_held_and_not_held_rows_and_retry_delays(h: Harness) -> No
         assert rows[0].res == {"line": 1, "zz": "é"}
         assert [o.line for o in q.stream_batch_rows(id=b)] == [1, 2, 3, 4, 5, 6]
         assert q.row_counts(id=b) == Counts(inprog=4, success=1, failed=1)
+        assert q.failed_rows(id=b) == 1
     assert h.notes() == [f"{APP}/{OP}"]  # the submit's: a write-back's notifying is its caller's business
 
 
