@@ -149,13 +149,11 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
     tasks that started together), nothing claimed for the type meanwhile and the slots drained: the big
     batch of ``bench mixed`` got 0.76-0.93 of the ideal from run to run. Now another loop of the type is
     always claiming while one drains. As many as the work needs: a task whose last claim was full (``busy``)
-    is replaced and the run goes back to full width; one whose last claim found nothing is not (down to one).
-    A stream of slow queries needs one loop: 16 threads kept 16 tasks rolling (48 task runs for 200 queries,
-    12 with 2 threads), and the Prefect server's CPU for them slowed every query on two cores."""
+    is replaced and the run goes back to full width, else not (down to one): a trickle of slow queries needs
+    one loop, and 16 threads kept 16 tasks rolling for it (313 task runs for 1,500 queries; now 94)."""
     cfg = engine.svc.config
     chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
-    width = cfg.worker_threads
-    target = width  # chunk tasks wanted now
+    target = width = cfg.worker_threads  # target: chunk tasks wanted now
     while not engine.stopping.is_set():
         first = True  # (again after an idle spell: the tasks then start together)
         idle = False  # a task found nothing to claim: submit no more, let the others end

@@ -70,9 +70,9 @@ def test_the_tricky_values_in_a_prepared_statement(database_url: str) -> None:
                                           delays=[0.0] * len(rows), finished=[0.0] * len(rows))
             assert written.written == len(rows)
         with store.tx() as q:
-            stored = {r[0]: r for r in q._tx.all("batch_rows", id=bid)}  # noqa: SLF001 - the rows as stored
+            stored = {r.line: r for r in q.batch_rows(id=bid)}
         for i, text in enumerate(TRICKY, 1):
-            assert stored[i][2] == (None if text is None else text), i  # res: jsonb of the JSON string
+            assert stored[i].res == (None if text is None else text), i  # res: jsonb of the JSON string
     finally:
         store.dispose()
         jm.close()
