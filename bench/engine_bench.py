@@ -110,14 +110,17 @@ def io(rows: int = 10_000, sleep_ms: float = 20, workers: int = 2, concurrency: 
           f"nsuccess {s.nsuccess})")
 
 
-def latency(queries: int = 100, workers: int = 2, poll_ms: float = 5.0, redis: bool = True) -> None:
+def latency(queries: int = 100, workers: int = 2, poll_ms: float = 5.0, redis: bool = True,
+            settle: float = 0.0) -> None:
     """Slow queries with an instant processor, one after another, against warm workers: time from submit
     until slowquery_done reports a final status (polled every POLL_MS), Redis on as a web service runs it
-    (``--no-redis``: every poll reads PostgreSQL)."""
+    (``--no-redis``: every poll reads PostgreSQL). ``--settle``: seconds to wait after the warm-up, so that
+    the workers are idle (the warm-up's chunk tasks linger ``ALYA_TASK_SECONDS``, its run ``ALYA_LINGER_SEC``)."""
     from bench.mixed import REDIS
 
     env = {"ALYA_REDIS_URL": REDIS} if redis else {}
     with fresh_database() as url, prefect_server() as penv, warm_workers(url, penv, workers, env):
+        time.sleep(settle)
         jm = JobManager(database_url=url, redis_url=REDIS if redis else None)
         took, submit_ms, to_call, to_seen = [], [], [], []
         for i in range(queries + 5):
@@ -134,6 +137,7 @@ def latency(queries: int = 100, workers: int = 2, poll_ms: float = 5.0, redis: b
                 to_call.append((called - wall) * 1000)
                 to_seen.append((seen_wall - called) * 1000)
         jm.close()
+    quarters = [statistics.median(took[i * len(took) // 4:(i + 1) * len(took) // 4] or [0.0]) for i in range(4)]
     took.sort()
     p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
     print(f"latency  {queries} slow queries, {workers} warm workers, Redis {'on' if redis else 'off'}, "
@@ -142,6 +146,7 @@ def latency(queries: int = 100, workers: int = 2, poll_ms: float = 5.0, redis: b
     print(f"  p50 of each part: the submit call {statistics.median(submit_ms):.1f} ms; submit to the processor "
           f"call {statistics.median(to_call):.1f} ms; the call to the client seeing it final "
           f"{statistics.median(to_seen):.1f} ms (polled every {poll_ms:g} ms)")
+    print("  p50 of each quarter of the stream, in order: " + ", ".join(f"{q:.1f}" for q in quarters) + " ms")
 
 
 def _ended(log: str) -> list[tuple[int, int, int]]:

@@ -61,6 +61,7 @@ class Producer:
         self._contexts: dict[str, dict[str, Any]] = {}  # batch -> its context (immutable), read once here
         self._contexts_lock = threading.Lock()
         self._paused: dict[str, float] = {}  # batch -> until when a claim of it registering here is cancelled
+        self._full: dict[tuple[str, str], bool] = {}  # type -> whether its last claim got all it asked for
 
     # ------------------------------------------------------------------ sizing
     def wants_rows(self, app: str, op: str) -> bool:
@@ -79,6 +80,11 @@ class Producer:
         rate = cfg.concurrency / stats.row_sec
         n = math.ceil(CLAIM_TARGET_SEC * rate / max(1, cfg.worker_threads))
         return max(1, min(cfg.batchchunk_nrows, max(cfg.concurrency, n)))
+
+    def was_full(self, app: str, op: str) -> bool:
+        """Whether the type's last claim here got all the rows it asked for (work was likely left); True
+        before its first: a run started for work it has not seen yet starts at full width."""
+        return self._full.get((app, op), True)
 
     # ------------------------------------------------------------------ init blocks
     def init_retry_in(self, app: str) -> float:
@@ -149,6 +155,7 @@ class Producer:
         if not ok:
             return None
         claimed = self.take(reg.app, reg.op, reg.type, only, size or self.claim_size(reg.app, reg.op), defer=True)
+        self._full[(reg.app, reg.op)] = claimed is not None and claimed.full
         if claimed is None:
             return None
         claimed.processor, claimed.initblock, claimed.log = reg.processor, initblock, log

@@ -26,6 +26,7 @@ from alya.engine.claim import ChunkReport
 from alya.engine.engine import Engine
 
 BRIDGE_MAX_SEC = 60.0  # a run that takes longer than this to start: its rows wait for it after all
+BRIDGE_LOOPS = 2  # claim loops of a bridge (at most ALYA_WORKER_THREADS)
 
 
 class Bridges:
@@ -121,11 +122,12 @@ class Bridges:
                 stop = latest  # a newer run started while this bridge finished its rows: bridge for it too
 
     def _loops(self, app: str, op: str, stop: threading.Event) -> list[ChunkReport | None]:
-        """``ALYA_WORKER_THREADS`` claim loops of the type until ``stop``, as many as its run will have: with
-        one loop a claim waited for the write-back before it (measured: the first half second of a no-op
-        batch ran at half the rate of the rest). Their reports; None for a loop that failed."""
+        """Two claim loops of the type until ``stop`` (one with ``ALYA_WORKER_THREADS=1``): with one, a claim
+        waited for the write-back before it (the first half second of a no-op batch ran at half the rate of
+        the rest); more only raced for the pool's few connections while the run starts (16 made the first
+        slow query after an idle spell take 110-140 ms). Their reports; None for a loop that failed."""
         linger = BRIDGE_MAX_SEC if self.linger else 0.0
-        out: list[ChunkReport | None] = [None] * max(1, self.engine.svc.config.worker_threads)
+        out: list[ChunkReport | None] = [None] * min(BRIDGE_LOOPS, max(1, self.engine.svc.config.worker_threads))
 
         def loop(i: int) -> None:
             try:

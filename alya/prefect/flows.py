@@ -145,15 +145,15 @@ def _waves(engine: Engine, app: str, op: str, batch_id: str | None, dispatcher: 
     Rolling, not in waves: ``ALYA_WORKER_THREADS`` tasks run side by side and a new one is submitted as
     soon as one ends, and the run's first task claims for half the time, so that the tasks' claim loops end
     at different moments. A claim loop stops claiming when its time is up and its task returns once its
-    claimed rows have run, about half a second later; when every loop of a type ended together (waves of
-    tasks that started together), nothing claimed for the type meanwhile and the slots drained: the big
-    batch of ``bench mixed`` got 0.76-0.93 of the ideal from run to run. Now another loop of the type is
-    always claiming while one drains. As many as the work needs: a task whose last claim was full (``busy``)
-    is replaced and the run goes back to full width, else not (down to one): a trickle of slow queries needs
-    one loop, and 16 threads kept 16 tasks rolling for it (313 task runs for 1,500 queries; now 94)."""
+    claimed rows have run; when every loop of a type ended together, nothing claimed for the type meanwhile
+    and the slots drained (``bench mixed``: 0.76-0.93 of the ideal). As many as the work needs: a task whose
+    last claim was full (``busy``) is replaced and the run goes back to full width, else not (down to one);
+    a run starts at one when the type's last claim was not full. 16 threads kept 16 tasks rolling for a
+    trickle of slow queries (313 task runs for 1,500 queries; 94 now), 16 for a lone query after idling."""
     cfg = engine.svc.config
     chunk_task = process_rows.with_options(name=f"{names.flow_name(app, op)}-rows")
-    target = width = cfg.worker_threads  # target: chunk tasks wanted now
+    width = cfg.worker_threads
+    target = width if engine.producer.was_full(app, op) else 1  # chunk tasks wanted now
     while not engine.stopping.is_set():
         first = True  # (again after an idle spell: the tasks then start together)
         idle = False  # a task found nothing to claim: submit no more, let the others end

@@ -645,3 +645,15 @@ def test_a_batch_s_context_is_read_once_per_process(make_engine: Callable[..., E
     claims = [take(engine, 2) for _ in range(3)]
     assert all(c is not None and c.batch == b and c.context == {"user": "ann"} for c in claims)
     assert store.calls["open_batches"] >= 3 and store.calls["batch_context"] == 1
+
+
+def test_a_report_is_busy_when_its_last_claim_was_full(make_engine: Callable[..., Engine], store: MemoryStore) -> None:
+    """What a run's chunk tasks scale by (``alya.prefect.flows._waves``): a claim that got all the rows it
+    asked for leaves work behind; one that got fewer, or none, does not."""
+    engine = make_engine(concurrency=2, batchchunk_nrows=4)
+    assert engine.producer.was_full(APP, OP)  # no claim yet: a run for new work starts at full width
+    store.add_batch(APP, OP, rows(8))
+    report = engine.work(APP, OP, seconds=5, max_claims=1, claim_size=4)
+    assert report.busy and engine.producer.was_full(APP, OP)
+    report = engine.work(APP, OP, seconds=5)  # the other 4 rows, then a claim that finds nothing
+    assert report.nrows == 4 and not report.busy and not engine.producer.was_full(APP, OP)
