@@ -78,9 +78,6 @@ batches = Table(
     Column("paused", Boolean, nullable=False, server_default=text("false")),
     Column("notbefore", DateTime(timezone=True)),
     Column("deadline", DateTime(timezone=True)),
-    # Whether any row may have blob rows: set by the write-back that stores them; a summary of a batch
-    # without reads no row for its output files (migration 0013).
-    Column("blobs", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint("op = lower(op)", name="batches_op_lower"),
     CheckConstraint("app ~ '^[a-z][a-z0-9_]*$'", name="batches_app_ident"),
     CheckConstraint("type IN ('B', 'Q')", name="batches_type"),

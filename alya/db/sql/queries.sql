@@ -81,11 +81,7 @@ RETURNING sumfails, extract(epoch FROM now() - sumsince)::float8;
 SELECT line, status::text, res, messages FROM batchrows WHERE batch = %(id)s ORDER BY line;
 
 -- name: batch_blobrows
--- Nothing is read for a batch whose rows never got blob rows (`blobs`, set by the write-back): the
--- subquery is a one-time filter of the plan, so the walk of the batch's rows is never started.
-SELECT blobrows FROM batchrows
-WHERE batch = %(id)s AND blobrows IS NOT NULL AND (SELECT b.blobs FROM batches b WHERE b.id = %(id)s)
-ORDER BY line;
+SELECT blobrows FROM batchrows WHERE batch = %(id)s AND blobrows IS NOT NULL ORDER BY line;
 
 -- name: slowquery_row
 SELECT status::text, res, messages, blobrows FROM batchrows WHERE batch = %(id)s AND line = 0;
@@ -229,9 +225,7 @@ WITH v AS MATERIALIZED (
         notbefore = CASE WHEN t.status = 'queued' THEN now() + make_interval(secs => t.delay) END
     FROM t
     WHERE r.batch = %(batch)s AND r.ctid = t.tid  -- unique only within a partition (0012): see above
-    RETURNING t.blobrows IS NOT NULL AS blobs
-), flag AS (  -- the batch has blob rows (migration 0013): set once, by the first write-back that stores any
-    UPDATE batches SET blobs = true WHERE id = %(batch)s AND NOT blobs AND EXISTS (SELECT 1 FROM w WHERE w.blobs)
+    RETURNING 1
 )
 SELECT (SELECT status::text FROM batches WHERE id = %(batch)s), (SELECT count(*) FROM w), 0, NULL::int;
 
@@ -253,12 +247,11 @@ WITH b AS (
     WHERE b.status = 'aborted' AND r.batch = %(batch)s AND r.line = v.line AND r.status = 'aborted'
       AND r.doneby = %(worker)s AND r.attempts = v.attempts AND v.status <> 'queued'
       AND to_timestamp(v.finished) <= b.doneat
-    RETURNING v.status AS new, v.blobrows IS NOT NULL AS blobs
+    RETURNING v.status AS new
 ), fix AS (
     UPDATE batches SET nsuccess = nsuccess + (SELECT count(*) FROM late WHERE new = 'success'),
                        nfailed = nfailed + (SELECT count(*) FROM late WHERE new = 'failed'),
                        naborted = naborted - (SELECT count(*) FROM late),
-                       blobs = blobs OR EXISTS (SELECT 1 FROM late WHERE late.blobs),
                        ver = ver + 1
     WHERE id = %(batch)s AND EXISTS (SELECT 1 FROM late)
     RETURNING ver

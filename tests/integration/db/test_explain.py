@@ -294,17 +294,3 @@ def test_existence_probes_never_read_a_whole_index(loaded: dict[str, Any], name:
             # over this small table a scan of the rows can be the cheaper plan, and is not a probe's)
             assert rows_partition_of(loaded["half"]) not in {
                 n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"}, nodes
-
-
-def test_a_batch_without_blob_rows_is_not_read_for_its_output_files(loaded: dict[str, Any]) -> None:
-    """``batches.blobs`` (migration 0013) unset: the summary's read of blob rows is a one-time filter that is
-    false, and the walk of the batch's rows never starts (it read every row for nothing: 84 ms at 200,000)."""
-    conn = loaded["conn"]
-    with conn.cursor() as cur:
-        cur.execute("SELECT blobs FROM batches WHERE id = %s", (loaded["half"],))
-        assert cur.fetchone()[0] is False  # (its rows were written by hand, without blob rows)
-        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + named_sql()["batch_blobrows"].split("\n", 2)[2],
-                    {"id": loaded["half"]})
-        nodes = flattened(cur.fetchone()[0][0]["Plan"])
-    scans = [n for n in nodes if n.get("Relation Name", "").startswith("batchrows")]
-    assert scans and all(n.get("Actual Loops") == 0 for n in scans), scans
